@@ -1,0 +1,311 @@
+"""Opportunistic-parity codec for weight tensors (pure numpy; see docs/FORMAT.md).
+
+Internally a tensor of `n` weights is handled as its *codes* (the raw bits of each
+weight as a native unsigned integer of the format's width), zero-padded and reshaped
+to a `[n_words, N]` word matrix, `N` weights per word. The packed tensor is that
+matrix's little-endian byte stream viewed as `[n_words, L]` unsigned lanes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import ml_dtypes
+import numpy as np
+import numpy.typing as npt
+
+from oppass.errors import OppassError
+
+
+@dataclass(frozen=True)
+class WeightFormat:
+    """A weight encoding: its name, width in bits and numpy dtype."""
+
+    name: str
+    bits: int
+    dtype: np.dtype
+
+
+FORMATS: dict[str, WeightFormat] = {
+    "fp32": WeightFormat("fp32", 32, np.dtype(np.float32)),
+    "bf16": WeightFormat("bf16", 16, np.dtype(ml_dtypes.bfloat16)),
+    "fp16": WeightFormat("fp16", 16, np.dtype(np.float16)),
+    "int8": WeightFormat("int8", 8, np.dtype(np.int8)),
+    "uint8": WeightFormat("uint8", 8, np.dtype(np.uint8)),
+}
+WORD_SIZES = ("weight", 16, 32, 64, 128, 256, 512)
+FLIP_STRATEGIES = ("word-lsb", "largest", "min-error")
+
+FLOAT_FORMATS = ("fp32", "bf16", "fp16")
+# Exponent and mantissa widths of the float formats.
+_FLOAT_FIELDS = {"fp32": (8, 23), "bf16": (8, 7), "fp16": (5, 10)}
+_INT8_LIMIT = 127
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """Result of `encode`: the packed words, the weights they hold, and how many words got an LSB flip."""
+
+    packed: np.ndarray
+    adjusted: np.ndarray
+    flipped_words: int
+
+
+def format_of(dtype: npt.DTypeLike) -> str:
+    """Name of the weight format whose dtype is `dtype`."""
+    wanted = np.dtype(dtype).newbyteorder("=")
+    for weight_format in FORMATS.values():
+        if weight_format.dtype == wanted:
+            return weight_format.name
+    raise OppassError(f"no weight format for dtype {np.dtype(dtype)}: expected one of {_format_list()}")
+
+
+def word_bits(fmt: str, word: str | int) -> int:
+    """Word width W in bits for `word` ("weight", an int or a numeric string) in format `fmt`."""
+    bits = _format(fmt).bits
+    if word == "weight":
+        return bits
+    width = _parse_word(word)
+    if width != bits and (width not in WORD_SIZES or width < bits):
+        sizes = ", ".join(str(size) for size in WORD_SIZES[1:] if size >= bits)
+        raise OppassError(f"invalid word size {word!r} for {fmt}: expected 'weight' or one of {sizes}")
+    return width
+
+
+def storage_dtype(word_bits: int) -> np.dtype:
+    """Element dtype of a packed tensor with W-bit words: '<u1', '<u2', '<u4', or '<u8' for W >= 64."""
+    if word_bits in (8, 16, 32):
+        return np.dtype(f"<u{word_bits // 8}")
+    if word_bits in WORD_SIZES[3:]:
+        return np.dtype("<u8")
+    raise OppassError(f"invalid word width {word_bits} bits: expected 8, 16, 32, 64, 128, 256 or 512")
+
+
+def packed_shape(n_weights: int, fmt: str, word_bits: int) -> tuple[int, int]:
+    """Shape [n_words, L] of the packed tensor holding `n_weights` weights of `fmt` in W-bit words."""
+    per_word = _weights_per_word(fmt, word_bits)
+    return -(-n_weights // per_word), max(1, word_bits // 64)
+
+
+def to_format(
+    weights_fp32: np.ndarray, fmt: str, *, name: str = "tensor", axis: int = 0
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Converts fp32 weights to `fmt`; returns the converted weights and, for int8, the per-channel scales.
+
+    Weights already in `fmt` pass through unchanged (with no scales).
+    """
+    target = _format(fmt)
+    weights = np.asarray(weights_fp32)
+    if weights.dtype == target.dtype:
+        return weights, None
+    if weights.dtype != np.float32 or fmt == "uint8":
+        raise OppassError(f"cannot convert {name} from {weights.dtype} to {fmt}")
+    if fmt == "int8":
+        return _quantize_int8(weights, name, axis)
+    return _round_float(weights, target, name), None
+
+
+def pack(weights: np.ndarray, word_bits: int) -> np.ndarray:
+    """Packs weights (in a format dtype) into W-bit words with no parity adjustment."""
+    fmt = format_of(weights.dtype)
+    matrix = _word_matrix(_codes(weights, fmt), _weights_per_word(fmt, word_bits))
+    return _packed_from_matrix(matrix, word_bits)
+
+
+def encode(weights: np.ndarray, word_bits: int, flip: str = "word-lsb") -> Encoded:
+    """Packs weights and flips one LSB in every odd-parity word so that all words have even parity."""
+    if flip not in FLIP_STRATEGIES:
+        raise OppassError(f"unknown flip strategy {flip!r}: expected one of {', '.join(FLIP_STRATEGIES)}")
+    fmt = format_of(weights.dtype)
+    codes = _codes(weights, fmt)
+    matrix = _word_matrix(codes, _weights_per_word(fmt, word_bits))
+    odd_rows = np.flatnonzero(odd_words(_packed_from_matrix(matrix, word_bits)))
+    columns = _flip_columns(matrix, odd_rows, fmt, flip, codes.size)
+    matrix.reshape(-1)[odd_rows * matrix.shape[1] + columns] ^= 1
+    adjusted = matrix.reshape(-1)[: codes.size].copy().view(FORMATS[fmt].dtype).reshape(weights.shape)
+    return Encoded(_packed_from_matrix(matrix, word_bits), adjusted, int(odd_rows.size))
+
+
+def odd_words(packed: np.ndarray) -> np.ndarray:
+    """Per word of a packed [n_words, L] tensor: True where its parity (XOR of all its bits) is odd."""
+    lanes = np.asarray(packed)
+    if lanes.ndim != 2 or lanes.dtype.kind != "u":
+        shape = list(lanes.shape)
+        raise OppassError(f"packed tensor must be an unsigned [n_words, L] array, got {lanes.dtype} {shape}")
+    folded = lanes[:, 0] if lanes.shape[1] == 1 else np.bitwise_xor.reduce(lanes, axis=1)
+    return (np.bitwise_count(folded) & 1).view(bool)
+
+
+def unpack(packed: np.ndarray, fmt: str, word_bits: int, shape: Sequence[int]) -> np.ndarray:
+    """Weights stored in a packed tensor, with no parity check."""
+    codes = _matrix_from_packed(packed, fmt, word_bits, shape).reshape(-1)
+    return _weights_from_codes(codes, fmt, shape)
+
+
+def decode(packed: np.ndarray, fmt: str, word_bits: int, shape: Sequence[int]) -> tuple[np.ndarray, int]:
+    """Weights stored in a packed tensor with every odd-parity word zeroed, and the number of such words."""
+    matrix = _matrix_from_packed(packed, fmt, word_bits, shape)
+    masked = odd_words(packed)
+    matrix[masked] = 0
+    return _weights_from_codes(matrix.reshape(-1), fmt, shape), int(np.count_nonzero(masked))
+
+
+def _format(fmt: str) -> WeightFormat:
+    if fmt not in FORMATS:
+        raise OppassError(f"unknown weight format {fmt!r}: expected one of {_format_list()}")
+    return FORMATS[fmt]
+
+
+def _format_list() -> str:
+    return ", ".join(FORMATS)
+
+
+def _parse_word(word: str | int) -> int:
+    """Integer value of a word-size argument given as an int or a numeric string."""
+    if isinstance(word, (int, np.integer)) and not isinstance(word, bool):
+        return int(word)
+    if isinstance(word, str) and word.strip().isdigit():
+        return int(word)
+    raise OppassError(f"invalid word size {word!r}: expected 'weight' or a number of bits")
+
+
+def _weights_per_word(fmt: str, width: int) -> int:
+    """N = W / b, after validating W for the format."""
+    return word_bits(fmt, width) // FORMATS[fmt].bits
+
+
+def _code_dtype(fmt: str) -> np.dtype:
+    """Native unsigned integer dtype as wide as one weight of `fmt`."""
+    return np.dtype(f"u{FORMATS[fmt].bits // 8}")
+
+
+def _codes(weights: np.ndarray, fmt: str) -> np.ndarray:
+    """Flat native unsigned codes (raw bits) of weights in format `fmt`, in C order."""
+    native = np.ascontiguousarray(weights, dtype=FORMATS[fmt].dtype)
+    return native.reshape(-1).view(_code_dtype(fmt))
+
+
+def _word_matrix(codes: np.ndarray, per_word: int) -> np.ndarray:
+    """A fresh [n_words, N] copy of the codes, the last word's tail padded with zeros."""
+    n_words = -(-codes.size // per_word)
+    matrix = np.zeros(n_words * per_word, dtype=codes.dtype)
+    matrix[: codes.size] = codes
+    return matrix.reshape(n_words, per_word)
+
+
+def _flip_columns(matrix: np.ndarray, rows: np.ndarray, fmt: str, flip: str, n_weights: int) -> np.ndarray:
+    """Column of the weight whose LSB is flipped in each of the given word rows of a code matrix.
+
+    Padding weights (the tail of the last word, beyond `n_weights`) are never chosen. For
+    `largest` that needs no masking: padding is zero, the lowest rank, and comes after
+    every real weight, so argmax (first maximum) always prefers a real one.
+    """
+    n_words, per_word = matrix.shape
+    if flip == "word-lsb" or per_word == 1 or rows.size == 0:
+        return np.zeros(rows.size, dtype=np.intp)
+    words = matrix[rows]
+    if flip == "largest":
+        return np.argmax(_magnitude_rank(words, fmt), axis=1)
+    real_in_last_row = n_weights - (n_words - 1) * per_word if rows[-1] == n_words - 1 else per_word
+    ranks = _flip_error_rank(words, fmt)
+    ranks[-1, real_in_last_row:] = np.iinfo(ranks.dtype).max
+    return np.argmin(ranks, axis=1)
+
+
+def _magnitude_rank(codes: np.ndarray, fmt: str) -> np.ndarray:
+    """Integers ordered like |value|, every NaN equal and above +-inf.
+
+    For IEEE floats the magnitude bits (sign cleared) order like |value|; NaNs are
+    clamped to one rank just above infinity.
+    """
+    if fmt == "int8":
+        return np.abs(codes.view(np.int8).astype(np.int16))
+    if fmt == "uint8":
+        return codes
+    exponent_bits, mantissa_bits = _FLOAT_FIELDS[fmt]
+    magnitude_mask = (1 << (exponent_bits + mantissa_bits)) - 1
+    infinity = ((1 << exponent_bits) - 1) << mantissa_bits
+    return np.minimum(codes & magnitude_mask, infinity + 1)
+
+
+def _flip_error_rank(codes: np.ndarray, fmt: str) -> np.ndarray:
+    """Integers ordered like the absolute change an LSB flip makes to each weight.
+
+    An integer's LSB flip always changes its code by exactly 1, so all ranks tie. A
+    float's LSB flip changes the mantissa by one unit in the last place and leaves the
+    exponent field alone: the change is 2**(max(exponent_field, 1) - bias - mantissa_bits),
+    monotonic in max(exponent_field, 1). Only NaN and infinity (all-ones exponent) flip
+    into NaN or infinity; they get the all-ones exponent as rank, above every finite one.
+    """
+    if fmt not in FLOAT_FORMATS:
+        return np.zeros(codes.shape, dtype=np.int32)
+    exponent_bits, mantissa_bits = _FLOAT_FIELDS[fmt]
+    exponent = (codes >> mantissa_bits) & ((1 << exponent_bits) - 1)
+    return np.maximum(exponent, 1).astype(np.int32)
+
+
+def _packed_from_matrix(matrix: np.ndarray, width: int) -> np.ndarray:
+    """The [n_words, L] little-endian packed tensor holding a word matrix's bit stream."""
+    stream = matrix.astype(matrix.dtype.newbyteorder("<"), copy=False).reshape(-1).view(np.uint8)
+    lanes = stream.view(storage_dtype(width))
+    return lanes.reshape(matrix.shape[0], max(1, width // 64))
+
+
+def _matrix_from_packed(packed: np.ndarray, fmt: str, width: int, shape: Sequence[int]) -> np.ndarray:
+    """A fresh native [n_words, N] code matrix read from a validated packed tensor."""
+    n_weights = _element_count(shape)
+    expected_shape = packed_shape(n_weights, fmt, width)
+    expected_dtype = storage_dtype(width)
+    packed = np.asarray(packed)
+    if packed.dtype.kind != "u" or packed.dtype.itemsize != expected_dtype.itemsize:
+        raise OppassError(f"packed tensor has dtype {packed.dtype}, expected {expected_dtype} for {width}-bit words")
+    if packed.shape != expected_shape:
+        raise OppassError(f"packed tensor has shape {list(packed.shape)}, expected {list(expected_shape)}")
+    little_endian = np.ascontiguousarray(packed, dtype=expected_dtype)
+    code_dtype = _code_dtype(fmt)
+    codes = little_endian.reshape(-1).view(np.uint8).view(code_dtype.newbyteorder("<")).astype(code_dtype)
+    return codes.reshape(expected_shape[0], _weights_per_word(fmt, width))
+
+
+def _element_count(shape: Sequence[int]) -> int:
+    dims = [int(dim) for dim in shape]
+    if any(dim < 0 for dim in dims):
+        raise OppassError(f"invalid tensor shape {dims}: dimensions must be non-negative")
+    return int(np.prod(dims, dtype=object))
+
+
+def _weights_from_codes(codes: np.ndarray, fmt: str, shape: Sequence[int]) -> np.ndarray:
+    """The first prod(shape) codes as weights of `fmt`, reshaped to `shape`."""
+    n_weights = _element_count(shape)
+    return codes[:n_weights].view(FORMATS[fmt].dtype).reshape(tuple(shape))
+
+
+def _round_float(weights: np.ndarray, target: WeightFormat, name: str) -> np.ndarray:
+    """fp32 -> bf16/fp16 by round-to-nearest-even; a finite value that rounds to infinity is an error."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        rounded = weights.astype(target.dtype)
+    overflow = np.isfinite(weights) & ~np.isfinite(rounded)
+    if overflow.any():
+        first = weights.reshape(-1)[np.argmax(overflow.reshape(-1))]
+        raise OppassError(
+            f"tensor {name!r} has {int(overflow.sum())} value(s) outside the finite {target.name} range "
+            f"(e.g. {float(first):g})"
+        )
+    return rounded
+
+
+def _quantize_int8(weights: np.ndarray, name: str, axis: int) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric per-channel int8 quantization along `axis`; returns the codes and float32 scales."""
+    if weights.ndim == 0 or not -weights.ndim <= axis < weights.ndim:
+        raise OppassError(f"cannot quantize {name}: axis {axis} is out of range for shape {list(weights.shape)}")
+    if not np.isfinite(weights).all():
+        raise OppassError(f"cannot quantize {name} to int8: it contains NaN or infinity")
+    other_axes = tuple(other for other in range(weights.ndim) if other != axis % weights.ndim)
+    channel_max = np.max(np.abs(weights), axis=other_axes, initial=0.0)
+    scales = (channel_max / np.float32(_INT8_LIMIT)).astype(np.float32)
+    scales[scales == 0] = 1.0  # all-zero channels, and tiny ones whose scale underflows: all their codes are 0
+    broadcast_shape = [1] * weights.ndim
+    broadcast_shape[axis] = scales.size
+    quantized = np.rint(weights / scales.reshape(broadcast_shape))
+    return np.clip(quantized, -_INT8_LIMIT, _INT8_LIMIT).astype(np.int8), scales
