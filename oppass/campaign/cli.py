@@ -1,0 +1,88 @@
+"""The `oppass campaign` subcommand."""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from pathlib import Path
+
+from oppass.campaign.config import METRICS, CampaignConfig
+from oppass.campaign.runner import run_campaign
+from oppass.errors import OppassError
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Adds `campaign` to the oppass command line."""
+    parser = subparsers.add_parser(
+        "campaign",
+        help="fault-injection campaign (the paper's Alg. 1, Table II, Fig. 4-6)",
+        description="Injects random bit flips into the stored weights of MODEL under several formats and "
+        "OP levels, measures accuracy per BER and reports BERZAD (see docs/METHODS.md). "
+        "Re-running the same command in the same --out folder resumes it.",
+    )
+    parser.add_argument("model", type=Path, metavar="MODEL", help="ONNX model (unprotected)")
+    parser.add_argument("--data", required=True, help="'digits', a .npz with inputs (+labels), or an image folder")
+    parser.add_argument("--out", required=True, type=Path, help="output folder (store, tables, figures, report)")
+    parser.add_argument("--formats", default="fp32,bf16,int8", help="weight formats (default: fp32,bf16,int8)")
+    parser.add_argument("--op", default="none,weight,64,256", help="protection levels: none, weight, word bits")
+    parser.add_argument("--ber", default="1e-9:1e-1", help="BER range MIN:MAX (default: 1e-9:1e-1)")
+    parser.add_argument("--points-per-decade", type=int, default=9, help="9: 1..9 x 10^k as in the paper")
+    parser.add_argument("--exps", type=int, default=20, help="experiments (batches) per condition")
+    parser.add_argument("--batch", type=int, default=400, help="samples per experiment")
+    parser.add_argument("--metric", choices=METRICS, default="top5", help="accuracy metric (default: top5)")
+    parser.add_argument("--bit-positions", action="store_true", help="also BERZAD per bit position (Fig. 5)")
+    parser.add_argument("--batch-study", action="store_true", help="also accuracy range vs batch size (Fig. 4)")
+    parser.add_argument("--ecc", action="store_true", help="also a SEC-DED (72,64) ECC baseline")
+    parser.add_argument("--scheduler", default="local", help="local (default), serial or tcp://host:port")
+    parser.add_argument("--workers", type=int, help="LocalCluster workers (default: one per core)")
+    parser.add_argument("--seed", type=int, default=0, help="campaign seed (default: 0)")
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Runs the campaign described by parsed arguments; prints Table II and the outputs."""
+    result = run_campaign(config_from_args(args))
+    for note in result.notes:
+        print(f"note: {note}", file=sys.stderr)
+    print((result.out / "table2.md").read_text(), end="")
+    print(f"{result.trials_run} trials run in {result.seconds:.1f} s ({result.trials_per_second:.1f}/s); "
+          f"results in {result.out}")
+    return 0
+
+
+def config_from_args(args: argparse.Namespace) -> CampaignConfig:
+    """A CampaignConfig from parsed `campaign` arguments."""
+    ber_min, ber_max = _ber_range(args.ber)
+    return CampaignConfig(
+        model=args.model,
+        data=args.data,
+        out=args.out,
+        formats=_names(args.formats),
+        protections=_names(args.op),
+        ber_min=ber_min,
+        ber_max=ber_max,
+        points_per_decade=args.points_per_decade,
+        experiments=args.exps,
+        batch_size=args.batch,
+        metric=args.metric,
+        bit_positions=args.bit_positions,
+        batch_study=args.batch_study,
+        ecc=args.ecc,
+        scheduler=args.scheduler,
+        workers=args.workers,
+        seed=args.seed,
+        command=shlex.join(["oppass", *sys.argv[1:]]),
+    )
+
+
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(name.strip() for name in text.split(",") if name.strip())
+
+
+def _ber_range(text: str) -> tuple[float, float]:
+    try:
+        low, high = (float(part) for part in text.split(":"))
+    except ValueError:
+        raise OppassError(f"--ber must be MIN:MAX, e.g. 1e-9:1e-1, got {text!r}") from None
+    return low, high

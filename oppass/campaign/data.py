@@ -1,0 +1,116 @@
+"""Evaluation data: the bundled digits split, `.npz` arrays or an ImageNet-style image folder."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from oppass.errors import OppassError
+
+DIGITS = "digits"
+DIGITS_FILE = Path(__file__).resolve().parents[1] / "examples" / "digits_test.npz"
+IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png", ".bmp", ".webp")
+# ImageNet preset (torchvision's): resize the shorter side to 256, center crop 224, normalise.
+RESIZE, CROP = 256, 224
+MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
+STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
+
+
+class Dataset(Protocol):
+    """Samples addressed by index, with optional integer labels."""
+
+    size: int
+    labels: np.ndarray | None
+    identity: str
+
+    def inputs(self, indices: np.ndarray) -> np.ndarray:
+        """The model inputs of the samples at `indices`, stacked along axis 0."""
+        ...
+
+
+@dataclass(frozen=True)
+class ArrayDataset:
+    """Inputs and labels held in memory."""
+
+    values: np.ndarray
+    labels: np.ndarray | None
+    identity: str
+
+    @property
+    def size(self) -> int:
+        return int(self.values.shape[0])
+
+    def inputs(self, indices: np.ndarray) -> np.ndarray:
+        return self.values[indices]
+
+
+class ImageFolderDataset:
+    """`root/<class>/<image>` files; the class index is the sorted position of its folder name.
+
+    Images are decoded lazily with PIL and kept as uint8 crops, so a worker pays decoding
+    once per sample and holds 150 KB (not 600 KB of float32) per 224 x 224 image.
+    """
+
+    def __init__(self, root: Path) -> None:
+        classes = sorted(path for path in root.iterdir() if path.is_dir())
+        files = [(image, label) for label, folder in enumerate(classes) for image in sorted(folder.iterdir())
+                 if image.suffix.lower() in IMAGE_SUFFIXES]
+        if not files:
+            raise OppassError(f"{root} holds no images in class sub-folders (expected root/<class>/<image>.jpg)")
+        self.files = [image for image, _ in files]
+        self.labels = np.array([label for _, label in files], dtype=np.int64)
+        self.size = len(self.files)
+        listing = "\n".join(str(image.relative_to(root)) for image in self.files)
+        self.identity = f"images:{hashlib.sha256(listing.encode()).hexdigest()}"
+        self._crops: dict[int, np.ndarray] = {}
+
+    def inputs(self, indices: np.ndarray) -> np.ndarray:
+        crops = np.stack([self._crop(int(index)) for index in indices])
+        return ((crops.astype(np.float32) / 255 - MEAN) / STD).transpose(0, 3, 1, 2).copy()
+
+    def _crop(self, index: int) -> np.ndarray:
+        if index not in self._crops:
+            self._crops[index] = _center_crop(self.files[index])
+        return self._crops[index]
+
+
+def open_dataset(source: str) -> Dataset:
+    """The data set named by `source`: "digits", a `.npz` file or an image folder."""
+    if source == DIGITS:
+        return _npz_dataset(DIGITS_FILE)
+    path = Path(source)
+    if path.is_dir():
+        return ImageFolderDataset(path)
+    if path.suffix == ".npz" and path.is_file():
+        return _npz_dataset(path)
+    raise OppassError(f"data {source!r} is neither 'digits', an existing .npz file nor an image folder")
+
+
+def _npz_dataset(path: Path) -> ArrayDataset:
+    with np.load(path) as arrays:
+        if "inputs" not in arrays:
+            raise OppassError(f"{path} has no 'inputs' array")
+        values = arrays["inputs"]
+        labels = arrays["labels"].astype(np.int64) if "labels" in arrays else None
+    if labels is not None and labels.shape != (values.shape[0],):
+        raise OppassError(f"{path}: 'labels' must have one entry per input, got {labels.shape} for {values.shape[0]}")
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    return ArrayDataset(values, labels, f"npz:{digest}")
+
+
+def _center_crop(path: Path) -> np.ndarray:
+    """RGB uint8 [CROP, CROP, 3]: shorter side resized to RESIZE (bilinear), then center-cropped."""
+    try:
+        from PIL import Image
+    except ImportError:
+        raise OppassError("image folders need Pillow: pip install pillow") from None
+    with Image.open(path) as image:
+        rgb = image.convert("RGB")
+    scale = RESIZE / min(rgb.size)
+    resized = rgb.resize((round(rgb.width * scale), round(rgb.height * scale)), Image.BILINEAR)
+    left, top = (resized.width - CROP) // 2, (resized.height - CROP) // 2
+    return np.asarray(resized.crop((left, top, left + CROP, top + CROP)), dtype=np.uint8)

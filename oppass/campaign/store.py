@@ -1,0 +1,99 @@
+"""The campaign store: one SQLite file per output folder, one row per finished trial.
+
+WAL journal, a commit after every batch of finished trials, primary key
+(condition_key, trial) with INSERT OR IGNORE: a trial delivered twice (a rescheduled Dask
+task, a resumed run) is stored once. The campaign's identity (everything that decides
+the results) is saved on creation; opening the folder with another identity is an error.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sqlite3
+from collections.abc import Iterable
+from pathlib import Path
+
+from oppass.campaign.worker import TrialRecord
+from oppass.errors import OppassError
+
+STORE_FILE = "campaign.sqlite"
+_TRIAL_FIELDS = [field.name for field in dataclasses.fields(TrialRecord)]
+
+
+class Store:
+    """Trials of one campaign in `directory`/campaign.sqlite."""
+
+    def __init__(self, directory: Path, identity: dict) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        self.path = directory / STORE_FILE
+        self.connection = sqlite3.connect(self.path)
+        self.connection.execute("PRAGMA journal_mode=WAL")
+        self.connection.execute("PRAGMA synchronous=NORMAL")
+        self._create_tables()
+        self._check_identity(identity)
+
+    def finished(self) -> set[tuple[str, int]]:
+        """(condition key, trial) of every stored trial."""
+        return set(self.connection.execute("SELECT condition_key, trial FROM trials"))
+
+    def add(self, records: Iterable[TrialRecord]) -> int:
+        """Stores finished trials and commits; returns how many were new."""
+        placeholders = ", ".join("?" for _ in _TRIAL_FIELDS)
+        rows = [dataclasses.astuple(record) for record in records]
+        before = self.connection.total_changes
+        with self.connection:
+            self.connection.executemany(
+                f"INSERT OR IGNORE INTO trials ({', '.join(_TRIAL_FIELDS)}) VALUES ({placeholders})", rows
+            )
+        return self.connection.total_changes - before
+
+    def trials(self) -> list[TrialRecord]:
+        """Every stored trial, ordered by condition key and trial."""
+        cursor = self.connection.execute(f"SELECT {', '.join(_TRIAL_FIELDS)} FROM trials ORDER BY condition_key, trial")
+        return [TrialRecord(*row) for row in cursor]
+
+    def save_batch_study(self, fmt: str, rows: list[tuple[int, int, float, float, float]]) -> None:
+        """Stores the batch-size study of one format: (batch size, batches, min, max, mean) rows."""
+        with self.connection:
+            self.connection.executemany(
+                "INSERT OR IGNORE INTO batch_study VALUES (?, ?, ?, ?, ?, ?)", [(fmt, *row) for row in rows]
+            )
+
+    def batch_study(self) -> list[tuple[str, int, int, float, float, float]]:
+        """(format, batch size, batches, min, max, mean accuracy) rows of the batch-size study."""
+        return list(self.connection.execute("SELECT * FROM batch_study ORDER BY format, batch_size"))
+
+    def close(self) -> None:
+        self.connection.close()
+
+    def _create_tables(self) -> None:
+        columns = ", ".join(f"{field.name} {_column_type(field)}" for field in dataclasses.fields(TrialRecord))
+        with self.connection:
+            self.connection.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+            self.connection.execute(
+                f"CREATE TABLE IF NOT EXISTS trials ({columns}, PRIMARY KEY (condition_key, trial))"
+            )
+            self.connection.execute(
+                "CREATE TABLE IF NOT EXISTS batch_study (format TEXT, batch_size INTEGER, batches INTEGER,"
+                " min_accuracy REAL, max_accuracy REAL, mean_accuracy REAL, PRIMARY KEY (format, batch_size))"
+            )
+
+    def _check_identity(self, identity: dict) -> None:
+        wanted = json.dumps(identity, sort_keys=True)
+        with self.connection:
+            self.connection.execute("INSERT OR IGNORE INTO meta VALUES ('identity', ?)", (wanted,))
+        (stored,) = self.connection.execute("SELECT value FROM meta WHERE key = 'identity'").fetchone()
+        if stored != wanted:
+            differing = sorted(k for k in set(identity) | set(json.loads(stored))
+                               if identity.get(k) != json.loads(stored).get(k))
+            raise OppassError(
+                f"{self.path.parent} holds a campaign with another configuration ({', '.join(differing)} differ):"
+                " use another --out folder"
+            )
+
+
+def _column_type(field: dataclasses.Field) -> str:
+    nullable = "int | None" in str(field.type)
+    sql = {"int": "INTEGER", "float": "REAL", "str": "TEXT"}[str(field.type).split(" ")[0]]
+    return sql if nullable else f"{sql} NOT NULL"

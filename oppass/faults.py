@@ -1,0 +1,53 @@
+"""Bit-flip fault injection into stored (packed) weight memory.
+
+A set of unsigned arrays is seen as one little-endian bit stream: their bytes are
+concatenated in order and stream bit `p` is bit `p % 8` of byte `p // 8`, as in
+docs/FORMAT.md.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from oppass.errors import OppassError
+
+
+def draw_flip_positions(rng: np.random.Generator, n_bits: int, ber: float) -> np.ndarray:
+    """Sorted distinct int64 bit positions in [0, n_bits): Binomial(n_bits, ber) of them, uniformly drawn."""
+    if n_bits < 0:
+        raise OppassError(f"number of bits must be non-negative, got {n_bits}")
+    if not 0.0 <= ber <= 1.0:
+        raise OppassError(f"bit error rate must be between 0 and 1, got {ber}")
+    count = int(rng.binomial(n_bits, ber))
+    positions = rng.choice(n_bits, size=count, replace=False) if count else np.empty(0, dtype=np.int64)
+    return np.sort(positions.astype(np.int64, copy=False))
+
+
+def flip_bits(buffers: Sequence[np.ndarray], positions: np.ndarray) -> None:
+    """Inverts the given bits of the concatenated little-endian bit stream of `buffers`, in place."""
+    byte_views = [_byte_view(buffer) for buffer in buffers]
+    sizes = np.array([view.size for view in byte_views], dtype=np.int64)
+    ends = np.cumsum(sizes)
+    positions = np.asarray(positions, dtype=np.int64)
+    total_bits = int(ends[-1]) * 8 if sizes.size else 0
+    if positions.size and (positions.min() < 0 or positions.max() >= total_bits):
+        raise OppassError(f"bit positions must lie in [0, {total_bits}), got {positions.min()}..{positions.max()}")
+    stream_bytes = positions // 8
+    masks = np.left_shift(1, positions % 8).astype(np.uint8)
+    owners = np.searchsorted(ends, stream_bytes, side="right")
+    for index, view in enumerate(byte_views):
+        mine = owners == index
+        np.bitwise_xor.at(view, stream_bytes[mine] - (ends[index] - sizes[index]), masks[mine])
+
+
+def _byte_view(buffer: np.ndarray) -> np.ndarray:
+    """A writable flat uint8 view sharing memory with an unsigned little-endian array."""
+    if not isinstance(buffer, np.ndarray) or buffer.dtype.kind != "u":
+        raise OppassError("fault injection needs unsigned integer numpy arrays")
+    if buffer.dtype.byteorder == ">" or (buffer.dtype.byteorder == "=" and np.little_endian is False):
+        raise OppassError("fault injection needs little-endian arrays")
+    if not buffer.flags.c_contiguous or not buffer.flags.writeable:
+        raise OppassError("fault injection needs writable C-contiguous arrays")
+    return buffer.reshape(-1).view(np.uint8)

@@ -1,0 +1,688 @@
+"""The ONNX graph pass: packs Conv/Gemm weights into OP-protected words behind ParityCheckUnpack nodes.
+
+For every protected weight the pass
+
+1. finds it: input 1 of a Conv/Gemm/... node that is an initializer, a Constant node's
+   output, or the output of a DequantizeLinear fed by one (QDQ: the int8/uint8 tensor is
+   protected and the DequantizeLinear stays);
+2. replaces its definition by a packed initializer `<name>::op_packed` (docs/FORMAT.md)
+   and one `ParityCheckUnpack` node whose output keeps the weight's name, so consumers,
+   graph inputs and graph outputs are untouched (a weight converted to int8 gets a
+   DequantizeLinear after the decode, which then produces the name);
+3. records value_info (type and shape) for every decode output.
+
+All decode nodes go at the front of the main graph: their only inputs are initializers,
+so the node list stays topologically sorted, and weights of If/Loop subgraphs become
+outer-scope values of those subgraphs. One masked-word counter per decode can be summed
+into the graph output `oppass_masked_words`.
+
+Weights the pass leaves alone, with a warning: initializers that are also graph inputs
+(the user may feed them), names defined in several graph scopes, tensors whose dtype has
+no weight format (float64, int32, ...) when `format="keep"`. With an explicit `format`,
+a weight that cannot be stored in it (anything but fp32 or that format itself) is an error.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from oppass import codec, faults, modelio
+from oppass.errors import OppassError
+from oppass.runtime import DOMAIN, OP_TYPE
+
+DOMAIN_VERSION = 1
+MASKED_WORDS_OUTPUT = "oppass_masked_words"
+CHECK_MODES = ("runtime", "load", "none")
+FORMAT_CHOICES = ("keep", "fp32", "bf16", "fp16", "int8")
+PER_AXIS_DEQUANTIZE_OPSET = 13
+
+# Weight input index of each op type the pass can protect.
+WEIGHT_INPUT = {"Conv": 1, "ConvTranspose": 1, "ConvInteger": 1, "Gemm": 1, "MatMul": 1, "MatMulInteger": 1}
+
+ONNX_TYPES = {
+    "fp32": TensorProto.FLOAT,
+    "bf16": TensorProto.BFLOAT16,
+    "fp16": TensorProto.FLOAT16,
+    "int8": TensorProto.INT8,
+    "uint8": TensorProto.UINT8,
+}
+FORMAT_OF_ONNX_TYPE = {onnx_type: fmt for fmt, onnx_type in ONNX_TYPES.items()}
+
+
+@dataclass(frozen=True)
+class TensorReport:
+    """What the pass did to one weight tensor.
+
+    `max_flip_change` is max |adjusted - stored| / |stored| over the finite nonzero stored
+    weights, computed on the values in the stored format (int8: the integer codes) before
+    and after the parity LSB flips. `max_conversion_error` is only set when the weight was
+    converted (fp32 -> bf16/fp16/int8): max |converted - original| / max |original|, the
+    rounding or quantization error in units of the tensor's largest weight magnitude.
+    """
+
+    name: str
+    source_format: str
+    stored_format: str
+    word_bits: int
+    weights: int
+    bytes_before: int
+    bytes_after: int
+    flipped_words: int
+    max_flip_change: float
+    max_conversion_error: float | None
+
+
+@dataclass(frozen=True)
+class TransformReport:
+    """Per-tensor reports and their totals."""
+
+    tensors: tuple[TensorReport, ...] = field(default_factory=tuple)
+
+    @property
+    def weights(self) -> int:
+        return sum(tensor.weights for tensor in self.tensors)
+
+    @property
+    def bytes_before(self) -> int:
+        return sum(tensor.bytes_before for tensor in self.tensors)
+
+    @property
+    def bytes_after(self) -> int:
+        return sum(tensor.bytes_after for tensor in self.tensors)
+
+    @property
+    def flipped_words(self) -> int:
+        return sum(tensor.flipped_words for tensor in self.tensors)
+
+    @property
+    def max_flip_change(self) -> float:
+        return max((tensor.max_flip_change for tensor in self.tensors), default=0.0)
+
+    @property
+    def max_conversion_error(self) -> float | None:
+        errors = [t.max_conversion_error for t in self.tensors if t.max_conversion_error is not None]
+        return max(errors, default=None)
+
+
+@dataclass(frozen=True)
+class ProtectedTensor:
+    """One decode node of a protected model, as `inspect` reports it."""
+
+    name: str
+    format: str
+    word_bits: int
+    shape: tuple[int, ...]
+    check: str
+    output_type: str
+    packed_dtype: str
+    packed_shape: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class _Options:
+    format: str
+    word: str | int
+    flip: str
+    ops: tuple[str, ...]
+    check: str
+    report_faults: bool
+
+
+@dataclass
+class _Site:
+    """A weight tensor to protect: where it is defined and which protected nodes read it."""
+
+    name: str
+    graph: onnx.GraphProto
+    tensor: TensorProto
+    constant_node: onnx.NodeProto | None
+    quantized: bool
+    axes: set[int] = field(default_factory=set)
+
+
+@dataclass(frozen=True)
+class _Protected:
+    """The nodes, initializers and value_info that replace one weight."""
+
+    nodes: list[onnx.NodeProto]
+    initializers: list[TensorProto]
+    value_info: list[onnx.ValueInfoProto]
+    masked_output: str | None
+    report: TensorReport
+
+
+def transform(
+    model: onnx.ModelProto | str | os.PathLike,
+    *,
+    format: str = "keep",
+    word: str | int = "64",
+    flip: str = "word-lsb",
+    ops: Sequence[str] = ("Conv", "Gemm"),
+    check: str = "runtime",
+    report_faults: bool = False,
+) -> onnx.ModelProto:
+    """A protected copy of `model` (see the module docstring); the input is never modified."""
+    protected, _ = transform_with_report(
+        model, format=format, word=word, flip=flip, ops=ops, check=check, report_faults=report_faults
+    )
+    return protected
+
+
+def transform_with_report(
+    model: onnx.ModelProto | str | os.PathLike,
+    *,
+    format: str = "keep",
+    word: str | int = "64",
+    flip: str = "word-lsb",
+    ops: Sequence[str] = ("Conv", "Gemm"),
+    check: str = "runtime",
+    report_faults: bool = False,
+) -> tuple[onnx.ModelProto, TransformReport]:
+    """Like `transform`, also returning what was done to each weight."""
+    options = _validated_options(format, word, flip, ops, check, report_faults)
+    result = _working_copy(model)
+    if any(node.domain == DOMAIN for graph in modelio.all_graphs(result.graph) for node in graph.node):
+        raise OppassError("model is already protected (it has ai.oppass nodes)")
+    sites = _find_sites(result, options)
+    replacements = [_protect(site, options) for site in sites]
+    _apply(result, sites, replacements, options)
+    return result, TransformReport(tuple(replacement.report for replacement in replacements))
+
+
+def strip(model: onnx.ModelProto | str | os.PathLike) -> onnx.ModelProto:
+    """A plain copy of a protected model: decoded (unchecked) weights back as initializers."""
+    result = _working_copy(model)
+    decode_nodes = _decode_nodes(result)
+    if not decode_nodes:
+        raise OppassError("model is not protected (it has no ParityCheckUnpack nodes)")
+    graph = result.graph
+    packed = _initializers_by_name(graph)
+    decoded = [_decoded_initializer(node, packed) for node in decode_nodes]
+    removed_outputs = {output for node in decode_nodes for output in node.output[1:] if output}
+    _remove_masked_words_sum(graph, removed_outputs)
+    _remove_nodes(graph, lambda node: node.domain == DOMAIN)
+    _remove_initializers(graph, {node.input[0] for node in decode_nodes})
+    graph.initializer.extend(decoded)
+    _remove_value_info(graph, removed_outputs)
+    _remove_opset_import(result, DOMAIN)
+    return result
+
+
+def inspect(model: onnx.ModelProto | str | os.PathLike) -> list[ProtectedTensor]:
+    """The protected tensors of a model, one per decode node."""
+    proto = model if isinstance(model, onnx.ModelProto) else modelio.load_model(model)
+    packed = _initializers_by_name(proto.graph)
+    return [_describe(node, packed) for node in _decode_nodes(proto)]
+
+
+def inject(model: onnx.ModelProto | str | os.PathLike, ber: float, seed: int) -> tuple[onnx.ModelProto, int]:
+    """A copy of a protected model with random bit flips in its packed weights, and the number of flips."""
+    result = _working_copy(model)
+    decode_nodes = _decode_nodes(result)
+    if not decode_nodes:
+        raise OppassError("model is not protected: there are no packed weights to inject faults into")
+    by_name = _initializers_by_name(result.graph)
+    names = list(dict.fromkeys(node.input[0] for node in decode_nodes))
+    buffers = [numpy_helper.to_array(by_name[name]).copy() for name in names]
+    n_bits = sum(buffer.nbytes for buffer in buffers) * 8
+    positions = faults.draw_flip_positions(np.random.default_rng(seed), n_bits, ber)
+    faults.flip_bits(buffers, positions)
+    for name, buffer in zip(names, buffers):
+        by_name[name].CopyFrom(numpy_helper.from_array(buffer, name))
+    return result, int(positions.size)
+
+
+# ----------------------------------------------------------------------------- options and lookup
+
+
+def _validated_options(
+    fmt: str, word: str | int, flip: str, ops: Sequence[str], check: str, report_faults: bool
+) -> _Options:
+    if fmt not in FORMAT_CHOICES:
+        raise OppassError(f"unknown format {fmt!r}: expected one of {', '.join(FORMAT_CHOICES)}")
+    if flip not in codec.FLIP_STRATEGIES:
+        raise OppassError(f"unknown flip strategy {flip!r}: expected one of {', '.join(codec.FLIP_STRATEGIES)}")
+    if check not in CHECK_MODES:
+        raise OppassError(f"unknown check mode {check!r}: expected one of {', '.join(CHECK_MODES)}")
+    op_types = tuple(ops)
+    unknown = [op for op in op_types if op not in WEIGHT_INPUT]
+    if unknown or not op_types:
+        raise OppassError(f"cannot protect op types {unknown or '(none)'}: expected some of {', '.join(WEIGHT_INPUT)}")
+    codec.word_bits("uint8", word)  # rejects sizes no format allows; per-format limits are checked per weight
+    return _Options(fmt, word, flip, op_types, check, report_faults)
+
+
+def _working_copy(model: onnx.ModelProto | str | os.PathLike) -> onnx.ModelProto:
+    """A model the pass may modify: freshly read from disk, or a copy of the caller's proto."""
+    if isinstance(model, onnx.ModelProto):
+        copy = onnx.ModelProto()
+        copy.CopyFrom(model)
+        return copy
+    return modelio.load_model(model)
+
+
+def _decode_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
+    """Decode nodes of the main graph; any ai.oppass node elsewhere is reported as unsupported."""
+    subgraphs = list(modelio.all_graphs(model.graph))[1:]
+    nested = [node for graph in subgraphs for node in graph.node if node.domain == DOMAIN]
+    if nested:
+        raise OppassError(f"ai.oppass node {nested[0].name!r} inside a subgraph is not supported")
+    return [node for node in model.graph.node if node.domain == DOMAIN]
+
+
+def _initializers_by_name(graph: onnx.GraphProto) -> dict[str, TensorProto]:
+    return {tensor.name: tensor for tensor in graph.initializer}
+
+
+def _attributes(node: onnx.NodeProto) -> dict[str, object]:
+    return {attribute.name: helper.get_attribute_value(attribute) for attribute in node.attribute}
+
+
+# ----------------------------------------------------------------------------- finding weights
+
+
+@dataclass(frozen=True)
+class _Definition:
+    """Where a name is defined: a graph, and the initializer or node producing it."""
+
+    graph: onnx.GraphProto
+    initializer: TensorProto | None
+    node: onnx.NodeProto | None
+    is_graph_input: bool
+
+
+def _definitions(model: onnx.ModelProto) -> dict[str, list[_Definition]]:
+    """Every name defined anywhere in the model (graph inputs, initializers, node outputs)."""
+    table: dict[str, list[_Definition]] = {}
+    for graph in modelio.all_graphs(model.graph):
+        inputs = {value.name for value in graph.input}
+        initializers = {tensor.name for tensor in graph.initializer}
+        for tensor in graph.initializer:
+            table.setdefault(tensor.name, []).append(_Definition(graph, tensor, None, tensor.name in inputs))
+        for value in graph.input:
+            if value.name not in initializers:
+                table.setdefault(value.name, []).append(_Definition(graph, None, None, True))
+        for node in graph.node:
+            for output in node.output:
+                if output:
+                    table.setdefault(output, []).append(_Definition(graph, None, node, False))
+    return table
+
+
+def _find_sites(model: onnx.ModelProto, options: _Options) -> list[_Site]:
+    """The weights to protect, each once however many nodes read it, in graph order."""
+    definitions = _definitions(model)
+    opset = _default_opset(model)
+    sites: dict[str, _Site] = {}
+    for graph in modelio.all_graphs(model.graph):
+        for node in graph.node:
+            weight_input = WEIGHT_INPUT.get(node.op_type) if node.op_type in options.ops else None
+            if weight_input is None or node.domain not in ("", "ai.onnx") or len(node.input) <= weight_input:
+                continue
+            site = _site_for(node.input[weight_input], definitions, sites)
+            if site is not None:
+                site.axes.add(_output_channel_axis(node, site))
+    usable = [site for site in sites.values() if _usable(site, options, opset)]
+    return usable
+
+
+def _site_for(name: str, definitions: dict[str, list[_Definition]], sites: dict[str, _Site]) -> _Site | None:
+    """The site of a weight input, following a DequantizeLinear to its quantized tensor; None if not constant."""
+    definition = _single_definition(name, definitions)
+    if definition is None:
+        return None
+    quantized = definition.node is not None and definition.node.op_type == "DequantizeLinear" \
+        and definition.node.domain in ("", "ai.onnx")
+    if quantized:
+        name = definition.node.input[0]
+        definition = _single_definition(name, definitions)
+        if definition is None:
+            return None
+    if name in sites:
+        return sites[name]
+    tensor = _constant_tensor(definition, name)
+    if tensor is None:
+        return None
+    site = _Site(name, definition.graph, tensor, definition.node, quantized)
+    sites[name] = site
+    return site
+
+
+def _single_definition(name: str, definitions: dict[str, list[_Definition]]) -> _Definition | None:
+    found = definitions.get(name, [])
+    if len(found) > 1 and any(d.initializer is not None or _is_constant_node(d.node) for d in found):
+        _skip(name, "it is defined in several graph scopes")
+        return None
+    return found[0] if len(found) == 1 else None
+
+
+def _skip(name: str, reason: str) -> None:
+    warnings.warn(f"weight {name!r} left unprotected: {reason}", stacklevel=2)
+
+
+def _is_constant_node(node: onnx.NodeProto | None) -> bool:
+    return node is not None and node.op_type == "Constant" and node.domain in ("", "ai.onnx")
+
+
+def _constant_tensor(definition: _Definition, name: str) -> TensorProto | None:
+    """The tensor behind an initializer or a Constant node's `value`; None for anything computed."""
+    if definition.initializer is not None:
+        if definition.is_graph_input:
+            _skip(name, "it is also a graph input, which may override it")
+            return None
+        return definition.initializer
+    if _is_constant_node(definition.node):
+        values = [a.t for a in definition.node.attribute if a.name == "value" and a.type == onnx.AttributeProto.TENSOR]
+        return values[0] if values else None
+    return None
+
+
+def _output_channel_axis(node: onnx.NodeProto, site: _Site) -> int:
+    """Axis of the weight that indexes output channels (used for int8 per-channel scales)."""
+    rank = len(site.tensor.dims)
+    if node.op_type == "Gemm":
+        return 0 if _attributes(node).get("transB", 0) else 1
+    if node.op_type in ("MatMul", "MatMulInteger"):
+        return max(rank - 1, 0)
+    if node.op_type == "ConvTranspose":
+        return 1
+    return 0
+
+
+def _usable(site: _Site, options: _Options, opset: int) -> bool:
+    """Whether to protect the site; raises when the user's explicit format cannot apply to it."""
+    if 0 in site.tensor.dims:
+        return False
+    source = FORMAT_OF_ONNX_TYPE.get(site.tensor.data_type)
+    target = _target_format(site, options)
+    if source is None and options.format == "keep":
+        type_name = TensorProto.DataType.Name(site.tensor.data_type)
+        _skip(site.name, f"its type {type_name} has no weight format")
+        return False
+    if source != target and source != "fp32":
+        type_name = TensorProto.DataType.Name(site.tensor.data_type)
+        raise OppassError(f"cannot store weight {site.name!r} ({type_name}) as {target}: "
+                          "only fp32 weights are converted; use --format keep")
+    if source != target and target == "int8":
+        _check_int8_conversion(site, opset)
+    return True
+
+
+def _target_format(site: _Site, options: _Options) -> str:
+    source = FORMAT_OF_ONNX_TYPE.get(site.tensor.data_type)
+    return source if options.format == "keep" else options.format
+
+
+def _check_int8_conversion(site: _Site, opset: int) -> None:
+    if opset < PER_AXIS_DEQUANTIZE_OPSET:
+        raise OppassError(f"--format int8 needs per-axis DequantizeLinear (opset >= {PER_AXIS_DEQUANTIZE_OPSET}); "
+                          f"the model uses opset {opset}")
+    if len(site.axes) != 1:
+        raise OppassError(f"weight {site.name!r} is read along different output-channel axes {sorted(site.axes)}; "
+                          "cannot choose int8 scales: use another --format")
+
+
+def _default_opset(model: onnx.ModelProto) -> int:
+    versions = [entry.version for entry in model.opset_import if entry.domain in ("", "ai.onnx")]
+    return versions[0] if versions else 1
+
+
+# ----------------------------------------------------------------------------- protecting one weight
+
+
+def _protect(site: _Site, options: _Options) -> _Protected:
+    """Encodes one weight and builds its replacement nodes and initializers."""
+    original = numpy_helper.to_array(site.tensor)
+    source = codec.format_of(original.dtype)
+    target = _target_format(site, options)
+    axis = next(iter(site.axes))
+    stored, scales = codec.to_format(original, target, name=site.name, axis=axis)
+    width = codec.word_bits(target, options.word)
+    if options.check == "none":
+        packed, adjusted, flipped = codec.pack(stored, width), stored, 0
+    else:
+        encoded = codec.encode(stored, width, options.flip)
+        packed, adjusted, flipped = encoded.packed, encoded.adjusted, encoded.flipped_words
+    packed_tensor = numpy_helper.from_array(packed, f"{site.name}::op_packed")
+    decode_output = site.name if scales is None else f"{site.name}::op_int8"
+    output_type = ONNX_TYPES[target] if scales is not None else site.tensor.data_type  # bf16/fp16 of fp32: FLOAT
+    masked_output = f"{site.name}::op_masked" if options.report_faults else None
+    decode = helper.make_node(
+        OP_TYPE,
+        [packed_tensor.name],
+        [decode_output] + ([masked_output] if masked_output else []),
+        name=f"{site.name}::op_decode",
+        domain=DOMAIN,
+        format=target,
+        word_bits=width,
+        shape=list(stored.shape),
+        check=options.check,
+        output_type=output_type,
+    )
+    nodes, initializers = [decode], [packed_tensor]
+    value_info = [helper.make_tensor_value_info(decode_output, output_type, list(stored.shape))]
+    if masked_output:
+        value_info.append(helper.make_tensor_value_info(masked_output, TensorProto.INT64, []))
+    if scales is not None:
+        dequantize, quantization = _dequantize(site, decode_output, scales, axis)
+        nodes.append(dequantize)
+        initializers.extend(quantization)
+        value_info.append(helper.make_tensor_value_info(site.name, TensorProto.FLOAT, list(stored.shape)))
+    bytes_after = packed.nbytes + (scales.nbytes if scales is not None else 0)
+    report = TensorReport(
+        name=site.name,
+        source_format=source,
+        stored_format=target,
+        word_bits=width,
+        weights=int(stored.size),
+        bytes_before=int(original.nbytes),
+        bytes_after=int(bytes_after),
+        flipped_words=flipped,
+        max_flip_change=_max_relative_change(stored, adjusted),
+        max_conversion_error=None if target == source else _conversion_error(original, stored, scales, axis),
+    )
+    return _Protected(nodes, initializers, value_info, masked_output, report)
+
+
+def _dequantize(
+    site: _Site, codes_name: str, scales: np.ndarray, axis: int
+) -> tuple[onnx.NodeProto, list[TensorProto]]:
+    """DequantizeLinear(codes, scales, zero points) -> the weight's original name."""
+    scale = numpy_helper.from_array(scales, f"{site.name}::op_scale")
+    zero_point = numpy_helper.from_array(np.zeros(scales.shape, dtype=np.int8), f"{site.name}::op_zero_point")
+    node = helper.make_node(
+        "DequantizeLinear",
+        [codes_name, scale.name, zero_point.name],
+        [site.name],
+        name=f"{site.name}::op_dequantize",
+        axis=axis,
+    )
+    return node, [scale, zero_point]
+
+
+def _max_relative_change(stored: np.ndarray, adjusted: np.ndarray) -> float:
+    """max |adjusted - stored| / |stored| over finite nonzero stored values (0.0 if none changed).
+
+    Computed in float32, which holds every stored format exactly; only the division rounds.
+    """
+    before = stored.astype(np.float32, copy=False).reshape(-1)
+    after = adjusted.astype(np.float32, copy=False).reshape(-1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        change = np.abs(after - before) / np.abs(before)
+    considered = np.isfinite(before) & (before != 0)
+    return float(change.max(where=considered, initial=0.0))
+
+
+def _conversion_error(original: np.ndarray, stored: np.ndarray, scales: np.ndarray | None, axis: int) -> float:
+    """max |converted - original| / max |original|: rounding or quantization error in units of the largest weight."""
+    converted = stored.astype(np.float64)
+    if scales is not None:
+        shape = [1] * stored.ndim
+        shape[axis] = scales.size
+        converted = converted * scales.astype(np.float64).reshape(shape)
+    reference = original.astype(np.float64)
+    finite = np.isfinite(reference)
+    largest = np.abs(reference[finite]).max(initial=0.0)
+    if largest == 0:
+        return 0.0
+    return float(np.abs(converted[finite] - reference[finite]).max(initial=0.0) / largest)
+
+
+# ----------------------------------------------------------------------------- editing the model
+
+
+def _apply(model: onnx.ModelProto, sites: list[_Site], replacements: list[_Protected], options: _Options) -> None:
+    """Swaps each site's definition for its replacement and wires the optional fault counter."""
+    graph = model.graph
+    new_nodes = [node for replacement in replacements for node in replacement.nodes]
+    masked_outputs = [r.masked_output for r in replacements if r.masked_output]
+    tail = _masked_words_sum(masked_outputs) if options.report_faults else []
+    new_names = {output for node in new_nodes + tail for output in node.output}
+    new_names.update(tensor.name for replacement in replacements for tensor in replacement.initializers)
+    _reject_taken_names(model, new_names - {site.name for site in sites})
+    for site in sites:
+        _remove_definition(site)
+    _remove_value_info_everywhere(model, {site.name for site in sites})
+    kept_nodes = list(graph.node)
+    del graph.node[:]
+    graph.node.extend(new_nodes + kept_nodes + tail)
+    for replacement in replacements:
+        graph.initializer.extend(replacement.initializers)
+        graph.value_info.extend(replacement.value_info)
+    if options.report_faults:
+        graph.output.append(helper.make_tensor_value_info(MASKED_WORDS_OUTPUT, TensorProto.INT64, []))
+    if not any(entry.domain == DOMAIN for entry in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(DOMAIN, DOMAIN_VERSION))
+
+
+def _reject_taken_names(model: onnx.ModelProto, new_names: set[str]) -> None:
+    """The names the pass introduces must be new to the model."""
+    taken = set()
+    for graph in modelio.all_graphs(model.graph):
+        taken.update(value.name for value in graph.input)
+        taken.update(value.name for value in graph.output)
+        taken.update(tensor.name for tensor in graph.initializer)
+        taken.update(output for node in graph.node for output in node.output)
+    clashes = sorted(new_names & taken)
+    if clashes:
+        raise OppassError(f"the model already uses names oppass needs: {', '.join(clashes[:3])}")
+
+
+def _remove_definition(site: _Site) -> None:
+    if site.constant_node is not None:
+        _remove_nodes(site.graph, lambda node: _is_constant_node(node) and list(node.output) == [site.name])
+    else:
+        _remove_initializers(site.graph, {site.name})
+
+
+def _remove_nodes(graph: onnx.GraphProto, doomed: Callable[[onnx.NodeProto], bool]) -> None:
+    for index in reversed(range(len(graph.node))):
+        if doomed(graph.node[index]):
+            del graph.node[index]
+
+
+def _remove_initializers(graph: onnx.GraphProto, names: set[str]) -> None:
+    for index in reversed(range(len(graph.initializer))):
+        if graph.initializer[index].name in names:
+            del graph.initializer[index]
+
+
+def _remove_value_info(graph: onnx.GraphProto, names: set[str]) -> None:
+    for index in reversed(range(len(graph.value_info))):
+        if graph.value_info[index].name in names:
+            del graph.value_info[index]
+
+
+def _remove_value_info_everywhere(model: onnx.ModelProto, names: set[str]) -> None:
+    for graph in modelio.all_graphs(model.graph):
+        _remove_value_info(graph, names)
+
+
+def _masked_words_sum(masked_outputs: list[str]) -> list[onnx.NodeProto]:
+    """Nodes adding the decode nodes' masked-word counts (int64) into MASKED_WORDS_OUTPUT."""
+    if not masked_outputs:
+        zero = numpy_helper.from_array(np.array(0, dtype=np.int64))
+        return [helper.make_node("Constant", [], [MASKED_WORDS_OUTPUT], name=f"{MASKED_WORDS_OUTPUT}::op_sum",
+                                 value=zero)]
+    if len(masked_outputs) == 1:
+        return [helper.make_node("Identity", masked_outputs, [MASKED_WORDS_OUTPUT],
+                                 name=f"{MASKED_WORDS_OUTPUT}::op_sum")]
+    nodes = []
+    running = masked_outputs[0]
+    for index, term in enumerate(masked_outputs[1:], start=1):
+        last = index == len(masked_outputs) - 1
+        total = MASKED_WORDS_OUTPUT if last else f"{MASKED_WORDS_OUTPUT}::op_partial_{index}"
+        nodes.append(helper.make_node("Add", [running, term], [total], name=f"{MASKED_WORDS_OUTPUT}::op_sum_{index}"))
+        running = total
+    return nodes
+
+
+def _remove_masked_words_sum(graph: onnx.GraphProto, masked_outputs: Iterable[str]) -> None:
+    """Undoes `_masked_words_sum`: drops its nodes, partial sums and the graph output."""
+    prefix = f"{MASKED_WORDS_OUTPUT}::op_"
+    _remove_nodes(graph, lambda node: node.name.startswith(prefix))
+    for index in reversed(range(len(graph.output))):
+        if graph.output[index].name == MASKED_WORDS_OUTPUT:
+            del graph.output[index]
+    partials = {info.name for info in graph.value_info if info.name.startswith(prefix)}
+    _remove_value_info(graph, partials | set(masked_outputs))
+
+
+def _remove_opset_import(model: onnx.ModelProto, domain: str) -> None:
+    for index in reversed(range(len(model.opset_import))):
+        if model.opset_import[index].domain == domain:
+            del model.opset_import[index]
+
+
+# ----------------------------------------------------------------------------- reading decode nodes
+
+
+def _decode_attributes(node: onnx.NodeProto) -> tuple[str, int, tuple[int, ...], str, int]:
+    """format, word_bits, shape, check, output_type of a decode node."""
+    attributes = _attributes(node)
+    try:
+        return (
+            attributes["format"].decode(),
+            int(attributes["word_bits"]),
+            tuple(int(dim) for dim in attributes["shape"]),
+            attributes["check"].decode(),
+            int(attributes["output_type"]),
+        )
+    except KeyError as missing:
+        raise OppassError(f"decode node {node.name!r} lacks attribute {missing}") from None
+
+
+def _packed_initializer(node: onnx.NodeProto, packed: dict[str, TensorProto]) -> TensorProto:
+    if node.input[0] not in packed:
+        raise OppassError(f"decode node {node.name!r} reads {node.input[0]!r}, which is not an initializer")
+    return packed[node.input[0]]
+
+
+def _describe(node: onnx.NodeProto, packed: dict[str, TensorProto]) -> ProtectedTensor:
+    fmt, width, shape, check, output_type = _decode_attributes(node)
+    tensor = _packed_initializer(node, packed)
+    return ProtectedTensor(
+        name=node.output[0],
+        format=fmt,
+        word_bits=width,
+        shape=shape,
+        check=check,
+        output_type=TensorProto.DataType.Name(output_type),
+        packed_dtype=str(helper.tensor_dtype_to_np_dtype(tensor.data_type)),
+        packed_shape=tuple(tensor.dims),
+    )
+
+
+def _decoded_initializer(node: onnx.NodeProto, packed: dict[str, TensorProto]) -> TensorProto:
+    """The weights a decode node holds, unpacked without a parity check, in its output type."""
+    fmt, width, shape, _, output_type = _decode_attributes(node)
+    weights = codec.unpack(numpy_helper.to_array(_packed_initializer(node, packed)), fmt, width, shape)
+    output_dtype = helper.tensor_dtype_to_np_dtype(output_type)
+    return numpy_helper.from_array(weights.astype(output_dtype, copy=False), node.output[0])

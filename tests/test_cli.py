@@ -1,0 +1,169 @@
+"""The `oppass` command line: output of each subcommand, and one-line errors that leave no file behind."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from conftest import REPO_ROOT
+
+from oppass import cli, graph, modelio
+
+
+@pytest.fixture
+def model_file(cnn_model: onnx.ModelProto, tmp_path: Path) -> Path:
+    path = tmp_path / "model.onnx"
+    onnx.save_model(cnn_model, path)
+    return path
+
+
+@pytest.fixture
+def protected_file(cnn_model: onnx.ModelProto, tmp_path: Path) -> Path:
+    path = tmp_path / "protected.onnx"
+    onnx.save_model(graph.transform(cnn_model, word="32"), path)
+    return path
+
+
+def summary(text: str) -> dict[str, str]:
+    """The transform summary table as {row label: value}."""
+    rows = [line.split("  ", 1) for line in text.splitlines()]
+    return {label.strip(): value.strip() for label, value in rows}
+
+
+def test_transform_prints_the_report_and_the_drift(
+    model_file: Path, tmp_path: Path, custom_op_library: str, capsys: pytest.CaptureFixture
+) -> None:
+    output = tmp_path / "out.onnx"
+    assert cli.main(["transform", str(model_file), str(output), "--format", "bf16", "--word", "128"]) == 0
+    table = summary(capsys.readouterr().out)
+    _, report = graph.transform_with_report(model_file, format="bf16", word="128")
+    assert table["tensors protected"] == "4"
+    assert table["weights"] == f"{report.weights:,}"
+    assert table["stored bytes before"] == f"{report.bytes_before:,}"
+    assert table["stored bytes after"] == f"{report.bytes_after:,}" != table["stored bytes before"]
+    assert table["words whose LSB was flipped"] == f"{report.flipped_words:,}"
+    assert table["largest relative weight change"] == f"{report.max_flip_change:.3g}"
+    assert table["largest conversion error (x max|w|)"] == f"{report.max_conversion_error:.3g}"
+    drift = table["fault-free output drift"]
+    assert drift.endswith("(max abs, one random input)") and float(drift.split()[0]) > 0
+    assert [t.name for t in graph.inspect(output)] == ["conv1.w", "conv2.w", "fc1.w", "fc2.w"]
+
+
+def test_transform_options_reach_the_pass(model_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    output = tmp_path / "out.onnx"
+    arguments = ["transform", str(model_file), str(output), "--format", "fp16", "--word", "weight", "--flip",
+                 "min-error", "--ops", "Conv", "--check", "load", "--report-faults", "--no-verify"]
+    assert cli.main(arguments) == 0
+    assert summary(capsys.readouterr().out)["fault-free output drift"] == "skipped (--no-verify)"
+    tensors = graph.inspect(output)
+    assert [(t.name, t.format, t.word_bits, t.check) for t in tensors] == [
+        ("conv1.w", "fp16", 16, "load"), ("conv2.w", "fp16", 16, "load")]
+    assert modelio.load_model(output).graph.output[-1].name == graph.MASKED_WORDS_OUTPUT
+
+
+def test_drift_is_skipped_with_a_note_when_the_model_cannot_run(
+    model_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    monkeypatch.setenv("OPPASS_CUSTOM_OP_LIBRARY", str(tmp_path / "no-such-library.so"))
+    assert cli.main(["transform", str(model_file), str(tmp_path / "out.onnx")]) == 0
+    assert summary(capsys.readouterr().out)["fault-free output drift"].startswith("skipped: model could not be run")
+
+
+def test_inspect_lists_the_protected_tensors(protected_file: Path, capsys: pytest.CaptureFixture) -> None:
+    assert cli.main(["inspect", str(protected_file)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["tensor", "format", "word", "bits", "shape", "check", "output", "packed"]
+    assert lines[1].split() == ["conv1.w", "fp32", "32", "[4,", "3,", "3,", "3]", "runtime", "FLOAT", "uint32", "[108,",
+                                "1]"]
+    assert len(lines) == 5
+
+
+def test_inject_prints_the_number_of_flips(protected_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    output = tmp_path / "faulty.onnx"
+    assert cli.main(["inject", str(protected_file), str(output), "--ber", "0.01", "--seed", "5"]) == 0
+    _, flips = graph.inject(protected_file, 0.01, 5)
+    assert capsys.readouterr().out == f"{flips} bits flipped\n"
+    assert flips > 0
+    faulty = np.frombuffer(b"".join(t.raw_data for t in modelio.load_model(output).graph.initializer), np.uint8)
+    clean = np.frombuffer(b"".join(t.raw_data for t in modelio.load_model(protected_file).graph.initializer), np.uint8)
+    differing_bits = int(np.unpackbits(faulty ^ clean).sum())
+    assert differing_bits == flips
+
+
+def test_strip_writes_a_plain_model(protected_file: Path, tmp_path: Path) -> None:
+    output = tmp_path / "plain.onnx"
+    assert cli.main(["strip", str(protected_file), str(output)]) == 0
+    plain = modelio.load_model(output)
+    onnx.checker.check_model(plain, full_check=True)
+    assert not graph.inspect(plain)
+
+
+@pytest.mark.parametrize("case", [
+    "garbage input", "truncated input", "missing input", "same path", "already protected",
+    "bad ber", "plain model to strip", "missing output folder", "bad format for weights",
+])
+def test_errors_are_one_line_exit_2_no_output_and_input_untouched(
+    case: str, model_file: Path, protected_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    garbage = tmp_path / "garbage.onnx"
+    garbage.write_bytes(b"\x08\x07garbage")
+    truncated = tmp_path / "truncated.onnx"
+    truncated.write_bytes(model_file.read_bytes()[:150])
+    qdq = tmp_path / "qdq.onnx"
+    onnx.save_model(graph.strip(graph.transform(model_file, format="int8")), qdq)
+    output = tmp_path / "out.onnx"
+    arguments = {
+        "garbage input": ["transform", str(garbage), str(output)],
+        "truncated input": ["transform", str(truncated), str(output)],
+        "missing input": ["transform", str(tmp_path / "nowhere.onnx"), str(output)],
+        "same path": ["transform", str(model_file), str(model_file)],
+        "already protected": ["transform", str(protected_file), str(output)],
+        "bad ber": ["inject", str(protected_file), str(output), "--ber", "2", "--seed", "1"],
+        "plain model to strip": ["strip", str(model_file), str(output)],
+        "missing output folder": ["transform", str(model_file), str(tmp_path / "nowhere" / "out.onnx")],
+        "bad format for weights": ["transform", str(qdq), str(output), "--format", "bf16"],
+    }[case]
+    inputs = {path: path.read_bytes() for path in tmp_path.iterdir()}
+    assert cli.main(arguments) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.startswith("oppass: error: ") and captured.err.count("\n") == 1
+    assert {path: path.read_bytes() for path in tmp_path.iterdir()} == inputs
+
+
+def test_unknown_choices_are_rejected_by_argparse(model_file: Path, tmp_path: Path) -> None:
+    with pytest.raises(SystemExit) as raised:
+        cli.main(["transform", str(model_file), str(tmp_path / "out.onnx"), "--word", "48"])
+    assert raised.value.code == 2
+    assert not (tmp_path / "out.onnx").exists()
+
+
+def test_command_line_errors_print_no_traceback(tmp_path: Path) -> None:
+    garbage = tmp_path / "garbage.onnx"
+    garbage.write_bytes(b"garbage")
+    command = [sys.executable, "-m", "oppass.cli", "transform", str(garbage), str(tmp_path / "out.onnx")]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=REPO_ROOT, check=False)
+    assert result.returncode == 2
+    assert result.stderr.startswith("oppass: error: ") and result.stderr.count("\n") == 1
+    assert not (tmp_path / "out.onnx").exists()
+
+
+def test_warnings_are_printed_on_one_line(input_initializer_model: onnx.ModelProto, tmp_path: Path,
+                                          capsys: pytest.CaptureFixture) -> None:
+    path = tmp_path / "in.onnx"
+    onnx.save_model(input_initializer_model, path)
+    assert cli.main(["transform", str(path), str(tmp_path / "out.onnx"), "--no-verify"]) == 0
+    assert capsys.readouterr().err == "oppass: warning: weight 'user.w' left unprotected: " \
+                                      "it is also a graph input, which may override it\n"
+
+
+def test_subcommands_dispatch_to_their_run_functions() -> None:
+    parser = cli.build_parser()
+    assert parser.parse_args(["transform", "a.onnx", "b.onnx"]).run is cli.run_transform
+    assert parser.parse_args(["inspect", "a.onnx"]).run is cli.run_inspect
+    assert parser.parse_args(["inject", "a.onnx", "b.onnx", "--ber", "0", "--seed", "0"]).run is cli.run_inject
+    assert parser.parse_args(["strip", "a.onnx", "b.onnx"]).run is cli.run_strip
