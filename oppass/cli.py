@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 import warnings
+from pathlib import Path
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -20,6 +21,7 @@ from onnx import helper
 from onnxruntime.capi.onnxruntime_pybind11_state import Fail, InvalidArgument, InvalidGraph, RuntimeException
 
 from oppass import codec, graph, modelio, runtime
+from oppass.campaign import cli as campaign_cli
 from oppass.errors import OppassError
 
 ERROR_STATUS = 2
@@ -229,11 +231,28 @@ def _print_warning(message: Warning | str, *_: object) -> None:
     print(f"oppass: warning: {message}", file=sys.stderr)
 
 
+# ----------------------------------------------------------------------------- demo
+
+
+def register_demo(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("demo", help="protect the bundled digits CNN and compare accuracies under faults")
+    parser.add_argument("--out", default="oppass-demo", help="folder for the campaign results (default: oppass-demo)")
+    parser.set_defaults(run=run_demo)
+
+
+def run_demo(arguments: argparse.Namespace) -> None:
+    from oppass.demo import format_result, run_demo as demo
+
+    print(format_result(demo(Path(arguments.out))))
+
+
 REGISTRARS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
     register_transform,
     register_inspect,
     register_inject,
     register_strip,
+    campaign_cli.register,
+    register_demo,
 )
 
 

@@ -196,6 +196,11 @@ def transform_with_report(
     return result, TransformReport(tuple(replacement.report for replacement in replacements))
 
 
+def packed_name(weight: str) -> str:
+    """Name of the initializer holding the packed words of `weight` in a transformed model."""
+    return f"{weight}::op_packed"
+
+
 def strip(model: onnx.ModelProto | str | os.PathLike) -> onnx.ModelProto:
     """A plain copy of a protected model: decoded (unchecked) weights back as initializers."""
     result = _working_copy(model)
@@ -450,7 +455,7 @@ def _protect(site: _Site, options: _Options) -> _Protected:
     else:
         encoded = codec.encode(stored, width, options.flip)
         packed, adjusted, flipped = encoded.packed, encoded.adjusted, encoded.flipped_words
-    packed_tensor = numpy_helper.from_array(packed, f"{site.name}::op_packed")
+    packed_tensor = numpy_helper.from_array(packed, packed_name(site.name))
     decode_output = site.name if scales is None else f"{site.name}::op_int8"
     output_type = ONNX_TYPES[target] if scales is not None else site.tensor.data_type  # bf16/fp16 of fp32: FLOAT
     masked_output = f"{site.name}::op_masked" if options.report_faults else None

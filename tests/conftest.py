@@ -194,7 +194,7 @@ def model_ops(fixture_name: str) -> tuple[str, ...]:
     return ("ConvInteger",) if fixture_name == "conv_integer_model" else ("Conv", "Gemm")
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="session", autouse=True)
 def custom_op_library() -> str:
     """Path of the ParityCheckUnpack library, built with CMake when none is configured or installed.
 

@@ -108,8 +108,8 @@ def _summarize_condition(group: list[TrialRecord]) -> ConditionSummary:
         experiments=len(group),
         accuracy_mean=accuracy_interval.mean,
         accuracy_std=accuracy_interval.std,
-        accuracy_ci_low=accuracy_interval.low,
-        accuracy_ci_high=accuracy_interval.high,
+        accuracy_ci_low=max(accuracy_interval.low, 0.0),  # an accuracy is a fraction: the t-interval is clipped
+        accuracy_ci_high=min(accuracy_interval.high, 1.0),
         fault_free_accuracy=float(fault_free.mean()),
         drop_ci_low=drop_interval.low,
         drop_ci_high=drop_interval.high,
