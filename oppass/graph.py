@@ -20,6 +20,11 @@ Weights the pass leaves alone, with a warning: initializers that are also graph 
 (the user may feed them), names defined in several graph scopes, tensors whose dtype has
 no weight format (float64, int32, ...) when `format="keep"`. With an explicit `format`,
 a weight that cannot be stored in it (anything but fp32 or that format itself) is an error.
+
+The pass edits the ONNX protobuf directly instead of round-tripping through
+onnx-graphsurgeon: graphsurgeon 0.6.1's export moved an outer-scope initializer used in
+an If branch into the branch and kept only the producer fields, IR version and opsets of
+the model, dropping the rest of its metadata.
 """
 
 from __future__ import annotations
