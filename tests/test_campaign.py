@@ -99,14 +99,16 @@ def test_single_experiment_interval_is_the_point() -> None:
     ("accuracy", "fault_free", "zero_loss"),
     [
         ([0.9, 0.8, 0.95], [0.9, 0.8, 0.95], True),  # identical: no drop at all
-        ([0.89, 0.79, 0.94], [0.9, 0.8, 0.95], False),  # the same drop on every batch: significant
-        ([0.91, 0.79, 0.95, 0.88], [0.9, 0.8, 0.94, 0.89], True),  # noise around zero
-        ([0.5, 0.55, 0.45, 0.52], [0.9, 0.8, 0.94, 0.89], False),  # a clear drop with noise
+        ([0.88, 0.78, 0.93], [0.9, 0.8, 0.95], False),  # two samples (2/100) lost on every batch
+        ([0.895, 0.795, 0.945], [0.9, 0.8, 0.95], True),  # half a sample: below the resolution
+        ([0.901, 0.799, 0.951, 0.899], [0.9, 0.8, 0.95, 0.9], True),  # tiny noise around zero
+        ([0.95, 0.2, 0.94, 0.9], [0.95, 0.8, 0.94, 0.9], False),  # one collapsed batch: the drop is not bounded
+        ([0.5, 0.55, 0.45, 0.52], [0.9, 0.8, 0.94, 0.89], False),  # a clear drop
         ([0.92, 0.81, 0.96], [0.9, 0.8, 0.95], True),  # a gain is no loss
     ],
 )
 def test_zero_loss_rule_on_paired_batches(accuracy: list[float], fault_free: list[float], zero_loss: bool) -> None:
-    assert stats.is_zero_loss(np.array(accuracy), np.array(fault_free)) is zero_loss
+    assert stats.is_zero_loss(np.array(accuracy), np.array(fault_free), samples=100) is zero_loss
 
 
 def test_berzad_is_the_last_ber_before_the_first_lossy_one() -> None:

@@ -42,14 +42,16 @@ def t_interval(values: Sequence[float] | np.ndarray) -> Interval:
     return Interval(mean, std, mean - half_width, mean + half_width)
 
 
-def is_zero_loss(accuracy: np.ndarray, fault_free_accuracy: np.ndarray) -> bool:
-    """True when the paired accuracy drop over the experiments is not significant at 95 %.
+def is_zero_loss(accuracy: np.ndarray, fault_free_accuracy: np.ndarray, samples: int) -> bool:
+    """True when, at 95 % confidence, the faults cost less than one sample of accuracy per batch.
 
-    The difference per experiment is `accuracy - fault_free_accuracy` on the same batch;
-    the condition shows zero loss when the upper bound of its t-interval is >= 0.
+    The drop per experiment is `fault_free_accuracy - accuracy` on the same batch of
+    `samples` inputs; the condition shows zero loss when the upper bound of the drop's
+    t-interval is at most 1 / samples (the resolution of an accuracy measured on one batch).
+    A noisy condition whose drop cannot be bounded that tightly is not zero-loss.
     """
-    difference = np.asarray(accuracy, dtype=np.float64) - np.asarray(fault_free_accuracy, dtype=np.float64)
-    return t_interval(difference).high >= -_ROUNDING_SLACK
+    drop = np.asarray(fault_free_accuracy, dtype=np.float64) - np.asarray(accuracy, dtype=np.float64)
+    return t_interval(drop).high <= 1.0 / samples + _ROUNDING_SLACK
 
 
 def berzad(bers: Sequence[float], zero_loss: Sequence[bool]) -> float:

@@ -113,7 +113,7 @@ def _summarize_condition(group: list[TrialRecord]) -> ConditionSummary:
         fault_free_accuracy=float(fault_free.mean()),
         drop_ci_low=drop_interval.low,
         drop_ci_high=drop_interval.high,
-        zero_loss=stats.is_zero_loss(accuracy, fault_free),
+        zero_loss=stats.is_zero_loss(accuracy, fault_free, first.samples),
         flips_mean=float(np.mean([r.flips for r in group])),
         masked_words_mean=float(np.mean([r.masked_words for r in group])),
         masked=outcomes.count(metrics.MASKED),
