@@ -8,6 +8,7 @@ errors print one line `oppass: error: ...` on stderr and exit with status 2.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -25,6 +26,7 @@ from oppass.campaign import cli as campaign_cli
 from oppass.errors import OppassError
 
 ERROR_STATUS = 2
+BROKEN_PIPE_STATUS = 141  # 128 + SIGPIPE, as a shell reports it
 # What running a model for the drift check can raise: a missing library (OppassError), onnxruntime
 # errors, and EncodeError for models over 2 GB, which cannot be handed to onnxruntime as bytes.
 RUN_FAILURES = (OppassError, Fail, InvalidArgument, InvalidGraph, RuntimeException, EncodeError)
@@ -41,6 +43,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         except OppassError as error:
             print(f"oppass: error: {error}", file=sys.stderr)
             return ERROR_STATUS
+        except BrokenPipeError:  # the reader (`| head`) stopped early: not an error of ours
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return BROKEN_PIPE_STATUS
     return 0
 
 
