@@ -18,6 +18,10 @@ from onnx import TensorProto, helper, numpy_helper
 from oppass import runtime
 from oppass.errors import OppassError
 
+# Python subprocesses started by tests (CLI runs, hostile models, killed campaigns) must import
+# the same oppass as this process, not a source tree that happens to be their working folder.
+os.environ["PYTHONSAFEPATH"] = "1"
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 KERNEL_SOURCE = REPO_ROOT / "custom_ops" / "parity_check_unpack.c"
 TEST_BUILD = REPO_ROOT / "build" / "pytest"

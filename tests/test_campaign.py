@@ -20,7 +20,6 @@ from oppass.campaign.store import Store
 from oppass.campaign.worker import TrialRecord
 from oppass.errors import OppassError
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 def random_words(count: int, seed: int) -> np.ndarray:
@@ -166,7 +165,7 @@ def test_stable_hash_does_not_depend_on_python_hash_seed() -> None:
     script = "from oppass.campaign.seeds import stable_words; print(stable_words('ber/fp32/64/ber=1e-06'))"
     outputs = {
         subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
-                       env={**os.environ, "PYTHONPATH": str(REPO_ROOT), "PYTHONHASHSEED": seed}).stdout
+                       env={**os.environ, "PYTHONHASHSEED": seed}).stdout
         for seed in ("1", "2")
     }
     assert outputs == {f"{stable_words('ber/fp32/64/ber=1e-06')}\n"}

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import signal
 import sqlite3
 import subprocess
@@ -105,16 +104,15 @@ run_campaign(CampaignConfig(model=Path(sys.argv[1]), data="digits", out=Path(sys
 def test_campaign_killed_mid_run_resumes_to_the_uninterrupted_result(tmp_path: Path) -> None:
     killed_dir, clean_dir = tmp_path / "killed", tmp_path / "clean"
     command = [sys.executable, "-c", KILLED_CAMPAIGN, str(DIGITS_MODEL)]
-    environment = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
-    process = subprocess.Popen([*command, str(killed_dir)], env=environment)
+    process = subprocess.Popen([*command, str(killed_dir)])
     stored_at_kill = _wait_for_rows(killed_dir / STORE_FILE, 30, process)
     process.send_signal(signal.SIGKILL)
     process.wait()
     total = 2 * 3 * 28 * 3
     assert 30 <= _row_count(killed_dir / STORE_FILE) < total, "the campaign was not killed mid-run"
     assert stored_at_kill >= 30
-    subprocess.run([*command, str(killed_dir)], env=environment, check=True)
-    subprocess.run([*command, str(clean_dir)], env=environment, check=True)
+    subprocess.run([*command, str(killed_dir)], check=True)
+    subprocess.run([*command, str(clean_dir)], check=True)
     assert _row_count(killed_dir / STORE_FILE) == total
     assert (killed_dir / "table2.csv").read_text() == (clean_dir / "table2.csv").read_text()
     assert _summary_without_timing(killed_dir) == _summary_without_timing(clean_dir)

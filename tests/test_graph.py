@@ -21,7 +21,7 @@ from conftest import ALL_MODEL_FIXTURES, INPUT_SHAPE, cnn, make_model, model_ops
 from onnx import TensorProto, helper, numpy_helper
 
 from oppass import codec, faults, graph, modelio, runtime
-from references import adjusted_reference, initializer, plain_options, with_weights
+from references import adjusted_reference, initializer, plain_options
 from oppass.errors import OppassError
 
 CNN_WEIGHTS = ("conv1.w", "conv2.w", "fc1.w", "fc2.w")
