@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Builds the libFuzzer harness with AddressSanitizer and UndefinedBehaviorSanitizer into build/fuzz/.
+# Needs clang with its runtimes (Debian: apt-get install clang libclang-rt-14-dev) and the ORT header
+# that the CMake build caches (ORT_INCLUDE_DIR overrides).
+set -euo pipefail
+here="$(cd "$(dirname "$0")" && pwd)"
+root="$(cd "$here/../.." && pwd)"
+include="${ORT_INCLUDE_DIR:-${OPPASS_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/oppass}/ort-headers-1.29}"
+if [ ! -f "$include/onnxruntime_c_api.h" ]; then
+  cmake -S "$root/custom_ops" -B "$root/build/fuzz-headers" > /dev/null
+fi
+mkdir -p "$root/build/fuzz"
+"${CC:-clang}" -g -O1 -fno-omit-frame-pointer -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined \
+  -I "$include" "$here/fuzz_parity_check_unpack.c" -lm -o "$root/build/fuzz/fuzz_parity_check_unpack"
+echo "$root/build/fuzz/fuzz_parity_check_unpack"
