@@ -157,6 +157,8 @@ def _write_atomically(destination: Path, write: Callable[[BinaryIO], object]) ->
     try:
         with os.fdopen(descriptor, "wb") as stream:
             write(stream)
+            stream.flush()
+            os.fsync(stream.fileno())  # the rename must never publish a file whose bytes are not on disk
         os.chmod(temporary, 0o666 & ~_umask())  # mkstemp creates 0600; give the usual mode of a new file
         os.replace(temporary, destination)
     except BaseException:
