@@ -11,6 +11,7 @@ import onnxruntime as ort
 from onnx import helper, numpy_helper
 
 from oppass.errors import OppassError
+from oppass.modelio import load_model
 
 LIBRARY_ENV = "OPPASS_CUSTOM_OP_LIBRARY"
 LIBRARY_NAME = "liboppass_ops.so"
@@ -50,28 +51,22 @@ def load_session(
     them as constant initializers: the consumers then get onnxruntime's weight
     prepacking exactly as in the unprotected model. Runtime-mode nodes are left alone.
     """
-    proto = model if isinstance(model, onnx.ModelProto) else _read_model(model)
-    load_checked = [i for i, n in enumerate(proto.graph.node) if _is_decode(n) and _attribute(n, "check") == "load"]
+    proto = model if isinstance(model, onnx.ModelProto) else load_model(model)
+    load_checked = [i for i, n in enumerate(proto.graph.node) if _is_decode(n) and _check_mode(n) == "load"]
     if fold_load_checks and load_checked:
         proto = _fold_decode_nodes(proto, load_checked, threads)
     return ort.InferenceSession(proto.SerializeToString(), session_options(threads))
-
-
-def _read_model(path: str | os.PathLike) -> onnx.ModelProto:
-    from oppass.modelio import load_model
-
-    return load_model(path)
 
 
 def _is_decode(node: onnx.NodeProto) -> bool:
     return node.domain == DOMAIN and node.op_type == OP_TYPE
 
 
-def _attribute(node: onnx.NodeProto, name: str) -> object:
+def _check_mode(node: onnx.NodeProto) -> str | None:
+    """The decode node's `check` attribute."""
     for attribute in node.attribute:
-        if attribute.name == name:
-            return helper.get_attribute_value(attribute).decode() if attribute.type == onnx.AttributeProto.STRING \
-                else helper.get_attribute_value(attribute)
+        if attribute.name == "check":
+            return helper.get_attribute_value(attribute).decode()
     return None
 
 
