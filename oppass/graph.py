@@ -92,19 +92,22 @@ class TransformReport:
 
     @property
     def weights(self) -> int:
-        return sum(tensor.weights for tensor in self.tensors)
+        return self._total("weights")
 
     @property
     def bytes_before(self) -> int:
-        return sum(tensor.bytes_before for tensor in self.tensors)
+        return self._total("bytes_before")
 
     @property
     def bytes_after(self) -> int:
-        return sum(tensor.bytes_after for tensor in self.tensors)
+        return self._total("bytes_after")
 
     @property
     def flipped_words(self) -> int:
-        return sum(tensor.flipped_words for tensor in self.tensors)
+        return self._total("flipped_words")
+
+    def _total(self, field_name: str) -> int:
+        return sum(getattr(tensor, field_name) for tensor in self.tensors)
 
     @property
     def max_flip_change(self) -> float:
