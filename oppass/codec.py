@@ -254,7 +254,7 @@ def _packed_from_matrix(matrix: np.ndarray, width: int) -> np.ndarray:
 
 def _matrix_from_packed(packed: np.ndarray, fmt: str, width: int, shape: Sequence[int]) -> np.ndarray:
     """A fresh native [n_words, N] code matrix read from a validated packed tensor."""
-    n_weights = _element_count(shape)
+    n_weights = element_count(shape)
     expected_shape = packed_shape(n_weights, fmt, width)
     expected_dtype = storage_dtype(width)
     packed = np.asarray(packed)
@@ -268,7 +268,8 @@ def _matrix_from_packed(packed: np.ndarray, fmt: str, width: int, shape: Sequenc
     return codes.reshape(expected_shape[0], _weights_per_word(fmt, width))
 
 
-def _element_count(shape: Sequence[int]) -> int:
+def element_count(shape: Sequence[int]) -> int:
+    """Number of weights in a tensor of `shape`; negative dimensions are an error."""
     dims = [int(dim) for dim in shape]
     if any(dim < 0 for dim in dims):
         raise OppassError(f"invalid tensor shape {dims}: dimensions must be non-negative")
@@ -277,7 +278,7 @@ def _element_count(shape: Sequence[int]) -> int:
 
 def _weights_from_codes(codes: np.ndarray, fmt: str, shape: Sequence[int]) -> np.ndarray:
     """The first prod(shape) codes as weights of `fmt`, reshaped to `shape`."""
-    n_weights = _element_count(shape)
+    n_weights = element_count(shape)
     return codes[:n_weights].view(FORMATS[fmt].dtype).reshape(tuple(shape))
 
 

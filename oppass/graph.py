@@ -198,10 +198,21 @@ def transform_with_report(
     result = _working_copy(model)
     if any(node.domain == DOMAIN for graph in modelio.all_graphs(result.graph) for node in graph.node):
         raise OppassError("model is already protected (it has ai.oppass nodes)")
+    _refuse_duplicate_initializers(result)
     sites = _find_sites(result, options)
+    if not sites:
+        warnings.warn(f"no weight of {', '.join(options.ops)} was found to protect: the model is written unprotected")
     replacements = [_protect(site, options) for site in sites]
     _apply(result, sites, replacements, options)
     return result, TransformReport(tuple(replacement.report for replacement in replacements))
+
+
+def _refuse_duplicate_initializers(model: onnx.ModelProto) -> None:
+    for graph in modelio.all_graphs(model.graph):
+        names = [tensor.name for tensor in graph.initializer]
+        if len(names) != len(set(names)):
+            duplicate = next(name for name in names if names.count(name) > 1)
+            raise OppassError(f"initializer {duplicate!r} is defined more than once in graph {graph.name!r}")
 
 
 def packed_name(weight: str) -> str:
@@ -242,6 +253,8 @@ def inject(model: onnx.ModelProto | str | os.PathLike, ber: float, seed: int) ->
     if not decode_nodes:
         raise OppassError("model is not protected: there are no packed weights to inject faults into")
     by_name = _initializers_by_name(result.graph)
+    for node in decode_nodes:
+        _describe(node, by_name)  # refuses tampered decode nodes
     names = list(dict.fromkeys(node.input[0] for node in decode_nodes))
     buffers = [numpy_helper.to_array(by_name[name]).copy() for name in names]
     n_bits = sum(buffer.nbytes for buffer in buffers) * 8
@@ -678,9 +691,25 @@ def _packed_initializer(node: onnx.NodeProto, packed: dict[str, TensorProto]) ->
     return packed[node.input[0]]
 
 
+def _check_consistent(node: onnx.NodeProto, fmt: str, width: int, shape: tuple[int, ...], tensor: TensorProto) -> None:
+    """Refuses a decode node whose attributes do not describe its packed tensor (a tampered model)."""
+    try:
+        n_weights = codec.element_count(shape)
+        expected_shape = codec.packed_shape(n_weights, fmt, width)
+        expected_dtype = codec.storage_dtype(width)
+    except OppassError as error:
+        raise OppassError(f"decode node {node.name!r} has invalid attributes: {error}") from None
+    dtype = helper.tensor_dtype_to_np_dtype(tensor.data_type)
+    if tuple(tensor.dims) != expected_shape or dtype.itemsize != expected_dtype.itemsize or dtype.kind != "u":
+        raise OppassError(
+            f"decode node {node.name!r} does not match its packed tensor: {dtype} {list(tensor.dims)}, expected "
+            f"{expected_dtype.newbyteorder('=')} {list(expected_shape)} for shape {list(shape)} of {fmt} in {width}-bit words")
+
+
 def _describe(node: onnx.NodeProto, packed: dict[str, TensorProto]) -> ProtectedTensor:
     fmt, width, shape, check, output_type = _decode_attributes(node)
     tensor = _packed_initializer(node, packed)
+    _check_consistent(node, fmt, width, shape, tensor)
     return ProtectedTensor(
         name=node.output[0],
         format=fmt,
@@ -696,6 +725,8 @@ def _describe(node: onnx.NodeProto, packed: dict[str, TensorProto]) -> Protected
 def _decoded_initializer(node: onnx.NodeProto, packed: dict[str, TensorProto]) -> TensorProto:
     """The weights a decode node holds, unpacked without a parity check, in its output type."""
     fmt, width, shape, _, output_type = _decode_attributes(node)
-    weights = codec.unpack(numpy_helper.to_array(_packed_initializer(node, packed)), fmt, width, shape)
+    tensor = _packed_initializer(node, packed)
+    _check_consistent(node, fmt, width, shape, tensor)
+    weights = codec.unpack(numpy_helper.to_array(tensor), fmt, width, shape)
     output_dtype = helper.tensor_dtype_to_np_dtype(output_type)
     return numpy_helper.from_array(weights.astype(output_dtype, copy=False), node.output[0])

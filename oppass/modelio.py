@@ -42,6 +42,8 @@ class ModelFile:
 def read_model(path: str | os.PathLike) -> ModelFile:
     """Reads a model and its external data; unreadable or unsafe input raises OppassError."""
     model_path = Path(path)
+    if model_path.is_dir():
+        raise OppassError(f"{model_path} is a directory, not a model file")
     if not model_path.is_file():
         raise OppassError(f"no such model file: {model_path}")
     try:
@@ -74,7 +76,9 @@ def check_destination(path: str | os.PathLike, source: ModelFile | None = None) 
     """Refuses an output path in a missing folder or one that would overwrite the input or its data."""
     destination = Path(path)
     if not destination.parent.is_dir():
-        raise OppassError(f"output folder does not exist: {destination.parent}")
+        raise OppassError(f"output folder does not exist or is not a folder: {destination.parent}")
+    if destination.is_dir():
+        raise OppassError(f"output {destination} is a directory")
     if source is None:
         return
     inputs = [existing.resolve() for existing in (source.path, *source.data_files)]
