@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import signal
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -120,6 +122,32 @@ def test_campaign_killed_several_times_resumes_to_the_uninterrupted_result(tmp_p
     assert _row_count(killed_dir / STORE_FILE) == total
     assert (killed_dir / "table2.csv").read_text() == (clean_dir / "table2.csv").read_text()
     assert _summary_without_timing(killed_dir) == _summary_without_timing(clean_dir)
+
+
+def test_a_dask_worker_killed_mid_run_loses_and_duplicates_no_trial(tmp_path: Path) -> None:
+    from distributed import Client, LocalCluster
+
+    settings = dict(points_per_decade=9, experiments=10)
+    total = 2 * 19 * 10  # protections x BERs (1e-4 .. 1e-2 at 1..9 x 10^k) x experiments
+    finished: list = []
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster, \
+            Client(cluster) as client:
+        config = small_config(tmp_path / "dask", scheduler=cluster.scheduler_address, **settings)
+        campaign = threading.Thread(target=lambda: finished.append(run_campaign(config)))
+        campaign.start()
+        store = tmp_path / "dask" / STORE_FILE
+        deadline = time.monotonic() + 120
+        while (not store.exists() or _row_count(store) < 40) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        stored_at_kill = _row_count(store)
+        victim = next(iter(client.run(os.getpid).values()))
+        os.kill(victim, signal.SIGKILL)
+        campaign.join(timeout=300)
+    assert 40 <= stored_at_kill < total, "the worker was not killed mid-run"
+    assert finished, "the campaign did not finish after losing a worker"
+    serial = run_campaign(small_config(tmp_path / "serial", **settings))
+    assert _row_count(tmp_path / "dask" / STORE_FILE) == total
+    assert results(finished[0].summaries) == results(serial.summaries)
 
 
 def test_command_line_parses_into_the_config(tmp_path: Path) -> None:

@@ -64,10 +64,7 @@ def _execute_dask(workload: Workload, work: Sequence[Task], deliver: Deliver, sc
 @contextlib.contextmanager
 def _dask_client(scheduler: str, workers: int | None) -> Iterator[object]:
     """A client of an embedded LocalCluster (one single-threaded worker process per core) or of `scheduler`."""
-    try:
-        from distributed import Client, LocalCluster
-    except ImportError:
-        raise OppassError("Dask scheduling needs the campaign extra: pip install 'oppass[campaign]'") from None
+    from distributed import Client, LocalCluster  # imported here: serial campaigns never start Dask
     if scheduler == LOCAL:
         n_workers = workers or os.cpu_count() or 1
         with LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster:
