@@ -46,8 +46,13 @@
 #endif
 /* Packed bytes per parallel task; a tensor of at most this many bytes is decoded on the calling thread. */
 #define TASK_BYTES ((size_t)256 * 1024)
-/* 64-bit groups whose parities are OR-ed before looking for the odd words among them. */
-#define GROUPS_PER_BLOCK 16
+/* The parity scan tests blocks of BLOCK_BYTES (whole words: W <= 512 bits) for an odd word at once,
+ * as BLOCK_VECTORS vectors of BLOCK_VECTOR_BYTES. */
+#define BLOCK_VECTOR_BYTES 32
+#define BLOCK_VECTORS 8
+#define BLOCK_BYTES (BLOCK_VECTOR_BYTES * BLOCK_VECTORS)
+/* Packed bytes converted before their parity is scanned, so that the scan reads them from L1. */
+#define CHUNK_BYTES ((size_t)8 * 1024)
 
 typedef enum { CHECK_RUNTIME, CHECK_LOAD, CHECK_NONE } CheckMode;
 
@@ -198,14 +203,75 @@ static size_t mask_group(const DecodePlan *plan, uint8_t *out, uint64_t odd, siz
   return masked;
 }
 
-/* OR of the parities of GROUPS_PER_BLOCK consecutive groups: non-zero when one of their words is odd. */
-static inline __attribute__((always_inline)) uint64_t block_parities(const uint8_t *block, size_t lanes,
-                                                                    unsigned field_bits) {
-  uint64_t any_odd = 0;
-  for (size_t group = 0; group < GROUPS_PER_BLOCK; group++) {
-    any_odd |= group_parities(block + group * LANE_BYTES * lanes, lanes, field_bits);
+/* Four 64-bit lanes; GCC and clang lower it to one AVX2 register or two SSE2 registers. */
+typedef uint64_t Lanes __attribute__((vector_size(BLOCK_VECTOR_BYTES)));
+typedef uint64_t UnalignedLanes __attribute__((vector_size(BLOCK_VECTOR_BYTES), aligned(1), may_alias));
+
+/* Bit i of the result is set when bit i lies in the low half of its 2 * half_bits field (half_bits <= 32). */
+static inline uint64_t low_halves(unsigned half_bits) {
+  uint64_t half = (UINT64_C(1) << half_bits) - 1;
+  return UINT64_MAX / ((half << half_bits) | half) * half;
+}
+
+/* Two vectors of 2h-bit fields, each field holding some bits whose parity is wanted, become one
+ * vector of h-bit fields with the same parities: x's fields fold into the low halves, y's into the
+ * high halves. One level of the tree that reduces a block to its word parities. */
+static inline __attribute__((always_inline)) void pair_fields(Lanes *into, const Lanes *x, const Lanes *y,
+                                                              unsigned half_bits) {
+  if (half_bits == 128) {
+    *into = __builtin_shufflevector(*x, *y, 0, 1, 6, 7) ^ __builtin_shufflevector(*x, *y, 2, 3, 4, 5);
+  } else if (half_bits == 64) {
+    *into = __builtin_shufflevector(*x, *y, 0, 5, 2, 7) ^ __builtin_shufflevector(*x, *y, 1, 4, 3, 6);
+  } else {
+    Lanes low = (Lanes){0, 0, 0, 0} + low_halves(half_bits);
+    Lanes kept = (*x & low) | (*y & ~low);
+    Lanes moved = ((*x >> half_bits) & low) | ((*y << half_bits) & ~low);
+    *into = kept ^ moved;
   }
-  return any_odd;
+}
+
+/* Folds every `width`-bit field (width <= 64) of v to its parity, in the field's bit 0; clears the other bits. */
+static inline __attribute__((always_inline)) void fold_fields(Lanes *v, unsigned width) {
+  for (unsigned shift = 32; shift > 0; shift /= 2) {
+    if (shift < width) {
+      *v ^= *v >> shift;
+    }
+  }
+  *v &= (Lanes){0, 0, 0, 0} + (width == 64 ? 1 : UINT64_MAX / ((UINT64_C(1) << width) - 1));
+}
+
+/* ORs into `odd` a vector that is non-zero when one of the words in the BLOCK_BYTES at `block` has
+ * odd parity. The block's vectors are paired down to one (8 -> 4 -> 2 -> 1; a 512-bit word's two
+ * halves are XOR-ed first), fields halving at each level, and the last vector's fields are folded
+ * to their bit 0: about one vector operation per 8 bytes, where a popcount per word costs several
+ * scalar ones. */
+static inline __attribute__((always_inline)) void accumulate_block(Lanes *odd, const uint8_t *block,
+                                                                   unsigned word_bits) {
+  Lanes v[BLOCK_VECTORS];
+  for (size_t i = 0; i < BLOCK_VECTORS; i++) {
+    v[i] = *(const UnalignedLanes *)(block + i * BLOCK_VECTOR_BYTES);
+  }
+  size_t count = BLOCK_VECTORS;
+  unsigned width = word_bits;
+  if (word_bits == 512) {
+    for (size_t i = 0; i < BLOCK_VECTORS / 2; i++) {
+      v[i] = v[2 * i] ^ v[2 * i + 1];
+    }
+    count /= 2;
+    width /= 2;
+  }
+  for (; count > 1; count /= 2) {
+    width /= 2;
+    for (size_t i = 0; i < count / 2; i++) {
+      pair_fields(&v[i], &v[2 * i], &v[2 * i + 1], width);
+    }
+  }
+  fold_fields(&v[0], width);
+  *odd |= v[0];
+}
+
+static inline bool any_lane(Lanes v) {
+  return (v[0] | v[1] | v[2] | v[3]) != 0;
 }
 
 /* Zeroes the odd words of groups [first_group, end_group) of the stream starting at word first_word. */
@@ -220,22 +286,31 @@ static inline __attribute__((always_inline)) size_t mask_groups(const DecodePlan
   return masked;
 }
 
-/* Zeroes the odd-parity words among [first_word, end_word). Each inlined copy gets constant
- * field_bits = min(W, 64) and, for W <= 64, constant lanes = 1, so its loops unroll and vectorise:
- * whole blocks are first tested at once, and searched only when they hold an odd word. */
+/* Zeroes the odd-parity words among [first_word, end_word) of the already converted `out`. Each
+ * inlined copy gets constant field_bits = min(W, 64) and lanes, so its loops unroll: all whole
+ * blocks are tested at once, and only when one holds an odd word are they tested one by one and
+ * the odd ones searched word by word. */
 static inline __attribute__((always_inline)) size_t mask_odd_words_with(const DecodePlan *plan, const uint8_t *stream,
                                                                         uint8_t *out, size_t first_word,
                                                                         size_t end_word, unsigned field_bits,
                                                                         size_t lanes) {
+  unsigned word_bits = lanes > 1 ? 64 * (unsigned)lanes : field_bits;
   size_t group_bytes = LANE_BYTES * lanes;
+  size_t groups_per_block = BLOCK_BYTES / group_bytes;
   size_t stream_bytes = (end_word - first_word) * plan->word_bytes;
   size_t groups = stream_bytes / group_bytes;
-  size_t whole_blocks_end = groups - groups % GROUPS_PER_BLOCK;
+  size_t whole_blocks_end = groups - groups % groups_per_block;
   const uint8_t *base = stream + first_word * plan->word_bytes;
   size_t masked = 0;
-  for (size_t block = 0; block < whole_blocks_end; block += GROUPS_PER_BLOCK) {
-    if (block_parities(base + block * group_bytes, lanes, field_bits) != 0) {
-      masked += mask_groups(plan, base, out, first_word, block, block + GROUPS_PER_BLOCK, field_bits, lanes);
+  Lanes odd = {0, 0, 0, 0};
+  for (size_t group = 0; group < whole_blocks_end; group += groups_per_block) {
+    accumulate_block(&odd, base + group * group_bytes, word_bits);
+  }
+  for (size_t group = 0; any_lane(odd) && group < whole_blocks_end; group += groups_per_block) {
+    Lanes block_odd = {0, 0, 0, 0};
+    accumulate_block(&block_odd, base + group * group_bytes, word_bits);
+    if (any_lane(block_odd)) {
+      masked += mask_groups(plan, base, out, first_word, group, group + groups_per_block, field_bits, lanes);
     }
   }
   masked += mask_groups(plan, base, out, first_word, whole_blocks_end, groups, field_bits, lanes);
@@ -249,7 +324,7 @@ static inline __attribute__((always_inline)) size_t mask_odd_words_with(const De
   return masked;
 }
 
-static size_t mask_odd_words(const DecodePlan *plan, const uint8_t *stream, uint8_t *out, size_t first_word,
+TARGET_CLONES static size_t mask_odd_words(const DecodePlan *plan, const uint8_t *stream, uint8_t *out, size_t first_word,
                              size_t end_word) {
   switch (plan->word_bytes) {
     case 1:
@@ -260,18 +335,30 @@ static size_t mask_odd_words(const DecodePlan *plan, const uint8_t *stream, uint
       return mask_odd_words_with(plan, stream, out, first_word, end_word, 32, 1);
     case 8:
       return mask_odd_words_with(plan, stream, out, first_word, end_word, 64, 1);
+    case 16:
+      return mask_odd_words_with(plan, stream, out, first_word, end_word, 64, 2);
+    case 32:
+      return mask_odd_words_with(plan, stream, out, first_word, end_word, 64, 4);
     default:
-      return mask_odd_words_with(plan, stream, out, first_word, end_word, 64, plan->word_bytes / LANE_BYTES);
+      return mask_odd_words_with(plan, stream, out, first_word, end_word, 64, 8);
   }
 }
 
-/* Decodes words [first_word, end_word) into `out`; returns how many were masked. */
+/* Decodes words [first_word, end_word) into `out`, a chunk at a time; returns how many were masked. */
 TARGET_CLONES static size_t decode_words(const DecodePlan *plan, const uint8_t *stream, uint8_t *out,
                                          size_t first_word, size_t end_word) {
-  size_t first = first_word * plan->weights_per_word;
-  size_t end = end_word * plan->weights_per_word;
-  convert_weights(plan, stream, out, first, (end < plan->n_weights ? end : plan->n_weights) - first);
-  return plan->check ? mask_odd_words(plan, stream, out, first_word, end_word) : 0;
+  size_t words_per_chunk = CHUNK_BYTES / plan->word_bytes;
+  size_t masked = 0;
+  for (size_t chunk = first_word; chunk < end_word; chunk += words_per_chunk) {
+    size_t chunk_end = end_word - chunk < words_per_chunk ? end_word : chunk + words_per_chunk;
+    size_t first = chunk * plan->weights_per_word;
+    size_t end = chunk_end * plan->weights_per_word;
+    convert_weights(plan, stream, out, first, (end < plan->n_weights ? end : plan->n_weights) - first);
+    if (plan->check) {
+      masked += mask_odd_words(plan, stream, out, chunk, chunk_end);
+    }
+  }
+  return masked;
 }
 
 typedef struct {

@@ -252,13 +252,15 @@ def test_random_small_tensors_match_codec(layout: tuple[str, int, int], check: s
 LARGE_WEIGHTS = 1_000_003  # > 256 KiB of packed bytes for every format: several parallel tasks
 
 
+@pytest.mark.parametrize("faults", [5, 3000], ids=["sparse-faults", "dense-faults"])
 @pytest.mark.parametrize("layout", LAYOUTS, ids=layout_id)
-def test_random_large_tensors_match_codec_in_parallel(layout: tuple[str, int, int]) -> None:
+def test_random_large_tensors_match_codec_in_parallel(layout: tuple[str, int, int], faults: int) -> None:
+    """Sparse faults leave most of the kernel's 8 KiB scan chunks clean; dense ones hit every chunk."""
     fmt, width, output_type = layout
-    rng = np.random.default_rng([width, output_type, len(fmt), LARGE_WEIGHTS])
+    rng = np.random.default_rng([width, output_type, len(fmt), LARGE_WEIGHTS, faults])
     shape = (LARGE_WEIGHTS,)
     packed = codec.encode(random_weights(rng, fmt, LARGE_WEIGHTS), width).packed.copy()
-    random_faults(rng, packed, 3000)
+    random_faults(rng, packed, faults)
     decoded, masked = decode_with_kernel(packed, fmt, width, shape, "runtime", output_type)
     expected, expected_masked = codec_expectation(packed, fmt, width, shape, "runtime", output_type)
     np.testing.assert_array_equal(decoded, expected)
