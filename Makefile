@@ -1,10 +1,11 @@
 # Two entry points: `make demo` (set up, protect the bundled CNN, show accuracies)
-# and `make test` (set up, run the whole test suite). Both work on a fresh machine.
+# and `make test` (set up, run the whole test suite). Both work on a fresh machine, as does
+# `make bench` (set up, run every benchmark of docs/PERFORMANCE.md; JSON in bench.json).
 PYTHON ?= python3
 VENV ?= .venv
 PIP := $(VENV)/bin/pip --disable-pip-version-check -q
 
-.PHONY: demo test venv
+.PHONY: bench demo test venv
 
 venv:
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
@@ -16,3 +17,7 @@ demo: venv
 test: venv
 	$(PIP) install '.[test]'
 	$(VENV)/bin/pytest
+
+bench: venv
+	$(PIP) install '.[test,bench]'
+	$(VENV)/bin/python tools/bench --json bench.json

@@ -2,7 +2,7 @@
 
 from oppass.errors import OppassError
 from oppass.graph import inject, inspect, strip, transform, transform_with_report
-from oppass.runtime import custom_op_library, load_session, session_options
+from oppass.runtime import custom_op_library, load_session, optimize_for_cpu, session_options
 
 __version__ = "0.1.0"
 __all__ = [
@@ -11,6 +11,7 @@ __all__ = [
     "inject",
     "inspect",
     "load_session",
+    "optimize_for_cpu",
     "session_options",
     "strip",
     "transform",

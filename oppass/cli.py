@@ -2,7 +2,8 @@
 
 Each subcommand lives in a `register_*(subparsers)` function that adds its parser and
 sets `run` to the function executing it; `REGISTRARS` lists them in help order. User
-errors print one line `oppass: error: ...` on stderr and exit with status 2.
+errors print one line `oppass: error: ...` on stderr and exit with status 2. The campaign
+subcommand (dask, scipy, matplotlib) is imported only when the command line may need it.
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ from onnx import helper
 from onnxruntime.capi.onnxruntime_pybind11_state import Fail, InvalidArgument, InvalidGraph, RuntimeException
 
 from oppass import codec, graph, modelio, runtime
-from oppass.campaign import cli as campaign_cli
 from oppass.errors import OppassError
 
 ERROR_STATUS = 2
@@ -35,7 +35,8 @@ DRIFT_SEED = 0
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `oppass` command; returns the exit status."""
-    arguments = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    arguments = build_parser(argv).parse_args(argv)
     with warnings.catch_warnings():
         warnings.showwarning = _print_warning
         try:
@@ -49,11 +50,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The command-line parser. When `argv` starts with one of LIGHT_COMMANDS, the campaign subcommand,
+    whose imports take most of a second, is left out: that command line cannot reach it."""
     parser = argparse.ArgumentParser(prog="oppass", description="Opportunistic Parity protection for ONNX models.")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    light = bool(argv) and argv[0] in LIGHT_COMMANDS
     for register in REGISTRARS:
-        register(subparsers)
+        if not (light and register is register_campaign):
+            register(subparsers)
     return parser
 
 
@@ -77,27 +82,38 @@ def register_transform(subparsers: argparse._SubParsersAction) -> None:
                         help="check parity on every run, once at load, or never (default: runtime)")
     parser.add_argument("--report-faults", action="store_true",
                         help="add the graph output oppass_masked_words (masked words per run)")
+    parser.add_argument("--optimize-for-cpu", action="store_true",
+                        help="protect the graph onnxruntime optimises for this CPU (NCHWc Conv layout, fused "
+                             "activations), which keeps its fast Conv kernels in runtime check mode; the output "
+                             "then runs on onnxruntime only, on CPUs like this one")
     parser.add_argument("--no-verify", action="store_true",
                         help="skip running both models to measure the fault-free output drift")
     parser.set_defaults(run=run_transform)
 
 
 def run_transform(arguments: argparse.Namespace) -> None:
-    source = modelio.read_model(arguments.input)
+    # The weights stay in the input file until the pass reads them, one at a time, and the save copies
+    # the unprotected ones straight from it: the model is protected in place, never held twice.
+    source = modelio.read_model(arguments.input, defer=True)
     modelio.check_destination(arguments.output, source)
+    model: onnx.ModelProto | modelio.ModelFile = source
+    if arguments.optimize_for_cpu:  # a new model in memory, protected in place and saved on its own
+        model, source = runtime.optimize_for_cpu(source.load_deferred()), None
     protected, report = graph.transform_with_report(
-        source.model,
+        model,
         format=arguments.format,
         word=arguments.word,
         flip=arguments.flip,
         ops=arguments.ops,
         check=arguments.check,
         report_faults=arguments.report_faults,
+        inplace=True,
     )
     modelio.save_model(protected, arguments.output, source=source)
+    del source, protected  # the drift check reads both files; free the weights before it
     rows = _report_rows(report)
     rows.append(("fault-free output drift", "skipped (--no-verify)" if arguments.no_verify
-                 else _drift_text(source.model, protected)))
+                 else _drift_text(arguments.input, arguments.output)))
     _print_table(rows)
 
 
@@ -118,7 +134,10 @@ def _report_rows(report: graph.TransformReport) -> list[tuple[str, str]]:
     ]
 
 
-def _drift_text(original: onnx.ModelProto, protected: onnx.ModelProto) -> str:
+ModelSource = onnx.ModelProto | str | os.PathLike
+
+
+def _drift_text(original: ModelSource, protected: ModelSource) -> str:
     """Max abs difference of all outputs on one random input, or why it could not be measured."""
     try:
         return f"{output_drift(original, protected):.3g} (max abs, one random input)"
@@ -126,16 +145,32 @@ def _drift_text(original: onnx.ModelProto, protected: onnx.ModelProto) -> str:
         return f"skipped: model could not be run ({str(error).strip().splitlines()[0][:200]})"
 
 
-def output_drift(original: onnx.ModelProto, protected: onnx.ModelProto) -> float:
-    """Max abs difference between the outputs of both models on one seeded random input."""
-    plain = ort.InferenceSession(original.SerializeToString())
-    guarded = runtime.load_session(protected)
+def output_drift(original: ModelSource, protected: ModelSource) -> float:
+    """Max abs difference between the outputs of both models (protos or files) on one seeded random input.
+
+    One session at a time: the plain model's outputs are computed and its session freed
+    before the protected model is loaded.
+    """
+    plain = ort.InferenceSession(_session_input(original))
     feeds = _random_feeds(plain.get_inputs(), np.random.default_rng(DRIFT_SEED))
     names = [output.name for output in plain.get_outputs()]
-    expected, actual = plain.run(names, feeds), guarded.run(names, feeds)
+    expected = plain.run(names, feeds)
+    del plain
+    if isinstance(protected, onnx.ModelProto):
+        guarded = runtime.load_session(protected)
+    else:  # decode nodes run in the session whatever their check mode: same outputs as load-time folding
+        guarded = ort.InferenceSession(_session_input(protected), runtime.session_options())
+    actual = guarded.run(names, feeds)
     differences = [np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)).max(initial=0.0)
                    for a, b in zip(expected, actual)]
     return float(max(differences, default=0.0))
+
+
+def _session_input(model: ModelSource) -> bytes | str:
+    """What onnxruntime opens: a file by its path (external data resolved next to it), or a proto's bytes."""
+    if isinstance(model, onnx.ModelProto):
+        return model.SerializeToString()
+    return str(model) if modelio.is_protobuf_file(model) else modelio.load_model(model).SerializeToString()
 
 
 def _random_feeds(inputs: list[ort.NodeArg], rng: np.random.Generator) -> dict[str, np.ndarray]:
@@ -251,14 +286,22 @@ def run_demo(arguments: argparse.Namespace) -> None:
     print(format_result(demo(Path(arguments.out))))
 
 
+def register_campaign(subparsers: argparse._SubParsersAction) -> None:
+    from oppass.campaign import cli as campaign_cli  # dask, scipy, matplotlib: imported only for this parser
+
+    campaign_cli.register(subparsers)
+
+
 REGISTRARS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
     register_transform,
     register_inspect,
     register_inject,
     register_strip,
-    campaign_cli.register,
+    register_campaign,
     register_demo,
 )
+# Subcommands whose command lines never need the campaign parser.
+LIGHT_COMMANDS = ("transform", "inspect", "inject", "strip", "demo")
 
 
 if __name__ == "__main__":

@@ -45,11 +45,16 @@ _INT8_LIMIT = 127
 
 @dataclass(frozen=True)
 class Encoded:
-    """Result of `encode`: the packed words, the weights they hold, and how many words got an LSB flip."""
+    """Result of `encode`: the packed words, the weights they hold, and how many words got an LSB flip.
+
+    `flipped` holds the flat (C-order) indices of the weights whose LSB was flipped, one per
+    flipped word, ascending. `adjusted` is None when `encode` was asked not to copy it out.
+    """
 
     packed: np.ndarray
-    adjusted: np.ndarray
+    adjusted: np.ndarray | None
     flipped_words: int
+    flipped: np.ndarray
 
 
 def format_of(dtype: npt.DTypeLike) -> str:
@@ -113,18 +118,35 @@ def pack(weights: np.ndarray, word_bits: int) -> np.ndarray:
     return _packed_from_matrix(matrix, word_bits)
 
 
-def encode(weights: np.ndarray, word_bits: int, flip: str = "word-lsb") -> Encoded:
-    """Packs weights and flips one LSB in every odd-parity word so that all words have even parity."""
+def encode(weights: np.ndarray, word_bits: int, flip: str = "word-lsb", *, adjusted: bool = True) -> Encoded:
+    """Packs weights and flips one LSB in every odd-parity word so that all words have even parity.
+
+    With `adjusted=False` the adjusted weights are not copied out (`lsb_flipped` gives the new
+    values of the flipped ones from `flipped`), which saves a copy of the tensor.
+    """
     if flip not in FLIP_STRATEGIES:
         raise OppassError(f"unknown flip strategy {flip!r}: expected one of {', '.join(FLIP_STRATEGIES)}")
     fmt = format_of(weights.dtype)
     codes = _codes(weights, fmt)
     matrix = _word_matrix(codes, _weights_per_word(fmt, word_bits))
-    odd_rows = np.flatnonzero(odd_words(_packed_from_matrix(matrix, word_bits)))
-    columns = _flip_columns(matrix, odd_rows, fmt, flip, codes.size)
-    matrix.reshape(-1)[odd_rows * matrix.shape[1] + columns] ^= 1
-    adjusted = matrix.reshape(-1)[: codes.size].copy().view(FORMATS[fmt].dtype).reshape(weights.shape)
-    return Encoded(_packed_from_matrix(matrix, word_bits), adjusted, int(odd_rows.size))
+    odd = odd_words(_packed_from_matrix(matrix, word_bits))
+    odd_rows = np.flatnonzero(odd)
+    if flip == "word-lsb" or matrix.shape[1] == 1:  # the first weight of each odd word: no index arrays needed
+        np.bitwise_xor(matrix[:, 0], odd.view(np.uint8), out=matrix[:, 0])
+        flipped = odd_rows * matrix.shape[1]
+    else:
+        columns = _flip_columns(matrix, odd_rows, fmt, flip, codes.size)
+        matrix[odd_rows, columns] ^= 1
+        flipped = odd_rows * matrix.shape[1] + columns
+    adjusted_weights = matrix.reshape(-1)[: codes.size].copy().view(FORMATS[fmt].dtype).reshape(weights.shape) \
+        if adjusted else None
+    return Encoded(_packed_from_matrix(matrix, word_bits), adjusted_weights, int(odd_rows.size), flipped)
+
+
+def lsb_flipped(weights: np.ndarray) -> np.ndarray:
+    """A copy of weights (in a format dtype) with the least significant bit of each flipped."""
+    fmt = format_of(weights.dtype)
+    return (_codes(weights, fmt) ^ 1).view(FORMATS[fmt].dtype).reshape(np.shape(weights))
 
 
 def odd_words(packed: np.ndarray) -> np.ndarray:
@@ -189,8 +211,9 @@ def _codes(weights: np.ndarray, fmt: str) -> np.ndarray:
 def _word_matrix(codes: np.ndarray, per_word: int) -> np.ndarray:
     """A fresh [n_words, N] copy of the codes, the last word's tail padded with zeros."""
     n_words = -(-codes.size // per_word)
-    matrix = np.zeros(n_words * per_word, dtype=codes.dtype)
+    matrix = np.empty(n_words * per_word, dtype=codes.dtype)
     matrix[: codes.size] = codes
+    matrix[codes.size:] = 0
     return matrix.reshape(n_words, per_word)
 
 

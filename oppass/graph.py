@@ -29,7 +29,9 @@ the model, dropping the rest of its metadata.
 
 from __future__ import annotations
 
+import math
 import os
+import sys
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -50,6 +52,14 @@ PER_AXIS_DEQUANTIZE_OPSET = 13
 
 # Weight input index of each op type the pass can protect.
 WEIGHT_INPUT = {"Conv": 1, "ConvTranspose": 1, "ConvInteger": 1, "Gemm": 1, "MatMul": 1, "MatMulInteger": 1}
+# onnxruntime's own kernels found in models it has optimised (`runtime.optimize_for_cpu`), and the
+# standard op whose inputs and attributes each takes: its NCHWc-blocked Conv, and Conv and Gemm
+# fused with an activation.
+RUNTIME_OPS = {
+    ("com.microsoft.nchwc", "Conv"): "Conv",
+    ("com.microsoft", "FusedConv"): "Conv",
+    ("com.microsoft", "FusedGemm"): "Gemm",
+}
 
 ONNX_TYPES = {
     "fp32": TensorProto.FLOAT,
@@ -157,17 +167,17 @@ class _Site:
 
 @dataclass(frozen=True)
 class _Protected:
-    """The nodes, initializers and value_info that replace one weight."""
+    """The nodes, initializers and value_info that replace one weight; `packed` becomes its first initializer."""
 
+    packed: np.ndarray
     nodes: list[onnx.NodeProto]
     initializers: list[TensorProto]
     value_info: list[onnx.ValueInfoProto]
-    masked_output: str | None
     report: TensorReport
 
 
 def transform(
-    model: onnx.ModelProto | str | os.PathLike,
+    model: onnx.ModelProto | modelio.ModelFile | str | os.PathLike,
     *,
     format: str = "keep",
     word: str | int = "64",
@@ -175,16 +185,27 @@ def transform(
     ops: Sequence[str] = ("Conv", "Gemm"),
     check: str = "runtime",
     report_faults: bool = False,
+    inplace: bool = False,
 ) -> onnx.ModelProto:
-    """A protected copy of `model` (see the module docstring); the input is never modified."""
+    """A protected copy of `model` (see the module docstring); the input is not modified unless asked.
+
+    `model` is a ModelProto, a path, or a `modelio.ModelFile`. Each weight is read, encoded
+    and replaced one at a time, and the copy made of a ModelProto gets only the weights the
+    pass keeps (`modelio.lazy_copy`); a path is read the same way from the file. With
+    `inplace`, a ModelProto is protected in place and returned. A ModelFile is always
+    protected in place, its weights still in the files (read with `defer=True`) read one at
+    a time: save it with `modelio.save_model(..., source=it)`. After an error, a model
+    protected in place may be left half protected.
+    """
     protected, _ = transform_with_report(
-        model, format=format, word=word, flip=flip, ops=ops, check=check, report_faults=report_faults
+        model, format=format, word=word, flip=flip, ops=ops, check=check, report_faults=report_faults,
+        inplace=inplace,
     )
     return protected
 
 
 def transform_with_report(
-    model: onnx.ModelProto | str | os.PathLike,
+    model: onnx.ModelProto | modelio.ModelFile | str | os.PathLike,
     *,
     format: str = "keep",
     word: str | int = "64",
@@ -192,19 +213,28 @@ def transform_with_report(
     ops: Sequence[str] = ("Conv", "Gemm"),
     check: str = "runtime",
     report_faults: bool = False,
+    inplace: bool = False,
 ) -> tuple[onnx.ModelProto, TransformReport]:
     """Like `transform`, also returning what was done to each weight."""
     options = _validated_options(format, word, flip, ops, check, report_faults)
-    result = _working_copy(model)
+    source: modelio.ModelFile | modelio.LazyCopy | None  # where weights not in the tensors are read
+    if isinstance(model, modelio.ModelFile):
+        source = model
+    elif isinstance(model, onnx.ModelProto):
+        source = None if inplace else modelio.lazy_copy(model)  # the weights the pass replaces are never copied
+    else:
+        source = modelio.read_model(model, defer=True)
+    result = model if source is None else source.model
     if any(node.domain == DOMAIN for graph in modelio.all_graphs(result.graph) for node in graph.node):
         raise OppassError("model is already protected (it has ai.oppass nodes)")
     _refuse_duplicate_initializers(result)
     sites = _find_sites(result, options)
     if not sites:
         warnings.warn(f"no weight of {', '.join(options.ops)} was found to protect: the model is written unprotected")
-    replacements = [_protect(site, options) for site in sites]
-    _apply(result, sites, replacements, options)
-    return result, TransformReport(tuple(replacement.report for replacement in replacements))
+    reports = _replace_sites(result, sites, options, source)
+    if source is not None and source is not model:
+        source.load_deferred()  # a model read or copied here is returned whole
+    return result, TransformReport(tuple(reports))
 
 
 def _refuse_duplicate_initializers(model: onnx.ModelProto) -> None:
@@ -288,10 +318,14 @@ def _validated_options(
 def _working_copy(model: onnx.ModelProto | str | os.PathLike) -> onnx.ModelProto:
     """A model the pass may modify: freshly read from disk, or a copy of the caller's proto."""
     if isinstance(model, onnx.ModelProto):
-        copy = onnx.ModelProto()
-        copy.CopyFrom(model)
-        return copy
+        return _copy(model)
     return modelio.load_model(model)
+
+
+def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    return copy
 
 
 def _decode_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
@@ -349,14 +383,22 @@ def _find_sites(model: onnx.ModelProto, options: _Options) -> list[_Site]:
     sites: dict[str, _Site] = {}
     for graph in modelio.all_graphs(model.graph):
         for node in graph.node:
-            weight_input = WEIGHT_INPUT.get(node.op_type) if node.op_type in options.ops else None
-            if weight_input is None or node.domain not in ("", "ai.onnx") or len(node.input) <= weight_input:
+            op = _standard_op(node)
+            weight_input = WEIGHT_INPUT.get(op) if op in options.ops else None
+            if weight_input is None or len(node.input) <= weight_input:
                 continue
             site = _site_for(node.input[weight_input], definitions, sites)
             if site is not None:
                 site.axes.add(_output_channel_axis(node, site))
     usable = [site for site in sites.values() if _usable(site, options, opset)]
     return usable
+
+
+def _standard_op(node: onnx.NodeProto) -> str | None:
+    """The standard ONNX operator a node computes: its op_type in the default domain, see RUNTIME_OPS otherwise."""
+    if node.domain in ("", "ai.onnx"):
+        return node.op_type
+    return RUNTIME_OPS.get((node.domain, node.op_type))
 
 
 def _site_for(name: str, definitions: dict[str, list[_Definition]], sites: dict[str, _Site]) -> _Site | None:
@@ -413,11 +455,12 @@ def _constant_tensor(definition: _Definition, name: str) -> TensorProto | None:
 def _output_channel_axis(node: onnx.NodeProto, site: _Site) -> int:
     """Axis of the weight that indexes output channels (used for int8 per-channel scales)."""
     rank = len(site.tensor.dims)
-    if node.op_type == "Gemm":
+    op = _standard_op(node)
+    if op == "Gemm":
         return 0 if _attributes(node).get("transB", 0) else 1
-    if node.op_type in ("MatMul", "MatMulInteger"):
+    if op in ("MatMul", "MatMulInteger"):
         return max(rank - 1, 0)
-    if node.op_type == "ConvTranspose":
+    if op == "ConvTranspose":
         return 1
     return 0
 
@@ -463,26 +506,25 @@ def _default_opset(model: onnx.ModelProto) -> int:
 # ----------------------------------------------------------------------------- protecting one weight
 
 
-def _protect(site: _Site, options: _Options) -> _Protected:
-    """Encodes one weight and builds its replacement nodes and initializers."""
-    original = numpy_helper.to_array(site.tensor)
-    source = codec.format_of(original.dtype)
+def _protect(site: _Site, options: _Options, source: modelio.ModelFile | modelio.LazyCopy | None) -> _Protected:
+    """Encodes one weight and builds its replacement nodes and initializers (except the packed one)."""
+    original = _weights(site.tensor, source)
+    source_format = codec.format_of(original.dtype)
     target = _target_format(site, options)
     axis = next(iter(site.axes))
     stored, scales = codec.to_format(original, target, name=site.name, axis=axis)
     width = codec.word_bits(target, options.word)
     if options.check == "none":
-        packed, adjusted, flipped = codec.pack(stored, width), stored, 0
+        packed, flipped = codec.pack(stored, width), np.zeros(0, dtype=np.intp)
     else:
-        encoded = codec.encode(stored, width, options.flip)
-        packed, adjusted, flipped = encoded.packed, encoded.adjusted, encoded.flipped_words
-    packed_tensor = numpy_helper.from_array(packed, packed_name(site.name))
-    decode_output = site.name if scales is None else f"{site.name}::op_int8"
+        encoded = codec.encode(stored, width, options.flip, adjusted=False)
+        packed, flipped = encoded.packed, encoded.flipped
+    decode_output = _decode_output(site, options)
     output_type = ONNX_TYPES[target] if scales is not None else site.tensor.data_type  # bf16/fp16 of fp32: FLOAT
-    masked_output = f"{site.name}::op_masked" if options.report_faults else None
+    masked_output = _masked_output(site, options)
     decode = helper.make_node(
         OP_TYPE,
-        [packed_tensor.name],
+        [packed_name(site.name)],
         [decode_output] + ([masked_output] if masked_output else []),
         name=f"{site.name}::op_decode",
         domain=DOMAIN,
@@ -492,7 +534,7 @@ def _protect(site: _Site, options: _Options) -> _Protected:
         check=options.check,
         output_type=output_type,
     )
-    nodes, initializers = [decode], [packed_tensor]
+    nodes, initializers = [decode], []
     value_info = [helper.make_tensor_value_info(decode_output, output_type, list(stored.shape))]
     if masked_output:
         value_info.append(helper.make_tensor_value_info(masked_output, TensorProto.INT64, []))
@@ -504,17 +546,59 @@ def _protect(site: _Site, options: _Options) -> _Protected:
     bytes_after = packed.nbytes + (scales.nbytes if scales is not None else 0)
     report = TensorReport(
         name=site.name,
-        source_format=source,
+        source_format=source_format,
         stored_format=target,
         word_bits=width,
         weights=int(stored.size),
         bytes_before=int(original.nbytes),
         bytes_after=int(bytes_after),
-        flipped_words=flipped,
-        max_flip_change=_max_relative_change(stored, adjusted),
-        max_conversion_error=None if target == source else _conversion_error(original, stored, scales, axis),
+        flipped_words=int(flipped.size),
+        max_flip_change=_max_relative_change(stored, flipped),
+        max_conversion_error=None if target == source_format else _conversion_error(original, stored, scales, axis),
     )
-    return _Protected(nodes, initializers, value_info, masked_output, report)
+    return _Protected(packed, nodes, initializers, value_info, report)
+
+
+def _weights(tensor: TensorProto, source: modelio.ModelFile | modelio.LazyCopy | None) -> np.ndarray:
+    """A weight tensor's values, viewing its bytes without a copy (read from the file if still there)."""
+    dtype = helper.tensor_dtype_to_np_dtype(tensor.data_type)
+    shape = tuple(tensor.dims)
+    raw = source.tensor_bytes(tensor) if source is not None else \
+        tensor.raw_data if tensor.HasField("raw_data") else None
+    if raw is not None:
+        if len(raw) != dtype.itemsize * math.prod(shape):
+            raise OppassError(f"weight {tensor.name!r} has {len(raw)} bytes of data, expected "
+                              f"{dtype.itemsize * math.prod(shape)} for {dtype} {list(shape)}")
+        values = np.frombuffer(raw, dtype)
+        return (values.byteswap() if sys.byteorder == "big" else values).reshape(shape)
+    return numpy_helper.to_array(tensor)
+
+
+def _decode_output(site: _Site, options: _Options) -> str:
+    """The decode node's output: the weight's name, or its int8 codes when the pass quantizes it."""
+    quantizes = _target_format(site, options) == "int8" and FORMAT_OF_ONNX_TYPE.get(site.tensor.data_type) != "int8"
+    return f"{site.name}::op_int8" if quantizes else site.name
+
+
+def _masked_output(site: _Site, options: _Options) -> str | None:
+    return f"{site.name}::op_masked" if options.report_faults else None
+
+
+def _new_names(site: _Site, options: _Options) -> set[str]:
+    """Names of the values and initializers the pass adds for `site` (the weight's own name aside)."""
+    names = {packed_name(site.name), _decode_output(site, options), _masked_output(site, options)}
+    if _decode_output(site, options) != site.name:
+        names.update({f"{site.name}::op_scale", f"{site.name}::op_zero_point"})
+    return names - {None, site.name}
+
+
+def _add_packed(graph: onnx.GraphProto, name: str, packed: np.ndarray) -> None:
+    """Adds `packed` as an initializer, its bytes copied once into the graph."""
+    tensor = graph.initializer.add()
+    tensor.name = name
+    tensor.data_type = helper.np_dtype_to_tensor_dtype(packed.dtype)
+    tensor.dims.extend(packed.shape)
+    tensor.raw_data = packed.astype(packed.dtype.newbyteorder("<"), copy=False).tobytes()
 
 
 def _dequantize(
@@ -533,16 +617,19 @@ def _dequantize(
     return node, [scale, zero_point]
 
 
-def _max_relative_change(stored: np.ndarray, adjusted: np.ndarray) -> float:
+def _max_relative_change(stored: np.ndarray, flipped: np.ndarray) -> float:
     """max |adjusted - stored| / |stored| over finite nonzero stored values (0.0 if none changed).
 
+    Only the weights at the flat indices `flipped` (those whose LSB was flipped) change.
     Computed in float32, which holds every stored format exactly; only the division rounds.
     """
-    before = stored.astype(np.float32, copy=False).reshape(-1)
-    after = adjusted.astype(np.float32, copy=False).reshape(-1)
+    values = stored.reshape(-1)[flipped]
+    before = values.astype(np.float32, copy=False)
+    change = codec.lsb_flipped(values).astype(np.float32, copy=False) - before
     with np.errstate(divide="ignore", invalid="ignore"):
-        change = np.abs(after - before) / np.abs(before)
-    considered = np.isfinite(before) & (before != 0)
+        change = np.divide(np.abs(change, out=change), np.abs(before), out=change)
+    considered = np.isfinite(before)
+    considered &= before != 0
     return float(change.max(where=considered, initial=0.0))
 
 
@@ -564,28 +651,40 @@ def _conversion_error(original: np.ndarray, stored: np.ndarray, scales: np.ndarr
 # ----------------------------------------------------------------------------- editing the model
 
 
-def _apply(model: onnx.ModelProto, sites: list[_Site], replacements: list[_Protected], options: _Options) -> None:
-    """Swaps each site's definition for its replacement and wires the optional fault counter."""
+def _replace_sites(
+    model: onnx.ModelProto, sites: list[_Site], options: _Options, source: modelio.ModelFile | modelio.LazyCopy | None
+) -> list[TensorReport]:
+    """Swaps each site's definition for its replacement, one weight at a time; wires the optional fault counter.
+
+    Each weight's packed initializer is added as soon as it is encoded, so only one weight's
+    arrays are alive at a time; the original definitions go once all are done.
+    """
     graph = model.graph
-    new_nodes = [node for replacement in replacements for node in replacement.nodes]
-    masked_outputs = [r.masked_output for r in replacements if r.masked_output]
+    masked_outputs = [_masked_output(site, options) for site in sites if options.report_faults]
     tail = _masked_words_sum(masked_outputs) if options.report_faults else []
-    new_names = {output for node in new_nodes + tail for output in node.output}
-    new_names.update(tensor.name for replacement in replacements for tensor in replacement.initializers)
+    new_names = {name for site in sites for name in _new_names(site, options)}
+    new_names.update(output for node in tail for output in node.output)
     _reject_taken_names(model, new_names - {site.name for site in sites})
-    for site in sites:
-        _remove_definition(site)
     _remove_value_info_everywhere(model, {site.name for site in sites})
+    new_nodes, value_info, reports = [], [], []
+    for site in sites:
+        replacement = _protect(site, options, source)
+        _add_packed(graph, packed_name(site.name), replacement.packed)
+        graph.initializer.extend(replacement.initializers)
+        site.tensor.ClearField("raw_data")  # its packed form exists; the definition goes below
+        new_nodes.extend(replacement.nodes)
+        value_info.extend(replacement.value_info)
+        reports.append(replacement.report)
+    _remove_definitions(sites)
     kept_nodes = list(graph.node)
     del graph.node[:]
     graph.node.extend(new_nodes + kept_nodes + tail)
-    for replacement in replacements:
-        graph.initializer.extend(replacement.initializers)
-        graph.value_info.extend(replacement.value_info)
+    graph.value_info.extend(value_info)
     if options.report_faults:
         graph.output.append(helper.make_tensor_value_info(MASKED_WORDS_OUTPUT, TensorProto.INT64, []))
     if not any(entry.domain == DOMAIN for entry in model.opset_import):
         model.opset_import.append(helper.make_opsetid(DOMAIN, DOMAIN_VERSION))
+    return reports
 
 
 def _reject_taken_names(model: onnx.ModelProto, new_names: set[str]) -> None:
@@ -601,11 +700,14 @@ def _reject_taken_names(model: onnx.ModelProto, new_names: set[str]) -> None:
         raise OppassError(f"the model already uses names oppass needs: {', '.join(clashes[:3])}")
 
 
-def _remove_definition(site: _Site) -> None:
-    if site.constant_node is not None:
-        _remove_nodes(site.graph, lambda node: _is_constant_node(node) and list(node.output) == [site.name])
-    else:
-        _remove_initializers(site.graph, {site.name})
+def _remove_definitions(sites: list[_Site]) -> None:
+    """Removes the initializer or Constant node defining each site."""
+    for graph in {id(site.graph): site.graph for site in sites}.values():
+        here = [site for site in sites if site.graph is graph]
+        constants = {site.name for site in here if site.constant_node is not None}
+        _remove_nodes(graph, lambda node: _is_constant_node(node) and len(node.output) == 1
+                      and node.output[0] in constants)
+        _remove_initializers(graph, {site.name for site in here if site.constant_node is None})
 
 
 def _remove_nodes(graph: onnx.GraphProto, doomed: Callable[[onnx.NodeProto], bool]) -> None:

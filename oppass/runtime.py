@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import onnxruntime as ort
 from onnx import helper, numpy_helper
 
 from oppass.errors import OppassError
-from oppass.modelio import load_model
+from oppass.modelio import load_model, save_model
 
 LIBRARY_ENV = "OPPASS_CUSTOM_OP_LIBRARY"
 LIBRARY_NAME = "liboppass_ops.so"
@@ -56,6 +57,33 @@ def load_session(
     if fold_load_checks and load_checked:
         proto = _fold_decode_nodes(proto, load_checked, threads)
     return ort.InferenceSession(proto.SerializeToString(), session_options(threads))
+
+
+def optimize_for_cpu(model: onnx.ModelProto | str | os.PathLike) -> onnx.ModelProto:
+    """The model as onnxruntime's CPU provider rewrites it on this machine, to protect in that form.
+
+    onnxruntime converts Convs with constant weights to its NCHWc-blocked Conv (with the weights
+    reordered once) and fuses activations into them; a Conv whose weight comes from a decode node
+    keeps the slower plain kernel. Protecting the optimised model instead keeps the fast kernels in
+    runtime check mode. The result holds onnxruntime-only operators and a weight layout that
+    depends on this CPU's vector width: it runs on onnxruntime, on machines like this one.
+    """
+    proto = model if isinstance(model, onnx.ModelProto) else load_model(model)
+    if any(_is_decode(node) for node in proto.graph.node):
+        raise OppassError("the model is already protected: optimise the original model, then transform it")
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 3  # onnxruntime warns that the result is hardware-specific: that is the point
+    with tempfile.TemporaryDirectory(prefix="oppass-optimize-") as folder:
+        source = Path(folder) / "source.onnx"
+        save_model(proto, source)
+        options.optimized_model_filepath = str(Path(folder) / "optimized.onnx")
+        options.add_session_config_entry("session.optimized_model_external_initializers_file_name", "optimized.data")
+        try:
+            ort.InferenceSession(str(source), options, providers=["CPUExecutionProvider"])
+        except Exception as error:  # onnxruntime raises its own exception types
+            raise OppassError(f"onnxruntime cannot optimise the model: {str(error).splitlines()[0]}") from None
+        return load_model(options.optimized_model_filepath)
 
 
 def _is_decode(node: onnx.NodeProto) -> bool:

@@ -11,7 +11,7 @@ import onnx
 import pytest
 from conftest import REPO_ROOT
 
-from oppass import cli, graph, modelio
+from oppass import cli, graph, modelio, runtime
 
 
 @pytest.fixture
@@ -63,6 +63,17 @@ def test_transform_options_reach_the_pass(model_file: Path, tmp_path: Path, caps
     assert [(t.name, t.format, t.word_bits, t.check) for t in tensors] == [
         ("conv1.w", "fp16", 16, "load"), ("conv2.w", "fp16", 16, "load")]
     assert modelio.load_model(output).graph.output[-1].name == graph.MASKED_WORDS_OUTPUT
+
+
+def test_transform_optimize_for_cpu_protects_the_optimized_graph(
+    model_file: Path, tmp_path: Path, custom_op_library: str, capsys: pytest.CaptureFixture
+) -> None:
+    output = tmp_path / "out.onnx"
+    assert cli.main(["transform", str(model_file), str(output), "--optimize-for-cpu"]) == 0
+    table = summary(capsys.readouterr().out)
+    expected = graph.inspect(graph.transform(runtime.optimize_for_cpu(model_file)))
+    assert graph.inspect(output) == expected and table["tensors protected"] == str(len(expected)) == "4"
+    assert float(table["fault-free output drift"].split()[0]) < 1e-4
 
 
 def test_drift_is_skipped_with_a_note_when_the_model_cannot_run(
@@ -167,3 +178,34 @@ def test_subcommands_dispatch_to_their_run_functions() -> None:
     assert parser.parse_args(["inspect", "a.onnx"]).run is cli.run_inspect
     assert parser.parse_args(["inject", "a.onnx", "b.onnx", "--ber", "0", "--seed", "0"]).run is cli.run_inject
     assert parser.parse_args(["strip", "a.onnx", "b.onnx"]).run is cli.run_strip
+
+
+def test_transform_imports_nothing_of_the_campaign(model_file: Path, tmp_path: Path) -> None:
+    output = tmp_path / "out.onnx"
+    code = ("import sys\nfrom oppass import cli\n"
+            f"assert cli.main(['transform', {str(model_file)!r}, {str(output)!r}, '--no-verify']) == 0\n"
+            "heavy = [m for m in sys.modules if m.split('.')[0] in ('dask', 'distributed', 'scipy', 'matplotlib') "
+            "or m.startswith('oppass.campaign')]\nassert not heavy, heavy")
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, cwd=REPO_ROOT)
+    assert output.stat().st_size > 0
+
+
+def test_the_campaign_parser_is_registered_unless_another_command_is_given() -> None:
+    def commands(parser) -> set[str]:
+        return set(next(a for a in parser._actions if a.dest == "command").choices)
+
+    assert "campaign" in commands(cli.build_parser())
+    assert "campaign" in commands(cli.build_parser(["campaign", "--help"]))
+    assert "campaign" in commands(cli.build_parser(["--help"]))
+    assert "campaign" not in commands(cli.build_parser(["transform", "a.onnx", "b.onnx"]))
+
+
+def test_transform_of_an_external_data_model_measures_the_drift_from_the_files(
+    external_data_model: Path, tmp_path: Path, custom_op_library: str, capsys: pytest.CaptureFixture
+) -> None:
+    output = tmp_path / "out" / "protected.onnx"
+    output.parent.mkdir()
+    assert cli.main(["transform", str(external_data_model), str(output)]) == 0
+    drift = summary(capsys.readouterr().out)["fault-free output drift"]
+    assert drift.endswith("(max abs, one random input)") and float(drift.split()[0]) > 0
+    assert [t.name for t in graph.inspect(output)] == ["conv1.w", "conv2.w", "fc1.w", "fc2.w"]

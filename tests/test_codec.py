@@ -416,3 +416,30 @@ def test_byte_order_of_inputs_does_not_change_the_result():
     np.testing.assert_array_equal(swapped.packed, native.packed)
     np.testing.assert_array_equal(as_codes(decoded), as_codes(native.adjusted))
     assert masked == 0
+
+
+@pytest.mark.parametrize(("fmt", "word", "flip"), CONFIGS)
+@PROPERTY_SETTINGS
+@given(data=st.data())
+def test_flipped_lists_the_changed_weights_and_adjusted_can_be_skipped(fmt, word, flip, data):
+    word_bits = codec.word_bits(fmt, word)
+    weights = as_weights(data.draw(weight_codes(fmt, word_bits)), fmt)
+    encoded = codec.encode(weights, word_bits, flip)
+    lean = codec.encode(weights, word_bits, flip, adjusted=False)
+
+    changed = np.flatnonzero(as_codes(encoded.adjusted).reshape(-1) != as_codes(weights).reshape(-1))
+    np.testing.assert_array_equal(encoded.flipped, changed)
+    assert encoded.flipped.size == encoded.flipped_words
+    assert lean.adjusted is None
+    np.testing.assert_array_equal(lean.packed, encoded.packed)
+    np.testing.assert_array_equal(lean.flipped, encoded.flipped)
+    flipped_values = codec.lsb_flipped(weights.reshape(-1)[encoded.flipped])
+    np.testing.assert_array_equal(as_codes(flipped_values), as_codes(encoded.adjusted.reshape(-1)[encoded.flipped]))
+
+
+def test_lsb_flipped_flips_only_the_lowest_bit_of_each_code() -> None:
+    values = np.array([1.0, -2.5, 0.0], np.float32)
+    flipped = codec.lsb_flipped(values)
+    assert flipped.dtype == values.dtype and flipped.shape == values.shape
+    np.testing.assert_array_equal(flipped.view(np.uint32) ^ values.view(np.uint32), [1, 1, 1])
+    np.testing.assert_array_equal(codec.lsb_flipped(np.array([[2, -1]], np.int8)), [[3, -2]])

@@ -466,3 +466,141 @@ def test_external_data_input_with_only_small_tensors_writes_no_data_file(
     modelio.save_model(source.model, output, source=source)
     assert not (tmp_path / "small.onnx.data").exists()
     assert modelio.load_model(output).SerializeToString() == source.model.SerializeToString()
+
+
+# ----------------------------------------------------------------------------- one tensor at a time
+
+
+def protected_quietly(model: onnx.ModelProto | Path | modelio.ModelFile, **options: object) -> onnx.ModelProto:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return graph.transform(model, **options)
+
+
+@pytest.mark.parametrize("fixture_name", ALL_MODEL_FIXTURES)
+def test_saved_files_hold_the_bytes_protobuf_would_write(
+    fixture_name: str, request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(modelio, "EXTERNAL_THRESHOLD", 0)  # stream every initializer's raw data
+    model = request.getfixturevalue(fixture_name)
+    for proto in (model, protected_quietly(model)):
+        modelio.save_model(proto, tmp_path / "model.onnx")
+        assert (tmp_path / "model.onnx").read_bytes() == proto.SerializeToString()
+
+
+@pytest.mark.parametrize("fixture_name", ALL_MODEL_FIXTURES)
+def test_reading_tensors_one_at_a_time_gives_the_model_onnx_reads(
+    fixture_name: str, request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(modelio, "DEFER_THRESHOLD", 1)
+    path = tmp_path / "model.onnx"
+    onnx.save_model(request.getfixturevalue(fixture_name), path)
+    assert modelio.load_model(path).SerializeToString() == onnx.load_model(path).SerializeToString()
+    source = modelio.read_model(path, defer=True)
+    deferred = [t for t in source.model.graph.initializer if onnx.external_data_helper.uses_external_data(t)]
+    assert len(deferred) == sum(1 for t in onnx.load_model(path).graph.initializer if t.raw_data)
+    assert source.data_files == ()
+    for tensor in deferred:
+        assert source.tensor_bytes(tensor) == initializer(onnx.load_model(path), tensor.name).tobytes()
+
+
+@pytest.mark.parametrize("fixture_name", ALL_MODEL_FIXTURES)
+def test_protecting_a_file_in_place_writes_what_protecting_the_proto_gives(
+    fixture_name: str, request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(modelio, "DEFER_THRESHOLD", 1)
+    monkeypatch.setattr(modelio, "EXTERNAL_THRESHOLD", 0)
+    model = request.getfixturevalue(fixture_name)
+    path = tmp_path / "model.onnx"
+    onnx.save_model(model, path)
+    expected = protected_quietly(model, report_faults=True).SerializeToString()
+    source = modelio.read_model(path, defer=True)
+    protected = protected_quietly(source, report_faults=True)
+    assert protected is source.model
+    modelio.save_model(protected, tmp_path / "out.onnx", source=source)
+    assert (tmp_path / "out.onnx").read_bytes() == expected
+    assert protected_quietly(path, report_faults=True).SerializeToString() == expected  # a path: the whole model
+
+
+def test_inplace_protects_the_given_proto(cnn_model: onnx.ModelProto) -> None:
+    expected = graph.transform(cnn_model, format="int8").SerializeToString()
+    protected = graph.transform(cnn_model, format="int8", inplace=True)
+    assert protected is cnn_model
+    assert cnn_model.SerializeToString() == expected
+
+
+def test_a_deferred_external_data_model_is_copied_from_its_data_file(
+    external_data_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(modelio, "EXTERNAL_THRESHOLD", 256)
+    expected = graph.transform(modelio.load_model(external_data_model)).SerializeToString()
+    source = modelio.read_model(external_data_model, defer=True)
+    assert all(onnx.external_data_helper.uses_external_data(t) for t in source.model.graph.initializer)
+    output = tmp_path / "out" / "protected.onnx"
+    output.parent.mkdir()
+    modelio.save_model(graph.transform(source), output, source=source)
+    assert (output.parent / "protected.onnx.data").stat().st_size > 0
+    assert modelio.load_model(output).SerializeToString() == expected
+
+
+def test_an_input_changed_before_the_save_is_an_error_that_writes_nothing(
+    cnn_model: onnx.ModelProto, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(modelio, "DEFER_THRESHOLD", 1)
+    path = tmp_path / "model.onnx"
+    onnx.save_model(cnn_model, path)
+    source = modelio.read_model(path, defer=True)
+    path.write_bytes(path.read_bytes()[:200])
+    with pytest.raises(OppassError, match="changed while read"):
+        modelio.save_model(source.model, tmp_path / "out.onnx", source=source)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]
+
+
+def test_fields_unknown_to_onnx_are_saved(
+    cnn_model: onnx.ModelProto, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(modelio, "EXTERNAL_THRESHOLD", 0)
+    model = onnx.ModelProto()
+    model.CopyFrom(cnn_model)
+    model.MergeFromString(b"\xa0\x06\x05")  # field 100, varint 5
+    model.graph.MergeFromString(b"\xa2\x06\x03abc")  # field 100, 3 bytes
+    model.graph.initializer[0].MergeFromString(b"\xa5\x06\x01\x02\x03\x04")  # field 100, fixed32
+    modelio.save_model(model, tmp_path / "model.onnx")
+    assert (tmp_path / "model.onnx").read_bytes() == model.SerializeToString()
+
+
+def test_a_deferred_model_saved_without_its_source_is_an_error(
+    cnn_model: onnx.ModelProto, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(modelio, "DEFER_THRESHOLD", 1)
+    onnx.save_model(cnn_model, tmp_path / "model.onnx")
+    source = modelio.read_model(tmp_path / "model.onnx", defer=True)
+    with pytest.raises(OppassError, match="deferred tensors"):
+        modelio.save_model(source.model, tmp_path / "out.onnx")
+    assert not (tmp_path / "out.onnx").exists()
+
+
+def test_a_lazy_copy_reads_the_original_until_loaded(cnn_model: onnx.ModelProto, tmp_path: Path) -> None:
+    copy = modelio.lazy_copy(cnn_model)
+    first = copy.model.graph.initializer[0]
+    assert not first.HasField("raw_data")
+    assert copy.tensor_bytes(first) == cnn_model.graph.initializer[0].raw_data
+    with pytest.raises(OppassError, match="deferred tensors"):
+        modelio.save_model(copy.model, tmp_path / "out.onnx")
+    assert copy.load_deferred().SerializeToString() == cnn_model.SerializeToString()
+
+
+@pytest.mark.parametrize("location", ["\0original model", "\0model file", ""])
+def test_external_data_with_an_internal_marker_location_is_refused_or_harmless(
+    external_data_model: Path, location: str
+) -> None:
+    model = onnx.load_model(external_data_model, load_external_data=False)
+    for entry in model.graph.initializer[0].external_data:
+        if entry.key == "location":
+            entry.value = location
+    onnx.save_model(model, external_data_model)
+    if location == "\0model file":  # reads bytes of the model file itself: nothing outside the input
+        modelio.read_model(external_data_model)
+    else:
+        with pytest.raises(OppassError, match="invalid location"):
+            modelio.read_model(external_data_model)

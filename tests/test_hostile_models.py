@@ -20,7 +20,7 @@ from conftest import INPUT_SHAPE, make_model, weights
 from onnx import TensorProto, helper, numpy_helper
 from references import adjusted_reference, plain_options
 
-from oppass import cli, graph, runtime
+from oppass import cli, graph, modelio, runtime
 
 
 def conv_model(opset: int, weight_shape: tuple[int, ...] = (2, 3, 3, 3)) -> onnx.ModelProto:
@@ -182,3 +182,29 @@ def test_the_newest_onnx_opset_is_protected_even_when_onnxruntime_cannot_run_it(
     source = write(model, tmp_path / "newest.onnx")
     assert cli.main(["transform", str(source), str(tmp_path / "out.onnx")]) == 0
     assert graph.inspect(tmp_path / "out.onnx")[0].name == "w"
+
+
+@pytest.mark.parametrize("defer_threshold", [1, 2**20])
+def test_a_weight_with_the_wrong_number_of_bytes_is_a_one_line_error(
+    defer_threshold: int, tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(modelio, "DEFER_THRESHOLD", defer_threshold)  # read from the file, or parsed with the model
+    model = conv_model(17)
+    model.graph.initializer[0].raw_data = model.graph.initializer[0].raw_data[:-4]
+    path = write(model, tmp_path / "short.onnx")
+    assert_user_error(["transform", str(path), str(tmp_path / "out.onnx"), "--no-verify"], tmp_path, capsys,
+                      "has 212 bytes of data, expected 216")
+
+
+def test_a_model_reached_through_a_symlink_is_read_from_its_target(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    monkeypatch.setattr(modelio, "DEFER_THRESHOLD", 1)  # the weights are read from the file after the model
+    (tmp_path / "real").mkdir()
+    (tmp_path / "links").mkdir()
+    model = conv_model(17)
+    target = write(model, tmp_path / "real" / "model.onnx")
+    (tmp_path / "links" / "model.onnx").symlink_to(target)
+    output = tmp_path / "out.onnx"
+    assert cli.main(["transform", str(tmp_path / "links" / "model.onnx"), str(output), "--no-verify"]) == 0
+    assert output.read_bytes() == graph.transform(model).SerializeToString()
