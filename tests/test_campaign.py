@@ -12,9 +12,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from oppass.campaign import ecc, stats
+from oppass import faults
+from oppass.campaign import ecc, injector, stats
 from oppass.campaign.config import CampaignConfig, ber_grid, conditions
-from oppass.campaign.injector import BitPosition, EccProtected, RestorationError, StoredBits
+from oppass.campaign.injector import (BitPosition, EccProtected, PackedWeights, RestorationError, StoredBits,
+                                      draw_positions)
+from oppass.campaign.scheduler import CHUNK_TRIALS, tasks
 from oppass.campaign.seeds import batch_indices, stable_words, trial_rng
 from oppass.campaign.store import Store
 from oppass.campaign.worker import TrialRecord
@@ -149,6 +152,22 @@ def test_conditions_cover_formats_protections_bers_and_bits() -> None:
     assert len({condition.key for condition in planned}) == len(planned)
 
 
+def test_tasks_hold_trials_of_one_variant_in_trial_order_and_cover_every_pending_pair() -> None:
+    config = CampaignConfig(model=Path("m.onnx"), data="digits", out=Path("o"), formats=("fp32",),
+                            protections=("none", "64"), ber_min=1e-6, ber_max=1e-2, points_per_decade=9, ecc=True)
+    planned = conditions(config)  # 37 BERs: 74 conditions of the plain variant (none, ecc), 37 of the 64-bit one
+    pending = [(condition, trial) for condition in planned for trial in range(3)]
+    pending.remove((planned[5], 1))  # already stored
+    work = tasks(pending)
+    assert sorted((c.key, t) for task in work for c, t in task) == sorted((c.key, t) for c, t in pending)
+    assert all(len({c.variant for c, _ in task}) == 1 for task in work)
+    plain = [task for task in work if task[0][0].variant == planned[0].variant]
+    sizes = [len(task) for task in plain]  # 221 pairs, split evenly
+    assert len(sizes) == -(-221 // CHUNK_TRIALS) and sum(sizes) == 221 and max(sizes) - min(sizes) <= 1
+    assert [t for task in plain for _, t in task] == sorted(t for c, t in pending if c.variant == planned[0].variant)
+    assert [c for c, t in plain[0]] == [c for c in planned if c.variant == planned[0].variant][: sizes[0]]
+
+
 def test_invalid_word_size_for_format_is_rejected() -> None:
     with pytest.raises(OppassError):
         CampaignConfig(model=Path("m.onnx"), data="digits", out=Path("o"), formats=("fp32",), protections=("16",))
@@ -194,51 +213,96 @@ def sample_buffers() -> list[np.ndarray]:
     ]
 
 
-def test_stored_bits_flips_exactly_the_drawn_bits_and_restores() -> None:
-    buffers = sample_buffers()
-    target = StoredBits(buffers)
-    before = stream_bits(buffers)
-    positions = target.draw(np.random.default_rng(0), 0.05)
-    assert positions.size > 0
-    target.inject(positions)
-    assert np.array_equal(np.flatnonzero(stream_bits(buffers) != before), positions)
-    target.restore(positions)
-    assert np.array_equal(stream_bits(buffers), before)
+def test_packed_weights_hold_the_arrays_on_8_byte_boundaries() -> None:
+    arrays = sample_buffers()
+    weights = PackedWeights(arrays)
+    assert [b.ctypes.data - weights.block.ctypes.data for b in weights.buffers] == [0, 40, 56]
+    assert all(np.array_equal(b, a) and b.dtype == a.dtype for b, a in zip(weights.buffers, arrays))
+    assert weights.block.size == 88 and weights.words.size == 11
 
 
-def test_restoration_check_catches_a_changed_word() -> None:
-    buffers = sample_buffers()
-    target = StoredBits(buffers)
-    positions = np.array([3, 64 * 5 + 9])
-    target.inject(positions)
-    buffers[1][1, 0] ^= 0x80  # the byte holding stream bit 64*5+9 changes behind the injector's back
+@pytest.mark.parametrize("ber", [0.0, 0.05, 0.5])
+@pytest.mark.parametrize("dense_bits", [0, 10**9])  # never dense, always dense
+def test_stored_bits_flips_exactly_the_drawn_bits_and_restores(ber: float, dense_bits: int,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(injector, "DENSE_BITS", dense_bits)
+    weights = PackedWeights(sample_buffers())
+    target = StoredBits(weights)
+    before = stream_bits(weights.buffers)
+    positions = draw_positions(np.random.default_rng(0), target.n_bits, ber)
+    injection = target.prepare(positions)
+    target.inject(injection)
+    assert injection.flips == positions.size
+    assert np.array_equal(np.flatnonzero(stream_bits(weights.buffers) != before), np.sort(positions))
+    target.restore(injection)
+    assert np.array_equal(stream_bits(weights.buffers), before)
+    weights.verify()
+
+
+@pytest.mark.parametrize("ber", [1e-4, 1e-3, 0.02, 0.1])  # both of numpy's sampling algorithms
+def test_draw_picks_the_positions_of_the_library_injector(ber: float) -> None:
+    drawn = draw_positions(np.random.default_rng(3), 1_000_000, ber)
+    assert np.array_equal(np.sort(drawn), faults.draw_flip_positions(np.random.default_rng(3), 1_000_000, ber))
+
+
+def test_restoration_check_catches_a_changed_byte() -> None:
+    weights = PackedWeights(sample_buffers())
+    target = StoredBits(weights)
+    injection = target.plan(np.random.default_rng(0), 0.01)
+    target.inject(injection)
+    target.restore(injection)
+    weights.verify()
+    weights.buffers[1][1, 0] ^= 0x80  # a byte changes behind the injector's back
     with pytest.raises(RestorationError):
-        target.restore(positions)
+        weights.verify()
 
 
 def test_bit_position_target_hits_only_that_bit_of_each_weight() -> None:
-    buffers = [np.zeros((100, 1), dtype=np.uint16)]
-    target = BitPosition(StoredBits(buffers), 16, 14)
-    positions = target.draw(np.random.default_rng(1), 0.3)
-    target.inject(positions)
-    assert target.n_bits == 100
-    assert np.array_equal(np.flatnonzero(buffers[0][:, 0]), positions // 16)
-    assert (buffers[0][positions // 16, 0] == 1 << 14).all()
+    weights = PackedWeights([np.zeros((100, 1), dtype=np.uint16)])
+    target = BitPosition(StoredBits(weights), 16, 14)
+    injection = target.plan(np.random.default_rng(1), 0.3)
+    target.inject(injection)
+    hit = np.flatnonzero(weights.buffers[0][:, 0])
+    assert target.n_bits == 100 and hit.size == injection.flips > 0
+    assert (weights.buffers[0][hit, 0] == 1 << 14).all()
 
 
 def test_ecc_target_corrects_single_and_masks_double_errors() -> None:
-    buffers = [np.arange(1, 21, dtype=np.uint8).reshape(20, 1)]  # 20 bytes: 3 codewords, the last one padded
-    pristine = buffers[0].copy()
-    target = EccProtected(buffers)
+    weights = PackedWeights([np.arange(1, 21, dtype=np.uint8).reshape(20, 1)])  # 3 codewords, the last one padded
+    buffer, pristine = weights.buffers[0], weights.buffers[0].copy()
+    target = EccProtected(weights)
     assert target.n_bits == 3 * ecc.CODEWORD_BITS
-    single = np.array([5])
-    assert target.inject(single) == 0 and np.array_equal(buffers[0], pristine)
+    single = target.prepare(np.array([5]))
+    target.inject(single)
+    assert single.masked == 0 and np.array_equal(buffer, pristine)
     target.restore(single)
-    double = np.array([ecc.CODEWORD_BITS + 1, ecc.CODEWORD_BITS + 70])  # codeword 1: a data and a check bit
-    assert target.inject(double) == 1
-    assert (buffers[0][8:16] == 0).all() and np.array_equal(buffers[0][:8], pristine[:8])
+    double = target.prepare(np.array([ecc.CODEWORD_BITS + 1, ecc.CODEWORD_BITS + 70]))  # a data and a check bit
+    target.inject(double)
+    assert double.masked == 1
+    assert (buffer[8:16] == 0).all() and np.array_equal(buffer[:8], pristine[:8])
     target.restore(double)
-    assert np.array_equal(buffers[0], pristine)
+    assert np.array_equal(buffer, pristine)
+
+
+@pytest.mark.parametrize("target_type", [StoredBits, EccProtected])
+def test_dense_and_sparse_injection_agree(target_type: type, monkeypatch: pytest.MonkeyPatch) -> None:
+    arrays = [random_words(300, 6), np.arange(13, dtype=np.uint8), random_words(50, 7).view(np.uint32)]
+    n_bits = target_type(PackedWeights(arrays)).n_bits
+    positions = draw_positions(np.random.default_rng(2), n_bits, 0.01)
+    blocks, masked = [], []
+    for dense_bits in (0, 10**9):  # never dense, always dense
+        monkeypatch.setattr(injector, "DENSE_BITS", dense_bits)
+        weights = PackedWeights(arrays)
+        target = target_type(weights)
+        injection = target.prepare(positions)
+        assert (injection.index is None) == (dense_bits > 0 and target_type is StoredBits)
+        target.inject(injection)
+        blocks.append(weights.block.copy())
+        masked.append(injection.masked)
+        target.restore(injection)
+        weights.verify()
+    assert masked[0] == masked[1] and (masked[0] > 0) == (target_type is EccProtected)
+    assert np.array_equal(blocks[0], blocks[1]) and not np.array_equal(blocks[0], weights.pristine)
 
 
 # ----------------------------------------------------------------------------------- store

@@ -65,7 +65,7 @@ def test_a_trial_replays_alone_in_a_fresh_process_cache(tmp_path: Path) -> None:
     store.close()
     condition = Condition("ber", "fp32", "none", 1e-2)
     worker._CACHES.clear()
-    (replayed,) = worker.run_trials(make_plan(config).workload, condition, (2,))
+    (replayed,) = worker.run_trials(make_plan(config).workload, ((condition, 2),))
     original = stored[(condition.key, 2)]
     assert replayed.flips > 0
     assert dataclasses.replace(replayed, inject_seconds=0, inference_seconds=0) == \

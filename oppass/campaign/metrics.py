@@ -22,11 +22,29 @@ def top1(logits: np.ndarray) -> np.ndarray:
     return logits.argmax(axis=1)
 
 
-def outcome(logits: np.ndarray, reference: np.ndarray) -> str:
-    """NONFINITE if any output is NaN/inf, SDC if some top-1 changed, MASKED if the outputs equal
-    the fault-free ones bit for bit, TOLERATED otherwise."""
-    if not np.isfinite(logits).all():
-        return NONFINITE
-    if (top1(logits) != top1(reference)).any():
-        return SDC
-    return MASKED if np.array_equal(logits, reference) else TOLERATED
+def score(
+    logits: np.ndarray, reference: np.ndarray, reference_top1: np.ndarray, labels: np.ndarray | None, metric: str
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]:
+    """Per faulty run: correct samples, samples whose top-1 changed, samples with a NaN/inf output, and outcome.
+
+    `logits` stacks the runs' outputs along a new first axis ([runs, samples, classes, ...]);
+    `reference`, `reference_top1` and `labels` stack their batches' fault-free outputs, its
+    top-1 and the labels likewise. The outcome is NONFINITE if any output is NaN/inf, SDC if
+    some top-1 changed, MASKED if the outputs equal the fault-free ones bit for bit,
+    TOLERATED otherwise.
+    """
+    runs, samples = logits.shape[:2]
+    predicted = logits.argmax(axis=2)
+    changed = np.count_nonzero(predicted != reference_top1, axis=1)
+    finite = np.isfinite(logits)
+    nonfinite = np.zeros(runs, dtype=np.int64)
+    if not finite.all():  # reducing along the short class axis is slow: only when needed
+        nonfinite = np.count_nonzero(~finite.reshape(runs, samples, -1).all(axis=2), axis=1)
+    if metric == "top5":
+        best = np.argpartition(-logits, 4, axis=2)[:, :, :5]
+        hits = np.count_nonzero((best == labels[:, :, None]).any(axis=2), axis=1)
+    else:
+        hits = np.count_nonzero(predicted == (reference_top1 if metric == "golden" else labels), axis=1)
+    equal = (logits == reference).reshape(runs, -1).all(axis=1)
+    outcomes = np.where(nonfinite > 0, NONFINITE, np.where(changed > 0, SDC, np.where(equal, MASKED, TOLERATED)))
+    return hits, changed, nonfinite, outcomes.tolist()

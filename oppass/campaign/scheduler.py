@@ -1,75 +1,96 @@
 """Where trials run: in this process (`serial`), on an embedded Dask LocalCluster (`local`) or
 on an existing Dask scheduler (`tcp://host:port`).
 
-Work is cut into tasks of at most CHUNK_TRIALS trials of one condition. Results stream
-back as tasks finish and go to `deliver`, which runs in the calling process only (the
-store has a single writer). A task lost with its worker is rescheduled by Dask; the
-store ignores trials it already holds.
+Work is cut into tasks of at most CHUNK_TRIALS (condition, trial) pairs of one model variant,
+taken in trial order, so a task uses the data batches of one or two experiments and a
+worker computes the fault-free outputs of only the batches it runs. Results stream back
+as tasks finish and go to `deliver` one task at a time (one store transaction each), in
+the calling process only (the store has a single writer). A task lost with its worker is
+rescheduled by Dask; the store ignores trials it already holds.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import time
 from collections.abc import Callable, Iterator, Sequence
 
-from oppass.campaign.config import Condition
-from oppass.campaign.worker import TrialRecord, Workload, run_trials, worker_cache
+from oppass.campaign.config import Condition, Variant
+from oppass.campaign.worker import TrialRecord, Workload, run_trials, warm_up
 from oppass.errors import OppassError
 
 CHUNK_TRIALS = 20
 SERIAL, LOCAL = "serial", "local"
 
-Task = tuple[Condition, tuple[int, ...]]
+Task = tuple[tuple[Condition, int], ...]
 Deliver = Callable[[list[TrialRecord]], None]
 
 
 def tasks(pending: Sequence[tuple[Condition, int]]) -> list[Task]:
-    """Pending (condition, trial) pairs grouped into tasks of at most CHUNK_TRIALS trials of one condition."""
-    by_condition: dict[Condition, list[int]] = {}
+    """Pending (condition, trial) pairs grouped by model variant, sorted by trial (conditions in their order),
+    each group split evenly into tasks of at most CHUNK_TRIALS pairs."""
+    by_variant: dict[Variant, list[tuple[Condition, int]]] = {}
     for condition, trial in pending:
-        by_condition.setdefault(condition, []).append(trial)
-    return [
-        (condition, tuple(trials[start : start + CHUNK_TRIALS]))
-        for condition, trials in by_condition.items()
-        for start in range(0, len(trials), CHUNK_TRIALS)
-    ]
+        by_variant.setdefault(condition.variant, []).append((condition, trial))
+    work = []
+    for pairs in by_variant.values():
+        pairs.sort(key=lambda pair: pair[1])
+        parts = -(-len(pairs) // CHUNK_TRIALS)
+        work += [tuple(pairs[i * len(pairs) // parts : (i + 1) * len(pairs) // parts]) for i in range(parts)]
+    return work
 
 
-def execute(workload: Workload, work: Sequence[Task], deliver: Deliver, scheduler: str, workers: int | None) -> None:
-    """Runs every task and hands each finished task's records to `deliver`."""
+def execute(workload: Workload, work: Sequence[Task], deliver: Deliver, scheduler: str, workers: int | None) -> float:
+    """Runs every task and hands each finished task's records to `deliver`.
+
+    Returns the seconds from the workers being ready (started, with oppass imported and the
+    model and data loaded) to the last delivery: cluster start-up is not counted.
+    """
     if scheduler == SERIAL:
-        _execute_serial(workload, work, deliver)
-    else:
-        _execute_dask(workload, work, deliver, scheduler, workers)
+        return _execute_serial(workload, work, deliver)
+    return _execute_dask(workload, work, deliver, scheduler, workers)
 
 
-def _execute_serial(workload: Workload, work: Sequence[Task], deliver: Deliver) -> None:
-    worker_cache(workload)
-    for condition, trials in work:
-        for trial in trials:
-            deliver(run_trials(workload, condition, (trial,)))
+def _execute_serial(workload: Workload, work: Sequence[Task], deliver: Deliver) -> float:
+    warm_up(workload)
+    started = time.perf_counter()
+    for task in work:
+        deliver(run_trials(workload, task))
+    return time.perf_counter() - started
 
 
-def _execute_dask(workload: Workload, work: Sequence[Task], deliver: Deliver, scheduler: str, workers: int | None) -> None:
+def _execute_dask(
+    workload: Workload, work: Sequence[Task], deliver: Deliver, scheduler: str, workers: int | None
+) -> float:
     from distributed import as_completed
 
     with _dask_client(scheduler, workers) as client:
-        futures = [client.submit(run_trials, workload, condition, trials, pure=False) for condition, trials in work]
+        client.run(warm_up, workload)
+        started = time.perf_counter()
+        futures = [client.submit(run_trials, workload, task, pure=False) for task in work]
         for future in as_completed(futures):
             deliver(future.result())
             future.release()
+        return time.perf_counter() - started
 
 
 @contextlib.contextmanager
 def _dask_client(scheduler: str, workers: int | None) -> Iterator[object]:
     """A client of an embedded LocalCluster (one single-threaded worker process per core) or of `scheduler`."""
-    from distributed import Client, LocalCluster  # imported here: serial campaigns never start Dask
+    import dask  # imported here: serial campaigns never start Dask
+    from distributed import Client, LocalCluster
+
     if scheduler == LOCAL:
         n_workers = workers or os.cpu_count() or 1
-        with LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster:
-            with Client(cluster) as client:
-                yield client
+        # Dask's profiler samples every worker's stacks every 10 ms, taking CPU time from the trials. Tasks are
+        # few, small and known up front, so each worker may hold its next one instead of idling a round trip.
+        settings = {"distributed.worker.profile.enabled": False, "distributed.scheduler.worker-saturation": float("inf")}
+        with dask.config.set(settings):
+            cluster = LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True, dashboard_address=":0")
+        with cluster, Client(cluster) as client:
+            client.wait_for_workers(n_workers)
+            yield client
     elif "://" in scheduler:
         with Client(scheduler) as client:
             yield client

@@ -7,6 +7,7 @@ process, and results do not depend on how trials are spread over workers.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 
 import numpy as np
@@ -14,8 +15,9 @@ import numpy as np
 _BATCH_STREAM = "data-batch"
 
 
+@functools.lru_cache(maxsize=4096)
 def stable_words(text: str) -> tuple[int, ...]:
-    """Four 32-bit words of a BLAKE2b digest of `text`: stable across runs and machines."""
+    """Four 32-bit words of a BLAKE2b digest of `text`: stable across runs and machines (memoised)."""
     digest = hashlib.blake2b(text.encode(), digest_size=16).digest()
     return tuple(int.from_bytes(digest[i : i + 4], "little") for i in range(0, 16, 4))
 

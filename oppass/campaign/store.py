@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import operator
 import sqlite3
 from collections.abc import Iterable
 from pathlib import Path
@@ -19,6 +20,7 @@ from oppass.errors import OppassError
 
 STORE_FILE = "campaign.sqlite"
 _TRIAL_FIELDS = [field.name for field in dataclasses.fields(TrialRecord)]
+_ROW = operator.attrgetter(*_TRIAL_FIELDS)
 
 
 class Store:
@@ -40,7 +42,7 @@ class Store:
     def add(self, records: Iterable[TrialRecord]) -> int:
         """Stores finished trials and commits; returns how many were new."""
         placeholders = ", ".join("?" for _ in _TRIAL_FIELDS)
-        rows = [dataclasses.astuple(record) for record in records]
+        rows = [_ROW(record) for record in records]
         before = self.connection.total_changes
         with self.connection:
             self.connection.executemany(

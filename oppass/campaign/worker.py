@@ -5,6 +5,12 @@ one `VariantSession` per model build, the data batches and their fault-free outp
 A session reads its packed weights from numpy buffers handed to onnxruntime with
 `SessionOptions.add_initializer`, so a trial flips bits in those buffers, runs its batch
 and flips them back; the session is never rebuilt.
+
+A task (trials of one model variant) runs in bursts: draw and prepare every trial's flips,
+then inject, run and restore trial by trial, then score all outputs at once. numpy code
+runs several times faster away from the inferences, which evict it from the CPU caches. A trial's `inference_seconds` is its `session.run`; its
+`inject_seconds` is the rest of its work (its inject and restore, and an even share of the
+burst's seeding, drawing and scoring), not the one-off cache fills.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ from __future__ import annotations
 import functools
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,12 +30,15 @@ from oppass import codec, graph, modelio, runtime
 from oppass.campaign import metrics
 from oppass.campaign.config import BIT_STUDY, ECC, Condition, Variant
 from oppass.campaign.data import Dataset, open_dataset
-from oppass.campaign.injector import BitPosition, EccProtected, FaultTarget, StoredBits
+from oppass.campaign.injector import BitPosition, EccProtected, FaultTarget, PackedWeights, StoredBits
 from oppass.campaign.seeds import batch_indices, trial_rng
 from oppass.errors import OppassError
 
 # Sessions run on one intra-op thread everywhere, so outputs do not depend on the scheduler.
 SESSION_THREADS = 1
+# Memory for the prepared flips and outputs of the trials of a burst (estimated: 24 bytes per expected flip).
+BURST_BYTES = 64 * 2**20
+_FLIP_BYTES = 24
 
 
 @dataclass(frozen=True)
@@ -67,6 +77,17 @@ class TrialRecord:
     inference_seconds: float
 
 
+@dataclass(frozen=True)
+class Experiment:
+    """The data batch of one experiment and a variant's fault-free outputs on it."""
+
+    inputs: np.ndarray
+    labels: np.ndarray | None
+    logits: np.ndarray
+    top1: np.ndarray
+    correct: int
+
+
 class VariantSession:
     """One protected (or plain) build of the model with its packed weights in live numpy buffers."""
 
@@ -75,24 +96,24 @@ class VariantSession:
         if not decoders:
             raise OppassError("the model has no Conv/Gemm weight initializers to inject faults into")
         initializers = {tensor.name: tensor for tensor in model.graph.initializer}
-        self.buffers = [numpy_helper.to_array(initializers[node.input[0]]).copy() for node in decoders]
+        self.weights = PackedWeights([numpy_helper.to_array(initializers[node.input[0]]) for node in decoders])
         self.weight_bits = codec.FORMATS[_attribute(decoders[0], "format")].bits
         options = runtime.session_options(threads=SESSION_THREADS)
         # The OrtValues must outlive the session: onnxruntime reads the numpy memory directly.
-        self._values = [ort.OrtValue.ortvalue_from_numpy(buffer) for buffer in self.buffers]
+        self._values = [ort.OrtValue.ortvalue_from_numpy(buffer) for buffer in self.weights.buffers]
         for node, value in zip(decoders, self._values):
             options.add_initializer(node.input[0], value)
         self.session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
         initializer_names = set(initializers)
         self.input_name = next(i.name for i in model.graph.input if i.name not in initializer_names)
         self.output_name = model.graph.output[0].name
-        self.stored = StoredBits(self.buffers)
+        self.stored = StoredBits(self.weights)
         self.lock = threading.Lock()
-        self.references: dict[int, np.ndarray] = {}
+        self.experiments: dict[int, Experiment] = {}
 
     @functools.cached_property
     def ecc(self) -> EccProtected:
-        return EccProtected(self.buffers)
+        return EccProtected(self.weights)
 
     def run(self, inputs: np.ndarray) -> tuple[np.ndarray, int]:
         """(first model output, masked words reported by the decoders) for one batch."""
@@ -114,7 +135,7 @@ class WorkerCache:
         self.dataset: Dataset = open_dataset(workload.data)
         self.model = modelio.load_model(workload.model)
         self.sessions: dict[Variant, VariantSession] = {}
-        self.batches: dict[int, np.ndarray] = {}
+        self.batches: dict[int, tuple[np.ndarray, np.ndarray | None]] = {}
 
     def session(self, variant: Variant) -> VariantSession:
         if variant not in self.sessions:
@@ -122,18 +143,22 @@ class WorkerCache:
         return self.sessions[variant]
 
     def batch(self, experiment: int) -> tuple[np.ndarray, np.ndarray | None]:
-        """Inputs and labels of the data batch of experiment `experiment`."""
-        indices = batch_indices(self.workload.seed, experiment, self.dataset.size, self.workload.batch_size)
+        """Inputs and labels of the data batch of experiment `experiment`, made once."""
         if experiment not in self.batches:
-            self.batches[experiment] = self.dataset.inputs(indices)
-        labels = None if self.dataset.labels is None else self.dataset.labels[indices]
-        return self.batches[experiment], labels
+            indices = batch_indices(self.workload.seed, experiment, self.dataset.size, self.workload.batch_size)
+            labels = None if self.dataset.labels is None else self.dataset.labels[indices]
+            self.batches[experiment] = self.dataset.inputs(indices), labels
+        return self.batches[experiment]
 
-    def reference(self, session: VariantSession, experiment: int) -> np.ndarray:
-        """Fault-free outputs of `session` on the batch of `experiment`, computed once."""
-        if experiment not in session.references:
-            session.references[experiment] = session.run(self.batch(experiment)[0])[0]
-        return session.references[experiment]
+    def experiment(self, session: VariantSession, experiment: int) -> Experiment:
+        """The batch of `experiment` with the fault-free outputs of `session` on it, computed once."""
+        if experiment not in session.experiments:
+            inputs, labels = self.batch(experiment)
+            logits = session.run(inputs)[0]
+            top1 = metrics.top1(logits)
+            correct = int(np.count_nonzero(metrics.correct(logits, labels, top1, self.workload.metric)))
+            session.experiments[experiment] = Experiment(inputs, labels, logits, top1, correct)
+        return session.experiments[experiment]
 
 
 _CACHES: dict[Workload, WorkerCache] = {}
@@ -156,56 +181,89 @@ def worker_cache(workload: Workload) -> WorkerCache:
         return _CACHES[workload]
 
 
-def run_trials(workload: Workload, condition: Condition, trials: tuple[int, ...]) -> list[TrialRecord]:
-    """Runs trials of one condition in this process (the task Dask ships to a worker)."""
+def warm_up(workload: Workload) -> None:
+    """Creates this process's cache for `workload` (imports, data, model) ahead of its first trial."""
+    worker_cache(workload)
+
+
+def run_trials(workload: Workload, pairs: Sequence[tuple[Condition, int]]) -> list[TrialRecord]:
+    """Runs (condition, trial) pairs of one model variant in this process: the task Dask ships to a worker.
+    Trial `t` of a condition runs experiment `t`'s data batch under freshly drawn flips."""
     cache = worker_cache(workload)
-    session = cache.session(condition.variant)
+    session = cache.session(pairs[0][0].variant)
     with session.lock:
-        return [run_trial(cache, session, condition, trial) for trial in trials]
+        experiments = [cache.experiment(session, trial) for _, trial in pairs]
+        targets = [session.target(condition) for condition, _ in pairs]
+        largest = max(_FLIP_BYTES * target.n_bits * condition.ber for target, (condition, _) in zip(targets, pairs))
+        size = max(1, int(BURST_BYTES // (largest + experiments[0].logits.nbytes)))
+        records = [
+            record
+            for start in range(0, len(pairs), size)
+            for record in _run_burst(cache, session, pairs[start : start + size], targets[start : start + size],
+                                     experiments[start : start + size])
+        ]
+        session.weights.verify()
+    return records
 
 
-def run_trial(cache: WorkerCache, session: VariantSession, condition: Condition, trial: int) -> TrialRecord:
-    """Trial `trial` of `condition`: experiment `trial`'s batch under freshly drawn flips."""
-    inputs, labels = cache.batch(trial)
-    reference = cache.reference(session, trial)
-    target = session.target(condition)
-    started = time.perf_counter()
-    positions = target.draw(trial_rng(cache.workload.seed, condition.key, trial), condition.ber)
-    ecc_masked = target.inject(positions)
-    inference_started = time.perf_counter()
-    try:
-        logits, decoder_masked = session.run(inputs)
-    finally:
-        inference_seconds = time.perf_counter() - inference_started
-        target.restore(positions)
-    reference_top1 = metrics.top1(reference)
-    metric = cache.workload.metric
-    correct = int(metrics.correct(logits, labels, reference_top1, metric).sum())
-    fault_free_correct = int(metrics.correct(reference, labels, reference_top1, metric).sum())
-    top1_changed = int((metrics.top1(logits) != reference_top1).sum())
-    nonfinite_samples = int((~np.isfinite(logits).reshape(len(logits), -1).all(axis=1)).sum())
-    outcome = metrics.outcome(logits, reference)
-    inject_seconds = time.perf_counter() - started - inference_seconds
-    return TrialRecord(
-        condition_key=condition.key,
-        trial=trial,
-        study=condition.study,
-        format=condition.format,
-        protection=condition.protection,
-        ber=condition.ber,
-        bit=condition.bit,
-        n_bits=target.n_bits,
-        flips=int(positions.size),
-        masked_words=decoder_masked + ecc_masked,
-        samples=int(inputs.shape[0]),
-        correct=correct,
-        fault_free_correct=fault_free_correct,
-        top1_changed=top1_changed,
-        nonfinite_samples=nonfinite_samples,
-        outcome=outcome,
-        inject_seconds=inject_seconds,
-        inference_seconds=inference_seconds,
+def _run_burst(
+    cache: WorkerCache,
+    session: VariantSession,
+    pairs: Sequence[tuple[Condition, int]],
+    targets: Sequence[FaultTarget],
+    experiments: Sequence[Experiment],
+) -> list[TrialRecord]:
+    clock = time.perf_counter
+    started = clock()
+    seed = cache.workload.seed
+    injections = [target.plan(trial_rng(seed, condition.key, trial), condition.ber)
+                  for (condition, trial), target in zip(pairs, targets)]
+    shared = clock() - started
+    outputs, decoder_masked, inference, own = [], [], [], []
+    for experiment, target, injection in zip(experiments, targets, injections):
+        started = clock()
+        target.inject(injection)
+        try:
+            inference_started = clock()
+            logits, masked = session.run(experiment.inputs)
+            inference.append(clock() - inference_started)
+        finally:
+            target.restore(injection)
+        outputs.append(logits)
+        decoder_masked.append(masked)
+        own.append(clock() - started - inference[-1])
+    started = clock()
+    labels = None if experiments[0].labels is None else np.stack([e.labels for e in experiments])
+    correct, changed, nonfinite, outcomes = metrics.score(
+        np.stack(outputs), np.stack([e.logits for e in experiments]), np.stack([e.top1 for e in experiments]),
+        labels, cache.workload.metric,
     )
+    shared = (shared + clock() - started) / len(pairs)
+    return [
+        TrialRecord(
+            condition_key=condition.key,
+            trial=trial,
+            study=condition.study,
+            format=condition.format,
+            protection=condition.protection,
+            ber=condition.ber,
+            bit=condition.bit,
+            n_bits=target.n_bits,
+            flips=injection.flips,
+            masked_words=decoder_masked[i] + injection.masked,
+            samples=len(experiment.inputs),
+            correct=int(correct[i]),
+            fault_free_correct=experiment.correct,
+            top1_changed=int(changed[i]),
+            nonfinite_samples=int(nonfinite[i]),
+            outcome=outcomes[i],
+            inject_seconds=own[i] + shared,
+            inference_seconds=inference[i],
+        )
+        for i, ((condition, trial), target, injection, experiment) in enumerate(
+            zip(pairs, targets, injections, experiments)
+        )
+    ]
 
 
 def _attribute(node: onnx.NodeProto, name: str) -> object:
