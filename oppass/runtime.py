@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import tempfile
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
 
 import onnx
@@ -29,13 +30,16 @@ def custom_op_library() -> str:
     return str(path)
 
 
-def session_options(threads: int | None = None) -> ort.SessionOptions:
-    """onnxruntime SessionOptions with the ParityCheckUnpack library registered."""
+def session_options(threads: int | None = None, config: Mapping[str, str] | None = None) -> ort.SessionOptions:
+    """onnxruntime SessionOptions with the ParityCheckUnpack library registered, `threads` intra-op
+    threads and the session config entries `config` (e.g. {"session.intra_op.allow_spinning": "0"})."""
     options = ort.SessionOptions()
     options.register_custom_ops_library(custom_op_library())
     if threads is not None:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
+    for key, value in (config or {}).items():
+        options.add_session_config_entry(key, value)
     return options
 
 
@@ -43,6 +47,7 @@ def load_session(
     model: onnx.ModelProto | str | os.PathLike,
     *,
     threads: int | None = None,
+    config: Mapping[str, str] | None = None,
     fold_load_checks: bool = True,
 ) -> ort.InferenceSession:
     """An onnxruntime session for a (protected or plain) model.
@@ -56,7 +61,7 @@ def load_session(
     load_checked = [i for i, n in enumerate(proto.graph.node) if _is_decode(n) and _check_mode(n) == "load"]
     if fold_load_checks and load_checked:
         proto = _fold_decode_nodes(proto, load_checked, threads)
-    return ort.InferenceSession(proto.SerializeToString(), session_options(threads))
+    return ort.InferenceSession(proto.SerializeToString(), session_options(threads, config))
 
 
 def optimize_for_cpu(model: onnx.ModelProto | str | os.PathLike) -> onnx.ModelProto:

@@ -117,6 +117,21 @@ def test_digits_cnn_equals_adjusted_reference(digits: tuple[onnx.ModelProto, np.
     assert_matches_adjusted_reference(model, {"image": inputs})
 
 
+@pytest.mark.parametrize("check", ["runtime", "load"])
+def test_load_session_applies_threads_and_config_entries(digits: tuple[onnx.ModelProto, np.ndarray, np.ndarray],
+                                                         check: str) -> None:
+    model, inputs, _ = digits
+    protected = graph.transform(model, check=check)
+    session = runtime.load_session(protected, threads=1, config={"session.intra_op.allow_spinning": "0"})
+    options = session.get_session_options()
+    assert options.intra_op_num_threads == 1
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    default = runtime.load_session(protected, threads=1)
+    with pytest.raises(RuntimeError, match="does not have configuration"):  # unset: onnxruntime's default
+        default.get_session_options().get_session_config_entry("session.intra_op.allow_spinning")
+    assert session.run(None, {"image": inputs})[0].tobytes() == default.run(None, {"image": inputs})[0].tobytes()
+
+
 @pytest.mark.parametrize(("weight", "index"), WRECKING_FLIPS)
 def test_exponent_msb_flip_is_masked_in_the_protected_cnn_and_wrecks_the_plain_one(
     digits: tuple[onnx.ModelProto, np.ndarray, np.ndarray], weight: str, index: int
