@@ -85,7 +85,8 @@ def _dask_client(scheduler: str, workers: int | None) -> Iterator[object]:
         n_workers = workers or os.cpu_count() or 1
         # Dask's profiler samples every worker's stacks every 10 ms, taking CPU time from the trials. Tasks are
         # few, small and known up front, so each worker may hold its next one instead of idling a round trip.
-        settings = {"distributed.worker.profile.enabled": False, "distributed.scheduler.worker-saturation": float("inf")}
+        settings = {"distributed.worker.profile.enabled": False,
+                    "distributed.scheduler.worker-saturation": float("inf")}
         with dask.config.set(settings):
             cluster = LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True, dashboard_address=":0")
         with cluster, Client(cluster) as client:

@@ -7,10 +7,10 @@ A session reads its packed weights from numpy buffers handed to onnxruntime with
 and flips them back; the session is never rebuilt.
 
 A task (trials of one model variant) runs in bursts: draw and prepare every trial's flips,
-then inject, run and restore trial by trial, then score all outputs at once. numpy code
-runs several times faster away from the inferences, which evict it from the CPU caches. A trial's `inference_seconds` is its `session.run`; its
-`inject_seconds` is the rest of its work (its inject and restore, and an even share of the
-burst's seeding, drawing and scoring), not the one-off cache fills.
+then inject, run and restore trial by trial, then score all outputs at once, so that the
+work between two inferences is a few numpy calls. A trial's `inference_seconds` is its
+`session.run`; its `inject_seconds` is the rest of its work (its inject and restore, and an
+even share of the burst's seeding, drawing and scoring), not the one-off cache fills.
 """
 
 from __future__ import annotations
@@ -92,7 +92,8 @@ class VariantSession:
     """One protected (or plain) build of the model with its packed weights in live numpy buffers."""
 
     def __init__(self, model: onnx.ModelProto) -> None:
-        decoders = [node for node in model.graph.node if node.domain == runtime.DOMAIN and node.op_type == runtime.OP_TYPE]
+        decoders = [node for node in model.graph.node
+                    if node.domain == runtime.DOMAIN and node.op_type == runtime.OP_TYPE]
         if not decoders:
             raise OppassError("the model has no Conv/Gemm weight initializers to inject faults into")
         initializers = {tensor.name: tensor for tensor in model.graph.initializer}
