@@ -56,6 +56,7 @@ def load_session(
     C kernel, which checks parity and masks corrupted words, and their results replace
     them as constant initializers: the consumers then get onnxruntime's weight
     prepacking exactly as in the unprotected model. Runtime-mode nodes are left alone.
+    `threads` and `config` are as in `session_options`.
     """
     proto = model if isinstance(model, onnx.ModelProto) else load_model(model)
     load_checked = [i for i, n in enumerate(proto.graph.node) if _is_decode(n) and _check_mode(n) == "load"]
