@@ -14,15 +14,17 @@ import numpy as np
 from oppass.errors import OppassError
 
 
-def draw_flip_positions(rng: np.random.Generator, n_bits: int, ber: float) -> np.ndarray:
-    """Sorted distinct int64 bit positions in [0, n_bits): Binomial(n_bits, ber) of them, uniformly drawn."""
+def draw_flip_positions(rng: np.random.Generator, n_bits: int, ber: float, *, sort: bool = True) -> np.ndarray:
+    """Distinct int64 bit positions in [0, n_bits): Binomial(n_bits, ber) of them, uniformly drawn; sorted
+    unless `sort` is False (the same set either way: sorting draws nothing from `rng`)."""
     if n_bits < 0:
         raise OppassError(f"number of bits must be non-negative, got {n_bits}")
     if not 0.0 <= ber <= 1.0:
         raise OppassError(f"bit error rate must be between 0 and 1, got {ber}")
     count = int(rng.binomial(n_bits, ber))
     positions = rng.choice(n_bits, size=count, replace=False) if count else np.empty(0, dtype=np.int64)
-    return np.sort(positions.astype(np.int64, copy=False))
+    positions = positions.astype(np.int64, copy=False)
+    return np.sort(positions) if sort else positions
 
 
 def flip_bits(buffers: Sequence[np.ndarray], positions: np.ndarray) -> None:

@@ -18,6 +18,7 @@ from typing import Protocol
 
 import numpy as np
 
+from oppass import faults
 from oppass.campaign import ecc
 
 # A dense mask costs ~0.05 ns per stored bit, sparse flips ~30 ns each (sorting included): dense above 1 in 512.
@@ -57,12 +58,6 @@ class FaultTarget(Protocol):
     def restore(self, injection: Injection) -> None:
         """Undoes `inject(injection)`."""
         ...
-
-
-def draw_positions(rng: np.random.Generator, n_bits: int, ber: float) -> np.ndarray:
-    """The flips `faults.draw_flip_positions` draws from `rng` (the same set, same generator use), unsorted."""
-    count = int(rng.binomial(n_bits, ber))
-    return rng.choice(n_bits, size=count, replace=False) if count else np.empty(0, dtype=np.int64)
 
 
 def _dense(flips: int, n_bits: int) -> bool:
@@ -112,7 +107,7 @@ class StoredBits:
         self.n_bits = int(self.stream_bit_ends[-1]) if weights.sizes.size else 0
 
     def plan(self, rng: np.random.Generator, ber: float) -> Injection:
-        return self.prepare(draw_positions(rng, self.n_bits, ber))
+        return self.prepare(faults.draw_flip_positions(rng, self.n_bits, ber, sort=False))
 
     def prepare(self, positions: np.ndarray) -> Injection:
         """The injection flipping stream bits `positions` (distinct)."""
@@ -155,7 +150,8 @@ class BitPosition:
         self.n_bits = stored.n_bits // weight_bits
 
     def plan(self, rng: np.random.Generator, ber: float) -> Injection:
-        return self.stored.prepare(draw_positions(rng, self.n_bits, ber) * self.weight_bits + self.bit)
+        weights = faults.draw_flip_positions(rng, self.n_bits, ber, sort=False)
+        return self.stored.prepare(weights * self.weight_bits + self.bit)
 
     def inject(self, injection: Injection) -> None:
         self.stored.inject(injection)
@@ -180,7 +176,7 @@ class EccProtected:
         self.n_bits = int(self.data.size) * ecc.CODEWORD_BITS
 
     def plan(self, rng: np.random.Generator, ber: float) -> Injection:
-        return self.prepare(draw_positions(rng, self.n_bits, ber))
+        return self.prepare(faults.draw_flip_positions(rng, self.n_bits, ber, sort=False))
 
     def prepare(self, positions: np.ndarray) -> Injection:
         """The injection flipping codeword bits `positions` (distinct): the touched words as decoded."""

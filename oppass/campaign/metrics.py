@@ -8,18 +8,20 @@ MASKED, TOLERATED, SDC, NONFINITE = "masked", "tolerated", "sdc", "nonfinite"
 OUTCOMES = (MASKED, TOLERATED, SDC, NONFINITE)
 
 
-def correct(logits: np.ndarray, labels: np.ndarray | None, reference_top1: np.ndarray, metric: str) -> np.ndarray:
-    """Bool per sample: label in the top k (top1/top5), or top-1 equal to the fault-free top-1 (golden)."""
-    if metric == "golden":
-        return top1(logits) == reference_top1
-    k = 5 if metric == "top5" else 1
-    best = np.argpartition(-logits, k - 1, axis=1)[:, :k] if k > 1 else top1(logits)[:, None]
-    return (best == labels[:, None]).any(axis=1)
+def correct(
+    logits: np.ndarray, labels: np.ndarray | None, reference_top1: np.ndarray, metric: str, class_axis: int = 1
+) -> np.ndarray:
+    """Bool per sample: label in the top k (top1/top5), or top-1 equal to the fault-free top-1 (golden).
+    `class_axis` is the class axis of `logits` (2 when several runs are stacked in front)."""
+    if metric == "top5":
+        best = np.take(np.argpartition(-logits, 4, axis=class_axis), range(5), axis=class_axis)
+        return (best == np.expand_dims(labels, class_axis)).any(axis=class_axis)
+    return top1(logits, class_axis) == (reference_top1 if metric == "golden" else labels)
 
 
-def top1(logits: np.ndarray) -> np.ndarray:
+def top1(logits: np.ndarray, class_axis: int = 1) -> np.ndarray:
     """Index of the largest output per sample (NaN counts as largest, as numpy's argmax does)."""
-    return logits.argmax(axis=1)
+    return logits.argmax(axis=class_axis)
 
 
 def score(
@@ -34,17 +36,13 @@ def score(
     TOLERATED otherwise.
     """
     runs, samples = logits.shape[:2]
-    predicted = logits.argmax(axis=2)
+    predicted = top1(logits, class_axis=2)
     changed = np.count_nonzero(predicted != reference_top1, axis=1)
     finite = np.isfinite(logits)
     nonfinite = np.zeros(runs, dtype=np.int64)
     if not finite.all():  # reducing along the short class axis is slow: only when needed
         nonfinite = np.count_nonzero(~finite.reshape(runs, samples, -1).all(axis=2), axis=1)
-    if metric == "top5":
-        best = np.argpartition(-logits, 4, axis=2)[:, :, :5]
-        hits = np.count_nonzero((best == labels[:, :, None]).any(axis=2), axis=1)
-    else:
-        hits = np.count_nonzero(predicted == (reference_top1 if metric == "golden" else labels), axis=1)
+    hits = np.count_nonzero(correct(logits, labels, reference_top1, metric, class_axis=2), axis=1)
     equal = (logits == reference).reshape(runs, -1).all(axis=1)
     outcomes = np.where(nonfinite > 0, NONFINITE, np.where(changed > 0, SDC, np.where(equal, MASKED, TOLERATED)))
     return hits, changed, nonfinite, outcomes.tolist()
