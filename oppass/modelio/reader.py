@@ -176,6 +176,12 @@ def _first_line(error: BaseException) -> str:
     return text.splitlines()[0]
 
 
+def _short(text: str, limit: int = 300) -> str:
+    """`text` without a final full stop, cut to `limit` characters (a location may be as long as a file)."""
+    text = text.rstrip(".")
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 # ----------------------------------------------------------------------------- external data
 
 
@@ -219,11 +225,11 @@ def _open_data_file(root: Path, location: str, tensor_name: str) -> BinaryIO:
     location with NUL would name different files to different tools; oppass refuses it.
     """
     if "\0" in location:
-        raise OppassError(f"external data of tensor {tensor_name!r} has an invalid location: {location!r}")
+        raise OppassError(f"external data of tensor {tensor_name!r} has an invalid location: {_short(repr(location))}")
     try:
         descriptor = external_data_helper._open_external_data_fd(str(root), location, tensor_name, True)
     except (onnx.checker.ValidationError, OSError, RuntimeError, ValueError) as error:
-        raise OppassError(f"external data of tensor {tensor_name!r} is refused ({_first_line(error).rstrip('.')}): "
+        raise OppassError(f"external data of tensor {tensor_name!r} is refused ({_short(_first_line(error))}): "
                           "it must be a regular file inside the model's folder") from None
     return os.fdopen(descriptor, "rb")
 
