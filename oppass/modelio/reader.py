@@ -3,13 +3,13 @@
 `read_model` walks the file's protobuf fields (`wire`) and parses the model without the
 raw data of its large main-graph initializers: each becomes ordinary ONNX external data
 pointing into the model's own file (location = the file's name, offset, length), so the
-skeleton is a model onnx's loader and checker, onnxruntime and onnx-ir read as it is from
-the model's folder. With `defer=True` those bytes stay in the file until asked
+skeleton, stored beside the model, is a model onnx's checker and loader and onnxruntime
+read (tests/test_modelio.py). With `defer=True` those bytes stay in the file until asked
 (`ModelFile`); otherwise they are read into the model one tensor at a time.
 
-External data is resolved relative to the model's folder with onnx's own checks (see
-`_open_data_file`); the model file itself is the one exception (see `ModelFile`).
-"""
+External data is opened relative to the model's folder with onnx's own checks (see
+`_open_data_file`); the references `read_model` made itself are the one exception (see
+`ModelFile`)."""
 
 from __future__ import annotations
 
@@ -42,10 +42,11 @@ class ModelFile:
     `source` to `save_model`, which copies them from the files.
 
     A location equal to the model file's own name is read from `path`, the file `read_model`
-    read, as given: `read_model` deferred those bytes itself, from offsets it walked, and a
-    model that names its own file in its external data had that reference checked like any
-    data file when read. This keeps a model reached through a symlink (whose target onnx's
-    checks refuse as external data) readable.
+    read, without onnx's path checks: `read_model` made most such references itself, from
+    offsets it walked in that file, and checked the others (a model naming its own file in
+    its external data) like any data file. So a model reached through a symlink or with
+    several hard links, which onnx's checks refuse as external data, is still read; only
+    for such a model (or a file name with `..`) onnx's tools refuse the deferred skeleton.
     """
 
     model: onnx.ModelProto
@@ -75,7 +76,10 @@ class ModelFile:
         tensor.raw_data = raw
 
     def stored_length(self, tensor: onnx.TensorProto) -> int:
-        """How many bytes of an external tensor of this model are in the files."""
+        """How many bytes of an external tensor of this model are in the files (reading them checks they are)."""
+        length = _external_info(tensor).length
+        if length is not None:
+            return length
         stored = self._open(tensor)
         stored.stream.close()
         return stored.length
@@ -115,7 +119,7 @@ class ModelFile:
             path = root / info.location
             stream = _open_data_file(root, info.location, tensor.name)
         try:
-            offset, length = _span(stream, path, info, tensor.name, "changed while read?")
+            offset, length = _span(os.fstat(stream.fileno()).st_size, path, info, tensor.name, "changed while read?")
         except BaseException:
             stream.close()
             raise
@@ -186,24 +190,25 @@ def _short(text: str, limit: int = 300) -> str:
 
 
 def _check_external_data(model: onnx.ModelProto, model_path: Path, deferred: frozenset[int]) -> tuple[Path, ...]:
-    """The data files of the model's external tensors, each opened and checked once.
+    """The data files of the model's external tensors, after checking each file and each tensor's span in it.
 
     `deferred`: the main-graph initializers (by index) that `read_model` itself made
     external data in the model file; every other external tensor is the file's own claim
-    and is checked with `_open_data_file` and `_span`, whatever its location.
+    and is checked with `_open_data_file` (once per location) and `_span`, whatever its location.
     """
     root = model_path.parent.resolve()
-    files = []
+    files: dict[str, tuple[Path, int]] = {}  # location: the file, resolved, and its size
     for index, tensor in enumerate(all_tensors(model)):  # the main graph's initializers come first
         if index in deferred or not external_data_helper.uses_external_data(tensor):
             continue
         info = _external_info(tensor)
-        with _open_data_file(root, info.location, tensor.name) as stream:
-            data_path = (root / info.location).resolve()  # onnx's checks allowed no symlink on the way
-            _span(stream, data_path, info, tensor.name, "truncated?")
-        if data_path not in files:
-            files.append(data_path)
-    return tuple(files)
+        if info.location not in files:
+            with _open_data_file(root, info.location, tensor.name) as stream:
+                # onnx's checks allowed no symlink on the way: resolving only makes the path canonical
+                files[info.location] = (root / info.location).resolve(), os.fstat(stream.fileno()).st_size
+        data_path, size = files[info.location]
+        _span(size, data_path, info, tensor.name, "truncated?")
+    return tuple(dict.fromkeys(path for path, _ in files.values()))
 
 
 def _external_info(tensor: onnx.TensorProto) -> external_data_helper.ExternalDataInfo:
@@ -234,14 +239,13 @@ def _open_data_file(root: Path, location: str, tensor_name: str) -> BinaryIO:
     return os.fdopen(descriptor, "rb")
 
 
-def _span(stream: BinaryIO, path: Path, info: external_data_helper.ExternalDataInfo, tensor_name: str,
+def _span(size: int, path: Path, info: external_data_helper.ExternalDataInfo, tensor_name: str,
           hint: str) -> tuple[int, int]:
-    """Offset and length of a tensor's bytes in `stream`, after checking the file holds them.
+    """Offset and length of a tensor's bytes in the file `path` of `size` bytes, after checking it holds them.
 
     The rule onnx's loader applies while it reads a tensor, here also before reading and
     before streaming a copy; `hint` ends the message.
     """
-    size = os.fstat(stream.fileno()).st_size
     offset = info.offset or 0
     length = max(size - offset, 0) if info.length is None else info.length
     if offset + length > size:
