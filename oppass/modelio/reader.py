@@ -221,13 +221,15 @@ def _external_info(tensor: onnx.TensorProto) -> external_data_helper.ExternalDat
 def _open_data_file(root: Path, location: str, tensor_name: str) -> BinaryIO:
     """The external data file `location` of the model folder `root`, opened with onnx's checks.
 
-    onnx (as its loader does) refuses an empty or absolute location, one with `..`, a
-    symlink anywhere on the way, a file outside `root` once resolved, one that is not a
-    regular file (missing, a folder, a FIFO) and one with more than one hard link, and opens
-    it without following symlinks (openat2 RESOLVE_BENEATH where the kernel has it), so the
-    file checked is the file read. It does not refuse NUL: its C++ side stops the path at
-    the first NUL (a location `w.data` NUL `x` opens `w.data`) while Python refuses such paths, so a
-    location with NUL would name different files to different tools; oppass refuses it.
+    onnx (the same function its loader uses) refuses an empty or absolute location, one
+    whose normal form has `..` anywhere (even `w..data`), a symlink as the file (and, with
+    openat2, anywhere below `root`), a file outside `root` once resolved, one that is not a
+    regular file (missing, a folder, a FIFO) and one with several hard links, then opens it
+    without following symlinks and checks the open file is the one it checked. That is all
+    the hand-written checks did and more, but for NUL: onnx's C++ side stops the path at the
+    first NUL (`w.data` NUL `x` opens `w.data`) where Python refuses such a path, so a location
+    with NUL names different files to different tools, and oppass refuses it. The bounds of a
+    tensor in the file are `_span`'s.
     """
     if "\0" in location:
         raise OppassError(f"external data of tensor {tensor_name!r} has an invalid location: {_short(repr(location))}")
