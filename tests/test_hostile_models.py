@@ -188,7 +188,7 @@ def test_the_newest_onnx_opset_is_protected_even_when_onnxruntime_cannot_run_it(
 def test_a_weight_with_the_wrong_number_of_bytes_is_a_one_line_error(
     defer_threshold: int, tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(modelio, "DEFER_THRESHOLD", defer_threshold)  # read from the file, or parsed with the model
+    monkeypatch.setattr(modelio.reader, "DEFER_THRESHOLD", defer_threshold)  # read from the file, or with the model
     model = conv_model(17)
     model.graph.initializer[0].raw_data = model.graph.initializer[0].raw_data[:-4]
     path = write(model, tmp_path / "short.onnx")
@@ -199,7 +199,7 @@ def test_a_weight_with_the_wrong_number_of_bytes_is_a_one_line_error(
 def test_a_model_reached_through_a_symlink_is_read_from_its_target(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
-    monkeypatch.setattr(modelio, "DEFER_THRESHOLD", 1)  # the weights are read from the file after the model
+    monkeypatch.setattr(modelio.reader, "DEFER_THRESHOLD", 1)  # the weights are read from the file after the model
     (tmp_path / "real").mkdir()
     (tmp_path / "links").mkdir()
     model = conv_model(17)
