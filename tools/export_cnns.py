@@ -3,11 +3,11 @@
     python tools/export_cnns.py --out DIR [--models resnet50,mobilenet_v2,squeezenet1_0]
 
 Each model comes from tools/cnn_architectures.py (plain torch; its docstring gives the
-initialisation) built after `torch.manual_seed(SEED)`, is exported in eval mode by torch's
-TorchScript exporter (`dynamo=False`, which needs no onnxscript; opset 17, input `input`
-float32 [N, 3, 224, 224] with a dynamic batch, output `output`, all weights as initializers
-in the .onnx file itself) and checked by running it in onnxruntime against the torch output.
-Writes DIR/<name>.onnx.
+initialisation) built after `torch.manual_seed(SEED)`, has its parameters counted against
+the paper's network, is exported in eval mode by torch's TorchScript exporter (`dynamo=False`,
+which needs no onnxscript; opset 17, input `input` float32 [N, 3, 224, 224] with a dynamic
+batch, output `output`, all weights as initializers in the .onnx file itself) and is checked
+by running it in onnxruntime against the torch output. Writes DIR/<name>.onnx.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling tools/cnn_architectures.py, also under -P
 
-from cnn_architectures import ARCHITECTURES, build  # noqa: E402
+from cnn_architectures import ARCHITECTURES, PARAMETER_COUNTS, build, parameter_count  # noqa: E402
 
 SEED = 0
 OPSET = 17
@@ -50,6 +50,9 @@ def export_torchscript(model: torch.nn.Module, example: torch.Tensor, path: Path
 def export(name: str, path: Path) -> None:
     """Export model `name` to `path`, with Identity-shared initializers inlined, and check it."""
     model = build(name, SEED)
+    count, expected = parameter_count(model), PARAMETER_COUNTS[name]
+    if count != expected:
+        raise SystemExit(f"{name}: {count:,} parameters where the paper's network has {expected:,}")
     example = torch.rand(INPUT_SHAPE, generator=torch.Generator().manual_seed(SEED))
     export_torchscript(model, example, path)
     proto = onnx.load(str(path))
