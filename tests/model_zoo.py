@@ -1,20 +1,21 @@
 """Model files for tests, made on first use and cached (no tests in this module).
 
-- `torchvision_model(name)`: a torchvision CNN with seeded random weights, exported by
-  tools/export_torchvision.py in a subprocess. The interpreter is $OPPASS_TORCH_PYTHON or
-  the current one (the test extra installs torch + torchvision); `has_torchvision()` tells
-  whether it can export, for skip markers.
+- `paper_cnn(name)`: one of the paper's CNNs (`PAPER_CNNS`: ResNet50, MobileNetV2,
+  SqueezeNet 1.0) with seeded random weights, built by tools/cnn_architectures.py and
+  exported by tools/export_cnns.py, all three in one subprocess (torch imports once). The
+  interpreter is $OPPASS_TORCH_PYTHON or the current one (the test extra installs a CPU
+  build of torch).
 - `pretrained_model(name)`: a real pretrained CNN from a PyPI wheel (tools/pretrained_models.py).
 - `quantized_digits_model()`: the bundled digits CNN after onnxruntime `quantize_dynamic`
   (ConvInteger / MatMulInteger with uint8 weights).
 
 Files live in $OPPASS_CACHE_DIR or ~/.cache/oppass/models, keyed by model name plus a
-hash of what made them, so a changed export script or model re-exports.
+hash of what made them, so a changed export script, architecture or model re-exports.
 """
 
 from __future__ import annotations
 
-import functools
+import hashlib
 import importlib.util
 import os
 import subprocess
@@ -23,7 +24,10 @@ import tempfile
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-EXPORT_SCRIPT = REPO_ROOT / "tools" / "export_torchvision.py"
+EXPORT_SCRIPT = REPO_ROOT / "tools" / "export_cnns.py"
+ARCHITECTURES_SCRIPT = REPO_ROOT / "tools" / "cnn_architectures.py"
+PAPER_CNNS = ("resnet50", "mobilenet_v2", "squeezenet1_0")
+EXPORTED = "exported.txt"  # written, with the export's summary, once all of PAPER_CNNS are in its folder
 PRETRAINED_SCRIPT = REPO_ROOT / "tools" / "pretrained_models.py"
 TORCH_PYTHON_ENV = "OPPASS_TORCH_PYTHON"
 MODULE_NAME = "oppass_tools_pretrained_models"
@@ -46,21 +50,16 @@ PRETRAINED_NAMES = tuple(_pretrained.CATALOG)
 
 
 def torch_python() -> str:
-    """Interpreter that runs the torchvision export: $OPPASS_TORCH_PYTHON or this one."""
+    """Interpreter that runs the torch export: $OPPASS_TORCH_PYTHON or this one."""
     return os.environ.get(TORCH_PYTHON_ENV) or sys.executable
 
 
-@functools.cache
-def has_torchvision() -> bool:
-    """Whether torch_python() can import torch and torchvision (checked without importing them)."""
-    probe = "import importlib.util as u, sys; sys.exit(not (u.find_spec('torch') and u.find_spec('torchvision')))"
-    return subprocess.run([torch_python(), "-c", probe], check=False).returncode == 0
-
-
-def torchvision_model(name: str) -> Path:
-    """Cached ONNX export of torchvision model `name` (e.g. "resnet50"), random seeded weights."""
-    key = f"{name}-{_pretrained.file_digest(EXPORT_SCRIPT)[:12]}"
-    return cached(key, f"{name}.onnx", lambda partial: _export_torchvision(name, partial))
+def paper_cnn(name: str) -> Path:
+    """Cached ONNX export of the paper's CNN `name` (one of `PAPER_CNNS`), random seeded weights."""
+    if name not in PAPER_CNNS:
+        raise ValueError(f"no paper CNN {name!r}: choose one of {', '.join(PAPER_CNNS)}")
+    digest = hashlib.sha256(EXPORT_SCRIPT.read_bytes() + ARCHITECTURES_SCRIPT.read_bytes()).hexdigest()
+    return cached(f"paper_cnns-{digest[:12]}", EXPORTED, _export_paper_cnns).parent / f"{name}.onnx"
 
 
 def quantized_digits_model() -> Path:
@@ -69,11 +68,13 @@ def quantized_digits_model() -> Path:
     return cached(f"digits_cnn_uint8-{digest}", "digits_cnn_uint8.onnx", _pretrained.quantized_digits_model)
 
 
-def _export_torchvision(name: str, destination: Path) -> None:
-    """Run tools/export_torchvision.py for one model and move its file to `destination`."""
-    with tempfile.TemporaryDirectory(dir=destination.parent) as folder:
-        command = [torch_python(), str(EXPORT_SCRIPT), "--out", folder, "--models", name]
+def _export_paper_cnns(marker: Path) -> None:
+    """Run tools/export_cnns.py once for all `PAPER_CNNS`, move the files next to `marker`, then write it."""
+    with tempfile.TemporaryDirectory(dir=marker.parent) as folder:
+        command = [torch_python(), str(EXPORT_SCRIPT), "--out", folder, "--models", ",".join(PAPER_CNNS)]
         result = subprocess.run(command, capture_output=True, text=True, check=False)
         if result.returncode != 0:
-            raise RuntimeError(f"exporting {name} failed: {result.stderr.strip().splitlines()[-1:]}")
-        os.replace(Path(folder) / f"{name}.onnx", destination)
+            raise RuntimeError(f"exporting {', '.join(PAPER_CNNS)} failed: {result.stderr.strip().splitlines()[-1:]}")
+        for name in PAPER_CNNS:
+            os.replace(Path(folder) / f"{name}.onnx", marker.parent / f"{name}.onnx")
+    marker.write_text(result.stdout.replace(f"{folder}/", ""))

@@ -12,7 +12,7 @@ from pathlib import Path
 import model_zoo
 import pytest
 
-pytestmark = pytest.mark.models
+pytestmark = [pytest.mark.models, pytest.mark.slow]
 
 WRITES = 3
 
@@ -33,7 +33,7 @@ def wait_for_partial_write(folder: Path, destination: Path, process: subprocess.
 
 def test_transform_killed_mid_write_leaves_no_output_and_the_input_untouched(tmp_path: Path) -> None:
     source = tmp_path / "resnet50.onnx"
-    source.write_bytes(model_zoo.torchvision_model("resnet50").read_bytes())
+    source.write_bytes(model_zoo.paper_cnn("resnet50").read_bytes())
     source_digest = hashlib.sha256(source.read_bytes()).hexdigest()
     for attempt in range(WRITES):
         destination = tmp_path / f"protected{attempt}.onnx"

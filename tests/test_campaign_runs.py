@@ -72,6 +72,7 @@ def test_a_trial_replays_alone_in_a_fresh_process_cache(tmp_path: Path) -> None:
         dataclasses.replace(original, inject_seconds=0, inference_seconds=0)
 
 
+@pytest.mark.slow
 def test_local_cluster_with_one_or_two_workers_matches_serial(tmp_path: Path) -> None:
     serial = run_campaign(small_config(tmp_path / "serial"))
     one = run_campaign(small_config(tmp_path / "one", scheduler="local", workers=1))
@@ -103,6 +104,7 @@ run_campaign(CampaignConfig(model=Path(sys.argv[1]), data="digits", out=Path(sys
 """
 
 
+@pytest.mark.slow
 def test_campaign_killed_several_times_resumes_to_the_uninterrupted_result(tmp_path: Path) -> None:
     """SIGKILL at three random points, resuming in between: no trial lost, none counted twice."""
     killed_dir, clean_dir = tmp_path / "killed", tmp_path / "clean"
@@ -124,6 +126,7 @@ def test_campaign_killed_several_times_resumes_to_the_uninterrupted_result(tmp_p
     assert _summary_without_timing(killed_dir) == _summary_without_timing(clean_dir)
 
 
+@pytest.mark.slow
 def test_a_dask_worker_killed_mid_run_loses_and_duplicates_no_trial(tmp_path: Path) -> None:
     from distributed import Client, LocalCluster
 

@@ -1,5 +1,5 @@
-"""End to end on real networks: the paper's three architectures (torchvision exports with random
-weights), the bundled digits CNN, and pretrained CNNs shipped inside PyPI packages.
+"""End to end on real networks: the paper's three architectures (tools/cnn_architectures.py with
+random weights, exported from torch), the bundled digits CNN, and pretrained CNNs shipped inside PyPI packages.
 
 Every protected model must pass the full ONNX check, run in onnxruntime with the kernel, and
 give exactly (bit for bit) the output of the original model run with the OP-adjusted weights.
@@ -26,7 +26,6 @@ from oppass import faults, graph, runtime
 pytestmark = pytest.mark.models
 
 EXAMPLES = Path(graph.__file__).parent / "examples"
-TORCHVISION = ("resnet50", "mobilenet_v2", "squeezenet1_0")
 EXPONENT_MSB = 30
 # (weight, flat index) of positive stored weights whose exponent-MSB flip wrecks the plain CNN.
 WRECKING_FLIPS = (("conv1.weight", 0), ("conv1.weight", 100), ("conv2.weight", 7), ("conv2.weight", 100),
@@ -55,28 +54,27 @@ def assert_matches_adjusted_reference(model: onnx.ModelProto, feeds: dict[str, n
     assert [a.tobytes() for a in actual] == [e.tobytes() for e in expected]
 
 
-@pytest.fixture(scope="module", params=TORCHVISION)
-def torchvision_model(request: pytest.FixtureRequest) -> onnx.ModelProto:
-    return onnx.load(model_zoo.torchvision_model(request.param))
+@pytest.fixture(scope="module", params=[pytest.param(name, marks=[pytest.mark.slow] if name == "resnet50" else [])
+                                        for name in model_zoo.PAPER_CNNS])
+def paper_cnn(request: pytest.FixtureRequest) -> onnx.ModelProto:
+    return onnx.load(model_zoo.paper_cnn(request.param))
 
 
-def test_torchvision_runtime_check_equals_adjusted_reference(torchvision_model: onnx.ModelProto) -> None:
-    assert_matches_adjusted_reference(torchvision_model, random_feeds(torchvision_model, (1, 3, 224, 224)))
+def test_paper_cnn_runtime_check_equals_adjusted_reference(paper_cnn: onnx.ModelProto) -> None:
+    assert_matches_adjusted_reference(paper_cnn, random_feeds(paper_cnn, (1, 3, 224, 224)))
 
 
-def test_torchvision_load_check_equals_adjusted_reference_with_default_options(
-    torchvision_model: onnx.ModelProto,
-) -> None:
-    protected = graph.transform(torchvision_model, check="load")
-    reference = adjusted_reference(torchvision_model, protected_names(protected), "keep", str(WORD_BITS), "word-lsb")
-    feeds = random_feeds(torchvision_model, (2, 3, 224, 224))
+def test_paper_cnn_load_check_equals_adjusted_reference_with_default_options(paper_cnn: onnx.ModelProto) -> None:
+    protected = graph.transform(paper_cnn, check="load")
+    reference = adjusted_reference(paper_cnn, protected_names(protected), "keep", str(WORD_BITS), "word-lsb")
+    feeds = random_feeds(paper_cnn, (2, 3, 224, 224))
     expected = ort.InferenceSession(reference.SerializeToString()).run(None, feeds)[0]
     assert runtime.load_session(protected).run(None, feeds)[0].tobytes() == expected.tobytes()
 
 
 @pytest.mark.parametrize("fmt", ["bf16", "fp16", "int8"])
 def test_squeezenet_in_narrow_formats_runs_close_to_fp32(fmt: str) -> None:
-    model = onnx.load(model_zoo.torchvision_model("squeezenet1_0"))
+    model = onnx.load(model_zoo.paper_cnn("squeezenet1_0"))
     feeds = random_feeds(model, (1, 3, 224, 224))
     protected = graph.transform(model, format=fmt)
     onnx.checker.check_model(protected, full_check=True)

@@ -1,17 +1,19 @@
-"""Export torchvision CNNs with seeded random weights to self-contained ONNX files.
+"""Export the paper's CNNs with seeded random weights to self-contained ONNX files.
 
-    python tools/export_torchvision.py --out DIR [--models resnet50,mobilenet_v2,squeezenet1_0]
+    python tools/export_cnns.py --out DIR [--models resnet50,mobilenet_v2,squeezenet1_0]
 
-Each model is built with `weights=None` after `torch.manual_seed(SEED)`, exported in eval
-mode (opset 17, input `input` float32 [N, 3, 224, 224] with a dynamic batch, output
-`output`, all weights as initializers in the .onnx file itself) and checked by running
-it in onnxruntime against the torch output. The TorchScript exporter is tried first, the
-dynamo exporter is the fallback. Writes DIR/<name>.onnx.
+Each model comes from tools/cnn_architectures.py (plain torch; its docstring gives the
+initialisation) built after `torch.manual_seed(SEED)`, has its parameters counted against
+the paper's network, is exported in eval mode by torch's TorchScript exporter (`dynamo=False`,
+which needs no onnxscript; opset 17, input `input` float32 [N, 3, 224, 224] with a dynamic
+batch, output `output`, all weights as initializers in the .onnx file itself) and is checked
+by running it in onnxruntime against the torch output. Writes DIR/<name>.onnx.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 
@@ -19,23 +21,19 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
-import torchvision
 
-MODELS = ("resnet50", "mobilenet_v2", "squeezenet1_0")
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling tools/cnn_architectures.py, also under -P
+
+from cnn_architectures import ARCHITECTURES, PARAMETER_COUNTS, build, parameter_count  # noqa: E402
+
 SEED = 0
 OPSET = 17
 INPUT_SHAPE = (1, 3, 224, 224)
 TOLERANCE = 1e-3
 
 
-def build(name: str) -> torch.nn.Module:
-    """torchvision model `name` with seeded random weights, in eval mode."""
-    torch.manual_seed(SEED)
-    return torchvision.models.get_model(name, weights=None).eval()
-
-
 def export_torchscript(model: torch.nn.Module, example: torch.Tensor, path: Path) -> None:
-    """Legacy TorchScript exporter, batch dimension dynamic."""
+    """TorchScript exporter, batch dimension dynamic."""
     torch.onnx.export(
         model,
         (example,),
@@ -49,37 +47,18 @@ def export_torchscript(model: torch.nn.Module, example: torch.Tensor, path: Path
     )
 
 
-def export_dynamo(model: torch.nn.Module, example: torch.Tensor, path: Path) -> None:
-    """torch.export-based exporter, batch dimension dynamic, weights embedded."""
-    torch.onnx.export(
-        model,
-        (example,),
-        str(path),
-        opset_version=OPSET,
-        input_names=["input"],
-        output_names=["output"],
-        dynamic_shapes=({0: torch.export.Dim("N")},),
-        external_data=False,
-        dynamo=True,
-    )
-
-
-def export(name: str, path: Path) -> str:
-    """Export model `name` to `path` and return the exporter that succeeded."""
-    model = build(name)
+def export(name: str, path: Path) -> None:
+    """Export model `name` to `path`, with Identity-shared initializers inlined, and check it."""
+    model = build(name, SEED)
+    count, expected = parameter_count(model), PARAMETER_COUNTS[name]
+    if count != expected:
+        raise SystemExit(f"{name}: {count:,} parameters where the paper's network has {expected:,}")
     example = torch.rand(INPUT_SHAPE, generator=torch.Generator().manual_seed(SEED))
-    try:
-        export_torchscript(model, example, path)
-        exporter = "torchscript"
-    except Exception as error:  # the legacy exporter is deprecated; any failure -> fallback
-        print(f"{name}: TorchScript export failed ({error}); using the dynamo exporter")
-        export_dynamo(model, example, path)
-        exporter = "dynamo"
+    export_torchscript(model, example, path)
     proto = onnx.load(str(path))
     inline_initializer_identities(proto)
     onnx.save(proto, str(path))
     check(model, example, path)
-    return exporter
 
 
 def inline_initializer_identities(proto: onnx.ModelProto) -> None:
@@ -131,17 +110,18 @@ def summary(path: Path) -> str:
 
 
 def main() -> None:
+    """Export and check each model named by --models into --out."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--models", default=",".join(MODELS), help="comma-separated torchvision model names")
+    parser.add_argument("--models", default=",".join(ARCHITECTURES), help="comma-separated model names")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     for name in args.models.split(","):
         path = args.out / f"{name}.onnx"
         start = time.perf_counter()
-        exporter = export(name, path)
+        export(name, path)
         seconds = time.perf_counter() - start
-        print(f"{name}: {exporter} export + check in {seconds:.1f} s -> {path} ({summary(path)})")
+        print(f"{name}: export + check in {seconds:.1f} s -> {path} ({summary(path)})")
 
 
 if __name__ == "__main__":
