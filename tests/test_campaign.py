@@ -19,7 +19,7 @@ from oppass.campaign.injector import BitPosition, EccProtected, PackedWeights, R
 from oppass.campaign.scheduler import CHUNK_TRIALS, tasks
 from oppass.campaign.seeds import batch_indices, stable_words, trial_rng
 from oppass.campaign.store import Store
-from oppass.campaign.worker import TrialRecord
+from oppass.campaign.records import TrialRecord
 from oppass.errors import OppassError
 
 

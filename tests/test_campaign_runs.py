@@ -152,7 +152,7 @@ def test_a_dask_worker_killed_mid_run_loses_and_duplicates_no_trial(tmp_path: Pa
 
 def test_command_line_parses_into_the_config(tmp_path: Path) -> None:
     parser = argparse.ArgumentParser()
-    campaign_cli.register(parser.add_subparsers())
+    campaign_cli.add_arguments(parser.add_subparsers().add_parser("campaign"))
     args = parser.parse_args(["campaign", str(DIGITS_MODEL), "--data", "digits", "--out", str(tmp_path),
                               "--formats", "fp32,int8", "--op", "none,weight", "--ber", "1e-6:1e-3",
                               "--scheduler", "serial", "--ecc"])

@@ -20,7 +20,7 @@ from conftest import INPUT_SHAPE, make_model, weights
 from onnx import TensorProto, helper, numpy_helper
 from references import adjusted_reference, plain_options
 
-from oppass import cli, graph, modelio, runtime
+from oppass import cli, modelio, protect, protected_models, schema
 
 
 def conv_model(opset: int, weight_shape: tuple[int, ...] = (2, 3, 3, 3)) -> onnx.ModelProto:
@@ -63,8 +63,8 @@ def empty_graph_model() -> onnx.ModelProto:
 def tampered(attribute: str, value: object | None) -> Callable[[Path], onnx.ModelProto]:
     """A protected conv model whose decode node has `attribute` set to `value` (None: removed)."""
     def make(folder: Path) -> onnx.ModelProto:
-        model = graph.transform(conv_model(17))
-        node = next(n for n in model.graph.node if n.domain == runtime.DOMAIN)
+        model = protect.transform(conv_model(17))
+        node = next(n for n in model.graph.node if n.domain == schema.DOMAIN)
         kept = [a for a in node.attribute if a.name != attribute]
         del node.attribute[:]
         node.attribute.extend(kept)
@@ -115,9 +115,9 @@ def test_bad_paths_are_one_line_errors(case: str, message: str, tmp_path: Path, 
     ("shape", [4, 3, 3, 3], "does not match its packed tensor"),  # larger than the packed data
     ("shape", [1, 3, 3, 3], "does not match its packed tensor"),  # smaller than the packed data
     ("shape", [-2, 3, 3, 3], "negative"),
-    ("format", "fp64", "unknown weight format"),
+    ("format", "fp64", "has format 'fp64', expected one of fp32"),
     ("word_bits", 128, "does not match its packed tensor"),     # the packed lanes are 64-bit words
-    ("word_bits", 24, "invalid word size"),
+    ("word_bits", 24, "has word_bits 24, expected one of 32, 64"),
     ("word_bits", None, "lacks attribute 'word_bits'"),
     ("format", None, "lacks attribute 'format'"),
 ])
@@ -143,7 +143,7 @@ def test_a_graph_with_nothing_to_protect_is_written_with_a_warning(tmp_path: Pat
     model = write(empty_graph_model(), tmp_path / "empty_graph.onnx")
     assert cli.main(["transform", str(model), str(tmp_path / "out.onnx"), "--no-verify"]) == 0
     assert "oppass: warning: no weight" in capsys.readouterr().err
-    assert not graph.inspect(tmp_path / "out.onnx")
+    assert not protected_models.inspect(tmp_path / "out.onnx")
 
 
 @pytest.mark.parametrize(("name", "make"), [
@@ -162,7 +162,7 @@ def test_unusual_models_protect_correctly(name: str, make: Callable[[], onnx.Mod
     assert cli.main(["transform", str(source), str(destination), "--word", word, "--no-verify"]) == 0
     protected = onnx.load(destination)
     onnx.checker.check_model(protected, full_check=True)
-    names = tuple(t.name for t in graph.inspect(protected))
+    names = tuple(t.name for t in protected_models.inspect(protected))
     assert names
     reference = adjusted_reference(model, names, "keep", word, "word-lsb")
     x = np.random.default_rng(0).standard_normal([1, *INPUT_SHAPE[1:]]).astype(np.float32)
@@ -181,7 +181,7 @@ def test_the_newest_onnx_opset_is_protected_even_when_onnxruntime_cannot_run_it(
         opset_imports=[helper.make_opsetid("", newest)])
     source = write(model, tmp_path / "newest.onnx")
     assert cli.main(["transform", str(source), str(tmp_path / "out.onnx")]) == 0
-    assert graph.inspect(tmp_path / "out.onnx")[0].name == "w"
+    assert protected_models.inspect(tmp_path / "out.onnx")[0].name == "w"
 
 
 @pytest.mark.parametrize("defer_threshold", [1, 2**20])
@@ -207,4 +207,4 @@ def test_a_model_reached_through_a_symlink_is_read_from_its_target(
     (tmp_path / "links" / "model.onnx").symlink_to(target)
     output = tmp_path / "out.onnx"
     assert cli.main(["transform", str(tmp_path / "links" / "model.onnx"), str(output), "--no-verify"]) == 0
-    assert output.read_bytes() == graph.transform(model).SerializeToString()
+    assert output.read_bytes() == protect.transform(model).SerializeToString()

@@ -13,7 +13,7 @@ import argparse
 
 import numpy as np
 
-from oppass import codec
+from oppass import codec, formats
 
 FORMATS = ("fp32", "bf16", "fp16", "int8")
 FLIPS = (1, 2, 3, 4)
@@ -43,7 +43,7 @@ def flip(packed: np.ndarray, positions: np.ndarray) -> np.ndarray:
 def detection_rate(fmt: str, word: str | int, k: int, n_words: int, rng: np.random.Generator) -> float:
     """Share of words with exactly k flipped bits that decode as masked."""
     word_bits = codec.word_bits(fmt, word)
-    per_word = word_bits // codec.FORMATS[fmt].bits
+    per_word = word_bits // formats.FORMATS[fmt].bits
     encoded = codec.encode(random_weights(fmt, n_words * per_word, rng), word_bits)
     faulty = flip(encoded.packed, flip_k_bits_per_word(encoded.packed, word_bits, k, rng))
     return float(np.mean(codec.odd_words(faulty)))
@@ -51,7 +51,7 @@ def detection_rate(fmt: str, word: str | int, k: int, n_words: int, rng: np.rand
 
 def undetected_double_damage(fmt: str, word_bits: int, n_words: int, rng: np.random.Generator) -> float:
     """Share of undetected double flips (in W-bit words) that hit at least one exponent bit."""
-    bits = codec.FORMATS[fmt].bits
+    bits = formats.FORMATS[fmt].bits
     positions = flip_k_bits_per_word(np.zeros((n_words, 1)), word_bits, 2, rng)
     low, high = EXPONENT_BITS[fmt]
     in_weight = positions % bits
@@ -67,8 +67,8 @@ def main() -> None:
     print("| format | word | " + " | ".join(f"{k} flip{'s' if k > 1 else ''}" for k in FLIPS) + " |")
     print("|---|---|" + "---:|" * len(FLIPS))
     for fmt in FORMATS:
-        for word in codec.WORD_SIZES:
-            if word != "weight" and word < codec.FORMATS[fmt].bits:
+        for word in formats.WORD_SIZES:
+            if word != "weight" and word < formats.FORMATS[fmt].bits:
                 continue
             rates = [detection_rate(fmt, word, k, arguments.words, rng) for k in FLIPS]
             print(f"| {fmt} | {word} | " + " | ".join(f"{rate:.4f}" for rate in rates) + " |")
@@ -76,7 +76,7 @@ def main() -> None:
     print("| format | word bits | undetected doubles hitting an exponent bit |")
     print("|---|---|---:|")
     for fmt in EXPONENT_BITS:
-        for word_bits in (codec.FORMATS[fmt].bits, 64, 256):
+        for word_bits in (formats.FORMATS[fmt].bits, 64, 256):
             print(f"| {fmt} | {word_bits} | {undetected_double_damage(fmt, word_bits, arguments.words, rng):.3f} |")
 
 

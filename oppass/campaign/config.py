@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from oppass import codec
+from oppass import codec, formats
 from oppass.errors import OppassError
 
 METRICS = ("top1", "top5", "golden")
@@ -112,7 +112,7 @@ def conditions(config: CampaignConfig) -> list[Condition]:
         planned += [
             Condition(BIT_STUDY, fmt, UNPROTECTED, ber, bit)
             for fmt in config.formats
-            for bit in range(codec.FORMATS[fmt].bits)
+            for bit in range(formats.FORMATS[fmt].bits)
             for ber in bers
         ]
     return planned
@@ -130,9 +130,9 @@ def protection_label(fmt: str, protection: str) -> str:
 def _validate(config: CampaignConfig) -> None:
     if not config.formats:
         raise OppassError("no weight format given (--formats)")
-    unknown = [fmt for fmt in config.formats if fmt not in codec.FORMATS]
+    unknown = [fmt for fmt in config.formats if fmt not in formats.FORMATS]
     if unknown:
-        raise OppassError(f"unknown weight format {unknown[0]!r}: choose from {', '.join(codec.FORMATS)}")
+        raise OppassError(f"unknown weight format {unknown[0]!r}: choose from {', '.join(formats.FORMATS)}")
     if not config.protections and not config.ecc:
         raise OppassError("no protection level given (--op)")
     for fmt in config.formats:

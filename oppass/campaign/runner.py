@@ -18,7 +18,8 @@ from oppass.campaign.progress import Progress
 from oppass.campaign.scheduler import execute, tasks
 from oppass.campaign.store import Store
 from oppass.campaign.summary import BerzadRow, ConditionSummary, berzad_rows, summarize, table2
-from oppass.campaign.worker import TrialRecord, Workload
+from oppass.campaign.records import TrialRecord
+from oppass.campaign.worker import Workload
 from oppass.errors import OppassError
 
 TOP5_CLASSES = 5

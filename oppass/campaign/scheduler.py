@@ -17,7 +17,8 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 
 from oppass.campaign.config import Condition, Variant
-from oppass.campaign.worker import TrialRecord, Workload, run_trials, warm_up
+from oppass.campaign.records import TrialRecord
+from oppass.campaign.worker import Workload, run_trials, warm_up
 from oppass.errors import OppassError
 
 CHUNK_TRIALS = 20
