@@ -340,7 +340,8 @@ def run_demo(arguments: argparse.Namespace) -> None:
     from oppass.campaign import check_extra
 
     check_extra()
-    from oppass.demo import format_result, run_demo as demo
+    from oppass.demo import format_result
+    from oppass.demo import run_demo as demo
 
     print(format_result(demo(Path(arguments.out))))
 

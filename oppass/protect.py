@@ -29,6 +29,7 @@ the model, dropping the rest of its metadata.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import sys
@@ -109,7 +110,7 @@ class _Protected:
 def transform(
     model: onnx.ModelProto | modelio.ModelFile | str | os.PathLike,
     *,
-    format: str = "keep",
+    format: str = KEEP_FORMAT,
     word: str | int = "64",
     flip: str = "word-lsb",
     ops: Sequence[str] = ("Conv", "Gemm"),
@@ -137,7 +138,7 @@ def transform(
 def transform_with_report(
     model: onnx.ModelProto | modelio.ModelFile | str | os.PathLike,
     *,
-    format: str = "keep",
+    format: str = KEEP_FORMAT,
     word: str | int = "64",
     flip: str = "word-lsb",
     ops: Sequence[str] = ("Conv", "Gemm"),
@@ -148,19 +149,19 @@ def transform_with_report(
     """Like `transform`, also returning what was done to each weight."""
     options = _validated_options(format, word, flip, ops, check, report_faults)
     source: modelio.ModelFile | modelio.LazyCopy | None  # where weights not in the tensors are read
-    if isinstance(model, modelio.ModelFile):
-        source = model
-    elif isinstance(model, onnx.ModelProto):
+    if isinstance(model, onnx.ModelProto):
         source = None if inplace else modelio.lazy_copy(model)  # the weights the pass replaces are never copied
+        result = model if source is None else source.model
     else:
-        source = modelio.read_model(model, defer=True)
-    result = model if source is None else source.model
+        source = model if isinstance(model, modelio.ModelFile) else modelio.read_model(model, defer=True)
+        result = source.model
     if any(node.domain == DOMAIN for graph in modelio.all_graphs(result.graph) for node in graph.node):
         raise OppassError("model is already protected (it has ai.oppass nodes)")
     _refuse_duplicate_initializers(result)
     sites = _find_sites(result, options)
     if not sites:
-        warnings.warn(f"no weight of {', '.join(options.ops)} was found to protect: the model is written unprotected")
+        warnings.warn(f"no weight of {', '.join(options.ops)} was found to protect: the model is written unprotected",
+                      stacklevel=2)
     reports = _replace_sites(result, sites, options, source)
     if source is not None and source is not model:
         source.load_deferred()  # a model read or copied here is returned whole
@@ -262,10 +263,10 @@ def _site_for(name: str, definitions: dict[str, list[_Definition]], sites: dict[
     definition = _single_definition(name, definitions)
     if definition is None:
         return None
-    quantized = definition.node is not None and definition.node.op_type == "DequantizeLinear" \
-        and definition.node.domain in ("", "ai.onnx")
-    if quantized:
-        name = definition.node.input[0]
+    producer = definition.node
+    quantized = producer is not None and producer.op_type == "DequantizeLinear" and producer.domain in ("", "ai.onnx")
+    if producer is not None and quantized:
+        name = producer.input[0]
         definition = _single_definition(name, definitions)
         if definition is None:
             return None
@@ -302,7 +303,7 @@ def _constant_tensor(definition: _Definition, name: str) -> TensorProto | None:
             _skip(name, "it is also a graph input, which may override it")
             return None
         return definition.initializer
-    if _is_constant_node(definition.node):
+    if definition.node is not None and _is_constant_node(definition.node):
         values = [a.t for a in definition.node.attribute if a.name == "value" and a.type == onnx.AttributeProto.TENSOR]
         return values[0] if values else None
     return None
@@ -328,7 +329,7 @@ def _usable(site: _Site, options: _Options, opset: int) -> bool:
         return False
     source = FORMAT_OF_ONNX_TYPE.get(site.tensor.data_type)
     target = _target_format(site, options)
-    if source is None and options.format == "keep":
+    if source is None and options.format == KEEP_FORMAT:
         type_name = TensorProto.DataType.Name(site.tensor.data_type)
         _skip(site.name, f"its type {type_name} has no weight format")
         return False
@@ -341,9 +342,9 @@ def _usable(site: _Site, options: _Options, opset: int) -> bool:
     return True
 
 
-def _target_format(site: _Site, options: _Options) -> str:
-    source = FORMAT_OF_ONNX_TYPE.get(site.tensor.data_type)
-    return source if options.format == "keep" else options.format
+def _target_format(site: _Site, options: _Options) -> str | None:
+    """The format the weight is stored in; None when it is kept and its type has no format."""
+    return FORMAT_OF_ONNX_TYPE.get(site.tensor.data_type) if options.format == KEEP_FORMAT else options.format
 
 
 def _check_int8_conversion(site: _Site, opset: int) -> None:
@@ -367,7 +368,7 @@ def _protect(site: _Site, options: _Options, source: modelio.ModelFile | modelio
     """Encodes one weight and builds its replacement nodes and initializers (except the packed one)."""
     original = _weights(site.tensor, source)
     source_format = codec.format_of(original.dtype)
-    target = _target_format(site, options)
+    target = source_format if options.format == KEEP_FORMAT else options.format
     axis = next(iter(site.axes))
     stored, scales = codec.to_format(original, target, name=site.name, axis=axis)
     width = codec.word_bits(target, options.word)
@@ -481,7 +482,7 @@ def _dequantize(
 
 
 def _max_relative_change(stored: np.ndarray, flipped: np.ndarray) -> float:
-    """max |adjusted - stored| / |stored| over finite nonzero stored values (0.0 if none changed).
+    """Max |adjusted - stored| / |stored| over finite nonzero stored values (0.0 if none changed).
 
     Only the weights at the flat indices `flipped` (those whose LSB was flipped) change.
     Computed in float32, which holds every stored format exactly; only the division rounds.
@@ -497,7 +498,7 @@ def _max_relative_change(stored: np.ndarray, flipped: np.ndarray) -> float:
 
 
 def _conversion_error(original: np.ndarray, stored: np.ndarray, scales: np.ndarray | None, axis: int) -> float:
-    """max |converted - original| / max |original|: rounding or quantization error in units of the largest weight."""
+    """Max |converted - original| / max |original|: rounding or quantization error in units of the largest weight."""
     converted = stored.astype(np.float64)
     if scales is not None:
         shape = [1] * stored.ndim
@@ -582,9 +583,13 @@ def _remove_definitions(sites: list[_Site]) -> None:
     for graph in {id(site.graph): site.graph for site in sites}.values():
         here = [site for site in sites if site.graph is graph]
         constants = {site.name for site in here if site.constant_node is not None}
-        edit.remove_nodes(graph, lambda node: _is_constant_node(node) and len(node.output) == 1
-                          and node.output[0] in constants)
+        edit.remove_nodes(graph, functools.partial(_defines_one_of, constants))
         edit.remove_initializers(graph, {site.name for site in here if site.constant_node is None})
+
+
+def _defines_one_of(names: set[str], node: onnx.NodeProto) -> bool:
+    """Whether the node is a Constant node defining one of `names`."""
+    return _is_constant_node(node) and len(node.output) == 1 and node.output[0] in names
 
 
 def _remove_value_info_everywhere(model: onnx.ModelProto, names: set[str]) -> None:

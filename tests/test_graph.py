@@ -1,4 +1,5 @@
-"""The graph pass (oppass.graph), model I/O (oppass.modelio) and fault primitives (oppass.faults).
+"""The pass (oppass.protect), the protected-model tools (oppass.protected_models), model I/O (oppass.modelio)
+and the fault primitives (oppass.faults).
 
 Reference outputs come from the ORIGINAL model with the OP-adjusted weights (from the
 codec) substituted. Both sessions run without graph optimizations and without weight
@@ -19,7 +20,6 @@ import onnxruntime as ort
 import pytest
 from conftest import ALL_MODEL_FIXTURES, INPUT_SHAPE, cnn, make_model, model_ops, weights
 from onnx import TensorProto, helper, numpy_helper
-
 from references import adjusted_reference, initializer, plain_options
 
 from oppass import codec, faults, formats, modelio, protect, protected_models, runtime, schema
@@ -108,7 +108,8 @@ def test_fault_free_output_equals_original_with_adjusted_weights(
     protected = protect.transform(cnn_model, format=fmt, word=word, flip=flip)
     reference = adjusted_reference(cnn_model, CNN_WEIGHTS, fmt, word, flip, CNN_AXES)
     feeds = feeds_for(cnn_model)
-    for expected, actual in zip(run(reference, feeds, protected=False), run(protected, feeds, protected=True)):
+    expected_outputs = run(reference, feeds, protected=False)
+    for expected, actual in zip(expected_outputs, run(protected, feeds, protected=True), strict=True):
         assert expected.tobytes() == actual.tobytes()
 
 
@@ -157,7 +158,7 @@ def test_decoded_weights_are_the_adjusted_weights(cnn_model: onnx.ModelProto, cu
     protected = protect.transform(cnn_model, format="bf16", word="128", flip="min-error")
     protected.graph.output.extend(helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in CNN_WEIGHTS)
     decoded = run(protected, feeds_for(cnn_model), protected=True)[1:]
-    for name, values in zip(CNN_WEIGHTS, decoded):
+    for name, values in zip(CNN_WEIGHTS, decoded, strict=True):
         stored, _ = codec.to_format(initializer(cnn_model, name), "bf16")
         assert np.array_equal(values, codec.encode(stored, 128, "min-error").adjusted.astype(np.float32))
 

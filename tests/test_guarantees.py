@@ -28,7 +28,7 @@ def test_odd_flip_counts_are_always_detected_and_even_ones_never(fmt: str, word:
 
 @pytest.mark.parametrize("fmt", measure.FORMATS)
 def test_a_flip_in_the_padding_of_the_last_word_is_detected(fmt: str) -> None:
-    weights = measure.random_weights(fmt, 5, np.random.default_rng(0))  # 5 weights: the last 64-bit word is part padding
+    weights = measure.random_weights(fmt, 5, np.random.default_rng(0))  # 5 weights: the last 64-bit word has padding
     encoded = codec.encode(weights, 64)
     padding_bit = 64 * encoded.packed.shape[0] - 1
     faulty = measure.flip(encoded.packed, np.array([padding_bit]))

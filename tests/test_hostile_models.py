@@ -22,7 +22,7 @@ from conftest import INPUT_SHAPE, make_model, weights
 from onnx import TensorProto, helper, numpy_helper
 from references import adjusted_reference, plain_options
 
-from oppass import cli, modelio, protect, protected_models, schema
+from oppass import cli, modelio, protect, protected_models
 
 
 def conv_model(opset: int, weight_shape: tuple[int, ...] = (2, 3, 3, 3)) -> onnx.ModelProto:
@@ -234,8 +234,8 @@ def _to_typed_field(model: onnx.ModelProto, values: int) -> None:
     tensor.uint64_data.extend(range(values))
 
 
-@pytest.mark.parametrize("case", ["name of any bytes", "shape whose product has 18,000 digits", "format of type UNDEFINED",
-                                  "packed unknown type", "no ai.oppass import"])
+@pytest.mark.parametrize("case", ["name of any bytes", "shape whose product has 18,000 digits",
+                                  "format of type UNDEFINED", "packed unknown type", "no ai.oppass import"])
 @pytest.mark.parametrize("command", ["inspect", "strip", "inject"])
 def test_tampered_decode_nodes_print_no_traceback(case: str, command: str, tmp_path: Path) -> None:
     _, change, message = next(entry for entry in TAMPERED if entry[0] == case)

@@ -311,8 +311,8 @@ def test_an_oppass_node_inside_a_subgraph_is_refused() -> None:
     node, packed = valid_parts("int8", "weight", (4,))
     branch = helper.make_graph([node], "branch", [], [helper.make_empty_tensor_value_info("w")], [packed])
     outer = helper.make_node("If", ["c"], ["w"], then_branch=branch, else_branch=branch, name="if")
-    model = helper.make_model(helper.make_graph([outer], "g", [helper.make_tensor_value_info("c", TensorProto.BOOL, [])],
-                                                [helper.make_empty_tensor_value_info("w")]))
+    condition = helper.make_tensor_value_info("c", TensorProto.BOOL, [])
+    model = helper.make_model(helper.make_graph([outer], "g", [condition], [helper.make_empty_tensor_value_info("w")]))
     with pytest.raises(OppassError, match="inside a subgraph"):
         schema.read_decode_nodes(model)
 

@@ -22,6 +22,7 @@ EXPONENT_BITS = {"fp32": (23, 30), "bf16": (7, 14), "fp16": (10, 14)}
 
 
 def random_weights(fmt: str, count: int, rng: np.random.Generator) -> np.ndarray:
+    """`count` small normal weights in format `fmt`."""
     values = (rng.standard_normal(count) * 0.05).astype(np.float32)
     return codec.to_format(values, fmt)[0]
 
@@ -34,6 +35,7 @@ def flip_k_bits_per_word(packed: np.ndarray, word_bits: int, k: int, rng: np.ran
 
 
 def flip(packed: np.ndarray, positions: np.ndarray) -> np.ndarray:
+    """A copy of `packed` with the given stream bits inverted."""
     stream = packed.copy().reshape(-1).view(np.uint8)
     flat = positions.reshape(-1)
     np.bitwise_xor.at(stream, flat // 8, (1 << (flat % 8)).astype(np.uint8))
@@ -59,6 +61,7 @@ def undetected_double_damage(fmt: str, word_bits: int, n_words: int, rng: np.ran
 
 
 def main() -> None:
+    """Prints the detected fraction per format, word size and number of flips per word."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--words", type=int, default=20000, help="words per (format, word size, k)")
     parser.add_argument("--seed", type=int, default=0)

@@ -70,6 +70,7 @@ class Store:
         return list(self.connection.execute("SELECT * FROM batch_study ORDER BY format, batch_size"))
 
     def close(self) -> None:
+        """Closes the database."""
         self.connection.close()
 
     def _create_tables(self) -> None:
@@ -108,5 +109,5 @@ def column_type(annotation: object) -> str:
     values = [kind for kind in kinds if kind is not type(None)]
     if len(values) != 1 or values[0] not in _SQL_TYPES:
         raise TypeError(f"no SQLite column type for {annotation}: expected int, float or str, or one of them | None")
-    sql = _SQL_TYPES[values[0]]  # type: ignore[index]
+    sql = _SQL_TYPES[values[0]]
     return sql if len(values) < len(kinds) else f"{sql} NOT NULL"

@@ -92,6 +92,7 @@ class VariantSession:
 
     @functools.cached_property
     def ecc(self) -> EccProtected:
+        """The ECC baseline over the same stored bits, made on first use."""
         return EccProtected(self.weights)
 
     def run(self, inputs: np.ndarray) -> tuple[np.ndarray, int]:
@@ -101,7 +102,7 @@ class VariantSession:
 
     def target(self, condition: Condition) -> FaultTarget:
         """Where the faults of `condition` land."""
-        if condition.study == BIT_STUDY:
+        if condition.study == BIT_STUDY and condition.bit is not None:
             return BitPosition(self.stored, self.weight_bits, condition.bit)
         return self.ecc if condition.protection == ECC else self.stored
 
@@ -117,6 +118,7 @@ class WorkerCache:
         self.batches: dict[int, tuple[np.ndarray, np.ndarray | None]] = {}
 
     def session(self, variant: Variant) -> VariantSession:
+        """The session of `variant`, built on first use."""
         if variant not in self.sessions:
             self.sessions[variant] = VariantSession(build_variant(self.model, variant))
         return self.sessions[variant]
@@ -173,7 +175,8 @@ def run_trials(workload: Workload, pairs: Sequence[tuple[Condition, int]]) -> li
     with session.lock:
         experiments = [cache.experiment(session, trial) for _, trial in pairs]
         targets = [session.target(condition) for condition, _ in pairs]
-        largest = max(_FLIP_BYTES * target.n_bits * condition.ber for target, (condition, _) in zip(targets, pairs))
+        largest = max(_FLIP_BYTES * target.n_bits * condition.ber
+                      for target, (condition, _) in zip(targets, pairs, strict=True))
         size = max(1, int(BURST_BYTES // (largest + experiments[0].logits.nbytes)))
         records = [
             record
@@ -196,10 +199,10 @@ def _run_burst(
     started = clock()
     seed = cache.workload.seed
     injections = [target.plan(trial_rng(seed, condition.key, trial), condition.ber)
-                  for (condition, trial), target in zip(pairs, targets)]
+                  for (condition, trial), target in zip(pairs, targets, strict=True)]
     shared = clock() - started
     outputs, decoder_masked, inference, own = [], [], [], []
-    for experiment, target, injection in zip(experiments, targets, injections):
+    for experiment, target, injection in zip(experiments, targets, injections, strict=True):
         started = clock()
         target.inject(injection)
         try:
@@ -212,7 +215,8 @@ def _run_burst(
         decoder_masked.append(masked)
         own.append(clock() - started - inference[-1])
     started = clock()
-    labels = None if experiments[0].labels is None else np.stack([e.labels for e in experiments])
+    known = [e.labels for e in experiments if e.labels is not None]  # all or none: one data set
+    labels = np.stack(known) if known else None
     correct, changed, nonfinite, outcomes = metrics.score(
         np.stack(outputs), np.stack([e.logits for e in experiments]), np.stack([e.top1 for e in experiments]),
         labels, cache.workload.metric,
@@ -240,7 +244,7 @@ def _run_burst(
             inference_seconds=inference[i],
         )
         for i, ((condition, trial), target, injection, experiment) in enumerate(
-            zip(pairs, targets, injections, experiments)
+            zip(pairs, targets, injections, experiments, strict=True)
         )
     ]
 
