@@ -222,7 +222,7 @@ def tampered_models(draw: st.DrawFn) -> tuple[onnx.NodeProto, onnx.ModelProto]:
 # ----------------------------------------------------------------------------- the validator decides as the spec
 
 
-@settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(tampered_models())
 def test_the_validator_decides_as_the_spec(case: tuple[onnx.NodeProto, onnx.ModelProto]) -> None:
     node, model = case
