@@ -18,7 +18,7 @@ import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TextIO
 
 from oppass import __version__
 from oppass.errors import OppassError
@@ -52,7 +52,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     arguments_given = sys.argv[1:] if argv is None else list(argv)
     arguments = build_parser(arguments_given).parse_args(arguments_given)
     with warnings.catch_warnings():
-        warnings.showwarning = _print_warning  # type: ignore[assignment]  # takes every argument it is given
+        warnings.showwarning = _print_warning
         try:
             arguments.run(arguments)
         except OppassError as error:
@@ -71,7 +71,7 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for command in COMMANDS:
-        subparser = subparsers.add_parser(command.name, help=command.help, description=command.help)
+        subparser = subparsers.add_parser(command.name, help=command.help)
         if argv is None or (len(argv) > 0 and argv[0] == command.name):
             command.add_arguments(subparser)
     return parser
@@ -314,7 +314,8 @@ def _print_table(rows: Sequence[Sequence[str]]) -> None:
         print("  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip())
 
 
-def _print_warning(message: Warning | str, *_: object) -> None:
+def _print_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                   file: TextIO | None = None, line: str | None = None) -> None:
     """warnings.showwarning replacement: one line on stderr."""
     print(f"oppass: warning: {message}", file=sys.stderr)
 
