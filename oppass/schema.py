@@ -58,7 +58,8 @@ _ESCAPED = tuple("\\\\" if byte == 0x5C else chr(byte) if 0x20 <= byte <= 0x7E e
 class DecodeNode:
     """A valid ParityCheckUnpack node: its name, input, outputs and attributes.
 
-    `masked_output` is None when the node has no second output (or an empty one).
+    `masked_output` is None when the node has no second output (or an empty one). A name read
+    from a model is bytes when it is not UTF-8 (protobuf gives it so); `make_decode_node` takes str.
     """
 
     name: str
