@@ -1,10 +1,34 @@
-"""oppass: Opportunistic Parity protection of ONNX model weights."""
+"""oppass: Opportunistic Parity protection of ONNX model weights.
+
+The public API is imported on first use (PEP 562), so that `import oppass` and the numpy-only
+`import oppass.codec` load neither onnx nor onnxruntime.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
 
 from oppass.errors import OppassError
-from oppass.graph import inject, inspect, strip, transform, transform_with_report
-from oppass.runtime import custom_op_library, load_session, optimize_for_cpu, session_options
+
+if TYPE_CHECKING:
+    from oppass.protect import transform, transform_with_report
+    from oppass.protected_models import inject, inspect, strip
+    from oppass.runtime import custom_op_library, load_session, optimize_for_cpu, session_options
 
 __version__ = "0.1.0"
+# Where each lazily imported public name is defined.
+_LAZY = {
+    "transform": "oppass.protect",
+    "transform_with_report": "oppass.protect",
+    "inject": "oppass.protected_models",
+    "inspect": "oppass.protected_models",
+    "strip": "oppass.protected_models",
+    "custom_op_library": "oppass.runtime",
+    "load_session": "oppass.runtime",
+    "optimize_for_cpu": "oppass.runtime",
+    "session_options": "oppass.runtime",
+}
 __all__ = [
     "OppassError",
     "custom_op_library",
@@ -17,3 +41,16 @@ __all__ = [
     "transform",
     "transform_with_report",
 ]
+
+
+def __getattr__(name: str) -> object:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # found directly from now on
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

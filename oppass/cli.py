@@ -1,9 +1,12 @@
 """The `oppass` command line: thin shells over the Python API.
 
-Each subcommand lives in a `register_*(subparsers)` function that adds its parser and
-sets `run` to the function executing it; `REGISTRARS` lists them in help order. User
-errors print one line `oppass: error: ...` on stderr and exit with status 2. The campaign
-subcommand (dask, scipy, matplotlib) is imported only when the command line may need it.
+Each subcommand is a `Command` in COMMANDS (help order): its name, its one-line help, the
+function adding its arguments (which sets `run` to the function executing it). A command
+line gets the arguments of the one subcommand it names only, so `oppass --help`, `--version`
+and every subcommand import just what they need: onnx and onnxruntime are imported inside
+the commands that use them, and the campaign's dependencies (the `campaign` extra) only by
+`campaign` and `demo`, which say in one line what to install when they are missing. User
+errors print one line `oppass: error: ...` on stderr and exit with status 2.
 """
 
 from __future__ import annotations
@@ -12,31 +15,42 @@ import argparse
 import os
 import sys
 import warnings
-from pathlib import Path
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, TextIO
 
-import numpy as np
-import onnx
-import onnxruntime as ort
-from google.protobuf.message import EncodeError
-from onnx import helper
-from onnxruntime.capi.onnxruntime_pybind11_state import Fail, InvalidArgument, InvalidGraph, RuntimeException
-
-from oppass import codec, graph, modelio, runtime
+from oppass import __version__
 from oppass.errors import OppassError
+from oppass.formats import FLIP_STRATEGIES, WORD_SIZES
+
+if TYPE_CHECKING:
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+
+    from oppass.reports import TransformReport
+
+    ModelSource = onnx.ModelProto | str | os.PathLike
 
 ERROR_STATUS = 2
 BROKEN_PIPE_STATUS = 141  # 128 + SIGPIPE, as a shell reports it
-# What running a model for the drift check can raise: a missing library (OppassError), onnxruntime
-# errors, and EncodeError for models over 2 GB, which cannot be handed to onnxruntime as bytes.
-RUN_FAILURES = (OppassError, Fail, InvalidArgument, InvalidGraph, RuntimeException, EncodeError)
 DRIFT_SEED = 0
+
+
+@dataclass(frozen=True)
+class Command:
+    """A subcommand: its name, its help line, and the function adding its arguments and `run`."""
+
+    name: str
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `oppass` command; returns the exit status."""
-    argv = sys.argv[1:] if argv is None else list(argv)
-    arguments = build_parser(argv).parse_args(argv)
+    arguments_given = sys.argv[1:] if argv is None else list(argv)
+    arguments = build_parser(arguments_given).parse_args(arguments_given)
     with warnings.catch_warnings():
         warnings.showwarning = _print_warning
         try:
@@ -51,37 +65,40 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
-    """The command-line parser. When `argv` starts with one of LIGHT_COMMANDS, the campaign subcommand,
-    whose imports take most of a second, is left out: that command line cannot reach it."""
+    """The command-line parser: every subcommand with its help line, and the arguments of the one that
+    `argv` starts with (of all of them when `argv` is None)."""
     parser = argparse.ArgumentParser(prog="oppass", description="Opportunistic Parity protection for ONNX models.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    light = bool(argv) and argv[0] in LIGHT_COMMANDS
-    for register in REGISTRARS:
-        if not (light and register is register_campaign):
-            register(subparsers)
+    for command in COMMANDS:
+        subparser = subparsers.add_parser(command.name, help=command.help)
+        if argv is None or (len(argv) > 0 and argv[0] == command.name):
+            command.add_arguments(subparser)
     return parser
 
 
 # ----------------------------------------------------------------------------- transform
 
 
-def register_transform(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("transform", help="protect the weights of a model")
+def add_transform_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of `oppass transform`."""
+    from oppass.protect import FORMAT_CHOICES, KEEP_FORMAT, WEIGHT_INPUT
+    from oppass.schema import CHECK_MODES, MASKED_WORDS_OUTPUT
+
     parser.add_argument("input", help="ONNX model to protect")
     parser.add_argument("output", help="where to write the protected model")
-    parser.add_argument("--format", default="keep", choices=graph.FORMAT_CHOICES,
-                        help="stored weight format; keep = each weight's own (default: keep)")
-    parser.add_argument("--word", default="64", choices=[str(size) for size in codec.WORD_SIZES],
+    parser.add_argument("--format", default=KEEP_FORMAT, choices=FORMAT_CHOICES,
+                        help=f"stored weight format; {KEEP_FORMAT} = each weight's own (default: {KEEP_FORMAT})")
+    parser.add_argument("--word", default="64", choices=[str(size) for size in WORD_SIZES],
                         help="memory word size in bits, or one word per weight (default: 64)")
-    parser.add_argument("--flip", default="word-lsb", choices=codec.FLIP_STRATEGIES,
-                        help="which weight's LSB makes an odd word even (default: word-lsb)")
+    parser.add_argument("--flip", default=FLIP_STRATEGIES[0], choices=FLIP_STRATEGIES,
+                        help=f"which weight's LSB makes an odd word even (default: {FLIP_STRATEGIES[0]})")
     parser.add_argument("--ops", default="Conv,Gemm", type=_comma_list,
-                        help=f"comma-separated op types to protect, of {','.join(graph.WEIGHT_INPUT)} "
-                             "(default: Conv,Gemm)")
-    parser.add_argument("--check", default="runtime", choices=graph.CHECK_MODES,
-                        help="check parity on every run, once at load, or never (default: runtime)")
+                        help=f"comma-separated op types to protect, of {','.join(WEIGHT_INPUT)} (default: Conv,Gemm)")
+    parser.add_argument("--check", default=CHECK_MODES[0], choices=CHECK_MODES,
+                        help=f"check parity on every run, once at load, or never (default: {CHECK_MODES[0]})")
     parser.add_argument("--report-faults", action="store_true",
-                        help="add the graph output oppass_masked_words (masked words per run)")
+                        help=f"add the graph output {MASKED_WORDS_OUTPUT} (masked words per run)")
     parser.add_argument("--optimize-for-cpu", action="store_true",
                         help="protect the graph onnxruntime optimises for this CPU (NCHWc Conv layout, fused "
                              "activations), which keeps its fast Conv kernels in runtime check mode; the output "
@@ -92,14 +109,19 @@ def register_transform(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_transform(arguments: argparse.Namespace) -> None:
+    """Runs `oppass transform`: protects, saves, prints the report and the drift."""
+    from oppass import modelio, runtime
+    from oppass.protect import transform_with_report
+
     # The weights stay in the input file until the pass reads them, one at a time, and the save copies
     # the unprotected ones straight from it: the model is protected in place, never held twice.
-    source = modelio.read_model(arguments.input, defer=True)
-    modelio.check_destination(arguments.output, source)
-    model: onnx.ModelProto | modelio.ModelFile = source
+    read = modelio.read_model(arguments.input, defer=True)
+    modelio.check_destination(arguments.output, read)
+    model: onnx.ModelProto | modelio.ModelFile = read
+    source: modelio.ModelFile | None = read  # where the save copies the weights the pass left alone from
     if arguments.optimize_for_cpu:  # a new model in memory, protected in place and saved on its own
-        model, source = runtime.optimize_for_cpu(source.load_deferred()), None
-    protected, report = graph.transform_with_report(
+        model, source = runtime.optimize_for_cpu(read.load_deferred()), None
+    protected, report = transform_with_report(
         model,
         format=arguments.format,
         word=arguments.word,
@@ -110,7 +132,7 @@ def run_transform(arguments: argparse.Namespace) -> None:
         inplace=True,
     )
     modelio.save_model(protected, arguments.output, source=source)
-    del source, protected  # the drift check reads both files; free the weights before it
+    del read, model, source, protected  # the drift check reads both files; free the weights before it
     rows = _report_rows(report)
     rows.append(("fault-free output drift", "skipped (--no-verify)" if arguments.no_verify
                  else _drift_text(arguments.input, arguments.output)))
@@ -121,7 +143,7 @@ def _comma_list(text: str) -> tuple[str, ...]:
     return tuple(item.strip() for item in text.split(",") if item.strip())
 
 
-def _report_rows(report: graph.TransformReport) -> list[tuple[str, str]]:
+def _report_rows(report: TransformReport) -> list[tuple[str, str]]:
     conversion = report.max_conversion_error
     return [
         ("tensors protected", str(len(report.tensors))),
@@ -134,14 +156,17 @@ def _report_rows(report: graph.TransformReport) -> list[tuple[str, str]]:
     ]
 
 
-ModelSource = onnx.ModelProto | str | os.PathLike
-
-
 def _drift_text(original: ModelSource, protected: ModelSource) -> str:
     """Max abs difference of all outputs on one random input, or why it could not be measured."""
+    from google.protobuf.message import EncodeError
+    from onnxruntime.capi.onnxruntime_pybind11_state import Fail, InvalidArgument, InvalidGraph, RuntimeException
+
+    # What running a model can raise: a missing library (OppassError), onnxruntime's errors, and
+    # EncodeError for models over 2 GB, which cannot be handed to onnxruntime as bytes.
+    failures = (OppassError, Fail, InvalidArgument, InvalidGraph, RuntimeException, EncodeError)
     try:
         return f"{output_drift(original, protected):.3g} (max abs, one random input)"
-    except RUN_FAILURES as error:
+    except failures as error:
         return f"skipped: model could not be run ({str(error).strip().splitlines()[0][:200]})"
 
 
@@ -151,6 +176,12 @@ def output_drift(original: ModelSource, protected: ModelSource) -> float:
     One session at a time: the plain model's outputs are computed and its session freed
     before the protected model is loaded.
     """
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+
+    from oppass import runtime
+
     plain = ort.InferenceSession(_session_input(original))
     feeds = _random_feeds(plain.get_inputs(), np.random.default_rng(DRIFT_SEED))
     names = [output.name for output in plain.get_outputs()]
@@ -162,12 +193,16 @@ def output_drift(original: ModelSource, protected: ModelSource) -> float:
         guarded = ort.InferenceSession(_session_input(protected), runtime.session_options())
     actual = guarded.run(names, feeds)
     differences = [np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)).max(initial=0.0)
-                   for a, b in zip(expected, actual)]
+                   for a, b in zip(expected, actual, strict=True)]
     return float(max(differences, default=0.0))
 
 
 def _session_input(model: ModelSource) -> bytes | str:
     """What onnxruntime opens: a file by its path (external data resolved next to it), or a proto's bytes."""
+    import onnx
+
+    from oppass import modelio
+
     if isinstance(model, onnx.ModelProto):
         return model.SerializeToString()
     return str(model) if modelio.is_protobuf_file(model) else modelio.load_model(model).SerializeToString()
@@ -175,9 +210,22 @@ def _session_input(model: ModelSource) -> bytes | str:
 
 def _random_feeds(inputs: list[ort.NodeArg], rng: np.random.Generator) -> dict[str, np.ndarray]:
     """One random tensor per model input: dynamic dims are 1, floats normal, integers zero."""
+    import numpy as np
+    from onnx import TensorProto, helper
+
+    element_types = {
+        "tensor(float)": TensorProto.FLOAT,
+        "tensor(float16)": TensorProto.FLOAT16,
+        "tensor(double)": TensorProto.DOUBLE,
+        "tensor(int64)": TensorProto.INT64,
+        "tensor(int32)": TensorProto.INT32,
+        "tensor(int8)": TensorProto.INT8,
+        "tensor(uint8)": TensorProto.UINT8,
+        "tensor(bool)": TensorProto.BOOL,
+    }
     feeds = {}
     for node_arg in inputs:
-        element_type = _ORT_ELEMENT_TYPES.get(node_arg.type)
+        element_type = element_types.get(node_arg.type)
         if element_type is None:
             raise OppassError(f"input {node_arg.name!r} has unsupported type {node_arg.type}")
         shape = [dim if isinstance(dim, int) and dim > 0 else 1 for dim in node_arg.shape]
@@ -187,43 +235,35 @@ def _random_feeds(inputs: list[ort.NodeArg], rng: np.random.Generator) -> dict[s
     return feeds
 
 
-_ORT_ELEMENT_TYPES = {
-    "tensor(float)": onnx.TensorProto.FLOAT,
-    "tensor(float16)": onnx.TensorProto.FLOAT16,
-    "tensor(double)": onnx.TensorProto.DOUBLE,
-    "tensor(int64)": onnx.TensorProto.INT64,
-    "tensor(int32)": onnx.TensorProto.INT32,
-    "tensor(int8)": onnx.TensorProto.INT8,
-    "tensor(uint8)": onnx.TensorProto.UINT8,
-    "tensor(bool)": onnx.TensorProto.BOOL,
-}
-
-
 # ----------------------------------------------------------------------------- inspect, inject, strip
 
 
-def register_inspect(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("inspect", help="list the protected tensors of a model")
+def add_inspect_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of `oppass inspect`."""
     parser.add_argument("model", help="protected ONNX model")
     parser.set_defaults(run=run_inspect)
 
 
 def run_inspect(arguments: argparse.Namespace) -> None:
-    tensors = graph.inspect(arguments.model)
+    """Runs `oppass inspect`: one row per decode node."""
+    from oppass.protected_models import inspect
+    from oppass.schema import escape
+
+    tensors = inspect(arguments.model)
     if not tensors:
         print("no protected tensors")
         return
     header = ("tensor", "format", "word bits", "shape", "check", "output", "packed")
     rows = [
-        (t.name, t.format, str(t.word_bits), _dims(t.shape), t.check, t.output_type,
-         f"{t.packed_dtype} {_dims(t.packed_shape)}")
+        (t.name if isinstance(t.name, str) and t.name.isprintable() else escape(t.name), t.format,
+         str(t.word_bits), _dims(t.shape), t.check, t.output_type, f"{t.packed_dtype} {_dims(t.packed_shape)}")
         for t in tensors
     ]
     _print_table([header, *rows])
 
 
-def register_inject(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("inject", help="flip random bits in the packed weights of a protected model")
+def add_inject_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of `oppass inject`."""
     parser.add_argument("input", help="protected ONNX model")
     parser.add_argument("output", help="where to write the faulty model")
     parser.add_argument("--ber", type=float, required=True, help="bit error rate: probability of each bit flipping")
@@ -232,24 +272,32 @@ def register_inject(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_inject(arguments: argparse.Namespace) -> None:
+    """Runs `oppass inject`: flips bits of the packed weights and saves the result."""
+    from oppass import modelio
+    from oppass.protected_models import inject
+
     source = modelio.read_model(arguments.input)
     modelio.check_destination(arguments.output, source)
-    faulty, flips = graph.inject(source.model, arguments.ber, arguments.seed)
+    faulty, flips = inject(source.model, arguments.ber, arguments.seed)
     modelio.save_model(faulty, arguments.output, source=source)
     print(f"{flips} bits flipped")
 
 
-def register_strip(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("strip", help="turn a protected model back into a plain one (no parity check)")
+def add_strip_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of `oppass strip`."""
     parser.add_argument("input", help="protected ONNX model")
     parser.add_argument("output", help="where to write the plain model")
     parser.set_defaults(run=run_strip)
 
 
 def run_strip(arguments: argparse.Namespace) -> None:
+    """Runs `oppass strip`: saves the model with its decoded weights back as initializers."""
+    from oppass import modelio
+    from oppass.protected_models import strip
+
     source = modelio.read_model(arguments.input)
     modelio.check_destination(arguments.output, source)
-    modelio.save_model(graph.strip(source.model), arguments.output, source=source)
+    modelio.save_model(strip(source.model), arguments.output, source=source)
 
 
 # ----------------------------------------------------------------------------- output helpers
@@ -263,45 +311,50 @@ def _print_table(rows: Sequence[Sequence[str]]) -> None:
     """Prints rows of cells as left-aligned columns."""
     widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
     for line in rows:
-        print("  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip())
+        print("  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip())
 
 
-def _print_warning(message: Warning | str, *_: object) -> None:
+def _print_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                   file: TextIO | None = None, line: str | None = None) -> None:
     """warnings.showwarning replacement: one line on stderr."""
     print(f"oppass: warning: {message}", file=sys.stderr)
 
 
-# ----------------------------------------------------------------------------- demo
+# ----------------------------------------------------------------------------- campaign and demo
 
 
-def register_demo(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("demo", help="protect the bundled digits CNN and compare accuracies under faults")
+def add_campaign_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of `oppass campaign` (oppass.campaign.cli)."""
+    from oppass.campaign import cli as campaign_cli
+
+    campaign_cli.add_arguments(parser)
+
+
+def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of `oppass demo`."""
     parser.add_argument("--out", default="oppass-demo", help="folder for the campaign results (default: oppass-demo)")
     parser.set_defaults(run=run_demo)
 
 
 def run_demo(arguments: argparse.Namespace) -> None:
-    from oppass.demo import format_result, run_demo as demo
+    """Runs `oppass demo` (it runs a campaign: it needs the campaign extra)."""
+    from oppass.campaign import check_extra
+
+    check_extra()
+    from oppass.demo import format_result
+    from oppass.demo import run_demo as demo
 
     print(format_result(demo(Path(arguments.out))))
 
 
-def register_campaign(subparsers: argparse._SubParsersAction) -> None:
-    from oppass.campaign import cli as campaign_cli  # dask, scipy, matplotlib: imported only for this parser
-
-    campaign_cli.register(subparsers)
-
-
-REGISTRARS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
-    register_transform,
-    register_inspect,
-    register_inject,
-    register_strip,
-    register_campaign,
-    register_demo,
+COMMANDS = (
+    Command("transform", "protect the weights of a model", add_transform_arguments),
+    Command("inspect", "list the protected tensors of a model", add_inspect_arguments),
+    Command("inject", "flip random bits in the packed weights of a protected model", add_inject_arguments),
+    Command("strip", "turn a protected model back into a plain one (no parity check)", add_strip_arguments),
+    Command("campaign", "fault-injection campaign (the paper's Alg. 1, Table II, Fig. 4-6)", add_campaign_arguments),
+    Command("demo", "protect the bundled digits CNN and compare accuracies under faults", add_demo_arguments),
 )
-# Subcommands whose command lines never need the campaign parser.
-LIGHT_COMMANDS = ("transform", "inspect", "inject", "strip", "demo")
 
 
 if __name__ == "__main__":

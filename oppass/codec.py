@@ -11,35 +11,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import ml_dtypes
 import numpy as np
 import numpy.typing as npt
 
 from oppass.errors import OppassError
+from oppass.formats import FLIP_STRATEGIES, FORMATS, LANE_BITS, WEIGHT_WORD, WORD_BITS, WeightFormat
 
-
-@dataclass(frozen=True)
-class WeightFormat:
-    """A weight encoding: its name, width in bits and numpy dtype."""
-
-    name: str
-    bits: int
-    dtype: np.dtype
-
-
-FORMATS: dict[str, WeightFormat] = {
-    "fp32": WeightFormat("fp32", 32, np.dtype(np.float32)),
-    "bf16": WeightFormat("bf16", 16, np.dtype(ml_dtypes.bfloat16)),
-    "fp16": WeightFormat("fp16", 16, np.dtype(np.float16)),
-    "int8": WeightFormat("int8", 8, np.dtype(np.int8)),
-    "uint8": WeightFormat("uint8", 8, np.dtype(np.uint8)),
-}
-WORD_SIZES = ("weight", 16, 32, 64, 128, 256, 512)
-FLIP_STRATEGIES = ("word-lsb", "largest", "min-error")
-
-FLOAT_FORMATS = ("fp32", "bf16", "fp16")
-# Exponent and mantissa widths of the float formats.
-_FLOAT_FIELDS = {"fp32": (8, 23), "bf16": (8, 7), "fp16": (5, 10)}
 _INT8_LIMIT = 127
 
 
@@ -69,28 +46,27 @@ def format_of(dtype: npt.DTypeLike) -> str:
 def word_bits(fmt: str, word: str | int) -> int:
     """Word width W in bits for `word` ("weight", an int or a numeric string) in format `fmt`."""
     bits = _format(fmt).bits
-    if word == "weight":
+    if word == WEIGHT_WORD:
         return bits
     width = _parse_word(word)
-    if width != bits and (width not in WORD_SIZES or width < bits):
-        sizes = ", ".join(str(size) for size in WORD_SIZES[1:] if size >= bits)
-        raise OppassError(f"invalid word size {word!r} for {fmt}: expected 'weight' or one of {sizes}")
+    if width != bits and (width not in WORD_BITS or width < bits):
+        sizes = ", ".join(str(size) for size in WORD_BITS if size >= bits)
+        raise OppassError(f"invalid word size {word!r} for {fmt}: expected {WEIGHT_WORD!r} or one of {sizes}")
     return width
 
 
 def storage_dtype(word_bits: int) -> np.dtype:
     """Element dtype of a packed tensor with W-bit words: '<u1', '<u2', '<u4', or '<u8' for W >= 64."""
-    if word_bits in (8, 16, 32):
-        return np.dtype(f"<u{word_bits // 8}")
-    if word_bits in WORD_SIZES[3:]:
-        return np.dtype("<u8")
-    raise OppassError(f"invalid word width {word_bits} bits: expected 8, 16, 32, 64, 128, 256 or 512")
+    widths = sorted({weight_format.bits for weight_format in FORMATS.values()} | set(WORD_BITS))
+    if word_bits not in widths:
+        raise OppassError(f"invalid word width {word_bits} bits: expected one of {', '.join(map(str, widths))}")
+    return np.dtype(f"<u{min(word_bits, LANE_BITS) // 8}")
 
 
 def packed_shape(n_weights: int, fmt: str, word_bits: int) -> tuple[int, int]:
     """Shape [n_words, L] of the packed tensor holding `n_weights` weights of `fmt` in W-bit words."""
     per_word = _weights_per_word(fmt, word_bits)
-    return -(-n_weights // per_word), max(1, word_bits // 64)
+    return -(-n_weights // per_word), max(1, word_bits // LANE_BITS)
 
 
 def to_format(
@@ -104,7 +80,7 @@ def to_format(
     weights = np.asarray(weights_fp32)
     if weights.dtype == target.dtype:
         return weights, None
-    if weights.dtype != np.float32 or fmt == "uint8":
+    if weights.dtype != np.float32 or not target.converted_from_fp32:
         raise OppassError(f"cannot convert {name} from {weights.dtype} to {fmt}")
     if fmt == "int8":
         return _quantize_int8(weights, name, axis)
@@ -189,7 +165,7 @@ def _parse_word(word: str | int) -> int:
         return int(word)
     if isinstance(word, str) and word.strip().isdigit():
         return int(word)
-    raise OppassError(f"invalid word size {word!r}: expected 'weight' or a number of bits")
+    raise OppassError(f"invalid word size {word!r}: expected {WEIGHT_WORD!r} or a number of bits")
 
 
 def _weights_per_word(fmt: str, width: int) -> int:
@@ -197,15 +173,10 @@ def _weights_per_word(fmt: str, width: int) -> int:
     return word_bits(fmt, width) // FORMATS[fmt].bits
 
 
-def _code_dtype(fmt: str) -> np.dtype:
-    """Native unsigned integer dtype as wide as one weight of `fmt`."""
-    return np.dtype(f"u{FORMATS[fmt].bits // 8}")
-
-
 def _codes(weights: np.ndarray, fmt: str) -> np.ndarray:
     """Flat native unsigned codes (raw bits) of weights in format `fmt`, in C order."""
     native = np.ascontiguousarray(weights, dtype=FORMATS[fmt].dtype)
-    return native.reshape(-1).view(_code_dtype(fmt))
+    return native.reshape(-1).view(FORMATS[fmt].code_dtype)
 
 
 def _word_matrix(codes: np.ndarray, per_word: int) -> np.ndarray:
@@ -246,7 +217,7 @@ def _magnitude_rank(codes: np.ndarray, fmt: str) -> np.ndarray:
         return np.abs(codes.view(np.int8).astype(np.int16))
     if fmt == "uint8":
         return codes
-    exponent_bits, mantissa_bits = _FLOAT_FIELDS[fmt]
+    exponent_bits, mantissa_bits = FORMATS[fmt].exponent_bits, FORMATS[fmt].mantissa_bits
     magnitude_mask = (1 << (exponent_bits + mantissa_bits)) - 1
     infinity = ((1 << exponent_bits) - 1) << mantissa_bits
     return np.minimum(codes & magnitude_mask, infinity + 1)
@@ -261,9 +232,9 @@ def _flip_error_rank(codes: np.ndarray, fmt: str) -> np.ndarray:
     monotonic in max(exponent_field, 1). Only NaN and infinity (all-ones exponent) flip
     into NaN or infinity; they get the all-ones exponent as rank, above every finite one.
     """
-    if fmt not in FLOAT_FORMATS:
+    if not FORMATS[fmt].is_float:
         return np.zeros(codes.shape, dtype=np.int32)
-    exponent_bits, mantissa_bits = _FLOAT_FIELDS[fmt]
+    exponent_bits, mantissa_bits = FORMATS[fmt].exponent_bits, FORMATS[fmt].mantissa_bits
     exponent = (codes >> mantissa_bits) & ((1 << exponent_bits) - 1)
     return np.maximum(exponent, 1).astype(np.int32)
 
@@ -286,7 +257,7 @@ def _matrix_from_packed(packed: np.ndarray, fmt: str, width: int, shape: Sequenc
     if packed.shape != expected_shape:
         raise OppassError(f"packed tensor has shape {list(packed.shape)}, expected {list(expected_shape)}")
     little_endian = np.ascontiguousarray(packed, dtype=expected_dtype)
-    code_dtype = _code_dtype(fmt)
+    code_dtype = FORMATS[fmt].code_dtype
     codes = little_endian.reshape(-1).view(np.uint8).view(code_dtype.newbyteorder("<")).astype(code_dtype)
     return codes.reshape(expected_shape[0], _weights_per_word(fmt, width))
 

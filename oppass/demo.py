@@ -9,9 +9,10 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from oppass import faults, graph, runtime
+from oppass import faults, runtime
 from oppass.campaign.config import CampaignConfig
 from oppass.campaign.runner import CampaignResult, run_campaign
+from oppass.protect import packed_name, transform
 
 EXAMPLES = Path(__file__).parent / "examples"
 MODEL = EXAMPLES / "digits_cnn.onnx"
@@ -37,8 +38,8 @@ def run_demo(out: Path, seed: int = 0) -> DemoResult:
     model = onnx.load(MODEL)
     with np.load(DATA) as data:
         inputs, labels = data["inputs"], data["labels"]
-    protected = graph.transform(model, word=64)
-    unprotected = graph.transform(model, word="weight", check="none")
+    protected = transform(model, word=64)
+    unprotected = transform(model, word="weight", check="none")
     campaign = run_campaign(CampaignConfig(
         model=MODEL, data=str(DATA), out=out, formats=("fp32",), protections=("none", "weight", "64"),
         ber_min=DEMO_BERS[0], ber_max=DEMO_BERS[1], points_per_decade=1, experiments=10,
@@ -63,14 +64,14 @@ def _flip_weight_bit(model: onnx.ModelProto, bit: int) -> onnx.ModelProto:
     """A copy of a transformed model with `bit` of the first stored weight of DRILL_WEIGHT flipped."""
     drilled = onnx.ModelProto()
     drilled.CopyFrom(model)
-    packed_name = graph.packed_name(DRILL_WEIGHT)
+    drilled_name = packed_name(DRILL_WEIGHT)
     for index, tensor in enumerate(drilled.graph.initializer):
-        if tensor.name == packed_name:
+        if tensor.name == drilled_name:
             words = numpy_helper.to_array(tensor).copy()
             faults.flip_bits([words], np.array([bit]))
-            drilled.graph.initializer[index].CopyFrom(numpy_helper.from_array(words, packed_name))
+            drilled.graph.initializer[index].CopyFrom(numpy_helper.from_array(words, drilled_name))
             return drilled
-    raise LookupError(f"{packed_name} is not in the transformed model")
+    raise LookupError(f"{drilled_name} is not in the transformed model")
 
 
 def format_result(result: DemoResult) -> str:
@@ -84,7 +85,7 @@ def format_result(result: DemoResult) -> str:
         f"  {'protected: OP over 64-bit words, no faults':<66} {result.protected:8.2%}",
         f"  {f'one flip of bit {EXPONENT_MSB} (exponent MSB) in {DRILL_WEIGHT}, unprotected':<66} "
         f"{result.msb_flip_unprotected:8.2%}",
-        f"  {f'the same flip, protected (the word is masked to zero)':<66} {result.msb_flip_protected:8.2%}",
+        f"  {'the same flip, protected (the word is masked to zero)':<66} {result.msb_flip_protected:8.2%}",
         "",
         "Random bit flips in the stored weights (10 experiments per point, mean accuracy [95% CI]):",
     ]

@@ -14,11 +14,10 @@ from onnx import helper, numpy_helper
 
 from oppass.errors import OppassError
 from oppass.modelio import load_model, save_model
+from oppass.schema import DOMAIN, DecodeNode, is_decode_node, read_decode_nodes
 
 LIBRARY_ENV = "OPPASS_CUSTOM_OP_LIBRARY"
 LIBRARY_NAME = "liboppass_ops.so"
-DOMAIN = "ai.oppass"
-OP_TYPE = "ParityCheckUnpack"
 
 
 def custom_op_library() -> str:
@@ -31,7 +30,7 @@ def custom_op_library() -> str:
 
 
 def session_options(threads: int | None = None, config: Mapping[str, str] | None = None) -> ort.SessionOptions:
-    """onnxruntime SessionOptions with the ParityCheckUnpack library registered, `threads` intra-op
+    """SessionOptions of onnxruntime with the ParityCheckUnpack library registered, `threads` intra-op
     threads and the session config entries `config` (e.g. {"session.intra_op.allow_spinning": "0"})."""
     options = ort.SessionOptions()
     options.register_custom_ops_library(custom_op_library())
@@ -59,9 +58,9 @@ def load_session(
     `threads` and `config` are as in `session_options`.
     """
     proto = model if isinstance(model, onnx.ModelProto) else load_model(model)
-    load_checked = [i for i, n in enumerate(proto.graph.node) if _is_decode(n) and _check_mode(n) == "load"]
-    if fold_load_checks and load_checked:
-        proto = _fold_decode_nodes(proto, load_checked, threads)
+    decodes = read_decode_nodes(proto)  # refuses what the kernel would refuse, in one line
+    if fold_load_checks and any(decode.check == "load" for decode in decodes):
+        proto = _fold_decode_nodes(proto, decodes, threads)
     return ort.InferenceSession(proto.SerializeToString(), session_options(threads, config))
 
 
@@ -75,7 +74,7 @@ def optimize_for_cpu(model: onnx.ModelProto | str | os.PathLike) -> onnx.ModelPr
     depends on this CPU's vector width: it runs on onnxruntime, on machines like this one.
     """
     proto = model if isinstance(model, onnx.ModelProto) else load_model(model)
-    if any(_is_decode(node) for node in proto.graph.node):
+    if any(is_decode_node(node) for node in proto.graph.node):
         raise OppassError("the model is already protected: optimise the original model, then transform it")
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -92,22 +91,12 @@ def optimize_for_cpu(model: onnx.ModelProto | str | os.PathLike) -> onnx.ModelPr
         return load_model(options.optimized_model_filepath)
 
 
-def _is_decode(node: onnx.NodeProto) -> bool:
-    return node.domain == DOMAIN and node.op_type == OP_TYPE
-
-
-def _check_mode(node: onnx.NodeProto) -> str | None:
-    """The decode node's `check` attribute."""
-    for attribute in node.attribute:
-        if attribute.name == "check":
-            return helper.get_attribute_value(attribute).decode()
-    return None
-
-
-def _fold_decode_nodes(proto: onnx.ModelProto, indices: list[int], threads: int | None) -> onnx.ModelProto:
-    """Runs the decode nodes at `indices` once and replaces them by initializers of their outputs."""
-    nodes = [proto.graph.node[i] for i in indices]
-    packed_names = {node.input[0] for node in nodes}
+def _fold_decode_nodes(proto: onnx.ModelProto, decodes: list[DecodeNode], threads: int | None) -> onnx.ModelProto:
+    """Runs the load-mode decode nodes once and replaces them by initializers of their outputs."""
+    positions = [i for i, node in enumerate(proto.graph.node) if node.domain == DOMAIN]  # where `decodes` are
+    folding = [(i, decode) for i, decode in zip(positions, decodes, strict=True) if decode.check == "load"]
+    nodes = [proto.graph.node[i] for i, _ in folding]
+    packed_names = {decode.packed for _, decode in folding}
     outputs = [name for node in nodes for name in node.output if name]
     decoder = helper.make_model(
         helper.make_graph(
@@ -121,15 +110,15 @@ def _fold_decode_nodes(proto: onnx.ModelProto, indices: list[int], threads: int 
         ir_version=proto.ir_version,
     )
     session = ort.InferenceSession(decoder.SerializeToString(), session_options(threads))
-    decoded = dict(zip(outputs, session.run(outputs, {})))
-    masked = sum(int(decoded[n.output[1]]) for n in nodes if len(n.output) > 1 and n.output[1])
+    decoded = dict(zip(outputs, session.run(outputs, {}), strict=True))
+    masked = sum(int(decoded[decode.masked_output]) for _, decode in folding if decode.masked_output is not None)
     if masked:
         warnings.warn(f"oppass: {masked} corrupted weight words were masked at load", stacklevel=3)
 
     folded = onnx.ModelProto()
     folded.CopyFrom(proto)
     graph = folded.graph
-    for i in sorted(indices, reverse=True):
+    for i, _ in reversed(folding):
         del graph.node[i]
     still_used = {name for node in graph.node for name in node.input}
     kept = [t for t in graph.initializer if t.name not in packed_names or t.name in still_used]

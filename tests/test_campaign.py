@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 import os
+import sqlite3
 import subprocess
 import sys
+import typing
 from pathlib import Path
 
 import numpy as np
@@ -16,12 +19,11 @@ from oppass import faults
 from oppass.campaign import ecc, injector, stats
 from oppass.campaign.config import CampaignConfig, ber_grid, conditions
 from oppass.campaign.injector import BitPosition, EccProtected, PackedWeights, RestorationError, StoredBits
+from oppass.campaign.records import TrialRecord
 from oppass.campaign.scheduler import CHUNK_TRIALS, tasks
 from oppass.campaign.seeds import batch_indices, stable_words, trial_rng
-from oppass.campaign.store import Store
-from oppass.campaign.worker import TrialRecord
+from oppass.campaign.store import Store, column_type
 from oppass.errors import OppassError
-
 
 
 def random_words(count: int, seed: int) -> np.ndarray:
@@ -216,7 +218,7 @@ def test_packed_weights_hold_the_arrays_on_8_byte_boundaries() -> None:
     arrays = sample_buffers()
     weights = PackedWeights(arrays)
     assert [b.ctypes.data - weights.block.ctypes.data for b in weights.buffers] == [0, 40, 56]
-    assert all(np.array_equal(b, a) and b.dtype == a.dtype for b, a in zip(weights.buffers, arrays))
+    assert all(np.array_equal(b, a) and b.dtype == a.dtype for b, a in zip(weights.buffers, arrays, strict=True))
     assert weights.block.size == 88 and weights.words.size == 11
 
 
@@ -326,3 +328,33 @@ def test_store_refuses_another_configuration(tmp_path: Path) -> None:
     Store(tmp_path, {"seed": 0, "experiments": 20}).close()
     with pytest.raises(OppassError, match="experiments"):
         Store(tmp_path, {"seed": 0, "experiments": 10})
+
+
+@pytest.mark.parametrize(("annotation", "column"), [
+    (int, "INTEGER NOT NULL"), (float, "REAL NOT NULL"), (str, "TEXT NOT NULL"),
+    (int | None, "INTEGER"), (float | None, "REAL"), (None | str, "TEXT"), (typing.Optional[float], "REAL"),
+])
+def test_column_types_come_from_the_type_hints(annotation: object, column: str) -> None:
+    assert column_type(annotation) == column
+
+
+@pytest.mark.parametrize("annotation", [int | str, bytes, list[int], typing.Union[int, float, None]])
+def test_types_without_a_column_type_are_refused(annotation: object) -> None:
+    with pytest.raises(TypeError, match="no SQLite column type"):
+        column_type(annotation)
+
+
+def test_a_nullable_float_field_stores_nulls(tmp_path: Path) -> None:
+    @dataclasses.dataclass(frozen=True)
+    class Row:
+        name: str
+        value: float | None
+
+    hints = typing.get_type_hints(Row)
+    columns = ", ".join(f"{field.name} {column_type(hints[field.name])}" for field in dataclasses.fields(Row))
+    assert columns == "name TEXT NOT NULL, value REAL"
+    connection = sqlite3.connect(tmp_path / "rows.sqlite")
+    connection.execute(f"CREATE TABLE rows ({columns})")
+    connection.execute("INSERT INTO rows VALUES (?, ?)", ("a", None))
+    assert connection.execute("SELECT value FROM rows").fetchall() == [(None,)]
+    connection.close()

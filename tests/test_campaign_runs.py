@@ -16,9 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from oppass.campaign import CampaignConfig, run_campaign
+from oppass.campaign import CampaignConfig, run_campaign, worker
 from oppass.campaign import cli as campaign_cli
-from oppass.campaign import worker
 from oppass.campaign.config import Condition
 from oppass.campaign.runner import make_plan
 from oppass.campaign.store import STORE_FILE, Store
@@ -155,7 +154,7 @@ def test_a_dask_worker_killed_mid_run_loses_and_duplicates_no_trial(tmp_path: Pa
 
 def test_command_line_parses_into_the_config(tmp_path: Path) -> None:
     parser = argparse.ArgumentParser()
-    campaign_cli.register(parser.add_subparsers())
+    campaign_cli.add_arguments(parser.add_subparsers().add_parser("campaign"))
     args = parser.parse_args(["campaign", str(DIGITS_MODEL), "--data", "digits", "--out", str(tmp_path),
                               "--formats", "fp32,int8", "--op", "none,weight", "--ber", "1e-6:1e-3",
                               "--scheduler", "serial", "--ecc"])
@@ -164,7 +163,8 @@ def test_command_line_parses_into_the_config(tmp_path: Path) -> None:
                                                                                      ("none", "weight"), 1e-6, 1e-3)
     assert config.ecc and config.experiments == 20 and config.metric == "top5"
     with pytest.raises(OppassError, match="--ber"):
-        campaign_cli.config_from_args(parser.parse_args(["campaign", "m", "--data", "d", "--out", "o", "--ber", "1e-3"]))
+        campaign_cli.config_from_args(parser.parse_args(["campaign", "m", "--data", "d", "--out", "o",
+                                                         "--ber", "1e-3"]))
 
 
 def test_exports_and_studies_are_written(tmp_path: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +12,7 @@ import onnx
 import pytest
 from conftest import REPO_ROOT
 
-from oppass import cli, graph, modelio, runtime
+from oppass import cli, modelio, protect, protected_models, runtime, schema
 
 
 @pytest.fixture
@@ -24,7 +25,7 @@ def model_file(cnn_model: onnx.ModelProto, tmp_path: Path) -> Path:
 @pytest.fixture
 def protected_file(cnn_model: onnx.ModelProto, tmp_path: Path) -> Path:
     path = tmp_path / "protected.onnx"
-    onnx.save_model(graph.transform(cnn_model, word="32"), path)
+    onnx.save_model(protect.transform(cnn_model, word="32"), path)
     return path
 
 
@@ -40,7 +41,7 @@ def test_transform_prints_the_report_and_the_drift(
     output = tmp_path / "out.onnx"
     assert cli.main(["transform", str(model_file), str(output), "--format", "bf16", "--word", "128"]) == 0
     table = summary(capsys.readouterr().out)
-    _, report = graph.transform_with_report(model_file, format="bf16", word="128")
+    _, report = protect.transform_with_report(model_file, format="bf16", word="128")
     assert table["tensors protected"] == "4"
     assert table["weights"] == f"{report.weights:,}"
     assert table["stored bytes before"] == f"{report.bytes_before:,}"
@@ -50,7 +51,7 @@ def test_transform_prints_the_report_and_the_drift(
     assert table["largest conversion error (x max|w|)"] == f"{report.max_conversion_error:.3g}"
     drift = table["fault-free output drift"]
     assert drift.endswith("(max abs, one random input)") and float(drift.split()[0]) > 0
-    assert [t.name for t in graph.inspect(output)] == ["conv1.w", "conv2.w", "fc1.w", "fc2.w"]
+    assert [t.name for t in protected_models.inspect(output)] == ["conv1.w", "conv2.w", "fc1.w", "fc2.w"]
 
 
 def test_transform_options_reach_the_pass(model_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -59,10 +60,10 @@ def test_transform_options_reach_the_pass(model_file: Path, tmp_path: Path, caps
                  "min-error", "--ops", "Conv", "--check", "load", "--report-faults", "--no-verify"]
     assert cli.main(arguments) == 0
     assert summary(capsys.readouterr().out)["fault-free output drift"] == "skipped (--no-verify)"
-    tensors = graph.inspect(output)
+    tensors = protected_models.inspect(output)
     assert [(t.name, t.format, t.word_bits, t.check) for t in tensors] == [
         ("conv1.w", "fp16", 16, "load"), ("conv2.w", "fp16", 16, "load")]
-    assert modelio.load_model(output).graph.output[-1].name == graph.MASKED_WORDS_OUTPUT
+    assert modelio.load_model(output).graph.output[-1].name == schema.MASKED_WORDS_OUTPUT
 
 
 def test_transform_optimize_for_cpu_protects_the_optimized_graph(
@@ -71,8 +72,8 @@ def test_transform_optimize_for_cpu_protects_the_optimized_graph(
     output = tmp_path / "out.onnx"
     assert cli.main(["transform", str(model_file), str(output), "--optimize-for-cpu"]) == 0
     table = summary(capsys.readouterr().out)
-    expected = graph.inspect(graph.transform(runtime.optimize_for_cpu(model_file)))
-    assert graph.inspect(output) == expected and table["tensors protected"] == str(len(expected)) == "4"
+    expected = protected_models.inspect(protect.transform(runtime.optimize_for_cpu(model_file)))
+    assert protected_models.inspect(output) == expected and table["tensors protected"] == str(len(expected)) == "4"
     assert float(table["fault-free output drift"].split()[0]) < 1e-4
 
 
@@ -96,7 +97,7 @@ def test_inspect_lists_the_protected_tensors(protected_file: Path, capsys: pytes
 def test_inject_prints_the_number_of_flips(protected_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     output = tmp_path / "faulty.onnx"
     assert cli.main(["inject", str(protected_file), str(output), "--ber", "0.01", "--seed", "5"]) == 0
-    _, flips = graph.inject(protected_file, 0.01, 5)
+    _, flips = protected_models.inject(protected_file, 0.01, 5)
     assert capsys.readouterr().out == f"{flips} bits flipped\n"
     assert flips > 0
     faulty = np.frombuffer(b"".join(t.raw_data for t in modelio.load_model(output).graph.initializer), np.uint8)
@@ -110,7 +111,7 @@ def test_strip_writes_a_plain_model(protected_file: Path, tmp_path: Path) -> Non
     assert cli.main(["strip", str(protected_file), str(output)]) == 0
     plain = modelio.load_model(output)
     onnx.checker.check_model(plain, full_check=True)
-    assert not graph.inspect(plain)
+    assert not protected_models.inspect(plain)
 
 
 @pytest.mark.parametrize("case", [
@@ -125,7 +126,7 @@ def test_errors_are_one_line_exit_2_no_output_and_input_untouched(
     truncated = tmp_path / "truncated.onnx"
     truncated.write_bytes(model_file.read_bytes()[:150])
     qdq = tmp_path / "qdq.onnx"
-    onnx.save_model(graph.strip(graph.transform(model_file, format="int8")), qdq)
+    onnx.save_model(protected_models.strip(protect.transform(model_file, format="int8")), qdq)
     output = tmp_path / "out.onnx"
     arguments = {
         "garbage input": ["transform", str(garbage), str(output)],
@@ -190,14 +191,18 @@ def test_transform_imports_nothing_of_the_campaign(model_file: Path, tmp_path: P
     assert output.stat().st_size > 0
 
 
-def test_the_campaign_parser_is_registered_unless_another_command_is_given() -> None:
-    def commands(parser) -> set[str]:
-        return set(next(a for a in parser._actions if a.dest == "command").choices)
+def test_a_command_line_gets_the_arguments_of_its_subcommand_only() -> None:
+    def arguments(parser: argparse.ArgumentParser) -> dict[str, list[str]]:
+        (subcommands,) = [action for action in parser._actions if action.dest == "command"]
+        return {name: [a.dest for a in sub._actions if a.dest != "help"] for name, sub in subcommands.choices.items()}
 
-    assert "campaign" in commands(cli.build_parser())
-    assert "campaign" in commands(cli.build_parser(["campaign", "--help"]))
-    assert "campaign" in commands(cli.build_parser(["--help"]))
-    assert "campaign" not in commands(cli.build_parser(["transform", "a.onnx", "b.onnx"]))
+    everything = arguments(cli.build_parser())
+    assert list(everything) == [command.name for command in cli.COMMANDS]
+    assert all(everything.values())
+    for name in everything:
+        assert arguments(cli.build_parser([name, "--help"])) == {other: everything[name] if other == name else []
+                                                                  for other in everything}
+    assert not any(arguments(cli.build_parser(["--help"])).values())
 
 
 def test_transform_of_an_external_data_model_measures_the_drift_from_the_files(
@@ -208,4 +213,4 @@ def test_transform_of_an_external_data_model_measures_the_drift_from_the_files(
     assert cli.main(["transform", str(external_data_model), str(output)]) == 0
     drift = summary(capsys.readouterr().out)["fault-free output drift"]
     assert drift.endswith("(max abs, one random input)") and float(drift.split()[0]) > 0
-    assert [t.name for t in graph.inspect(output)] == ["conv1.w", "conv2.w", "fc1.w", "fc2.w"]
+    assert [t.name for t in protected_models.inspect(output)] == ["conv1.w", "conv2.w", "fc1.w", "fc2.w"]

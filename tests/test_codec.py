@@ -14,16 +14,16 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from oppass import codec
+from oppass import codec, formats
 from oppass.errors import OppassError
 
 VECTORS = json.loads((Path(__file__).parent / "vectors" / "format_vectors.json").read_text())
 CONFIGS = [
     (fmt, word, flip)
-    for fmt, weight_format in codec.FORMATS.items()
-    for word in codec.WORD_SIZES
+    for fmt, weight_format in formats.FORMATS.items()
+    for word in formats.WORD_SIZES
     if word == "weight" or word >= weight_format.bits
-    for flip in codec.FLIP_STRATEGIES
+    for flip in formats.FLIP_STRATEGIES
 ]
 SPECIAL_CODES = {
     "fp32": [0x00000000, 0x80000000, 0x00000001, 0x007FFFFF, 0x00800000, 0x7F800000, 0xFF800000, 0x7FC00000,
@@ -37,11 +37,11 @@ PROPERTY_SETTINGS = settings(max_examples=12, deadline=None)
 
 
 def code_dtype(fmt: str) -> np.dtype:
-    return np.dtype(f"u{codec.FORMATS[fmt].bits // 8}")
+    return np.dtype(f"u{formats.FORMATS[fmt].bits // 8}")
 
 
 def as_weights(codes: np.ndarray, fmt: str) -> np.ndarray:
-    return np.asarray(codes, dtype=code_dtype(fmt)).view(codec.FORMATS[fmt].dtype)
+    return np.asarray(codes, dtype=code_dtype(fmt)).view(formats.FORMATS[fmt].dtype)
 
 
 def as_codes(weights: np.ndarray) -> np.ndarray:
@@ -51,9 +51,9 @@ def as_codes(weights: np.ndarray) -> np.ndarray:
 @st.composite
 def weight_codes(draw: st.DrawFn, fmt: str, word_bits: int, nonempty: bool = False) -> np.ndarray:
     """Random weight codes (often special values) spanning a few words, often with a padded tail."""
-    per_word = word_bits // codec.FORMATS[fmt].bits
+    per_word = word_bits // formats.FORMATS[fmt].bits
     count = draw(st.integers(int(nonempty), 4 * per_word))
-    elements = st.one_of(st.integers(0, 2 ** codec.FORMATS[fmt].bits - 1), st.sampled_from(SPECIAL_CODES[fmt]))
+    elements = st.one_of(st.integers(0, 2 ** formats.FORMATS[fmt].bits - 1), st.sampled_from(SPECIAL_CODES[fmt]))
     return draw(hnp.arrays(code_dtype(fmt), count, elements=elements))
 
 
@@ -94,7 +94,7 @@ def reference_choice(word_codes: np.ndarray, fmt: str, flip: str) -> int:
     if flip == "largest":
         keys = [(1, 0.0) if math.isnan(value) else (0, abs(value)) for value in values]
         return max(range(len(keys)), key=lambda index: (keys[index], -index))
-    errors = [abs(new - old) for old, new in zip(values, flipped) if math.isfinite(new)]
+    errors = [abs(new - old) for old, new in zip(values, flipped, strict=True) if math.isfinite(new)]
     candidates = [index for index, new in enumerate(flipped) if math.isfinite(new)]
     return candidates[int(np.argmin(errors))] if candidates else 0
 
@@ -114,7 +114,7 @@ def test_encode_gives_even_words_and_flips_only_the_chosen_lsb(fmt, word, flip, 
     assert not codec.odd_words(encoded.packed).any()
 
     source_parity = stream_bits(weights, n_words, word_bits).sum(axis=1) % 2
-    per_word = word_bits // codec.FORMATS[fmt].bits
+    per_word = word_bits // formats.FORMATS[fmt].bits
     changed = as_codes(encoded.adjusted) ^ codes
     assert set(np.unique(changed)) <= {0, 1}
     assert encoded.flipped_words == int(source_parity.sum())
@@ -140,7 +140,7 @@ def test_unfaulted_decode_returns_adjusted_bit_for_bit(fmt, word, flip, data):
     unpacked = codec.unpack(encoded.packed, fmt, word_bits, shape)
 
     assert masked == 0
-    assert decoded.dtype == codec.FORMATS[fmt].dtype and decoded.shape == shape
+    assert decoded.dtype == formats.FORMATS[fmt].dtype and decoded.shape == shape
     np.testing.assert_array_equal(as_codes(decoded), as_codes(encoded.adjusted))
     np.testing.assert_array_equal(as_codes(unpacked), as_codes(encoded.adjusted))
 
@@ -159,7 +159,7 @@ def bits_in_word(draw: st.DrawFn, word_bits: int) -> list[int]:
 def test_odd_flip_counts_mask_the_word_and_even_counts_pass(fmt, word, data):
     word_bits = codec.word_bits(fmt, word)
     weights = as_weights(data.draw(weight_codes(fmt, word_bits, nonempty=True)), fmt)
-    encoded = codec.encode(weights, word_bits, data.draw(st.sampled_from(codec.FLIP_STRATEGIES)))
+    encoded = codec.encode(weights, word_bits, data.draw(st.sampled_from(formats.FLIP_STRATEGIES)))
     n_words = encoded.packed.shape[0]
     hit_word = data.draw(st.integers(0, n_words - 1))
     offsets = data.draw(bits_in_word(word_bits))
@@ -319,7 +319,7 @@ def test_int8_channel_extremes_map_to_127_and_zero_channels_get_unit_scale():
     np.testing.assert_array_equal(quantized, [[32, -127, 76], [0, 0, 0], [127, 42, -25], [0, 0, 0]])
 
 
-@pytest.mark.parametrize("fmt", list(codec.FORMATS))
+@pytest.mark.parametrize("fmt", list(formats.FORMATS))
 def test_weights_already_in_the_format_pass_through(fmt):
     weights = as_weights(np.arange(6) * 37, fmt)
     converted, scales = codec.to_format(weights, fmt)
@@ -376,7 +376,7 @@ def test_packed_shape_and_storage_dtype(n_weights, fmt, word_bits, shape, dtype)
 
 @pytest.mark.parametrize("dtype", [np.float32, ml_dtypes.bfloat16, np.float16, np.int8, np.uint8])
 def test_format_of_names_each_format(dtype):
-    assert codec.FORMATS[codec.format_of(dtype)].dtype == np.dtype(dtype)
+    assert formats.FORMATS[codec.format_of(dtype)].dtype == np.dtype(dtype)
 
 
 def test_format_of_rejects_other_dtypes():

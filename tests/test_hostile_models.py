@@ -9,6 +9,8 @@ nodes, shared weights, If subgraphs) live in tests/test_cli.py and tests/test_gr
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -20,7 +22,7 @@ from conftest import INPUT_SHAPE, make_model, weights
 from onnx import TensorProto, helper, numpy_helper
 from references import adjusted_reference, plain_options
 
-from oppass import cli, graph, modelio, runtime
+from oppass import cli, modelio, protect, protected_models
 
 
 def conv_model(opset: int, weight_shape: tuple[int, ...] = (2, 3, 3, 3)) -> onnx.ModelProto:
@@ -60,20 +62,6 @@ def empty_graph_model() -> onnx.ModelProto:
                              opset_imports=[helper.make_opsetid("", 17)])
 
 
-def tampered(attribute: str, value: object | None) -> Callable[[Path], onnx.ModelProto]:
-    """A protected conv model whose decode node has `attribute` set to `value` (None: removed)."""
-    def make(folder: Path) -> onnx.ModelProto:
-        model = graph.transform(conv_model(17))
-        node = next(n for n in model.graph.node if n.domain == runtime.DOMAIN)
-        kept = [a for a in node.attribute if a.name != attribute]
-        del node.attribute[:]
-        node.attribute.extend(kept)
-        if value is not None:
-            node.attribute.append(helper.make_attribute(attribute, value))
-        return model
-    return make
-
-
 def write(model: onnx.ModelProto, path: Path) -> Path:
     path.write_bytes(model.SerializeToString())
     return path
@@ -111,25 +99,154 @@ def test_bad_paths_are_one_line_errors(case: str, message: str, tmp_path: Path, 
     assert_user_error(["transform", str(source), str(destination), "--no-verify"], tmp_path, capsys, message)
 
 
-@pytest.mark.parametrize(("attribute", "value", "message"), [
-    ("shape", [4, 3, 3, 3], "does not match its packed tensor"),  # larger than the packed data
-    ("shape", [1, 3, 3, 3], "does not match its packed tensor"),  # smaller than the packed data
-    ("shape", [-2, 3, 3, 3], "negative"),
-    ("format", "fp64", "unknown weight format"),
-    ("word_bits", 128, "does not match its packed tensor"),     # the packed lanes are 64-bit words
-    ("word_bits", 24, "invalid word size"),
-    ("word_bits", None, "lacks attribute 'word_bits'"),
-    ("format", None, "lacks attribute 'format'"),
-])
+def set_attribute(node: onnx.NodeProto, name: str, attribute_type: int | None, value: object = None) -> None:
+    """Replaces (attribute_type None: removes) the node's attribute `name` by one of that AttributeProto type."""
+    kept = [a for a in node.attribute if a.name != name]
+    del node.attribute[:]
+    node.attribute.extend(kept)
+    if attribute_type is None:
+        return
+    made = onnx.AttributeProto(name=name, type=attribute_type)  # type: ignore[arg-type]
+    if attribute_type == onnx.AttributeProto.STRING:
+        made.s = value if isinstance(value, bytes) else b"fp32"
+    elif attribute_type == onnx.AttributeProto.INT:
+        made.i = value if isinstance(value, int) else 64
+    elif attribute_type == onnx.AttributeProto.INTS:
+        made.ints.extend(value if isinstance(value, list) else [2, 3, 3, 3])
+    elif attribute_type == onnx.AttributeProto.FLOAT:
+        made.f = 64.0
+    elif attribute_type == onnx.AttributeProto.TENSOR:
+        made.t.CopyFrom(numpy_helper.from_array(np.array([2, 3, 3, 3], np.int64)))
+    elif attribute_type == onnx.AttributeProto.STRINGS:
+        made.strings.append(b"fp32")
+    else:  # UNDEFINED: the values are there, the type is not
+        made.s, made.i = b"fp32", 64
+        made.ints.extend([2, 3, 3, 3])
+    node.attribute.append(made)
+
+
+def set_name(node: onnx.NodeProto, name: bytes) -> None:
+    """Gives the node a name of any bytes (protobuf refuses to assign one that is not UTF-8)."""
+    node.MergeFromString(bytes([0x1A, len(name)]) + name)  # field 3 (name), length-delimited, < 128 bytes
+
+
+STRING, INT, INTS = onnx.AttributeProto.STRING, onnx.AttributeProto.INT, onnx.AttributeProto.INTS
+OTHER_TYPES = {"UNDEFINED": onnx.AttributeProto.UNDEFINED, "FLOAT": onnx.AttributeProto.FLOAT, "INT": INT,
+               "STRING": STRING, "INTS": INTS, "TENSOR": onnx.AttributeProto.TENSOR,
+               "STRINGS": onnx.AttributeProto.STRINGS}
+EXPECTED_TYPES = {"format": "STRING", "word_bits": "INT", "shape": "INTS", "check": "STRING", "output_type": "INT"}
+
+# (case, change to the protected conv model (fp32, 54 weights, W = 64: packed uint64 [27, 1]), error text)
+TAMPERED = [
+    *[(f"{name} missing", lambda m, n=name: set_attribute(m.graph.node[0], n, None), f"lacks attribute '{name}'")
+      for name in EXPECTED_TYPES],
+    *[(f"{name} of type {kind}", lambda m, n=name, t=code: set_attribute(m.graph.node[0], n, t),
+       f"has attribute '{name}' of type {kind}, expected {EXPECTED_TYPES[name]}")
+      for name in EXPECTED_TYPES for kind, code in OTHER_TYPES.items() if kind != EXPECTED_TYPES[name]],
+    ("check twice", lambda m: m.graph.node[0].attribute.append(m.graph.node[0].attribute[0]),
+     "has attribute 'check' more than once"),
+    *[(f"format {value!r}", lambda m, v=value: set_attribute(m.graph.node[0], "format", STRING, v), "has format")
+      for value in (b"fp32\0", b"fp32\0x", b"FP32", b" fp32", b"fp32 ", b"fp32\n", b"", b"fp64", b"\xff\xfe")],
+    *[(f"check {value!r}", lambda m, v=value: set_attribute(m.graph.node[0], "check", STRING, v), "has check")
+      for value in (b"runtime\0", b"Load", b"none\n", b"never", b"")],
+    *[(f"word_bits {value}", lambda m, v=value: set_attribute(m.graph.node[0], "word_bits", INT, v), "has word_bits")
+      for value in (0, 8, 16, 24, -64, 1024, 2**40, -2**63)],
+    ("word_bits 128", lambda m: set_attribute(m.graph.node[0], "word_bits", INT, 128), "does not match its packed"),
+    ("shape negative", lambda m: set_attribute(m.graph.node[0], "shape", INTS, [-2, 3, 3, 3]), "negative dimension"),
+    ("shape of 2**124 weights", lambda m: set_attribute(m.graph.node[0], "shape", INTS, [2**62, 2**62]), "2**58"),
+    ("shape whose product has 18,000 digits", lambda m: set_attribute(m.graph.node[0], "shape", INTS,
+                                                                       [2**62 - 1] * 1000), "2**58"),
+    ("shape larger than the packed data", lambda m: set_attribute(m.graph.node[0], "shape", INTS, [4, 3, 3, 3]),
+     "does not match its packed tensor"),
+    ("shape smaller than the packed data", lambda m: set_attribute(m.graph.node[0], "shape", INTS, [1, 3, 3, 3]),
+     "does not match its packed tensor"),
+    ("scalar shape", lambda m: set_attribute(m.graph.node[0], "shape", INTS, []), "does not match its packed tensor"),
+    *[(f"output_type {value}", lambda m, v=value: set_attribute(m.graph.node[0], "output_type", INT, v),
+       "has output_type") for value in (0, 10, 16, 3, 999, -1)],
+    ("no input", lambda m: m.graph.node[0].input.pop(), "must have exactly one input"),
+    ("two inputs", lambda m: m.graph.node[0].input.append("x"), "must have exactly one input"),
+    ("unnamed input", lambda m: m.graph.node[0].input.__setitem__(0, ""), "must have exactly one input"),
+    ("no output", lambda m: m.graph.node[0].output.pop(), "must have one or two outputs"),
+    ("three outputs", lambda m: m.graph.node[0].output.extend(["a", "b"]), "must have one or two outputs"),
+    ("unnamed output", lambda m: m.graph.node[0].output.__setitem__(0, ""), "must have one or two outputs"),
+    ("other op type", lambda m: setattr(m.graph.node[0], "op_type", "ParityCheckUnpack2"), "has op type"),
+    ("no ai.oppass import", lambda m: m.opset_import.pop(), "does not import it"),
+    ("ai.oppass version 2", lambda m: setattr(m.opset_import[-1], "version", 2), "at version(s) 2"),
+    ("ai.oppass imported twice", lambda m: m.opset_import.append(helper.make_opsetid("ai.oppass", 1)),
+     "at version(s) 1, 1"),
+    ("packed int64", lambda m: setattr(m.graph.initializer[0], "data_type", TensorProto.INT64),
+     "does not match its packed tensor: INT64"),
+    ("packed unknown type", lambda m: setattr(m.graph.initializer[0], "data_type", 99),
+     "does not match its packed tensor: type 99"),
+    ("packed rank 1", lambda m: m.graph.initializer[0].dims.pop(), "does not match its packed tensor"),
+    ("packed not an initializer", lambda m: setattr(m.graph.initializer[0], "name", "elsewhere"),
+     "which is not an initializer of the main graph"),
+    ("name of any bytes", lambda m: (set_name(m.graph.node[0], b"\xff\n\\'w"),
+                                     set_attribute(m.graph.node[0], "format", STRING, b"fp64")),
+     "decode node '\\xff\\x0a\\\\'w' has format 'fp64'"),
+]
+
+
+def tampered_model(change: Callable[[onnx.ModelProto], object]) -> onnx.ModelProto:
+    model = protect.transform(conv_model(17))
+    assert [node.op_type for node in model.graph.node] == ["ParityCheckUnpack", "Conv"]
+    change(model)
+    return model
+
+
+def command_line(command: str, model: Path, folder: Path) -> list[str]:
+    return {"inspect": ["inspect", str(model)],
+            "strip": ["strip", str(model), str(folder / "out.onnx")],
+            "inject": ["inject", str(model), str(folder / "out.onnx"), "--ber", "1e-3", "--seed", "0"]}[command]
+
+
+@pytest.mark.parametrize(("case", "change", "message"), TAMPERED, ids=[case for case, _, _ in TAMPERED])
 @pytest.mark.parametrize("command", ["inspect", "strip", "inject"])
-def test_tampered_decode_attributes_are_one_line_errors(
-    attribute: str, value: object, message: str, command: str, tmp_path: Path, capsys: pytest.CaptureFixture
+def test_tampered_decode_nodes_are_one_line_errors(
+    case: str, change: Callable[[onnx.ModelProto], object], message: str, command: str, tmp_path: Path,
+    capsys: pytest.CaptureFixture
 ) -> None:
-    model = write(tampered(attribute, value)(tmp_path), tmp_path / "tampered.onnx")
-    arguments = {"inspect": ["inspect", str(model)],
-                 "strip": ["strip", str(model), str(tmp_path / "out.onnx")],
-                 "inject": ["inject", str(model), str(tmp_path / "out.onnx"), "--ber", "1e-3", "--seed", "0"]}[command]
-    assert_user_error(arguments, tmp_path, capsys, message)
+    model = write(tampered_model(change), tmp_path / "tampered.onnx")
+    assert_user_error(command_line(command, model, tmp_path), tmp_path, capsys, message)
+
+
+@pytest.mark.parametrize(("case", "change", "message"), [
+    ("packed data shorter than its dims", lambda m: setattr(m.graph.initializer[0], "raw_data",
+                                                            m.graph.initializer[0].raw_data[:-8]),
+     "has 208 bytes of data, expected 216"),
+    ("packed data in a typed field, one value short", lambda m: m.graph.initializer[0].CopyFrom(
+        numpy_helper.from_array(np.zeros([27, 1], np.uint64), "w::op_packed")) or _to_typed_field(m, 26),
+     "holds 26 values, expected 27"),
+    ("packed data missing", lambda m: m.graph.initializer[0].ClearField("raw_data"), "holds 0 values, expected 27"),
+])
+@pytest.mark.parametrize("command", ["strip", "inject"])
+def test_packed_data_that_does_not_fill_its_dims_is_a_one_line_error(
+    case: str, change: Callable[[onnx.ModelProto], object], message: str, command: str, tmp_path: Path,
+    capsys: pytest.CaptureFixture
+) -> None:
+    model = write(tampered_model(change), tmp_path / "tampered.onnx")
+    assert_user_error(command_line(command, model, tmp_path), tmp_path, capsys, message)
+
+
+def _to_typed_field(model: onnx.ModelProto, values: int) -> None:
+    tensor = model.graph.initializer[0]
+    tensor.ClearField("raw_data")
+    tensor.uint64_data.extend(range(values))
+
+
+@pytest.mark.parametrize("case", ["name of any bytes", "shape whose product has 18,000 digits",
+                                  "format of type UNDEFINED", "packed unknown type", "no ai.oppass import"])
+@pytest.mark.parametrize("command", ["inspect", "strip", "inject"])
+def test_tampered_decode_nodes_print_no_traceback(case: str, command: str, tmp_path: Path) -> None:
+    _, change, message = next(entry for entry in TAMPERED if entry[0] == case)
+    model = write(tampered_model(change), tmp_path / "tampered.onnx")
+    before = model.read_bytes()
+    result = subprocess.run([sys.executable, "-m", "oppass.cli", *command_line(command, model, tmp_path)],
+                            capture_output=True, text=True, check=False)
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.startswith("oppass: error: ") and result.stderr.count("\n") == 1, result.stderr
+    assert message in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tampered.onnx"] and model.read_bytes() == before
 
 
 def test_duplicate_initializer_names_are_an_error(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -143,7 +260,7 @@ def test_a_graph_with_nothing_to_protect_is_written_with_a_warning(tmp_path: Pat
     model = write(empty_graph_model(), tmp_path / "empty_graph.onnx")
     assert cli.main(["transform", str(model), str(tmp_path / "out.onnx"), "--no-verify"]) == 0
     assert "oppass: warning: no weight" in capsys.readouterr().err
-    assert not graph.inspect(tmp_path / "out.onnx")
+    assert not protected_models.inspect(tmp_path / "out.onnx")
 
 
 @pytest.mark.parametrize(("name", "make"), [
@@ -162,7 +279,7 @@ def test_unusual_models_protect_correctly(name: str, make: Callable[[], onnx.Mod
     assert cli.main(["transform", str(source), str(destination), "--word", word, "--no-verify"]) == 0
     protected = onnx.load(destination)
     onnx.checker.check_model(protected, full_check=True)
-    names = tuple(t.name for t in graph.inspect(protected))
+    names = tuple(t.name for t in protected_models.inspect(protected))
     assert names
     reference = adjusted_reference(model, names, "keep", word, "word-lsb")
     x = np.random.default_rng(0).standard_normal([1, *INPUT_SHAPE[1:]]).astype(np.float32)
@@ -181,7 +298,7 @@ def test_the_newest_onnx_opset_is_protected_even_when_onnxruntime_cannot_run_it(
         opset_imports=[helper.make_opsetid("", newest)])
     source = write(model, tmp_path / "newest.onnx")
     assert cli.main(["transform", str(source), str(tmp_path / "out.onnx")]) == 0
-    assert graph.inspect(tmp_path / "out.onnx")[0].name == "w"
+    assert protected_models.inspect(tmp_path / "out.onnx")[0].name == "w"
 
 
 @pytest.mark.parametrize("defer_threshold", [1, 2**20])
@@ -207,4 +324,4 @@ def test_a_model_reached_through_a_symlink_is_read_from_its_target(
     (tmp_path / "links" / "model.onnx").symlink_to(target)
     output = tmp_path / "out.onnx"
     assert cli.main(["transform", str(tmp_path / "links" / "model.onnx"), str(output), "--no-verify"]) == 0
-    assert output.read_bytes() == graph.transform(model).SerializeToString()
+    assert output.read_bytes() == protect.transform(model).SerializeToString()

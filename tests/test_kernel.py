@@ -20,7 +20,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from oppass import codec, runtime
+from oppass import codec, formats, runtime, schema
 from oppass.errors import OppassError
 
 VECTORS = Path(__file__).parent / "vectors" / "format_vectors.json"
@@ -48,7 +48,7 @@ ORT_TYPE_NAMES = {
 def valid_word_bits(fmt: str) -> list[int]:
     """Every distinct W allowed for the format."""
     widths = set()
-    for word in codec.WORD_SIZES:
+    for word in formats.WORD_SIZES:
         try:
             widths.add(codec.word_bits(fmt, word))
         except OppassError:
@@ -58,7 +58,7 @@ def valid_word_bits(fmt: str) -> list[int]:
 
 LAYOUTS = [
     (fmt, width, output_type)
-    for fmt in codec.FORMATS
+    for fmt in formats.FORMATS
     for width in valid_word_bits(fmt)
     for output_type in OUTPUT_TYPES[fmt]
 ]
@@ -80,7 +80,7 @@ def decoder_model(
     weights_output: onnx.ValueInfoProto | None = None,
 ) -> onnx.ModelProto:
     """One ParityCheckUnpack node; `packed` becomes an initializer, or `packed_input` a graph input."""
-    node = helper.make_node("ParityCheckUnpack", [PACKED], list(OUTPUTS), domain=runtime.DOMAIN, name=NODE_NAME)
+    node = helper.make_node("ParityCheckUnpack", [PACKED], list(OUTPUTS), domain=schema.DOMAIN, name=NODE_NAME)
     node.attribute.extend(make_attribute(name, value) for name, value in attributes.items())
     graph = helper.make_graph(
         [node],
@@ -92,7 +92,7 @@ def decoder_model(
         ],
         initializer=[numpy_helper.from_array(packed, PACKED)] if packed is not None else [],
     )
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(runtime.DOMAIN, 1)])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(schema.DOMAIN, 1)])
 
 
 def make_attribute(name: str, value: object) -> onnx.AttributeProto:
@@ -127,7 +127,7 @@ def decode_with_kernel(
     weights, masked = run_decoder(session)
     assert weights.data_type() == ORT_TYPE_NAMES[output_type]
     assert weights.shape() == list(shape)
-    element_bytes = 4 if output_type == TensorProto.FLOAT else codec.FORMATS[fmt].bits // 8
+    element_bytes = 4 if output_type == TensorProto.FLOAT else formats.FORMATS[fmt].bits // 8
     return raw_bytes(weights).view(f"<u{element_bytes}"), masked
 
 
@@ -145,7 +145,7 @@ def widened_fp16_bits(codes: np.ndarray) -> np.ndarray:
 
 def output_codes(codes: np.ndarray, fmt: str, output_type: int) -> np.ndarray:
     """Raw output element bits for weight codes of `fmt` decoded to `output_type`."""
-    codes = np.asarray(codes, dtype=f"u{codec.FORMATS[fmt].bits // 8}").reshape(-1)
+    codes = np.asarray(codes, dtype=f"u{formats.FORMATS[fmt].bits // 8}").reshape(-1)
     if output_type != TensorProto.FLOAT or fmt == "fp32":
         return codes
     if fmt == "bf16":
@@ -160,15 +160,15 @@ def codec_expectation(
         weights, masked = codec.unpack(packed, fmt, width, shape), 0
     else:
         weights, masked = codec.decode(packed, fmt, width, shape)
-    code_dtype = f"u{codec.FORMATS[fmt].bits // 8}"
+    code_dtype = f"u{formats.FORMATS[fmt].bits // 8}"
     return output_codes(weights.reshape(-1).view(code_dtype), fmt, output_type), masked
 
 
 def random_weights(rng: np.random.Generator, fmt: str, n: int) -> np.ndarray:
     """Arbitrary bit patterns: NaNs, infinities and subnormals included."""
-    bits = codec.FORMATS[fmt].bits
+    bits = formats.FORMATS[fmt].bits
     codes = rng.integers(0, 1 << bits, size=n, dtype=np.uint64).astype(f"u{bits // 8}")
-    return codes.view(codec.FORMATS[fmt].dtype)
+    return codes.view(formats.FORMATS[fmt].dtype)
 
 
 def flip_stream_bits(packed: np.ndarray, positions: Sequence[int]) -> None:

@@ -19,7 +19,7 @@ import pytest
 from conftest import cnn
 from onnx import external_data_helper, numpy_helper
 
-from oppass import cli, graph, modelio
+from oppass import cli, modelio, protect
 from oppass.errors import OppassError
 
 
@@ -94,10 +94,10 @@ def test_a_deferred_model_saved_under_its_own_name_elsewhere_holds_its_bytes(tmp
     modelio.save_model(source.model, output, source=source)
     assert locations(output) == set()
     assert output.read_bytes() == model.SerializeToString()
-    modelio.save_model(graph.transform(source), tmp_path / "out" / "protected.onnx", source=source)
+    modelio.save_model(protect.transform(source), tmp_path / "out" / "protected.onnx", source=source)
     assert locations(tmp_path / "out" / "protected.onnx") == set()
     assert modelio.load_model(tmp_path / "out" / "protected.onnx").SerializeToString() == \
-        graph.transform(model).SerializeToString()
+        protect.transform(model).SerializeToString()
 
 
 def self_referencing_model(path: Path) -> onnx.ModelProto:
@@ -163,7 +163,7 @@ def test_a_data_file_named_like_the_model_in_a_subfolder_is_a_data_file(
     output = tmp_path / "out.onnx"
     assert cli.main(["transform", str(path), str(output), "--no-verify"]) == 0
     assert locations(output) == {"out.onnx.data"}
-    assert modelio.load_model(output).SerializeToString() == graph.transform(cnn()).SerializeToString()
+    assert modelio.load_model(output).SerializeToString() == protect.transform(cnn()).SerializeToString()
 
 
 # ----------------------------------------------------------------------------- unsafe external data

@@ -15,10 +15,10 @@ import onnxruntime as ort
 import pytest
 from onnx import numpy_helper
 
-from oppass import graph, runtime
+from oppass import protect, protected_models, runtime, schema
 from oppass.errors import OppassError
 
-EXAMPLES = Path(graph.__file__).parent / "examples"
+EXAMPLES = Path(protect.__file__).parent / "examples"
 DIGITS_MODEL = EXAMPLES / "digits_cnn.onnx"
 
 
@@ -36,7 +36,7 @@ def images() -> np.ndarray:
 def weight_consumers(model: onnx.ModelProto) -> list[onnx.NodeProto]:
     """Conv and Gemm nodes, standard or onnxruntime's own, that read a weight."""
     return [n for n in model.graph.node
-            if (n.domain == "" and n.op_type in ("Conv", "Gemm")) or (n.domain, n.op_type) in graph.RUNTIME_OPS]
+            if (n.domain == "" and n.op_type in ("Conv", "Gemm")) or (n.domain, n.op_type) in protect.RUNTIME_OPS]
 
 
 def outputs(model: onnx.ModelProto, images: np.ndarray) -> np.ndarray:
@@ -50,38 +50,39 @@ def outputs(model: onnx.ModelProto, images: np.ndarray) -> np.ndarray:
 def test_every_weight_of_the_optimized_model_is_protected(optimized: onnx.ModelProto) -> None:
     consumers = weight_consumers(optimized)
     assert any(n.domain != "" for n in consumers), "onnxruntime rewrote no Conv or Gemm: nothing new is tested"
-    protected = graph.transform(optimized)
-    decoded = {o for n in protected.graph.node if n.domain == runtime.DOMAIN for o in n.output}
+    protected = protect.transform(optimized)
+    decoded = {o for n in protected.graph.node if n.domain == schema.DOMAIN for o in n.output}
     assert [n.input[1] in decoded for n in weight_consumers(protected)] == [True] * len(consumers)
 
 
 def test_runtime_check_equals_the_optimized_model_with_adjusted_weights(
     optimized: onnx.ModelProto, images: np.ndarray
 ) -> None:
-    protected = graph.transform(optimized)
-    np.testing.assert_array_equal(outputs(protected, images), outputs(graph.strip(protected), images))
+    protected = protect.transform(optimized)
+    np.testing.assert_array_equal(outputs(protected, images), outputs(protected_models.strip(protected), images))
     predictions = outputs(protected, images).argmax(1)
     assert np.mean(predictions == outputs(onnx.load(DIGITS_MODEL), images).argmax(1)) > 0.99
 
 
 def test_a_flipped_exponent_bit_is_masked(optimized: onnx.ModelProto, images: np.ndarray) -> None:
-    protected = graph.transform(optimized, word=64)
+    protected = protect.transform(optimized, word=64)
     weight = weight_consumers(optimized)[0].input[1]
-    packed = next(t for t in protected.graph.initializer if t.name == graph.packed_name(weight))
+    packed = next(t for t in protected.graph.initializer if t.name == protect.packed_name(weight))
     words = numpy_helper.to_array(packed).copy()
     words.reshape(-1).view(np.uint8)[3] ^= 1 << 6  # bit 30 of the stream: the exponent MSB of weight 0
     packed.CopyFrom(numpy_helper.from_array(words, packed.name))
 
-    expected = graph.strip(graph.transform(optimized, word=64))
+    expected = protected_models.strip(protect.transform(optimized, word=64))
     adjusted = next(t for t in expected.graph.initializer if t.name == weight)
     values = numpy_helper.to_array(adjusted).copy()
     values.reshape(-1)[:2] = 0  # the masked 64-bit word holds fp32 weights 0 and 1
     adjusted.CopyFrom(numpy_helper.from_array(values, weight))
     masked = outputs(protected, images)
     np.testing.assert_array_equal(masked, outputs(expected, images))
-    assert not np.array_equal(masked, outputs(graph.transform(optimized, word=64), images)), "the mask changed nothing"
+    unfaulted = outputs(protect.transform(optimized, word=64), images)
+    assert not np.array_equal(masked, unfaulted), "the mask changed nothing"
 
 
 def test_a_protected_model_is_refused(optimized: onnx.ModelProto) -> None:
     with pytest.raises(OppassError, match="already protected"):
-        runtime.optimize_for_cpu(graph.transform(optimized))
+        runtime.optimize_for_cpu(protect.transform(optimized))

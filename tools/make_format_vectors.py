@@ -63,6 +63,7 @@ def float_code(number: float, fmt: str) -> int:
 
 
 def parity(bits: int) -> int:
+    """XOR of all bits of an integer."""
     return bin(bits).count("1") % 2
 
 
@@ -102,14 +103,17 @@ def stream_of(codes: list[int], bits: int) -> int:
 
 
 def word_count(n_weights: int, fmt: str, word_bits: int) -> int:
+    """n_words = ceil(n * b / W)."""
     return -(-n_weights * FORMAT_BITS[fmt] // word_bits)
 
 
 def word_at(stream: int, index: int, word_bits: int) -> int:
+    """Word `index` of the stream: its bits [index * W, (index + 1) * W)."""
     return (stream >> (index * word_bits)) & ((1 << word_bits) - 1)
 
 
 def codes_of(stream: int, n_weights: int, bits: int) -> list[int]:
+    """The first `n_weights` codes of `bits` bits each of the stream."""
     return [(stream >> (index * bits)) & ((1 << bits) - 1) for index in range(n_weights)]
 
 
@@ -158,6 +162,7 @@ def decode_after_faults(adjusted: list[int], fmt: str, word_bits: int, flipped_b
 
 def case(name: str, fmt: str, word: str | int, flip: str, codes: list[int], shape: list[int],
          flipped_bits: list[int] | None) -> dict:
+    """One vector case: the encoding of `codes`, and the decode after flipping `flipped_bits` if given."""
     word_bits = resolve_word(fmt, word)
     adjusted, flipped_words = encode(codes, fmt, word_bits, flip)
     entry = {
@@ -254,6 +259,7 @@ def handcrafted_cases() -> list[dict]:
 
 
 def main() -> None:
+    """Writes every case to the file named on the command line (default: the test vectors)."""
     output = Path(sys.argv[1]) if len(sys.argv) > 1 else DEFAULT_OUTPUT
     output.parent.mkdir(parents=True, exist_ok=True)
     cases = handcrafted_cases() + generated_cases()

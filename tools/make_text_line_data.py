@@ -19,6 +19,7 @@ HEIGHT, WIDTH, SCALE = 48, 192, 6
 
 
 def text_lines(count: int, rng: np.random.Generator) -> np.ndarray:
+    """`count` normalised [3, 48, 192] images of four digits in a row, half of them upside down."""
     digits = load_digits().images  # [1797, 8, 8], ink 0..16
     picks = digits[rng.integers(0, len(digits), (count, WIDTH // HEIGHT))]
     glyphs = np.kron(picks, np.ones((SCALE, SCALE)))  # [count, 4, 48, 48]
@@ -31,6 +32,7 @@ def text_lines(count: int, rng: np.random.Generator) -> np.ndarray:
 
 
 def main() -> None:
+    """Writes the images and their labels to the .npz named on the command line."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out")
     parser.add_argument("--count", type=int, default=200)

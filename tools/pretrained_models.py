@@ -66,7 +66,8 @@ CATALOG = {
             sha256="e47acedf663230f8863ff1ab0e64dd2d82b838fceb5957146dab185a89d6215c",
             task="PaddleOCR v2.0 text-line direction classifier (MobileNetV3, paddle2onnx): "
             "2 classes, '0' and '180' degrees; all weights are Constant nodes",
-            preprocessing="text-line crop resized to height 48 (width <= 192, zero-padded to 192), /255, (x-0.5)/0.5, CHW",
+            preprocessing="text-line crop resized to height 48 (width <= 192, zero-padded to 192), /255, (x-0.5)/0.5, "
+                          "CHW",
         ),
         PretrainedModel(
             name="ddddocr_det",
@@ -202,6 +203,7 @@ def file_entry(path: Path) -> dict:
 
 
 def main() -> None:
+    """Exports the chosen models and their calibration data to --out."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--names", default=",".join(CATALOG), help=f"comma-separated, from: {', '.join(CATALOG)}")

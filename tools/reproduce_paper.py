@@ -25,6 +25,7 @@ DIGITS_MODEL = Path(__file__).resolve().parents[1] / "oppass" / "examples" / "di
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Runs the campaign of each network and writes the combined Table II."""
     args = _parser().parse_args(argv)
     rows: list[dict] = []
     try:

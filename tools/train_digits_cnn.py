@@ -117,6 +117,7 @@ def weight_count(path: Path) -> int:
 
 
 def main() -> None:
+    """Trains the CNN, checks its accuracy and writes the model and test split to --out."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "oppass" / "examples")
     args = parser.parse_args()

@@ -12,6 +12,7 @@ from oppass.campaign import metrics
 from oppass.campaign.config import UNPROTECTED, Variant
 from oppass.campaign.seeds import stable_words
 from oppass.campaign.worker import Workload, worker_cache
+from oppass.errors import OppassError
 
 BATCH_SIZES = (10, 20, 50, 100, 200, 400, 800, 1600, 3200)
 RANDOM_BATCHES = 1000
@@ -34,6 +35,8 @@ def _correct_per_sample(workload: Workload, fmt: str) -> np.ndarray:
     cache = worker_cache(workload)
     session = cache.session(Variant(fmt, UNPROTECTED))
     dataset = cache.dataset
+    if dataset.labels is None:
+        raise OppassError("the batch-size study needs labels")
     chunks = []
     for start in range(0, dataset.size, workload.batch_size):
         indices = np.arange(start, min(start + workload.batch_size, dataset.size))

@@ -7,19 +7,17 @@ import shlex
 import sys
 from pathlib import Path
 
+from oppass.campaign import check_extra
 from oppass.campaign.config import METRICS, CampaignConfig
-from oppass.campaign.runner import run_campaign
 from oppass.errors import OppassError
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
-    """Adds `campaign` to the oppass command line."""
-    parser = subparsers.add_parser(
-        "campaign",
-        help="fault-injection campaign (the paper's Alg. 1, Table II, Fig. 4-6)",
-        description="Injects random bit flips into the stored weights of MODEL under several formats and "
-        "OP levels, measures accuracy per BER and reports BERZAD (see docs/METHODS.md). "
-        "Re-running the same command in the same --out folder resumes it.",
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Adds the arguments of `oppass campaign` to its parser."""
+    parser.description = (
+        "Injects random bit flips into the stored weights of MODEL under several formats and OP levels, measures "
+        "accuracy per BER and reports BERZAD (see docs/METHODS.md). Re-running the same command in the same --out "
+        "folder resumes it."
     )
     parser.add_argument("model", type=Path, metavar="MODEL", help="ONNX model (unprotected)")
     parser.add_argument("--data", required=True, help="'digits', a .npz with inputs (+labels), or an image folder")
@@ -42,6 +40,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Runs the campaign described by parsed arguments; prints Table II and the outputs."""
+    check_extra()
+    from oppass.campaign.runner import run_campaign
+
     result = run_campaign(config_from_args(args))
     for note in result.notes:
         print(f"note: {note}", file=sys.stderr)

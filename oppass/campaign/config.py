@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from oppass import codec
+from oppass import codec, formats
 from oppass.errors import OppassError
 
 METRICS = ("top1", "top5", "golden")
@@ -55,10 +55,12 @@ class Variant:
 
     @property
     def key(self) -> str:
+        """The variant's name: `format/word`."""
         return f"{self.format}/{self.word}"
 
     @property
     def protected(self) -> bool:
+        """Whether the build is OP-protected (else plain, check none)."""
         return self.word != UNPROTECTED
 
 
@@ -78,11 +80,13 @@ class Condition:
 
     @property
     def key(self) -> str:
+        """The condition's name in the store, e.g. `ber/fp32/64/ber=1e-06` (`/bit=3` in the bit study)."""
         bit = "" if self.bit is None else f"/bit={self.bit}"
         return f"{self.study}/{self.format}/{self.protection}/ber={self.ber:.6g}{bit}"
 
     @property
     def variant(self) -> Variant:
+        """The model build the condition runs on (plain storage for the bit study and ECC)."""
         plain = self.study == BIT_STUDY or self.protection == ECC
         return Variant(self.format, UNPROTECTED if plain else self.protection)
 
@@ -106,13 +110,14 @@ def conditions(config: CampaignConfig) -> list[Condition]:
     bers = ber_grid(config.ber_min, config.ber_max, config.points_per_decade)
     protections = config.protections + ((ECC,) if config.ecc else ())
     planned = [
-        Condition(BER_STUDY, fmt, protection, ber) for fmt in config.formats for protection in protections for ber in bers
+        Condition(BER_STUDY, fmt, protection, ber)
+        for fmt in config.formats for protection in protections for ber in bers
     ]
     if config.bit_positions:
         planned += [
             Condition(BIT_STUDY, fmt, UNPROTECTED, ber, bit)
             for fmt in config.formats
-            for bit in range(codec.FORMATS[fmt].bits)
+            for bit in range(formats.FORMATS[fmt].bits)
             for ber in bers
         ]
     return planned
@@ -130,9 +135,9 @@ def protection_label(fmt: str, protection: str) -> str:
 def _validate(config: CampaignConfig) -> None:
     if not config.formats:
         raise OppassError("no weight format given (--formats)")
-    unknown = [fmt for fmt in config.formats if fmt not in codec.FORMATS]
+    unknown = [fmt for fmt in config.formats if fmt not in formats.FORMATS]
     if unknown:
-        raise OppassError(f"unknown weight format {unknown[0]!r}: choose from {', '.join(codec.FORMATS)}")
+        raise OppassError(f"unknown weight format {unknown[0]!r}: choose from {', '.join(formats.FORMATS)}")
     if not config.protections and not config.ecc:
         raise OppassError("no protection level given (--op)")
     for fmt in config.formats:

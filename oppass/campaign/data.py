@@ -23,9 +23,20 @@ STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
 class Dataset(Protocol):
     """Samples addressed by index, with optional integer labels."""
 
-    size: int
-    labels: np.ndarray | None
-    identity: str
+    @property
+    def size(self) -> int:
+        """Number of samples."""
+        ...
+
+    @property
+    def labels(self) -> np.ndarray | None:
+        """Integer label per sample, if the data has labels."""
+        ...
+
+    @property
+    def identity(self) -> str:
+        """What identifies the samples in a campaign's configuration."""
+        ...
 
     def inputs(self, indices: np.ndarray) -> np.ndarray:
         """The model inputs of the samples at `indices`, stacked along axis 0."""
@@ -42,9 +53,11 @@ class ArrayDataset:
 
     @property
     def size(self) -> int:
+        """Number of samples."""
         return int(self.values.shape[0])
 
     def inputs(self, indices: np.ndarray) -> np.ndarray:
+        """The stored inputs at `indices`."""
         return self.values[indices]
 
 
@@ -69,6 +82,7 @@ class ImageFolderDataset:
         self._crops: dict[int, np.ndarray] = {}
 
     def inputs(self, indices: np.ndarray) -> np.ndarray:
+        """The normalised [N, 3, CROP, CROP] float32 crops of the images at `indices`."""
         crops = np.stack([self._crop(int(index)) for index in indices])
         return ((crops.astype(np.float32) / 255 - MEAN) / STD).transpose(0, 3, 1, 2).copy()
 
@@ -111,6 +125,6 @@ def _center_crop(path: Path) -> np.ndarray:
     with Image.open(path) as image:
         rgb = image.convert("RGB")
     scale = RESIZE / min(rgb.size)
-    resized = rgb.resize((round(rgb.width * scale), round(rgb.height * scale)), Image.BILINEAR)
+    resized = rgb.resize((round(rgb.width * scale), round(rgb.height * scale)), Image.Resampling.BILINEAR)
     left, top = (resized.width - CROP) // 2, (resized.height - CROP) // 2
     return np.asarray(resized.crop((left, top, left + CROP, top + CROP)), dtype=np.uint8)

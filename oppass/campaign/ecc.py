@@ -23,7 +23,8 @@ CLEAN, CORRECTED, DETECTED = 0, 1, 2
 _HAMMING_BITS = 7
 _DATA_POSITIONS = np.array([p for p in range(1, 72) if p & (p - 1)], dtype=np.int64)
 _CHECK_MASKS = np.array(
-    [np.bitwise_or.reduce(np.left_shift(np.uint64(1), np.flatnonzero(_DATA_POSITIONS & (1 << j) != 0).astype(np.uint64)))
+    [np.bitwise_or.reduce(np.left_shift(np.uint64(1),
+                                        np.flatnonzero(_DATA_POSITIONS & (1 << j) != 0).astype(np.uint64)))
      for j in range(_HAMMING_BITS)],
     dtype=np.uint64,
 )

@@ -32,8 +32,8 @@ def write_all(
     summary_rows = [dataclasses.asdict(summary) for summary in summaries]
     table_rows = [_table_row(network, row) for row in table]
     bits = [_bit_row(row) for row in bit_rows(rows)]
-    batch_study = [dict(zip(("format", "batch_size", "batches", "min_accuracy", "max_accuracy", "mean_accuracy"), r))
-                   for r in store.batch_study()]
+    columns = ("format", "batch_size", "batches", "min_accuracy", "max_accuracy", "mean_accuracy")
+    batch_study = [dict(zip(columns, r, strict=True)) for r in store.batch_study()]
     files = [
         _write_csv(out / "trials.csv", trials),
         _write_json(out / "trials.json", trials),
@@ -56,7 +56,8 @@ def table_markdown(table_rows: Sequence[dict]) -> str:
     """Table II as a Markdown table."""
     header = "| Network | Num. format | Level of OP | No-fault accuracy (%) | BERZAD |\n|---|---|---|---:|---:|\n"
     return header + "".join(
-        f"| {r['network']} | {r['format']} | {r['op_level']} | {r['fault_free_accuracy_percent']:.1f} | {r['berzad']} |\n"
+        f"| {r['network']} | {r['format']} | {r['op_level']} | {r['fault_free_accuracy_percent']:.1f} "
+        f"| {r['berzad']} |\n"
         for r in table_rows
     )
 

@@ -82,9 +82,9 @@ class PackedWeights:
         self.block = np.zeros(int(padded.sum()), dtype=np.uint8)
         self.buffers = [
             self.block[start : start + array.nbytes].view(array.dtype).reshape(array.shape)
-            for array, start in zip(arrays, self.starts)
+            for array, start in zip(arrays, self.starts, strict=True)
         ]
-        for buffer, array in zip(self.buffers, arrays):
+        for buffer, array in zip(self.buffers, arrays, strict=True):
             buffer[...] = array
         self.pristine = self.block.copy()
         self.words = self.block.view("<u8")
@@ -107,6 +107,7 @@ class StoredBits:
         self.n_bits = int(self.stream_bit_ends[-1]) if weights.sizes.size else 0
 
     def plan(self, rng: np.random.Generator, ber: float) -> Injection:
+        """Draws the flips of one trial at `ber` over every stored bit."""
         return self.prepare(faults.draw_flip_positions(rng, self.n_bits, ber, sort=False))
 
     def prepare(self, positions: np.ndarray) -> Injection:
@@ -128,12 +129,14 @@ class StoredBits:
         return Injection(positions.size, 0, offsets[starts], faulty, clean)
 
     def inject(self, injection: Injection) -> None:
+        """Writes the faulty bytes into the live block."""
         if injection.index is None:
             np.bitwise_xor(self.weights.pristine, injection.change, out=self.weights.block)
         else:
             self.weights.block[injection.index] = injection.change
 
     def restore(self, injection: Injection) -> None:
+        """Writes the clean bytes back."""
         if injection.index is None:
             np.copyto(self.weights.block, injection.clean)
         else:
@@ -150,13 +153,16 @@ class BitPosition:
         self.n_bits = stored.n_bits // weight_bits
 
     def plan(self, rng: np.random.Generator, ber: float) -> Injection:
+        """Draws the flips of one trial at `ber` over bit `bit` of every weight."""
         weights = faults.draw_flip_positions(rng, self.n_bits, ber, sort=False)
         return self.stored.prepare(weights * self.weight_bits + self.bit)
 
     def inject(self, injection: Injection) -> None:
+        """Writes the faulty bytes into the live block."""
         self.stored.inject(injection)
 
     def restore(self, injection: Injection) -> None:
+        """Writes the clean bytes back."""
         self.stored.restore(injection)
 
 
@@ -176,6 +182,7 @@ class EccProtected:
         self.n_bits = int(self.data.size) * ecc.CODEWORD_BITS
 
     def plan(self, rng: np.random.Generator, ber: float) -> Injection:
+        """Draws the flips of one trial at `ber` over every codeword bit, data and check bits alike."""
         return self.prepare(faults.draw_flip_positions(rng, self.n_bits, ber, sort=False))
 
     def prepare(self, positions: np.ndarray) -> Injection:
@@ -187,9 +194,11 @@ class EccProtected:
         return Injection(positions.size, int(np.count_nonzero(detected)), words, stored, self.data[words])
 
     def inject(self, injection: Injection) -> None:
+        """Writes the decoded touched words into the live block."""
         self.words[injection.index] = injection.change
 
     def restore(self, injection: Injection) -> None:
+        """Writes the clean words back."""
         self.words[injection.index] = injection.clean
 
     def _errors(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -206,5 +215,6 @@ class EccProtected:
         data_errors = np.zeros(words.size, dtype=np.uint64)
         check_errors = np.zeros(words.size, dtype=np.uint8)
         np.bitwise_xor.at(data_errors, slot[in_data], np.left_shift(np.uint64(1), bit[in_data].astype(np.uint64)))
-        np.bitwise_xor.at(check_errors, slot[~in_data], np.left_shift(1, bit[~in_data] - ecc.DATA_BITS).astype(np.uint8))
+        check_bits = np.left_shift(1, bit[~in_data] - ecc.DATA_BITS).astype(np.uint8)
+        np.bitwise_xor.at(check_errors, slot[~in_data], check_bits)
         return words, data_errors, check_errors

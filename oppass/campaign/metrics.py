@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from oppass.errors import OppassError
+
 MASKED, TOLERATED, SDC, NONFINITE = "masked", "tolerated", "sdc", "nonfinite"
 OUTCOMES = (MASKED, TOLERATED, SDC, NONFINITE)
 
@@ -13,10 +15,14 @@ def correct(
 ) -> np.ndarray:
     """Bool per sample: label in the top k (top1/top5), or top-1 equal to the fault-free top-1 (golden).
     `class_axis` is the class axis of `logits` (2 when several runs are stacked in front)."""
+    if metric == "golden":
+        return top1(logits, class_axis) == reference_top1
+    if labels is None:
+        raise OppassError(f"metric {metric} needs labels")
     if metric == "top5":
         best = np.take(np.argpartition(-logits, 4, axis=class_axis), range(5), axis=class_axis)
         return (best == np.expand_dims(labels, class_axis)).any(axis=class_axis)
-    return top1(logits, class_axis) == (reference_top1 if metric == "golden" else labels)
+    return top1(logits, class_axis) == labels
 
 
 def top1(logits: np.ndarray, class_axis: int = 1) -> np.ndarray:

@@ -76,7 +76,7 @@ def _berzad_vs_bit(network: str, bits: Sequence[BerzadRow]) -> plt.Figure:
     finite = [row.berzad for row in bits if 0 < row.berzad < math.inf]
     floor = min(finite, default=1e-9) / 10
     ceiling = max(row.max_ber for row in bits)
-    for axes, fmt in zip(all_axes[:, 0], formats):
+    for axes, fmt in zip(all_axes[:, 0], formats, strict=True):
         rows = [row for row in bits if row.format == fmt]
         measured = [row for row in rows if 0 < row.berzad < math.inf]
         axes.bar([r.bit for r in measured], [r.berzad for r in measured], color="tab:blue")
@@ -85,7 +85,7 @@ def _berzad_vs_bit(network: str, bits: Sequence[BerzadRow]) -> plt.Figure:
         above = [r.bit for r in rows if math.isinf(r.berzad)]
         axes.scatter(above, [ceiling] * len(above), marker="^", color="green", zorder=3, label="> max BER")
         axes.set(yscale="log", ylim=(floor / 2, ceiling * 2), ylabel="BERZAD", title=f"{network}, {fmt}")
-        axes.set_xticks(range(0, max(r.bit for r in rows) + 1, 4 if len(rows) > 16 else 1))
+        axes.set_xticks(range(0, max(r.bit or 0 for r in rows) + 1, 4 if len(rows) > 16 else 1))
     all_axes[-1, 0].set_xlabel("bit position (0 = LSB)")
     figure.legend(*all_axes[0, 0].get_legend_handles_labels(), loc="upper right", fontsize="small")
     figure.tight_layout(rect=(0, 0, 1, 0.95))

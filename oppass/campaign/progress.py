@@ -20,6 +20,7 @@ class Progress:
         self.started = time.monotonic()
 
     def advance(self, count: int) -> None:
+        """Counts `count` more finished trials and redraws the bar."""
         self.done += count
         if self.enabled:
             self.stream.write("\r" + self.line())
@@ -34,6 +35,7 @@ class Progress:
         return f"[{'#' * filled}{'-' * (_WIDTH - filled)}] {self.done}/{self.total} trials  {rate:.1f}/s  ETA {eta}"
 
     def close(self) -> None:
+        """Ends the bar's line."""
         if self.enabled:
             self.stream.write("\n")
             self.stream.flush()

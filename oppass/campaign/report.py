@@ -18,7 +18,12 @@ from oppass.campaign.config import CampaignConfig
 
 
 def write_report(
-    path: Path, config: CampaignConfig, notes: list[str], table_rows: Sequence[dict], figures: Sequence[Path], trials: int
+    path: Path,
+    config: CampaignConfig,
+    notes: list[str],
+    table_rows: Sequence[dict],
+    figures: Sequence[Path],
+    trials: int,
 ) -> Path:
     """Writes report.html with every PNG figure inlined as base64."""
     images = "".join(

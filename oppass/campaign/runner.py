@@ -15,10 +15,11 @@ from oppass.campaign.batch_study import batch_size_study
 from oppass.campaign.config import CampaignConfig, Condition, ber_grid, conditions
 from oppass.campaign.data import Dataset, open_dataset
 from oppass.campaign.progress import Progress
+from oppass.campaign.records import TrialRecord
 from oppass.campaign.scheduler import execute, tasks
 from oppass.campaign.store import Store
 from oppass.campaign.summary import BerzadRow, ConditionSummary, berzad_rows, summarize, table2
-from oppass.campaign.worker import TrialRecord, Workload
+from oppass.campaign.worker import Workload
 from oppass.errors import OppassError
 
 TOP5_CLASSES = 5
@@ -53,6 +54,7 @@ class CampaignResult:
 
     @property
     def trials_per_second(self) -> float:
+        """Trials run per second of this run (0 when nothing ran)."""
         return self.trials_run / self.seconds if self.seconds > 0 else 0.0
 
 
@@ -128,7 +130,8 @@ def _usable_metric(metric: str, dataset: Dataset, classes: int, notes: list[str]
 def _class_count(model: Path, dataset: Dataset) -> int:
     """Size of the last axis of the model's first output, from one fault-free inference."""
     session = ort.InferenceSession(modelio.load_model(model).SerializeToString(), providers=["CPUExecutionProvider"])
-    (output,) = session.run([session.get_outputs()[0].name], {session.get_inputs()[0].name: dataset.inputs(np.arange(1))})
+    feeds = {session.get_inputs()[0].name: dataset.inputs(np.arange(1))}
+    (output,) = session.run([session.get_outputs()[0].name], feeds)
     return int(output.shape[-1])
 
 

@@ -15,10 +15,15 @@ import contextlib
 import os
 import time
 from collections.abc import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING
 
 from oppass.campaign.config import Condition, Variant
-from oppass.campaign.worker import TrialRecord, Workload, run_trials, warm_up
+from oppass.campaign.records import TrialRecord
+from oppass.campaign.worker import Workload, run_trials, warm_up
 from oppass.errors import OppassError
+
+if TYPE_CHECKING:
+    from distributed import Client
 
 CHUNK_TRIALS = 20
 SERIAL, LOCAL = "serial", "local"
@@ -76,7 +81,7 @@ def _execute_dask(
 
 
 @contextlib.contextmanager
-def _dask_client(scheduler: str, workers: int | None) -> Iterator[object]:
+def _dask_client(scheduler: str, workers: int | None) -> Iterator[Client]:
     """A client of an embedded LocalCluster (one single-threaded worker process per core) or of `scheduler`."""
     import dask  # imported here: serial campaigns never start Dask
     from distributed import Client, LocalCluster

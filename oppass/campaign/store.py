@@ -12,15 +12,18 @@ import dataclasses
 import json
 import operator
 import sqlite3
+import types
+import typing
 from collections.abc import Iterable
 from pathlib import Path
 
-from oppass.campaign.worker import TrialRecord
+from oppass.campaign.records import TrialRecord
 from oppass.errors import OppassError
 
 STORE_FILE = "campaign.sqlite"
 _TRIAL_FIELDS = [field.name for field in dataclasses.fields(TrialRecord)]
 _ROW = operator.attrgetter(*_TRIAL_FIELDS)
+_SQL_TYPES = {int: "INTEGER", float: "REAL", str: "TEXT"}
 
 
 class Store:
@@ -67,10 +70,12 @@ class Store:
         return list(self.connection.execute("SELECT * FROM batch_study ORDER BY format, batch_size"))
 
     def close(self) -> None:
+        """Closes the database."""
         self.connection.close()
 
     def _create_tables(self) -> None:
-        columns = ", ".join(f"{field.name} {_column_type(field)}" for field in dataclasses.fields(TrialRecord))
+        hints = typing.get_type_hints(TrialRecord)
+        columns = ", ".join(f"{name} {column_type(hints[name])}" for name in _TRIAL_FIELDS)
         with self.connection:
             self.connection.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
             self.connection.execute(
@@ -95,7 +100,14 @@ class Store:
             )
 
 
-def _column_type(field: dataclasses.Field) -> str:
-    nullable = "int | None" in str(field.type)
-    sql = {"int": "INTEGER", "float": "REAL", "str": "TEXT"}[str(field.type).split(" ")[0]]
-    return sql if nullable else f"{sql} NOT NULL"
+def column_type(annotation: object) -> str:
+    """The SQLite column type of a field annotated `annotation` (int, float or str): NOT NULL unless the
+    annotation admits None (`X | None`, `Optional[X]`)."""
+    kinds: tuple[object, ...] = (annotation,)
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        kinds = typing.get_args(annotation)
+    values = [kind for kind in kinds if kind is not type(None)]
+    if len(values) != 1 or values[0] not in _SQL_TYPES:
+        raise TypeError(f"no SQLite column type for {annotation}: expected int, float or str, or one of them | None")
+    sql = _SQL_TYPES[values[0]]
+    return sql if len(values) < len(kinds) else f"{sql} NOT NULL"

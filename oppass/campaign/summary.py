@@ -11,7 +11,7 @@ import numpy as np
 
 from oppass.campaign import metrics, stats
 from oppass.campaign.config import BER_STUDY, BIT_STUDY, protection_label
-from oppass.campaign.worker import TrialRecord
+from oppass.campaign.records import TrialRecord
 
 
 @dataclass(frozen=True)

@@ -26,13 +26,16 @@ import onnx
 import onnxruntime as ort
 from onnx import numpy_helper
 
-from oppass import codec, graph, modelio, runtime
+from oppass import modelio, runtime
 from oppass.campaign import metrics
 from oppass.campaign.config import BIT_STUDY, ECC, Condition, Variant
 from oppass.campaign.data import Dataset, open_dataset
 from oppass.campaign.injector import BitPosition, EccProtected, FaultTarget, PackedWeights, StoredBits
+from oppass.campaign.records import TrialRecord
 from oppass.campaign.seeds import batch_indices, trial_rng
 from oppass.errors import OppassError
+from oppass.protect import transform
+from oppass.schema import MASKED_WORDS_OUTPUT, read_decode_nodes
 
 # Sessions run on one intra-op thread everywhere, so outputs do not depend on the scheduler.
 SESSION_THREADS = 1
@@ -54,30 +57,6 @@ class Workload:
 
 
 @dataclass(frozen=True)
-class TrialRecord:
-    """The result of one trial (one row of the store)."""
-
-    condition_key: str
-    trial: int
-    study: str
-    format: str
-    protection: str
-    ber: float
-    bit: int | None
-    n_bits: int
-    flips: int
-    masked_words: int
-    samples: int
-    correct: int
-    fault_free_correct: int
-    top1_changed: int
-    nonfinite_samples: int
-    outcome: str
-    inject_seconds: float
-    inference_seconds: float
-
-
-@dataclass(frozen=True)
 class Experiment:
     """The data batch of one experiment and a variant's fault-free outputs on it."""
 
@@ -92,18 +71,17 @@ class VariantSession:
     """One protected (or plain) build of the model with its packed weights in live numpy buffers."""
 
     def __init__(self, model: onnx.ModelProto) -> None:
-        decoders = [node for node in model.graph.node
-                    if node.domain == runtime.DOMAIN and node.op_type == runtime.OP_TYPE]
+        decoders = read_decode_nodes(model)
         if not decoders:
             raise OppassError("the model has no Conv/Gemm weight initializers to inject faults into")
         initializers = {tensor.name: tensor for tensor in model.graph.initializer}
-        self.weights = PackedWeights([numpy_helper.to_array(initializers[node.input[0]]) for node in decoders])
-        self.weight_bits = codec.FORMATS[_attribute(decoders[0], "format")].bits
+        self.weights = PackedWeights([numpy_helper.to_array(initializers[decode.packed]) for decode in decoders])
+        self.weight_bits = decoders[0].weight_format.bits
         options = runtime.session_options(threads=SESSION_THREADS)
         # The OrtValues must outlive the session: onnxruntime reads the numpy memory directly.
         self._values = [ort.OrtValue.ortvalue_from_numpy(buffer) for buffer in self.weights.buffers]
-        for node, value in zip(decoders, self._values):
-            options.add_initializer(node.input[0], value)
+        for decode, value in zip(decoders, self._values, strict=True):
+            options.add_initializer(decode.packed, value)
         self.session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
         initializer_names = set(initializers)
         self.input_name = next(i.name for i in model.graph.input if i.name not in initializer_names)
@@ -114,16 +92,17 @@ class VariantSession:
 
     @functools.cached_property
     def ecc(self) -> EccProtected:
+        """The ECC baseline over the same stored bits, made on first use."""
         return EccProtected(self.weights)
 
     def run(self, inputs: np.ndarray) -> tuple[np.ndarray, int]:
         """(first model output, masked words reported by the decoders) for one batch."""
-        logits, masked = self.session.run([self.output_name, graph.MASKED_WORDS_OUTPUT], {self.input_name: inputs})
+        logits, masked = self.session.run([self.output_name, MASKED_WORDS_OUTPUT], {self.input_name: inputs})
         return logits, int(masked)
 
     def target(self, condition: Condition) -> FaultTarget:
         """Where the faults of `condition` land."""
-        if condition.study == BIT_STUDY:
+        if condition.study == BIT_STUDY and condition.bit is not None:
             return BitPosition(self.stored, self.weight_bits, condition.bit)
         return self.ecc if condition.protection == ECC else self.stored
 
@@ -139,6 +118,7 @@ class WorkerCache:
         self.batches: dict[int, tuple[np.ndarray, np.ndarray | None]] = {}
 
     def session(self, variant: Variant) -> VariantSession:
+        """The session of `variant`, built on first use."""
         if variant not in self.sessions:
             self.sessions[variant] = VariantSession(build_variant(self.model, variant))
         return self.sessions[variant]
@@ -170,8 +150,8 @@ def build_variant(model: onnx.ModelProto, variant: Variant) -> onnx.ModelProto:
     """The model with Conv/Gemm weights stored in the variant's format, OP-protected or plain."""
     if variant.protected:
         word = variant.word if variant.word == "weight" else int(variant.word)
-        return graph.transform(model, format=variant.format, word=word, check="runtime", report_faults=True)
-    return graph.transform(model, format=variant.format, word="weight", check="none", report_faults=True)
+        return transform(model, format=variant.format, word=word, check="runtime", report_faults=True)
+    return transform(model, format=variant.format, word="weight", check="none", report_faults=True)
 
 
 def worker_cache(workload: Workload) -> WorkerCache:
@@ -195,7 +175,8 @@ def run_trials(workload: Workload, pairs: Sequence[tuple[Condition, int]]) -> li
     with session.lock:
         experiments = [cache.experiment(session, trial) for _, trial in pairs]
         targets = [session.target(condition) for condition, _ in pairs]
-        largest = max(_FLIP_BYTES * target.n_bits * condition.ber for target, (condition, _) in zip(targets, pairs))
+        largest = max(_FLIP_BYTES * target.n_bits * condition.ber
+                      for target, (condition, _) in zip(targets, pairs, strict=True))
         size = max(1, int(BURST_BYTES // (largest + experiments[0].logits.nbytes)))
         records = [
             record
@@ -218,10 +199,10 @@ def _run_burst(
     started = clock()
     seed = cache.workload.seed
     injections = [target.plan(trial_rng(seed, condition.key, trial), condition.ber)
-                  for (condition, trial), target in zip(pairs, targets)]
+                  for (condition, trial), target in zip(pairs, targets, strict=True)]
     shared = clock() - started
     outputs, decoder_masked, inference, own = [], [], [], []
-    for experiment, target, injection in zip(experiments, targets, injections):
+    for experiment, target, injection in zip(experiments, targets, injections, strict=True):
         started = clock()
         target.inject(injection)
         try:
@@ -234,7 +215,8 @@ def _run_burst(
         decoder_masked.append(masked)
         own.append(clock() - started - inference[-1])
     started = clock()
-    labels = None if experiments[0].labels is None else np.stack([e.labels for e in experiments])
+    known = [e.labels for e in experiments if e.labels is not None]  # all or none: one data set
+    labels = np.stack(known) if known else None
     correct, changed, nonfinite, outcomes = metrics.score(
         np.stack(outputs), np.stack([e.logits for e in experiments]), np.stack([e.top1 for e in experiments]),
         labels, cache.workload.metric,
@@ -262,11 +244,7 @@ def _run_burst(
             inference_seconds=inference[i],
         )
         for i, ((condition, trial), target, injection, experiment) in enumerate(
-            zip(pairs, targets, injections, experiments)
+            zip(pairs, targets, injections, experiments, strict=True)
         )
     ]
 
-
-def _attribute(node: onnx.NodeProto, name: str) -> object:
-    value = onnx.helper.get_attribute_value(next(a for a in node.attribute if a.name == name))
-    return value.decode() if isinstance(value, bytes) else value

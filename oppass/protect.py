@@ -29,25 +29,37 @@ the model, dropping the rest of its metadata.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import sys
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from oppass import codec, faults, modelio
+from oppass import codec, edit, modelio, tensorio
 from oppass.errors import OppassError
-from oppass.runtime import DOMAIN, OP_TYPE
+from oppass.formats import FLIP_STRATEGIES, FORMATS
+from oppass.reports import TensorReport, TransformReport
+from oppass.schema import (
+    CHECK_MODES,
+    DOMAIN,
+    DOMAIN_VERSION,
+    FORMAT_OF_ONNX_TYPE,
+    MASKED_WORDS_OUTPUT,
+    MASKED_WORDS_SUM,
+    ONNX_TYPES,
+    DecodeNode,
+    make_decode_node,
+)
 
-DOMAIN_VERSION = 1
-MASKED_WORDS_OUTPUT = "oppass_masked_words"
-CHECK_MODES = ("runtime", "load", "none")
-FORMAT_CHOICES = ("keep", "fp32", "bf16", "fp16", "int8")
+# `format="keep"`: each weight stays in its own format.
+KEEP_FORMAT = "keep"
+FORMAT_CHOICES = (KEEP_FORMAT, *(name for name, weight_format in FORMATS.items() if weight_format.converted_from_fp32))
 PER_AXIS_DEQUANTIZE_OPSET = 13
 
 # Weight input index of each op type the pass can protect.
@@ -60,87 +72,6 @@ RUNTIME_OPS = {
     ("com.microsoft", "FusedConv"): "Conv",
     ("com.microsoft", "FusedGemm"): "Gemm",
 }
-
-ONNX_TYPES = {
-    "fp32": TensorProto.FLOAT,
-    "bf16": TensorProto.BFLOAT16,
-    "fp16": TensorProto.FLOAT16,
-    "int8": TensorProto.INT8,
-    "uint8": TensorProto.UINT8,
-}
-FORMAT_OF_ONNX_TYPE = {onnx_type: fmt for fmt, onnx_type in ONNX_TYPES.items()}
-
-
-@dataclass(frozen=True)
-class TensorReport:
-    """What the pass did to one weight tensor.
-
-    `max_flip_change` is max |adjusted - stored| / |stored| over the finite nonzero stored
-    weights, computed on the values in the stored format (int8: the integer codes) before
-    and after the parity LSB flips. `max_conversion_error` is only set when the weight was
-    converted (fp32 -> bf16/fp16/int8): max |converted - original| / max |original|, the
-    rounding or quantization error in units of the tensor's largest weight magnitude.
-    """
-
-    name: str
-    source_format: str
-    stored_format: str
-    word_bits: int
-    weights: int
-    bytes_before: int
-    bytes_after: int
-    flipped_words: int
-    max_flip_change: float
-    max_conversion_error: float | None
-
-
-@dataclass(frozen=True)
-class TransformReport:
-    """Per-tensor reports and their totals."""
-
-    tensors: tuple[TensorReport, ...] = field(default_factory=tuple)
-
-    @property
-    def weights(self) -> int:
-        return self._total("weights")
-
-    @property
-    def bytes_before(self) -> int:
-        return self._total("bytes_before")
-
-    @property
-    def bytes_after(self) -> int:
-        return self._total("bytes_after")
-
-    @property
-    def flipped_words(self) -> int:
-        return self._total("flipped_words")
-
-    def _total(self, field_name: str) -> int:
-        return sum(getattr(tensor, field_name) for tensor in self.tensors)
-
-    @property
-    def max_flip_change(self) -> float:
-        return max((tensor.max_flip_change for tensor in self.tensors), default=0.0)
-
-    @property
-    def max_conversion_error(self) -> float | None:
-        errors = [t.max_conversion_error for t in self.tensors if t.max_conversion_error is not None]
-        return max(errors, default=None)
-
-
-@dataclass(frozen=True)
-class ProtectedTensor:
-    """One decode node of a protected model, as `inspect` reports it."""
-
-    name: str
-    format: str
-    word_bits: int
-    shape: tuple[int, ...]
-    check: str
-    output_type: str
-    packed_dtype: str
-    packed_shape: tuple[int, ...]
 
 
 @dataclass(frozen=True)
@@ -179,7 +110,7 @@ class _Protected:
 def transform(
     model: onnx.ModelProto | modelio.ModelFile | str | os.PathLike,
     *,
-    format: str = "keep",
+    format: str = KEEP_FORMAT,
     word: str | int = "64",
     flip: str = "word-lsb",
     ops: Sequence[str] = ("Conv", "Gemm"),
@@ -207,7 +138,7 @@ def transform(
 def transform_with_report(
     model: onnx.ModelProto | modelio.ModelFile | str | os.PathLike,
     *,
-    format: str = "keep",
+    format: str = KEEP_FORMAT,
     word: str | int = "64",
     flip: str = "word-lsb",
     ops: Sequence[str] = ("Conv", "Gemm"),
@@ -218,19 +149,19 @@ def transform_with_report(
     """Like `transform`, also returning what was done to each weight."""
     options = _validated_options(format, word, flip, ops, check, report_faults)
     source: modelio.ModelFile | modelio.LazyCopy | None  # where weights not in the tensors are read
-    if isinstance(model, modelio.ModelFile):
-        source = model
-    elif isinstance(model, onnx.ModelProto):
+    if isinstance(model, onnx.ModelProto):
         source = None if inplace else modelio.lazy_copy(model)  # the weights the pass replaces are never copied
+        result = model if source is None else source.model
     else:
-        source = modelio.read_model(model, defer=True)
-    result = model if source is None else source.model
+        source = model if isinstance(model, modelio.ModelFile) else modelio.read_model(model, defer=True)
+        result = source.model
     if any(node.domain == DOMAIN for graph in modelio.all_graphs(result.graph) for node in graph.node):
         raise OppassError("model is already protected (it has ai.oppass nodes)")
     _refuse_duplicate_initializers(result)
     sites = _find_sites(result, options)
     if not sites:
-        warnings.warn(f"no weight of {', '.join(options.ops)} was found to protect: the model is written unprotected")
+        warnings.warn(f"no weight of {', '.join(options.ops)} was found to protect: the model is written unprotected",
+                      stacklevel=2)
     reports = _replace_sites(result, sites, options, source)
     if source is not None and source is not model:
         source.load_deferred()  # a model read or copied here is returned whole
@@ -250,51 +181,6 @@ def packed_name(weight: str) -> str:
     return f"{weight}::op_packed"
 
 
-def strip(model: onnx.ModelProto | str | os.PathLike) -> onnx.ModelProto:
-    """A plain copy of a protected model: decoded (unchecked) weights back as initializers."""
-    result = _working_copy(model)
-    decode_nodes = _decode_nodes(result)
-    if not decode_nodes:
-        raise OppassError("model is not protected (it has no ParityCheckUnpack nodes)")
-    graph = result.graph
-    packed = _initializers_by_name(graph)
-    decoded = [_decoded_initializer(node, packed) for node in decode_nodes]
-    removed_outputs = {output for node in decode_nodes for output in node.output[1:] if output}
-    _remove_masked_words_sum(graph, removed_outputs)
-    _remove_nodes(graph, lambda node: node.domain == DOMAIN)
-    _remove_initializers(graph, {node.input[0] for node in decode_nodes})
-    graph.initializer.extend(decoded)
-    _remove_value_info(graph, removed_outputs)
-    _remove_opset_import(result, DOMAIN)
-    return result
-
-
-def inspect(model: onnx.ModelProto | str | os.PathLike) -> list[ProtectedTensor]:
-    """The protected tensors of a model, one per decode node."""
-    proto = model if isinstance(model, onnx.ModelProto) else modelio.load_model(model)
-    packed = _initializers_by_name(proto.graph)
-    return [_describe(node, packed) for node in _decode_nodes(proto)]
-
-
-def inject(model: onnx.ModelProto | str | os.PathLike, ber: float, seed: int) -> tuple[onnx.ModelProto, int]:
-    """A copy of a protected model with random bit flips in its packed weights, and the number of flips."""
-    result = _working_copy(model)
-    decode_nodes = _decode_nodes(result)
-    if not decode_nodes:
-        raise OppassError("model is not protected: there are no packed weights to inject faults into")
-    by_name = _initializers_by_name(result.graph)
-    for node in decode_nodes:
-        _describe(node, by_name)  # refuses tampered decode nodes
-    names = list(dict.fromkeys(node.input[0] for node in decode_nodes))
-    buffers = [numpy_helper.to_array(by_name[name]).copy() for name in names]
-    n_bits = sum(buffer.nbytes for buffer in buffers) * 8
-    positions = faults.draw_flip_positions(np.random.default_rng(seed), n_bits, ber)
-    faults.flip_bits(buffers, positions)
-    for name, buffer in zip(names, buffers):
-        by_name[name].CopyFrom(numpy_helper.from_array(buffer, name))
-    return result, int(positions.size)
-
-
 # ----------------------------------------------------------------------------- options and lookup
 
 
@@ -303,46 +189,17 @@ def _validated_options(
 ) -> _Options:
     if fmt not in FORMAT_CHOICES:
         raise OppassError(f"unknown format {fmt!r}: expected one of {', '.join(FORMAT_CHOICES)}")
-    if flip not in codec.FLIP_STRATEGIES:
-        raise OppassError(f"unknown flip strategy {flip!r}: expected one of {', '.join(codec.FLIP_STRATEGIES)}")
+    if flip not in FLIP_STRATEGIES:
+        raise OppassError(f"unknown flip strategy {flip!r}: expected one of {', '.join(FLIP_STRATEGIES)}")
     if check not in CHECK_MODES:
         raise OppassError(f"unknown check mode {check!r}: expected one of {', '.join(CHECK_MODES)}")
     op_types = tuple(ops)
     unknown = [op for op in op_types if op not in WEIGHT_INPUT]
     if unknown or not op_types:
         raise OppassError(f"cannot protect op types {unknown or '(none)'}: expected some of {', '.join(WEIGHT_INPUT)}")
-    codec.word_bits("uint8", word)  # rejects sizes no format allows; per-format limits are checked per weight
+    narrowest = min(FORMATS, key=lambda name: FORMATS[name].bits)
+    codec.word_bits(narrowest, word)  # rejects sizes no format allows; per-format limits are checked per weight
     return _Options(fmt, word, flip, op_types, check, report_faults)
-
-
-def _working_copy(model: onnx.ModelProto | str | os.PathLike) -> onnx.ModelProto:
-    """A model the pass may modify: freshly read from disk, or a copy of the caller's proto."""
-    if isinstance(model, onnx.ModelProto):
-        return _copy(model)
-    return modelio.load_model(model)
-
-
-def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
-    copy = onnx.ModelProto()
-    copy.CopyFrom(model)
-    return copy
-
-
-def _decode_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
-    """Decode nodes of the main graph; any ai.oppass node elsewhere is reported as unsupported."""
-    subgraphs = list(modelio.all_graphs(model.graph))[1:]
-    nested = [node for graph in subgraphs for node in graph.node if node.domain == DOMAIN]
-    if nested:
-        raise OppassError(f"ai.oppass node {nested[0].name!r} inside a subgraph is not supported")
-    return [node for node in model.graph.node if node.domain == DOMAIN]
-
-
-def _initializers_by_name(graph: onnx.GraphProto) -> dict[str, TensorProto]:
-    return {tensor.name: tensor for tensor in graph.initializer}
-
-
-def _attributes(node: onnx.NodeProto) -> dict[str, object]:
-    return {attribute.name: helper.get_attribute_value(attribute) for attribute in node.attribute}
 
 
 # ----------------------------------------------------------------------------- finding weights
@@ -406,10 +263,10 @@ def _site_for(name: str, definitions: dict[str, list[_Definition]], sites: dict[
     definition = _single_definition(name, definitions)
     if definition is None:
         return None
-    quantized = definition.node is not None and definition.node.op_type == "DequantizeLinear" \
-        and definition.node.domain in ("", "ai.onnx")
-    if quantized:
-        name = definition.node.input[0]
+    producer = definition.node
+    quantized = producer is not None and producer.op_type == "DequantizeLinear" and producer.domain in ("", "ai.onnx")
+    if producer is not None and quantized:
+        name = producer.input[0]
         definition = _single_definition(name, definitions)
         if definition is None:
             return None
@@ -446,7 +303,7 @@ def _constant_tensor(definition: _Definition, name: str) -> TensorProto | None:
             _skip(name, "it is also a graph input, which may override it")
             return None
         return definition.initializer
-    if _is_constant_node(definition.node):
+    if definition.node is not None and _is_constant_node(definition.node):
         values = [a.t for a in definition.node.attribute if a.name == "value" and a.type == onnx.AttributeProto.TENSOR]
         return values[0] if values else None
     return None
@@ -457,7 +314,8 @@ def _output_channel_axis(node: onnx.NodeProto, site: _Site) -> int:
     rank = len(site.tensor.dims)
     op = _standard_op(node)
     if op == "Gemm":
-        return 0 if _attributes(node).get("transB", 0) else 1
+        transposed = any(a.name == "transB" and a.type == onnx.AttributeProto.INT and a.i for a in node.attribute)
+        return 0 if transposed else 1
     if op in ("MatMul", "MatMulInteger"):
         return max(rank - 1, 0)
     if op == "ConvTranspose":
@@ -471,7 +329,7 @@ def _usable(site: _Site, options: _Options, opset: int) -> bool:
         return False
     source = FORMAT_OF_ONNX_TYPE.get(site.tensor.data_type)
     target = _target_format(site, options)
-    if source is None and options.format == "keep":
+    if source is None and options.format == KEEP_FORMAT:
         type_name = TensorProto.DataType.Name(site.tensor.data_type)
         _skip(site.name, f"its type {type_name} has no weight format")
         return False
@@ -484,9 +342,9 @@ def _usable(site: _Site, options: _Options, opset: int) -> bool:
     return True
 
 
-def _target_format(site: _Site, options: _Options) -> str:
-    source = FORMAT_OF_ONNX_TYPE.get(site.tensor.data_type)
-    return source if options.format == "keep" else options.format
+def _target_format(site: _Site, options: _Options) -> str | None:
+    """The format the weight is stored in; None when it is kept and its type has no format."""
+    return FORMAT_OF_ONNX_TYPE.get(site.tensor.data_type) if options.format == KEEP_FORMAT else options.format
 
 
 def _check_int8_conversion(site: _Site, opset: int) -> None:
@@ -510,7 +368,7 @@ def _protect(site: _Site, options: _Options, source: modelio.ModelFile | modelio
     """Encodes one weight and builds its replacement nodes and initializers (except the packed one)."""
     original = _weights(site.tensor, source)
     source_format = codec.format_of(original.dtype)
-    target = _target_format(site, options)
+    target = source_format if options.format == KEEP_FORMAT else options.format
     axis = next(iter(site.axes))
     stored, scales = codec.to_format(original, target, name=site.name, axis=axis)
     width = codec.word_bits(target, options.word)
@@ -522,18 +380,17 @@ def _protect(site: _Site, options: _Options, source: modelio.ModelFile | modelio
     decode_output = _decode_output(site, options)
     output_type = ONNX_TYPES[target] if scales is not None else site.tensor.data_type  # bf16/fp16 of fp32: FLOAT
     masked_output = _masked_output(site, options)
-    decode = helper.make_node(
-        OP_TYPE,
-        [packed_name(site.name)],
-        [decode_output] + ([masked_output] if masked_output else []),
+    decode = make_decode_node(DecodeNode(
         name=f"{site.name}::op_decode",
-        domain=DOMAIN,
+        packed=packed_name(site.name),
+        output=decode_output,
+        masked_output=masked_output,
         format=target,
         word_bits=width,
-        shape=list(stored.shape),
+        shape=tuple(stored.shape),
         check=options.check,
         output_type=output_type,
-    )
+    ))
     nodes, initializers = [decode], []
     value_info = [helper.make_tensor_value_info(decode_output, output_type, list(stored.shape))]
     if masked_output:
@@ -571,7 +428,7 @@ def _weights(tensor: TensorProto, source: modelio.ModelFile | modelio.LazyCopy |
                               f"{dtype.itemsize * math.prod(shape)} for {dtype} {list(shape)}")
         values = np.frombuffer(raw, dtype)
         return (values.byteswap() if sys.byteorder == "big" else values).reshape(shape)
-    return numpy_helper.to_array(tensor)
+    return tensorio.to_array(tensor, "weight")
 
 
 def _decode_output(site: _Site, options: _Options) -> str:
@@ -581,15 +438,22 @@ def _decode_output(site: _Site, options: _Options) -> str:
 
 
 def _masked_output(site: _Site, options: _Options) -> str | None:
-    return f"{site.name}::op_masked" if options.report_faults else None
+    """The decode node's masked-word count output, when the pass reports faults."""
+    return _masked_name(site) if options.report_faults else None
+
+
+def _masked_name(site: _Site) -> str:
+    return f"{site.name}::op_masked"
 
 
 def _new_names(site: _Site, options: _Options) -> set[str]:
     """Names of the values and initializers the pass adds for `site` (the weight's own name aside)."""
-    names = {packed_name(site.name), _decode_output(site, options), _masked_output(site, options)}
+    names = {packed_name(site.name), _decode_output(site, options)}
+    if options.report_faults:
+        names.add(_masked_name(site))
     if _decode_output(site, options) != site.name:
         names.update({f"{site.name}::op_scale", f"{site.name}::op_zero_point"})
-    return names - {None, site.name}
+    return names - {site.name}
 
 
 def _add_packed(graph: onnx.GraphProto, name: str, packed: np.ndarray) -> None:
@@ -618,7 +482,7 @@ def _dequantize(
 
 
 def _max_relative_change(stored: np.ndarray, flipped: np.ndarray) -> float:
-    """max |adjusted - stored| / |stored| over finite nonzero stored values (0.0 if none changed).
+    """Max |adjusted - stored| / |stored| over finite nonzero stored values (0.0 if none changed).
 
     Only the weights at the flat indices `flipped` (those whose LSB was flipped) change.
     Computed in float32, which holds every stored format exactly; only the division rounds.
@@ -634,7 +498,7 @@ def _max_relative_change(stored: np.ndarray, flipped: np.ndarray) -> float:
 
 
 def _conversion_error(original: np.ndarray, stored: np.ndarray, scales: np.ndarray | None, axis: int) -> float:
-    """max |converted - original| / max |original|: rounding or quantization error in units of the largest weight."""
+    """Max |converted - original| / max |original|: rounding or quantization error in units of the largest weight."""
     converted = stored.astype(np.float64)
     if scales is not None:
         shape = [1] * stored.ndim
@@ -660,13 +524,15 @@ def _replace_sites(
     arrays are alive at a time; the original definitions go once all are done.
     """
     graph = model.graph
-    masked_outputs = [_masked_output(site, options) for site in sites if options.report_faults]
+    masked_outputs = [_masked_name(site) for site in sites if options.report_faults]
     tail = _masked_words_sum(masked_outputs) if options.report_faults else []
     new_names = {name for site in sites for name in _new_names(site, options)}
     new_names.update(output for node in tail for output in node.output)
     _reject_taken_names(model, new_names - {site.name for site in sites})
     _remove_value_info_everywhere(model, {site.name for site in sites})
-    new_nodes, value_info, reports = [], [], []
+    new_nodes: list[onnx.NodeProto] = []
+    value_info: list[onnx.ValueInfoProto] = []
+    reports: list[TensorReport] = []
     for site in sites:
         replacement = _protect(site, options, source)
         _add_packed(graph, packed_name(site.name), replacement.packed)
@@ -682,14 +548,26 @@ def _replace_sites(
     graph.value_info.extend(value_info)
     if options.report_faults:
         graph.output.append(helper.make_tensor_value_info(MASKED_WORDS_OUTPUT, TensorProto.INT64, []))
-    if not any(entry.domain == DOMAIN for entry in model.opset_import):
-        model.opset_import.append(helper.make_opsetid(DOMAIN, DOMAIN_VERSION))
+    _import_domain(model)
     return reports
+
+
+def _import_domain(model: onnx.ModelProto) -> None:
+    """Makes the model import ai.oppass once, at DOMAIN_VERSION. An import already there (onnxruntime's optimised
+    models name every domain registered in the process, ai.oppass at version 1000 once the kernel library is
+    loaded) is set to that version in place."""
+    entries = [index for index, entry in enumerate(model.opset_import) if entry.domain == DOMAIN]
+    if not entries:
+        model.opset_import.append(helper.make_opsetid(DOMAIN, DOMAIN_VERSION))
+        return
+    model.opset_import[entries[0]].version = DOMAIN_VERSION
+    for index in reversed(entries[1:]):
+        del model.opset_import[index]
 
 
 def _reject_taken_names(model: onnx.ModelProto, new_names: set[str]) -> None:
     """The names the pass introduces must be new to the model."""
-    taken = set()
+    taken: set[str] = set()
     for graph in modelio.all_graphs(model.graph):
         taken.update(value.name for value in graph.input)
         taken.update(value.name for value in graph.output)
@@ -705,130 +583,36 @@ def _remove_definitions(sites: list[_Site]) -> None:
     for graph in {id(site.graph): site.graph for site in sites}.values():
         here = [site for site in sites if site.graph is graph]
         constants = {site.name for site in here if site.constant_node is not None}
-        _remove_nodes(graph, lambda node: _is_constant_node(node) and len(node.output) == 1
-                      and node.output[0] in constants)
-        _remove_initializers(graph, {site.name for site in here if site.constant_node is None})
+        edit.remove_nodes(graph, functools.partial(_defines_one_of, constants))
+        edit.remove_initializers(graph, {site.name for site in here if site.constant_node is None})
 
 
-def _remove_nodes(graph: onnx.GraphProto, doomed: Callable[[onnx.NodeProto], bool]) -> None:
-    for index in reversed(range(len(graph.node))):
-        if doomed(graph.node[index]):
-            del graph.node[index]
-
-
-def _remove_initializers(graph: onnx.GraphProto, names: set[str]) -> None:
-    for index in reversed(range(len(graph.initializer))):
-        if graph.initializer[index].name in names:
-            del graph.initializer[index]
-
-
-def _remove_value_info(graph: onnx.GraphProto, names: set[str]) -> None:
-    for index in reversed(range(len(graph.value_info))):
-        if graph.value_info[index].name in names:
-            del graph.value_info[index]
+def _defines_one_of(names: set[str], node: onnx.NodeProto) -> bool:
+    """Whether the node is a Constant node defining one of `names`."""
+    return _is_constant_node(node) and len(node.output) == 1 and node.output[0] in names
 
 
 def _remove_value_info_everywhere(model: onnx.ModelProto, names: set[str]) -> None:
     for graph in modelio.all_graphs(model.graph):
-        _remove_value_info(graph, names)
+        edit.remove_value_info(graph, names)
 
 
 def _masked_words_sum(masked_outputs: list[str]) -> list[onnx.NodeProto]:
     """Nodes adding the decode nodes' masked-word counts (int64) into MASKED_WORDS_OUTPUT."""
     if not masked_outputs:
         zero = numpy_helper.from_array(np.array(0, dtype=np.int64))
-        return [helper.make_node("Constant", [], [MASKED_WORDS_OUTPUT], name=f"{MASKED_WORDS_OUTPUT}::op_sum",
+        return [helper.make_node("Constant", [], [MASKED_WORDS_OUTPUT], name=f"{MASKED_WORDS_SUM}sum",
                                  value=zero)]
     if len(masked_outputs) == 1:
         return [helper.make_node("Identity", masked_outputs, [MASKED_WORDS_OUTPUT],
-                                 name=f"{MASKED_WORDS_OUTPUT}::op_sum")]
+                                 name=f"{MASKED_WORDS_SUM}sum")]
     nodes = []
     running = masked_outputs[0]
     for index, term in enumerate(masked_outputs[1:], start=1):
         last = index == len(masked_outputs) - 1
-        total = MASKED_WORDS_OUTPUT if last else f"{MASKED_WORDS_OUTPUT}::op_partial_{index}"
-        nodes.append(helper.make_node("Add", [running, term], [total], name=f"{MASKED_WORDS_OUTPUT}::op_sum_{index}"))
+        total = MASKED_WORDS_OUTPUT if last else f"{MASKED_WORDS_SUM}partial_{index}"
+        nodes.append(helper.make_node("Add", [running, term], [total], name=f"{MASKED_WORDS_SUM}sum_{index}"))
         running = total
     return nodes
 
 
-def _remove_masked_words_sum(graph: onnx.GraphProto, masked_outputs: Iterable[str]) -> None:
-    """Undoes `_masked_words_sum`: drops its nodes, partial sums and the graph output."""
-    prefix = f"{MASKED_WORDS_OUTPUT}::op_"
-    _remove_nodes(graph, lambda node: node.name.startswith(prefix))
-    for index in reversed(range(len(graph.output))):
-        if graph.output[index].name == MASKED_WORDS_OUTPUT:
-            del graph.output[index]
-    partials = {info.name for info in graph.value_info if info.name.startswith(prefix)}
-    _remove_value_info(graph, partials | set(masked_outputs))
-
-
-def _remove_opset_import(model: onnx.ModelProto, domain: str) -> None:
-    for index in reversed(range(len(model.opset_import))):
-        if model.opset_import[index].domain == domain:
-            del model.opset_import[index]
-
-
-# ----------------------------------------------------------------------------- reading decode nodes
-
-
-def _decode_attributes(node: onnx.NodeProto) -> tuple[str, int, tuple[int, ...], str, int]:
-    """format, word_bits, shape, check, output_type of a decode node."""
-    attributes = _attributes(node)
-    try:
-        return (
-            attributes["format"].decode(),
-            int(attributes["word_bits"]),
-            tuple(int(dim) for dim in attributes["shape"]),
-            attributes["check"].decode(),
-            int(attributes["output_type"]),
-        )
-    except KeyError as missing:
-        raise OppassError(f"decode node {node.name!r} lacks attribute {missing}") from None
-
-
-def _packed_initializer(node: onnx.NodeProto, packed: dict[str, TensorProto]) -> TensorProto:
-    if node.input[0] not in packed:
-        raise OppassError(f"decode node {node.name!r} reads {node.input[0]!r}, which is not an initializer")
-    return packed[node.input[0]]
-
-
-def _check_consistent(node: onnx.NodeProto, fmt: str, width: int, shape: tuple[int, ...], tensor: TensorProto) -> None:
-    """Refuses a decode node whose attributes do not describe its packed tensor (a tampered model)."""
-    try:
-        n_weights = codec.element_count(shape)
-        expected_shape = codec.packed_shape(n_weights, fmt, width)
-        expected_dtype = codec.storage_dtype(width)
-    except OppassError as error:
-        raise OppassError(f"decode node {node.name!r} has invalid attributes: {error}") from None
-    dtype = helper.tensor_dtype_to_np_dtype(tensor.data_type)
-    if tuple(tensor.dims) != expected_shape or dtype.itemsize != expected_dtype.itemsize or dtype.kind != "u":
-        raise OppassError(
-            f"decode node {node.name!r} does not match its packed tensor: {dtype} {list(tensor.dims)}, expected "
-            f"{expected_dtype.newbyteorder('=')} {list(expected_shape)} for shape {list(shape)} of {fmt} in {width}-bit words")
-
-
-def _describe(node: onnx.NodeProto, packed: dict[str, TensorProto]) -> ProtectedTensor:
-    fmt, width, shape, check, output_type = _decode_attributes(node)
-    tensor = _packed_initializer(node, packed)
-    _check_consistent(node, fmt, width, shape, tensor)
-    return ProtectedTensor(
-        name=node.output[0],
-        format=fmt,
-        word_bits=width,
-        shape=shape,
-        check=check,
-        output_type=TensorProto.DataType.Name(output_type),
-        packed_dtype=str(helper.tensor_dtype_to_np_dtype(tensor.data_type)),
-        packed_shape=tuple(tensor.dims),
-    )
-
-
-def _decoded_initializer(node: onnx.NodeProto, packed: dict[str, TensorProto]) -> TensorProto:
-    """The weights a decode node holds, unpacked without a parity check, in its output type."""
-    fmt, width, shape, _, output_type = _decode_attributes(node)
-    tensor = _packed_initializer(node, packed)
-    _check_consistent(node, fmt, width, shape, tensor)
-    weights = codec.unpack(numpy_helper.to_array(tensor), fmt, width, shape)
-    output_dtype = helper.tensor_dtype_to_np_dtype(output_type)
-    return numpy_helper.from_array(weights.astype(output_dtype, copy=False), node.output[0])

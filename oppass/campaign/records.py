@@ -1,0 +1,30 @@
+"""What a campaign stores: one record per trial (plain data, so that the store and the summaries import no
+onnxruntime)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class TrialRecord:
+    """The result of one trial (one row of the store)."""
+
+    condition_key: str
+    trial: int
+    study: str
+    format: str
+    protection: str
+    ber: float
+    bit: int | None
+    n_bits: int
+    flips: int
+    masked_words: int
+    samples: int
+    correct: int
+    fault_free_correct: int
+    top1_changed: int
+    nonfinite_samples: int
+    outcome: str
+    inject_seconds: float
+    inference_seconds: float
