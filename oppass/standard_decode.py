@@ -6,26 +6,36 @@ every odd-parity word zeroed, plus optionally the number of masked words. Every 
 the chain is an initializer, so a runtime that constant-folds (onnxruntime does at session
 creation) checks and decodes the weights once, when the model is loaded.
 
-The chain, for W-bit words stored as `[n_words, L]` lanes of S bits (S = min(W, 64)):
+The chain, for `n_words` W-bit words stored as `[n_words, L]` lanes of S bits
+(S = min(W, 64)) holding weights of b bits:
 
-1. parity: the L lanes of each word are XOR-ed by halving (Split, BitwiseXor), then the
-   remaining S bits by shift-and-XOR folds (BitShift, BitwiseXor), and bit 0 is kept
-   (BitwiseAnd): 1 for an odd word;
-2. masking: the lanes are multiplied by `1 XOR parity` (Mul), which zeroes odd words;
-3. weights: each lane is cut into S/b codes of the weight width b by repeated halving
-   (Unsqueeze, BitShift by [0, S/2], Cast to the half-width unsigned type, which keeps the
-   low bits), flattened in stream order (Reshape), the zero padding of the last word
-   dropped (Slice) and reshaped to the weight shape (Reshape);
-4. type: the unsigned codes are reinterpreted as the format's type (BitCast, opset 26);
+1. parity: the L lanes of each word are XOR-ed by halving (Split, BitwiseXor) and
+   flattened (Reshape); then each fold XORs the upper half of the remaining bits into the
+   lower half (BitShift, BitwiseXor) and keeps the lower half (Cast to the half-width
+   unsigned type, which drops the high bits), down to one byte and then one bit
+   (BitwiseAnd): uint8 `[n_words]`, 1 for odd;
+2. weights and masking: the flat lanes are shifted right by `[[0], [b], [2b], ...]` (one
+   BitShift broadcast to `[S / b, n_words * L]` planes) and cut to b bits (Cast); the
+   planes are multiplied by `1 XOR parity` (Mul), which zeroes odd words, and transposed
+   to stream order (Transpose). With several lanes per word, the `[n_words, L]` lanes are
+   masked before they are cut. The zero padding of the last word is dropped (Reshape,
+   Slice);
+3. type: the unsigned codes are reinterpreted as the format's type (BitCast, opset 26);
    bf16 widens to float by moving its bits up (Cast to uint32, BitShift by 16, BitCast);
-   fp16 widens with Cast, its NaNs rebuilt from their bits (BitwiseAnd/Or, BitShift,
-   IsNaN, Where) because Cast may set a signalling NaN's quiet bit;
-5. count: the parities, cast to int64, summed (ReduceSum, keepdims 0) into an int64 scalar.
+   fp16 widens with Cast, its NaNs rebuilt from their bits (Mul, BitwiseOr, IsNaN, Where),
+   because Cast may set a signalling NaN's quiet bit; then the weights get their shape
+   (Reshape);
+4. count: the parities summed (Cast, ReduceSum) into an int64 scalar.
 
-Every op is used only on types onnxruntime 1.32 implements on CPU (BitShift, BitwiseXor,
-BitwiseAnd/Or, Mul, Split, Slice, Reshape, Unsqueeze, Cast on uint8/16/32/64; Where on
-uint32; ReduceSum on int64). Node, value and constant names all start with
-`<weight>::op_decode_`.
+Every op is used only on types onnxruntime 1.32 implements on CPU: BitShift, BitwiseXor,
+BitwiseAnd, Mul, Split, Slice, Reshape, Transpose, Unsqueeze and Cast on uint8/16/32/64,
+BitCast, IsNaN on float16, Where, Mul and BitwiseOr on int32, ReduceSum on int32/int64.
+Tensors are kept flat or with a long last axis: onnxruntime's broadcasting runs 10-30x
+slower on an `[n, 1]` tensor. onnxruntime keeps every folded intermediate until folding
+ends (about 14x the packed bytes for fp32 in 64-bit words), and folds no node whose output
+exceeds `optimization.constant_folding_max_output_size_in_bytes` (1 GiB by default; the
+largest output here is the BitShift's, S / b times the packed bytes). Node, value and
+constant names all start with `<weight>::op_decode_`.
 """
 
 from __future__ import annotations
@@ -45,11 +55,11 @@ from oppass.errors import OppassError
 OPSET = 26
 IR_VERSION = 13
 
-# binary32 fields of a widened fp16 NaN: its sign (fp16 bit 15 moved up 16), an all-ones exponent,
-# and its 10 mantissa bits (moved up 13) at the top of the binary32 mantissa.
-_FP32_SIGN = 0x8000_0000
+# A widened fp16 NaN: an all-ones binary32 exponent, and the 10 fp16 mantissa bits moved up 13 places
+# to the top of the binary32 mantissa.
 _FP32_EXPONENT = 0x7F80_0000
-_FP32_MANTISSA_OF_FP16 = 0x007F_E000
+_FP16_TO_FP32_MANTISSA_SHIFT = 13
+_BF16_TO_FP32_SHIFT = 16
 
 
 @dataclass(frozen=True)
@@ -92,24 +102,20 @@ def standard_decode(
 
     chain = _Chain(f"{name}::op_decode")
     lane_dtype = codec.storage_dtype(width)
-    one = chain.constant("one", lane_dtype.type(1))
-    parity = _parity(chain, packed, lanes, lane_dtype, one)
-    even = chain.node("BitwiseXor", [parity, one], "even")
-    kept = chain.node("Mul", [packed, even], "masked")
-    codes = _split_lanes(chain, kept, lane_dtype, weight_format.bits)
+    flat_shape = chain.constant("flat_shape", np.array([-1], np.int64))
+    words = chain.node("Reshape", [packed, flat_shape], "lanes") if lanes == 1 else packed
+    parity = _parity(chain, words, lanes, lane_dtype, flat_shape)
+    even = chain.node("BitwiseXor", [parity, chain.constant("one", np.uint8(1))], "even")
+    codes = _masked_codes(chain, words, even, lanes, lane_dtype, weight_format.bits, flat_shape)
     if n_words * (width // weight_format.bits) != n_weights:  # drop the last word's zero padding
-        stream = chain.node("Reshape", [codes, chain.constant("stream_shape", np.array([-1], np.int64))], "stream")
+        stream = chain.node("Reshape", [codes, flat_shape], "stream")
         ends = chain.constant("weight_count", np.array([n_weights], np.int64))
         codes = chain.node("Slice", [stream, chain.constant("zero", np.array([0], np.int64)), ends], "unpadded")
-    weight_shape = chain.constant("shape", np.array(dims, np.int64))
-    if fmt == "uint8":  # the codes are the weights
-        chain.node("Reshape", [codes, weight_shape], "weights", output=output, allowzero=1)
-    else:
-        shaped = chain.node("Reshape", [codes, weight_shape], "codes", allowzero=1)
-        _convert(chain, shaped, fmt, own_type, output_type, output)
+    weights = _convert(chain, codes, fmt, own_type, output_type)
+    chain.node("Reshape", [weights, chain.constant("shape", np.array(dims, np.int64))], "weights", output=output,
+               allowzero=1)
     if masked_words is not None:
-        count = chain.node("Cast", [parity], "parity_int64", to=TensorProto.INT64)
-        chain.node("ReduceSum", [count], "count", keepdims=0, output=masked_words)
+        _count(chain, parity, n_words, masked_words)
     return StandardDecode(chain.nodes, chain.initializers)
 
 
@@ -134,72 +140,119 @@ class _Chain:
         return tensor.name
 
 
-def _parity(chain: _Chain, packed: str, lanes: int, lane_dtype: np.dtype, one: str) -> str:
-    """[n_words, 1] lanes holding each word's parity (1: odd) in the lane type."""
-    folded = packed
-    while lanes > 1:
-        lanes //= 2
-        low, high = f"{chain.prefix}_lanes_{lanes}_low", f"{chain.prefix}_lanes_{lanes}_high"
-        chain.nodes.append(helper.make_node("Split", [folded], [low, high], name=f"{chain.prefix}_split_{lanes}",
-                                            axis=1, num_outputs=2))
-        folded = chain.node("BitwiseXor", [low, high], f"lanes_{lanes}")
-    shift = lane_dtype.itemsize * 8
-    while shift > 1:
-        shift //= 2
-        shifted = chain.node("BitShift", [folded, chain.constant(f"fold_{shift}_by", lane_dtype.type(shift))],
-                             f"fold_{shift}_shifted", direction="RIGHT")
-        folded = chain.node("BitwiseXor", [folded, shifted], f"fold_{shift}")
-    return chain.node("BitwiseAnd", [folded, one], "parity")
+def _unsigned(bits: int) -> np.dtype:
+    return np.dtype(f"<u{bits // 8}")
 
 
-def _split_lanes(chain: _Chain, lanes: str, lane_dtype: np.dtype, weight_bits: int) -> str:
-    """The lanes cut into unsigned codes of `weight_bits`, in stream order along new trailing axes.
+def _onnx_type(dtype: np.dtype) -> int:
+    return helper.np_dtype_to_tensor_dtype(dtype)
 
-    Each step doubles the element count and halves the element width, so no intermediate
-    tensor holds more than twice the packed bytes.
+
+def _parity(chain: _Chain, words: str, lanes: int, lane_dtype: np.dtype, flat_shape: str) -> str:
+    """uint8 [n_words]: each word's parity, 1 for odd, from the flat lanes (L = 1) or the [n_words, L] lanes.
+
+    Every fold step reads half the bytes of the one before (onnxruntime keeps each folded
+    intermediate until folding ends).
     """
-    codes, bits = lanes, lane_dtype.itemsize * 8
-    if bits == weight_bits:
-        return codes
-    last_axis = chain.constant("last_axis", np.array([-1], np.int64))
-    while bits > weight_bits:
+    folded = words
+    if lanes > 1:
+        while lanes > 1:
+            lanes //= 2
+            low, high = f"{chain.prefix}_lanes_{lanes}_low", f"{chain.prefix}_lanes_{lanes}_high"
+            chain.nodes.append(helper.make_node("Split", [folded], [low, high], name=f"{chain.prefix}_split_{lanes}",
+                                                axis=1, num_outputs=2))
+            folded = chain.node("BitwiseXor", [low, high], f"lanes_{lanes}")
+        folded = chain.node("Reshape", [folded, flat_shape], "folded_lanes")
+    bits = lane_dtype.itemsize * 8
+    while bits > 1:
         half = bits // 2
-        column = chain.node("Unsqueeze", [codes, last_axis], f"split_{half}_column")
-        shifts = chain.constant(f"split_{half}_shifts", np.array([0, half], dtype=f"<u{bits // 8}"))
-        halves = chain.node("BitShift", [column, shifts], f"split_{half}_shifted", direction="RIGHT")
-        half_type = helper.np_dtype_to_tensor_dtype(np.dtype(f"<u{half // 8}"))
-        codes = chain.node("Cast", [halves], f"split_{half}", to=half_type)  # keeps the low bits (Cast spec)
+        shift = _unsigned(max(bits, 8)).type(half)
+        shifted = chain.node("BitShift", [folded, chain.constant(f"fold_{half}_by", shift)], f"fold_{half}_shifted",
+                             direction="RIGHT")
+        folded = chain.node("BitwiseXor", [folded, shifted], f"fold_{half}")
+        if half >= 8:  # the parity is now in the low `half` bits: keep just those
+            folded = chain.node("Cast", [folded], f"fold_{half}_narrow", to=_onnx_type(_unsigned(half)))
         bits = half
-    return codes
+    return chain.node("BitwiseAnd", [folded, chain.constant("bit_0", np.uint8(1))], "parity")
 
 
-def _convert(chain: _Chain, codes: str, fmt: str, own_type: int, output_type: int, output: str) -> None:
-    """Unsigned weight codes -> weights of `output_type` in `output`."""
+def _masked_codes(
+    chain: _Chain, words: str, even: str, lanes: int, lane_dtype: np.dtype, weight_bits: int, flat_shape: str
+) -> str:
+    """The unsigned b-bit codes of all lanes, odd words zeroed, in stream order ([m, S / b] or flat).
+
+    With one lane per word the codes are masked as `[S / b, n_words]` planes, each multiplied
+    by the `[n_words]` even flags; with several, the `[n_words, L]` lanes are masked first.
+    """
+    lane_bits = lane_dtype.itemsize * 8
+    code_dtype = _unsigned(weight_bits)
+    if lanes > 1:
+        even = chain.node("Cast", [even], "even_lanes", to=_onnx_type(lane_dtype))
+        per_word = chain.node("Unsqueeze", [even, chain.constant("word_axis", np.array([1], np.int64))], "even_words")
+        masked = chain.node("Mul", [words, per_word], "masked_lanes")
+        return _split(chain, chain.node("Reshape", [masked, flat_shape], "masked_flat"), lane_dtype, weight_bits)
+    if code_dtype != np.uint8:
+        even = chain.node("Cast", [even], "even_codes", to=_onnx_type(code_dtype))
+    if lane_bits == weight_bits:
+        return chain.node("Mul", [words, even], "masked")
+    planes = _split(chain, words, lane_dtype, weight_bits, transpose=False)
+    masked = chain.node("Mul", [planes, even], "masked_planes")
+    return chain.node("Transpose", [masked], "masked", perm=[1, 0])
+
+
+def _split(chain: _Chain, lanes: str, lane_dtype: np.dtype, weight_bits: int, transpose: bool = True) -> str:
+    """Flat lanes cut into unsigned codes of `weight_bits`: [m, S / b] in stream order, or [S / b, m] planes.
+
+    Row j of `lanes >> [[0], [b], [2b], ...]` holds code j of every lane in its low bits;
+    Cast to b bits keeps just those, and the transpose puts each lane's codes side by side.
+    """
+    shifts = np.arange(0, lane_dtype.itemsize * 8, weight_bits, dtype=lane_dtype).reshape(-1, 1)
+    shifted = chain.node("BitShift", [lanes, chain.constant("split_by", shifts)], "split_shifted", direction="RIGHT")
+    planes = chain.node("Cast", [shifted], "split_planes", to=_onnx_type(_unsigned(weight_bits)))
+    return chain.node("Transpose", [planes], "split", perm=[1, 0]) if transpose else planes
+
+
+def _convert(chain: _Chain, codes: str, fmt: str, own_type: int, output_type: int) -> str:
+    """Flat unsigned weight codes -> flat weights of `output_type`; returns their name."""
+    if fmt == "uint8":  # the codes are the weights
+        return codes
     if output_type == own_type:
-        chain.node("BitCast", [codes], "weights", output=output, to=own_type)
-    elif fmt == "bf16":
+        return chain.node("BitCast", [codes], "own_type", to=own_type)
+    if fmt == "bf16":
         wide = chain.node("Cast", [codes], "codes_uint32", to=TensorProto.UINT32)
-        bits = chain.node("BitShift", [wide, chain.constant("by_16", np.uint32(16))], "float_bits", direction="LEFT")
-        chain.node("BitCast", [bits], "weights", output=output, to=TensorProto.FLOAT)
-    else:
-        _widen_fp16(chain, codes, output)
+        bits = chain.node("BitShift", [wide, chain.constant("widen_by", np.uint32(_BF16_TO_FP32_SHIFT))],
+                          "float_bits", direction="LEFT")
+        return chain.node("BitCast", [bits], "float", to=TensorProto.FLOAT)
+    return _widen_fp16(chain, codes)
 
 
-def _widen_fp16(chain: _Chain, codes: str, output: str) -> None:
-    """fp16 codes -> exact float values in `output`; a NaN keeps its sign and payload, signalling or quiet."""
+def _widen_fp16(chain: _Chain, codes: str) -> str:
+    """fp16 codes -> exact float values; a NaN keeps its sign and payload, signalling or quiet.
+
+    Cast widens every other value exactly. A NaN's binary32 bits are built from its code:
+    sign-extended to int32 and multiplied by 2**13, the code's exponent and mantissa move to
+    bits 23-27 and 13-22 and its sign fills bits 28-31; OR-ing in the all-ones exponent
+    (bits 23-30) leaves the sign in bit 31 alone.
+    """
     half = chain.node("BitCast", [codes], "fp16", to=TensorProto.FLOAT16)
     widened = chain.node("Cast", [half], "widened", to=TensorProto.FLOAT)
-    widened_bits = chain.node("BitCast", [widened], "widened_bits", to=TensorProto.UINT32)
-    wide = chain.node("Cast", [codes], "codes_uint32", to=TensorProto.UINT32)
-    nan_fields = []
-    for field_name, shift, mask in (("sign", 16, _FP32_SIGN), ("mantissa", 13, _FP32_MANTISSA_OF_FP16)):
-        moved = chain.node("BitShift", [wide, chain.constant(f"by_{shift}", np.uint32(shift))],
-                           f"nan_{field_name}_moved", direction="LEFT")
-        nan_fields.append(chain.node("BitwiseAnd", [moved, chain.constant(f"{field_name}_mask", np.uint32(mask))],
-                                     f"nan_{field_name}"))
-    sign_mantissa = chain.node("BitwiseOr", nan_fields, "nan_sign_mantissa")
-    nan_bits = chain.node("BitwiseOr", [sign_mantissa, chain.constant("exponent", np.uint32(_FP32_EXPONENT))],
-                          "nan_bits")
+    widened_bits = chain.node("BitCast", [widened], "widened_bits", to=TensorProto.INT32)
+    signed = chain.node("BitCast", [codes], "codes_int16", to=TensorProto.INT16)
+    extended = chain.node("Cast", [signed], "codes_int32", to=TensorProto.INT32)
+    moved = chain.node("Mul", [extended, chain.constant("nan_scale", np.int32(1 << _FP16_TO_FP32_MANTISSA_SHIFT))],
+                       "nan_moved")
+    nan_bits = chain.node("BitwiseOr", [moved, chain.constant("exponent", np.int32(_FP32_EXPONENT))], "nan_bits")
     is_nan = chain.node("IsNaN", [half], "is_nan")
     bits = chain.node("Where", [is_nan, nan_bits, widened_bits], "float_bits")
-    chain.node("BitCast", [bits], "weights", output=output, to=TensorProto.FLOAT)
+    return chain.node("BitCast", [bits], "float", to=TensorProto.FLOAT)
+
+
+def _count(chain: _Chain, parity: str, n_words: int, output: str) -> None:
+    """The number of odd words as an int64 scalar in `output`, summed in int32 when that cannot overflow."""
+    if n_words < 2**31:
+        wide = chain.node("Cast", [parity], "parity_int32", to=TensorProto.INT32)
+        total = chain.node("ReduceSum", [wide], "count_int32", keepdims=0)
+        chain.node("Cast", [total], "count", output=output, to=TensorProto.INT64)
+    else:
+        wide = chain.node("Cast", [parity], "parity_int64", to=TensorProto.INT64)
+        chain.node("ReduceSum", [wide], "count", output=output, keepdims=0)
