@@ -4,7 +4,7 @@
     python tools/standard_decode_study.py latency MODEL.onnx [--threads 1] [--rounds 7] [--runs 20]
     python tools/standard_decode_study.py load-cost MODEL.onnx [--repeats 3] [--library liboppass_ops.so]
     python tools/standard_decode_study.py convert MODEL.onnx
-    python tools/standard_decode_study.py large [--weights 16777216]
+    python tools/standard_decode_study.py large [--weights 16777216] [--limit BYTES]
 
 Every Conv/ConvTranspose/Gemm/MatMul weight that is an fp32 initializer is stored packed
 behind a standard-op decode (the model is lifted to opset 26 first with onnx's version
@@ -18,7 +18,8 @@ values.
   once, timed in alternating rounds; prints per-round ratios and their median.
 - `load-cost`: session-creation time and peak RSS of each model in fresh subprocesses.
 - `convert`: converts to opset 26 and compares outputs with the original model.
-- `large`: one Gemm weight of the given size per format and word size: folded or not.
+- `large`: one Gemm weight of the given size per format and word size: folded or not, under
+  onnxruntime's folding size limit (`--limit`).
 
 This is a study script (not part of the package): it prints what it measured.
 """
@@ -149,15 +150,20 @@ def options(level: str = "all", threads: int = 0, optimized_path: Path | None = 
     return session_options
 
 
+INPUT_SHAPE: list[int] = []  # --input-shape: replaces the first graph input's dims
+
+
 def feeds(model: onnx.ModelProto, batch: int = 1) -> dict[str, np.ndarray]:
-    """Seeded normal inputs for every float graph input that is not an initializer; symbolic dims -> batch."""
+    """Seeded normal inputs for every float graph input that is not an initializer; unknown dims -> batch."""
     initializers = {tensor.name for tensor in model.graph.initializer}
     rng = np.random.default_rng(0)
     result = {}
     for value in model.graph.input:
         if value.name in initializers:
             continue
-        dims = [dim.dim_value if dim.HasField("dim_value") else batch for dim in value.type.tensor_type.shape.dim]
+        dims = [dim.dim_value if dim.dim_value > 0 else batch for dim in value.type.tensor_type.shape.dim]
+        if INPUT_SHAPE and not result:
+            dims = INPUT_SHAPE
         result[value.name] = rng.standard_normal(dims).astype(np.float32)
     return result
 
@@ -201,6 +207,10 @@ def fold(args: argparse.Namespace) -> None:
                   f"{len(left)} {left[:3]}; packed initializers left: {len(packed_left)}; masked total folded: "
                   f"{bool(total)}")
             print(f"  baseline  {dict(sorted(counts['baseline'].items()))}")
+            same_nodes = node_signature(graphs["baseline"]) == node_signature(graphs["protected"])
+            same_tensors = initializer_signature(graphs["baseline"]) == initializer_signature(graphs["protected"])
+            print(f"  same nodes (op, attributes, inputs, outputs) in order: {same_nodes}; same initializers "
+                  f"(name, type, shape, bytes) apart from the masked total: {same_tensors}")
             if counts["baseline"] != counts["protected"]:
                 print(f"  protected {dict(sorted(counts['protected'].items()))}")
             outputs = [output.name for output in baseline.graph.output]
@@ -211,8 +221,26 @@ def fold(args: argparse.Namespace) -> None:
             print(f"  outputs bit-identical to baseline: {same}{masked}")
 
 
+def node_signature(model: onnx.ModelProto) -> list[tuple]:
+    """Each node's domain, op type, attributes and input/output names, in graph order."""
+    return [(node.domain, node.op_type, tuple(attribute.SerializeToString() for attribute in node.attribute),
+             tuple(node.input), tuple(node.output)) for node in model.graph.node]
+
+
+def initializer_signature(model: onnx.ModelProto) -> dict[str, tuple]:
+    """Each initializer's type, shape and bytes, by name (the masked-word total left out)."""
+    return {tensor.name: (tensor.data_type, tuple(tensor.dims), numpy_helper.to_array(tensor).tobytes())
+            for tensor in model.graph.initializer if tensor.name != MASKED_TOTAL}
+
+
 def latency(args: argparse.Namespace) -> None:
-    """Median run times in alternating rounds: original, baseline (lifted, adjusted weights), protected."""
+    """Run times of the original, the baseline (lifted, adjusted weights) and the protected model.
+
+    Sessions are created once; each round runs every model `runs` times, interleaved one run
+    at a time in a rotating order, and records wall time and (meaningful with one thread,
+    which runs on the calling thread) the calling thread's CPU time, which a busy machine
+    disturbs less. Ratios are of per-round medians.
+    """
     baseline, protected, _ = protect(onnx.load(args.model), args.format, args.word, False)
     original = onnx.load(args.model)
     x = feeds(baseline, args.batch)
@@ -221,23 +249,28 @@ def latency(args: argparse.Namespace) -> None:
     for current in sessions.values():
         for _ in range(3):
             current.run(None, x)
-    medians: dict[str, list[float]] = {label: [] for label in sessions}
-    for _ in range(args.rounds):
-        for label, current in sessions.items():
-            times = []
-            for _ in range(args.runs):
-                start = time.perf_counter()
-                current.run(None, x)
-                times.append(time.perf_counter() - start)
-            medians[label].append(statistics.median(times))
-    ratios = [p / b for p, b in zip(medians["protected"], medians["baseline"], strict=True)]
-    original_ratios = [p / o for p, o in zip(medians["protected"], medians["original"], strict=True)]
-    print(f"threads {args.threads}, batch {args.batch}, {args.rounds} rounds x {args.runs} runs")
-    for label, values in medians.items():
-        print(f"  {label:9s} median ms per round: {[round(v * 1e3, 2) for v in values]}")
-    print(f"  protected/baseline per round: {[round(r, 3) for r in ratios]}  median {statistics.median(ratios):.3f}")
-    print(f"  protected/original per round: {[round(r, 3) for r in original_ratios]}  "
-          f"median {statistics.median(original_ratios):.3f}")
+    labels = list(sessions)
+    medians: dict[str, dict[str, list[float]]] = {clock: {label: [] for label in labels} for clock in ("wall", "cpu")}
+    for round_index in range(args.rounds):
+        samples: dict[str, dict[str, list[float]]] = {clock: {label: [] for label in labels} for clock in medians}
+        for run_index in range(args.runs):
+            shift = (round_index + run_index) % len(labels)
+            for label in labels[shift:] + labels[:shift]:
+                wall, cpu = time.perf_counter(), time.thread_time()
+                sessions[label].run(None, x)
+                samples["cpu"][label].append(time.thread_time() - cpu)
+                samples["wall"][label].append(time.perf_counter() - wall)
+        for clock in medians:
+            for label in labels:
+                medians[clock][label].append(statistics.median(samples[clock][label]))
+    print(f"threads {args.threads}, batch {args.batch}, {args.rounds} rounds x {args.runs} interleaved runs")
+    for clock, per_label in medians.items():
+        for label, values in per_label.items():
+            print(f"  {clock:4s} {label:9s} median ms per round: {[round(v * 1e3, 1) for v in values]}")
+        for reference in ("baseline", "original"):
+            ratios = [p / b for p, b in zip(per_label["protected"], per_label[reference], strict=True)]
+            print(f"  {clock:4s} protected/{reference}: per round {[round(r, 3) for r in ratios]}, "
+                  f"median {statistics.median(ratios):.3f}")
 
 
 # Peak RSS is VmHWM, which exec resets (ru_maxrss would include the parent's peak).
@@ -312,12 +345,19 @@ def convert(args: argparse.Namespace) -> None:
           f"outputs bit-identical: {identical}; ops {ops}")
 
 
+FOLDING_LIMIT_KEY = "optimization.constant_folding_max_output_size_in_bytes"
+
+
 def large(args: argparse.Namespace) -> None:
-    """Whether one large Gemm weight's decode folds, per format and word size."""
+    """Whether one large Gemm weight's decode folds, per format and word size, under a folding size limit.
+
+    onnxruntime folds no node whose output exceeds the session config entry FOLDING_LIMIT_KEY
+    (1 GiB by default); `--limit` sets it. A decode that is not folded runs on every inference.
+    """
     rows = 1024
     columns = args.weights // rows
     weights = np.random.default_rng(1).standard_normal((rows, columns)).astype(np.float32)
-    for fmt, word in (("fp32", "weight"), ("fp32", "512"), ("bf16", "64"), ("fp16", "512"), ("fp16", "weight")):
+    for fmt, word in (("fp32", "weight"), ("fp32", "64"), ("fp32", "512"), ("bf16", "64"), ("fp16", "512")):
         graph = helper.make_graph(
             [helper.make_node("Gemm", ["x", "w"], ["y"])], "large",
             [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, rows])],
@@ -325,13 +365,19 @@ def large(args: argparse.Namespace) -> None:
             [numpy_helper.from_array(weights, "w")])
         model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=IR_VERSION)
         _, protected, _ = protect(model, fmt, word, True)
+        session_options = options(level="all")
+        if args.limit is not None:
+            session_options.add_session_config_entry(FOLDING_LIMIT_KEY, str(args.limit))
         with tempfile.TemporaryDirectory() as folder:
+            session_options.optimized_model_filepath = str(Path(folder) / "optimized.onnx")
             start = time.perf_counter()
-            optimized = optimized_graph(protected, "all", Path(folder))
+            ort.InferenceSession(protected.SerializeToString(), session_options, providers=["CPUExecutionProvider"])
             seconds = time.perf_counter() - start
+            optimized = onnx.load(session_options.optimized_model_filepath)
         left = [node.op_type for node in optimized.graph.node if "::op_" in node.name]
-        print(f"{fmt} word {word}: {weights.size} weights ({weights.nbytes / 2**20:.0f} MiB fp32): decode nodes left "
-              f"{left}; session creation {seconds:.2f} s")
+        packed = next(t for t in protected.graph.initializer if t.name.endswith("::op_packed"))
+        print(f"{fmt} word {word}: {weights.size} weights, packed {len(packed.raw_data) / 2**20:.0f} MiB: "
+              f"{len(left)} decode nodes left {sorted(set(left))}; session creation (incl. saving) {seconds:.2f} s")
 
 
 def main() -> None:
@@ -344,6 +390,7 @@ def main() -> None:
         command.add_argument("model", type=Path)
         command.add_argument("--format", default="fp32", choices=("fp32", "bf16", "fp16"))
         command.add_argument("--word", default="64")
+        command.add_argument("--input-shape", help="dims of the first input, e.g. 1,3,48,192")
         command.set_defaults(function=function)
         if name == "fold":
             command.add_argument("--report-faults", action="store_true")
@@ -358,8 +405,11 @@ def main() -> None:
             command.add_argument("--library", type=Path, help="liboppass_ops.so: also measure the custom-op load mode")
     command = commands.add_parser("large")
     command.add_argument("--weights", type=int, default=1 << 24)
+    command.add_argument("--limit", type=int, help=f"session config {FOLDING_LIMIT_KEY}")
     command.set_defaults(function=large)
     args = parser.parse_args()
+    if getattr(args, "input_shape", None):
+        INPUT_SHAPE.extend(int(dim) for dim in args.input_shape.split(","))
     args.function(args)
 
 
