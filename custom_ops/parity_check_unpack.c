@@ -29,11 +29,13 @@
 #define OP_VERSION 1
 /* Packed bytes per parallel task; a tensor of at most this many bytes is decoded on the calling thread. */
 #define TASK_BYTES ((size_t)256 * 1024)
-/* Untrusted bytes quoted in a message (node name, attribute value, onnxruntime's text) are escaped
- * to plain ASCII and cut to this many bytes (docs/FORMAT.md, Validation, rule 9). */
+/* Untrusted bytes quoted in a message are escaped to plain ASCII and cut: a node name or attribute
+ * value after QUOTED_BYTES (docs/FORMAT.md, Validation, rule 9), onnxruntime's text after
+ * QUOTED_ORT_BYTES. */
 #define QUOTED_BYTES 200
-#define ESCAPED_CAPACITY (4 * QUOTED_BYTES + sizeof "...")
-#define DETAIL_CAPACITY 1024
+#define QUOTED_ORT_BYTES 500
+#define ESCAPED_CAPACITY(bytes) (4 * (bytes) + sizeof "...")
+#define DETAIL_CAPACITY 2560
 
 #define SAME_TYPE(onnx, ort) _Static_assert((int)(onnx) == (int)(ort), #onnx " is " #ort)
 SAME_TYPE(ONNX_TYPE_FLOAT, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT);
@@ -50,7 +52,7 @@ static const char *const CHECK_NAMES[] = {"runtime", "load", "none"}; /* indexed
 
 typedef struct {
   const OrtApi *api;
-  char node_name[ESCAPED_CAPACITY]; /* escaped: ready for messages */
+  char node_name[ESCAPED_CAPACITY(QUOTED_BYTES)]; /* escaped: ready for messages */
   const WeightFormat *format;
   unsigned word_bits;
   CheckMode check;
@@ -69,12 +71,12 @@ typedef struct {
 
 /* ---------------------------------------------------------------- errors */
 
-/* Writes `length` untrusted bytes as plain ASCII: 0x20..0x7E are kept except backslash, written
- * "\\"; every other byte is "\xNN" (lowercase hex); more than QUOTED_BYTES bytes are cut to the
- * first QUOTED_BYTES, followed by "...". */
-static void escape_bytes(const char *bytes, size_t length, char out[ESCAPED_CAPACITY]) {
+/* Writes `length` untrusted bytes as plain ASCII into `out` (ESCAPED_CAPACITY(limit) bytes):
+ * 0x20..0x7E are kept except backslash, written "\\"; every other byte is "\xNN" (lowercase hex);
+ * more than `limit` bytes are cut to the first `limit`, followed by "...". */
+static void escape_bytes(const char *bytes, size_t length, size_t limit, char *out) {
   static const char HEX[] = "0123456789abcdef";
-  size_t kept = length > QUOTED_BYTES ? QUOTED_BYTES : length;
+  size_t kept = length > limit ? limit : length;
   char *next = out;
   for (size_t i = 0; i < kept; i++) {
     unsigned char byte = (unsigned char)bytes[i];
@@ -106,7 +108,7 @@ static OrtStatus *node_error(const Kernel *kernel, OrtErrorCode code, const char
   va_start(arguments, format);
   vsnprintf(detail, sizeof detail, format, arguments);
   va_end(arguments);
-  char message[DETAIL_CAPACITY + ESCAPED_CAPACITY + sizeof OP_NAME + 16];
+  char message[DETAIL_CAPACITY + ESCAPED_CAPACITY(QUOTED_BYTES) + sizeof OP_NAME + 16];
   snprintf(message, sizeof message, OP_NAME " node '%s': %s", kernel->node_name, detail);
   return kernel->api->CreateStatus(code, message);
 }
@@ -117,8 +119,8 @@ static OrtStatus *node_api_error(const Kernel *kernel, OrtStatus *status, const 
     return NULL;
   }
   const char *text = kernel->api->GetErrorMessage(status);
-  char escaped[ESCAPED_CAPACITY];
-  escape_bytes(text, strlen(text), escaped);
+  char escaped[ESCAPED_CAPACITY(QUOTED_ORT_BYTES)];
+  escape_bytes(text, strlen(text), QUOTED_ORT_BYTES, escaped);
   OrtStatus *named = node_error(kernel, kernel->api->GetErrorCode(status), "%s: %s", doing, escaped);
   kernel->api->ReleaseStatus(status);
   return named;
@@ -168,7 +170,7 @@ static OrtStatus *read_node_name(Kernel *kernel, const OrtKernelInfo *info) {
   }
   OrtStatus *status = api->KernelInfo_GetNodeName(info, name, &size);
   if (status == NULL) {
-    escape_bytes(name, size > 0 ? size - 1 : 0, kernel->node_name); /* size counts the terminating NUL */
+    escape_bytes(name, size > 0 ? size - 1 : 0, QUOTED_BYTES, kernel->node_name); /* size counts the NUL */
   }
   free(name);
   return node_api_error(kernel, status, "reading the node name");
@@ -228,8 +230,8 @@ static OrtStatus *read_string_attribute(const Kernel *kernel, const OrtKernelInf
 
 static OrtStatus *unknown_value(const Kernel *kernel, const char *name, const char *value, size_t length,
                                 const char *expected) {
-  char escaped[ESCAPED_CAPACITY];
-  escape_bytes(value, length, escaped);
+  char escaped[ESCAPED_CAPACITY(QUOTED_BYTES)];
+  escape_bytes(value, length, QUOTED_BYTES, escaped);
   return node_error(kernel, ORT_INVALID_GRAPH, "unknown %s '%s': expected %s", name, escaped, expected);
 }
 
