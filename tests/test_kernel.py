@@ -1,8 +1,9 @@
-"""The ParityCheckUnpack onnxruntime kernel (custom_ops/parity_check_unpack.c) against docs/FORMAT.md.
+"""The ParityCheckUnpack onnxruntime kernel (custom_ops/) against docs/FORMAT.md.
 
 Each test builds a one-node ONNX model (packed initializer -> ParityCheckUnpack -> weights,
 masked_words) and runs it with the compiled library; outputs are compared bit for bit, as raw
-bytes, with the normative vectors and with `oppass.codec`.
+bytes, with the normative vectors and with `oppass.codec`. Section (3) holds the node validation
+rules' table of refused and valid nodes, run in one child interpreter (tests/kernel_cases.py).
 """
 
 from __future__ import annotations
