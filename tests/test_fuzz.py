@@ -1,8 +1,9 @@
-"""A short libFuzzer run of the kernel under AddressSanitizer and UndefinedBehaviorSanitizer.
+"""Short libFuzzer runs of the kernel and of the decoder under AddressSanitizer and UndefinedBehaviorSanitizer.
 
-The harness (custom_ops/fuzz/) drives attribute validation and decoding through a fake
-OrtApi and checks every accepted input against a reference decoder. CI installs clang and
-its runtimes (.ci/run); elsewhere the test is skipped when clang is missing.
+The targets (custom_ops/fuzz/): fuzz_parity_check_unpack drives shape inference, attribute validation
+and decoding through a fake OrtApi, against the rules and a reference decoder; fuzz_decoder drives
+the onnxruntime-free decoder alone with random plans, streams and word ranges. CI installs clang and
+its runtimes (.ci/run); elsewhere the tests are skipped when clang is missing.
 """
 
 from __future__ import annotations
@@ -15,26 +16,28 @@ from pathlib import Path
 import pytest
 
 FUZZ = Path(__file__).resolve().parents[1] / "custom_ops" / "fuzz"
-SECONDS = 20
+TARGETS = ("parity_check_unpack", "decoder")
+SECONDS = 10  # per target
 
 
 @pytest.fixture(scope="module")
-def fuzzer() -> Path:
+def fuzzers() -> dict[str, Path]:
     if shutil.which("clang") is None:
         if os.environ.get("CI") == "true":
             pytest.fail("clang is missing in CI: .ci/run installs clang and libclang-rt-14-dev")
         pytest.skip("clang with libFuzzer is not installed (apt-get install clang libclang-rt-14-dev)")
     built = subprocess.run([str(FUZZ / "build.sh")], capture_output=True, text=True, check=True)
-    return Path(built.stdout.strip().splitlines()[-1])
+    paths = [Path(line) for line in built.stdout.strip().splitlines()[-len(TARGETS):]]
+    return {path.name.removeprefix("fuzz_"): path for path in paths}
 
 
-def test_short_fuzz_run_finds_nothing(fuzzer: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("target", TARGETS)
+def test_short_fuzz_run_finds_nothing(target: str, fuzzers: dict[str, Path], tmp_path: Path) -> None:
     corpus = tmp_path / "corpus"
-    shutil.copytree(FUZZ / "corpus", corpus)
-    result = subprocess.run(
-        [str(fuzzer), f"-max_total_time={SECONDS}", f"-artifact_prefix={tmp_path}/", "-print_final_stats=1", str(corpus)],
-        capture_output=True, text=True,
-    )
+    shutil.copytree(FUZZ / "corpus" / target, corpus)
+    arguments = [str(fuzzers[target]), f"-max_total_time={SECONDS}", f"-artifact_prefix={tmp_path}/",
+                 "-print_final_stats=1", str(corpus)]
+    result = subprocess.run(arguments, capture_output=True, text=True)
     crashes = sorted(path.name for path in tmp_path.iterdir() if path.name.startswith(("crash-", "leak-", "timeout-")))
     assert result.returncode == 0 and not crashes, result.stderr[-3000:]
     executed = next(line for line in result.stderr.splitlines() if line.startswith("stat::number_of_executed_units"))

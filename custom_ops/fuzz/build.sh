@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Builds the libFuzzer harness with AddressSanitizer and UndefinedBehaviorSanitizer into build/fuzz/.
+# Builds the two libFuzzer targets with AddressSanitizer and UndefinedBehaviorSanitizer into build/fuzz/:
+# fuzz_parity_check_unpack (the kernel through a fake OrtApi) and fuzz_decoder (the decoder alone).
 # Needs clang with its runtimes (Debian: apt-get install clang libclang-rt-14-dev) and the ORT header
-# that the CMake build caches (ORT_INCLUDE_DIR overrides).
+# that the CMake build caches (ORT_INCLUDE_DIR overrides). Prints the two executables' paths.
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 root="$(cd "$here/../.." && pwd)"
@@ -10,6 +11,10 @@ if [ ! -f "$include/onnxruntime_c_api.h" ]; then
   cmake -S "$root/custom_ops" -B "$root/build/fuzz-headers" > /dev/null
 fi
 mkdir -p "$root/build/fuzz"
-"${CC:-clang}" -g -O1 -fno-omit-frame-pointer -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined \
-  -I "$include" "$here/fuzz_parity_check_unpack.c" -lm -o "$root/build/fuzz/fuzz_parity_check_unpack"
+flags=(-g -O1 -fno-omit-frame-pointer -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined)
+"${CC:-clang}" "${flags[@]}" -I "$include" "$here/fuzz_parity_check_unpack.c" "$here/reference.c" \
+  "$here/../parity_check_unpack.c" "$here/../decoder.c" -lm -o "$root/build/fuzz/fuzz_parity_check_unpack"
+"${CC:-clang}" "${flags[@]}" "$here/fuzz_decoder.c" "$here/reference.c" "$here/../decoder.c" -lm \
+  -o "$root/build/fuzz/fuzz_decoder"
 echo "$root/build/fuzz/fuzz_parity_check_unpack"
+echo "$root/build/fuzz/fuzz_decoder"
