@@ -12,6 +12,7 @@ errors print one line `oppass: error: ...` on stderr and exit with status 2.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import warnings
@@ -34,6 +35,8 @@ if TYPE_CHECKING:
     ModelSource = onnx.ModelProto | str | os.PathLike
 
 ERROR_STATUS = 2
+# `transform` warns when the fault-free output drift exceeds this share of the original's largest |output|.
+DRIFT_WARNING = 0.1
 BROKEN_PIPE_STATUS = 141  # 128 + SIGPIPE, as a shell reports it
 DRIFT_SEED = 0
 
@@ -137,6 +140,9 @@ def run_transform(arguments: argparse.Namespace) -> None:
     rows.append(("fault-free output drift", "skipped (--no-verify)" if arguments.no_verify
                  else _drift_text(arguments.input, arguments.output)))
     _print_table(rows)
+    if report.nonfinite_weights:
+        warnings.warn(f"{report.nonfinite_weights:,} protected weights are NaN or infinite (kept as they are)",
+                      stacklevel=1)
 
 
 def _comma_list(text: str) -> tuple[str, ...]:
@@ -150,14 +156,20 @@ def _report_rows(report: TransformReport) -> list[tuple[str, str]]:
         ("weights", f"{report.weights:,}"),
         ("stored bytes before", f"{report.bytes_before:,}"),
         ("stored bytes after", f"{report.bytes_after:,}"),
-        ("words whose LSB was flipped", f"{report.flipped_words:,}"),
-        ("largest relative weight change", f"{report.max_flip_change:.3g}"),
+        ("words changed by the encoding", f"{report.changed_words:,}"),
+        ("largest relative weight change", f"{report.max_weight_change:.3g}"),
         ("largest conversion error (x max|w|)", "none (no conversion)" if conversion is None else f"{conversion:.3g}"),
+        ("subnormal weights before / after", f"{report.subnormals_before:,} / {report.subnormals_after:,}"),
+        ("non-finite weights (NaN, inf)", f"{report.nonfinite_weights:,}"),
     ]
 
 
 def _drift_text(original: ModelSource, protected: ModelSource) -> str:
-    """Max abs difference of all outputs on one random input, or why it could not be measured."""
+    """Max abs difference of all outputs on one random input, or why it could not be measured.
+
+    Warns when the drift is not finite (the models' outputs differ in NaN or infinity) or
+    exceeds DRIFT_WARNING times the largest finite |output| of the original model.
+    """
     from google.protobuf.message import EncodeError
     from onnxruntime.capi.onnxruntime_pybind11_state import Fail, InvalidArgument, InvalidGraph, RuntimeException
 
@@ -165,13 +177,34 @@ def _drift_text(original: ModelSource, protected: ModelSource) -> str:
     # EncodeError for models over 2 GB, which cannot be handed to onnxruntime as bytes.
     failures = (OppassError, Fail, InvalidArgument, InvalidGraph, RuntimeException, EncodeError)
     try:
-        return f"{output_drift(original, protected):.3g} (max abs, one random input)"
+        drift = output_drift(original, protected)
     except failures as error:
         return f"skipped: model could not be run ({str(error).strip().splitlines()[0][:200]})"
+    if not math.isfinite(drift.max_abs):
+        warnings.warn("the protected model's outputs differ from the original's in NaN or infinite values "
+                      "(fault-free): check the model before deploying it", stacklevel=1)
+    elif drift.max_abs > DRIFT_WARNING * drift.largest_output:
+        warnings.warn(f"the fault-free output drift {drift.max_abs:.3g} exceeds {DRIFT_WARNING:.0%} of the largest "
+                      f"output magnitude {drift.largest_output:.3g}: check the protected model's accuracy",
+                      stacklevel=1)
+    return f"{drift.max_abs:.3g} (max abs, one random input)"
 
 
-def output_drift(original: ModelSource, protected: ModelSource) -> float:
-    """Max abs difference between the outputs of both models (protos or files) on one seeded random input.
+@dataclass(frozen=True)
+class Drift:
+    """How far a protected model's outputs are from the original's on one input.
+
+    `max_abs` is the largest |protected - original| over all output elements, where equal
+    values (the same infinity, NaN and NaN) differ by 0 and any other pair involving a NaN or
+    an infinity differs by infinity; `largest_output` is the largest finite |original| output.
+    """
+
+    max_abs: float
+    largest_output: float
+
+
+def output_drift(original: ModelSource, protected: ModelSource) -> Drift:
+    """The drift between the outputs of both models (protos or files) on one seeded random input.
 
     One session at a time: the plain model's outputs are computed and its session freed
     before the protected model is loaded.
@@ -192,9 +225,15 @@ def output_drift(original: ModelSource, protected: ModelSource) -> float:
     else:  # decode nodes run in the session whatever their check mode: same outputs as load-time folding
         guarded = ort.InferenceSession(_session_input(protected), runtime.session_options())
     actual = guarded.run(names, feeds)
-    differences = [np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)).max(initial=0.0)
-                   for a, b in zip(expected, actual, strict=True)]
-    return float(max(differences, default=0.0))
+    differences, largest = [0.0], [0.0]
+    for reference, value in zip(expected, actual, strict=True):
+        reference64, value64 = np.asarray(reference, np.float64), np.asarray(value, np.float64)
+        same = (reference64 == value64) | (np.isnan(reference64) & np.isnan(value64))
+        with np.errstate(invalid="ignore"):
+            difference = np.where(same, 0.0, np.abs(reference64 - value64))
+        differences.append(float(np.nan_to_num(difference, nan=np.inf).max(initial=0.0)))
+        largest.append(float(np.abs(reference64).max(where=np.isfinite(reference64), initial=0.0)))
+    return Drift(max(differences), max(largest))
 
 
 def _session_input(model: ModelSource) -> bytes | str:

@@ -22,16 +22,19 @@ _INT8_LIMIT = 127
 
 @dataclass(frozen=True)
 class Encoded:
-    """Result of `encode`: the packed words, the weights they hold, and how many words got an LSB flip.
+    """Result of `encode`: the packed words, the weights they hold, and what the encoder changed.
 
-    `flipped` holds the flat (C-order) indices of the weights whose LSB was flipped, one per
-    flipped word, ascending. `adjusted` is None when `encode` was asked not to copy it out.
+    `changed` holds the flat (C-order) indices of the weights whose code the encoder changed,
+    ascending (parity: one per adjusted word), and `changed_values` their new values.
+    `changed_words` counts the words holding them. `adjusted` (every weight as a fault-free
+    decode returns it) is None when `encode` was asked not to copy it out.
     """
 
     packed: np.ndarray
     adjusted: np.ndarray | None
-    flipped_words: int
-    flipped: np.ndarray
+    changed_words: int
+    changed: np.ndarray
+    changed_values: np.ndarray
 
 
 def format_of(dtype: npt.DTypeLike) -> str:
@@ -94,35 +97,52 @@ def pack(weights: np.ndarray, word_bits: int) -> np.ndarray:
     return _packed_from_matrix(matrix, word_bits)
 
 
-def encode(weights: np.ndarray, word_bits: int, flip: str = "word-lsb", *, adjusted: bool = True) -> Encoded:
-    """Packs weights and flips one LSB in every odd-parity word so that all words have even parity.
+def encode(
+    weights: np.ndarray, word_bits: int, flip: str = "word-lsb", *, adjusted: bool = True, name: str = "tensor"
+) -> Encoded:
+    """Packs weights and makes every word's parity even by flipping one bit of one weight in each odd word.
 
-    With `adjusted=False` the adjusted weights are not copied out (`lsb_flipped` gives the new
-    values of the flipped ones from `flipped`), which saves a copy of the tensor.
+    The bit and the weight follow docs/FORMAT.md ("Opportunistic parity"): a float zero's sign
+    bit when the word holds a zero, else the LSB of the weight `flip` chooses (never an
+    infinity; bit 1 of a NaN whose LSB flip would make it infinite), so every weight keeps its
+    class. A word of only infinite weights with odd parity is an error naming `name`.
+    With `adjusted=False` the adjusted weights are not copied out (`changed_values` has the
+    new values of the changed ones), which saves a copy of the tensor.
     """
     if flip not in FLIP_STRATEGIES:
         raise OppassError(f"unknown flip strategy {flip!r}: expected one of {', '.join(FLIP_STRATEGIES)}")
     fmt = format_of(weights.dtype)
     codes = _codes(weights, fmt)
     matrix = _word_matrix(codes, _weights_per_word(fmt, word_bits))
-    odd = odd_words(_packed_from_matrix(matrix, word_bits))
-    odd_rows = np.flatnonzero(odd)
-    if flip == "word-lsb" or matrix.shape[1] == 1:  # the first weight of each odd word: no index arrays needed
-        np.bitwise_xor(matrix[:, 0], odd.view(np.uint8), out=matrix[:, 0])
-        flipped = odd_rows * matrix.shape[1]
-    else:
-        columns = _flip_columns(matrix, odd_rows, fmt, flip, codes.size)
-        matrix[odd_rows, columns] ^= 1
-        flipped = odd_rows * matrix.shape[1] + columns
-    adjusted_weights = matrix.reshape(-1)[: codes.size].copy().view(FORMATS[fmt].dtype).reshape(weights.shape) \
+    odd_rows = np.flatnonzero(odd_words(_packed_from_matrix(matrix, word_bits)))
+    columns, bits = _parity_flips(matrix, odd_rows, fmt, flip, codes.size, name)
+    matrix[odd_rows, columns] ^= bits
+    weight_dtype = FORMATS[fmt].dtype
+    adjusted_weights = matrix.reshape(-1)[: codes.size].copy().view(weight_dtype).reshape(weights.shape) \
         if adjusted else None
-    return Encoded(_packed_from_matrix(matrix, word_bits), adjusted_weights, int(odd_rows.size), flipped)
+    return Encoded(_packed_from_matrix(matrix, word_bits), adjusted_weights, int(odd_rows.size),
+                   odd_rows * matrix.shape[1] + columns, matrix[odd_rows, columns].view(weight_dtype))
 
 
-def lsb_flipped(weights: np.ndarray) -> np.ndarray:
-    """A copy of weights (in a format dtype) with the least significant bit of each flipped."""
+def subnormal_count(weights: np.ndarray, as_dtype: npt.DTypeLike | None = None) -> int:
+    """Number of subnormal weights (nonzero, of magnitude below the smallest normal) in weights of a format.
+
+    They are judged as values of `as_dtype` (default: their own dtype), to which they widen
+    exactly: an fp16 subnormal is a normal float32. Integer formats have none.
+    """
     fmt = format_of(weights.dtype)
-    return (_codes(weights, fmt) ^ 1).view(FORMATS[fmt].dtype).reshape(np.shape(weights))
+    if not FORMATS[fmt].is_float:
+        return 0
+    judged = FORMATS[fmt if as_dtype is None else format_of(as_dtype)]
+    threshold = np.asarray(judged.smallest_normal).astype(weights.dtype)  # exact, or 0 when no weight is below it
+    magnitude = np.abs(weights)
+    return int(np.count_nonzero((magnitude < threshold) & (magnitude > 0)))
+
+
+def nonfinite_count(weights: np.ndarray) -> int:
+    """Number of NaN and infinite weights (none in integer formats)."""
+    fmt = format_of(weights.dtype)
+    return int(np.count_nonzero(~np.isfinite(weights))) if FORMATS[fmt].is_float else 0
 
 
 def odd_words(packed: np.ndarray) -> np.ndarray:
@@ -188,23 +208,69 @@ def _word_matrix(codes: np.ndarray, per_word: int) -> np.ndarray:
     return matrix.reshape(n_words, per_word)
 
 
-def _flip_columns(matrix: np.ndarray, rows: np.ndarray, fmt: str, flip: str, n_weights: int) -> np.ndarray:
-    """Column of the weight whose LSB is flipped in each of the given word rows of a code matrix.
+def _parity_flips(
+    matrix: np.ndarray, rows: np.ndarray, fmt: str, flip: str, n_weights: int, name: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per odd word row of a code matrix: the column of the weight to change and the bit (a mask) to flip there.
 
-    Padding weights (the tail of the last word, beyond `n_weights`) are never chosen. For
-    `largest` that needs no masking: padding is zero, the lowest rank, and comes after
-    every real weight, so argmax (first maximum) always prefers a real one.
+    Candidates are the real weights (not the padding beyond `n_weights`), for floats less the
+    infinities; a float zero is every strategy's first choice (its sign bit is flipped).
     """
     n_words, per_word = matrix.shape
-    if flip == "word-lsb" or per_word == 1 or rows.size == 0:
-        return np.zeros(rows.size, dtype=np.intp)
     words = matrix[rows]
+    candidates = np.ones(words.shape, dtype=bool)
+    if rows.size and rows[-1] == n_words - 1:
+        candidates[-1, n_weights - (n_words - 1) * per_word:] = False
+    bits = np.ones(rows.size, dtype=matrix.dtype)
+    if not FORMATS[fmt].is_float:
+        return _strategy_columns(words, candidates, fmt, flip), bits
+    magnitude = words & _magnitude_mask(fmt)
+    zeros = candidates & (magnitude == 0)
+    candidates &= magnitude != _infinity(fmt)
+    _refuse_infinite_words(candidates, rows, per_word, name)
+    has_zero = zeros.any(axis=1)
+    columns = np.where(has_zero, np.argmax(zeros, axis=1), _strategy_columns(words, candidates, fmt, flip))
+    chosen = words[np.arange(rows.size), columns]
+    mantissa = chosen & ((1 << FORMATS[fmt].mantissa_bits) - 1)
+    bits[((chosen & _magnitude_mask(fmt)) > _infinity(fmt)) & (mantissa == 1)] = 0b10  # a NaN the LSB would make inf
+    bits[has_zero] = 1 << (FORMATS[fmt].bits - 1)
+    return columns, bits
+
+
+def _refuse_infinite_words(candidates: np.ndarray, rows: np.ndarray, per_word: int, name: str) -> None:
+    """An odd word whose real weights are all infinite cannot be made even without making a NaN: an error."""
+    stuck = ~candidates.any(axis=1)
+    if stuck.any():
+        word = int(rows[np.argmax(stuck)])
+        raise OppassError(
+            f"tensor {name!r} has {int(stuck.sum())} word(s) of odd parity holding only infinite weights (the first "
+            f"starts at weight {word * per_word}): parity cannot be made even without turning an infinity into a "
+            "NaN; replace the infinities or choose another word size"
+        )
+
+
+def _strategy_columns(words: np.ndarray, candidates: np.ndarray, fmt: str, flip: str) -> np.ndarray:
+    """Column of the candidate weight the strategy chooses in each word row (ties: the lowest column)."""
+    if flip == "word-lsb":
+        return np.argmax(candidates, axis=1)
     if flip == "largest":
-        return np.argmax(_magnitude_rank(words, fmt), axis=1)
-    real_in_last_row = n_weights - (n_words - 1) * per_word if rows[-1] == n_words - 1 else per_word
-    ranks = _flip_error_rank(words, fmt)
-    ranks[-1, real_in_last_row:] = np.iinfo(ranks.dtype).max
-    return np.argmin(ranks, axis=1)
+        ranks = _magnitude_rank(words, fmt).astype(np.int64)
+        ranks[~candidates] = -1
+        return np.argmax(ranks, axis=1)
+    error_ranks = _flip_error_rank(words, fmt)
+    error_ranks[~candidates] = np.iinfo(error_ranks.dtype).max
+    return np.argmin(error_ranks, axis=1)
+
+
+def _magnitude_mask(fmt: str) -> int:
+    """The bits of a float code other than its sign."""
+    return (1 << (FORMATS[fmt].bits - 1)) - 1
+
+
+def _infinity(fmt: str) -> int:
+    """Magnitude bits of a float format's infinity: all-ones exponent, zero mantissa."""
+    weight_format = FORMATS[fmt]
+    return ((1 << weight_format.exponent_bits) - 1) << weight_format.mantissa_bits
 
 
 def _magnitude_rank(codes: np.ndarray, fmt: str) -> np.ndarray:
@@ -217,10 +283,7 @@ def _magnitude_rank(codes: np.ndarray, fmt: str) -> np.ndarray:
         return np.abs(codes.view(np.int8).astype(np.int16))
     if fmt == "uint8":
         return codes
-    exponent_bits, mantissa_bits = FORMATS[fmt].exponent_bits, FORMATS[fmt].mantissa_bits
-    magnitude_mask = (1 << (exponent_bits + mantissa_bits)) - 1
-    infinity = ((1 << exponent_bits) - 1) << mantissa_bits
-    return np.minimum(codes & magnitude_mask, infinity + 1)
+    return np.minimum(codes & _magnitude_mask(fmt), _infinity(fmt) + 1)
 
 
 def _flip_error_rank(codes: np.ndarray, fmt: str) -> np.ndarray:
@@ -229,8 +292,8 @@ def _flip_error_rank(codes: np.ndarray, fmt: str) -> np.ndarray:
     An integer's LSB flip always changes its code by exactly 1, so all ranks tie. A
     float's LSB flip changes the mantissa by one unit in the last place and leaves the
     exponent field alone: the change is 2**(max(exponent_field, 1) - bias - mantissa_bits),
-    monotonic in max(exponent_field, 1). Only NaN and infinity (all-ones exponent) flip
-    into NaN or infinity; they get the all-ones exponent as rank, above every finite one.
+    monotonic in max(exponent_field, 1). A NaN (all-ones exponent: no finite change) gets
+    the all-ones exponent as rank, above every finite one.
     """
     if not FORMATS[fmt].is_float:
         return np.zeros(codes.shape, dtype=np.int32)

@@ -46,6 +46,11 @@ class WeightFormat:
         """Width of the stored mantissa field, without the implicit bit (floats only)."""
         return int(self._float_info().nmant)
 
+    @property
+    def smallest_normal(self) -> float:
+        """The smallest positive normal value (floats only)."""
+        return float(self._float_info().smallest_normal)
+
     def _float_info(self) -> ml_dtypes.finfo:
         info = _float_info(self.dtype)
         if info is None:

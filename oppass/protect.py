@@ -373,10 +373,12 @@ def _protect(site: _Site, options: _Options, source: modelio.ModelFile | modelio
     stored, scales = codec.to_format(original, target, name=site.name, axis=axis)
     width = codec.word_bits(target, options.word)
     if options.check == "none":
-        packed, flipped = codec.pack(stored, width), np.zeros(0, dtype=np.intp)
+        packed, changed_words = codec.pack(stored, width), 0
+        changed, changed_values = np.zeros(0, dtype=np.intp), stored.reshape(-1)[:0]
     else:
-        encoded = codec.encode(stored, width, options.flip, adjusted=False)
-        packed, flipped = encoded.packed, encoded.flipped
+        encoded = codec.encode(stored, width, options.flip, adjusted=False, name=site.name)
+        packed, changed_words = encoded.packed, encoded.changed_words
+        changed, changed_values = encoded.changed, encoded.changed_values
     decode_output = _decode_output(site, options)
     output_type = ONNX_TYPES[target] if scales is not None else site.tensor.data_type  # bf16/fp16 of fp32: FLOAT
     masked_output = _masked_output(site, options)
@@ -409,9 +411,12 @@ def _protect(site: _Site, options: _Options, source: modelio.ModelFile | modelio
         weights=int(stored.size),
         bytes_before=int(original.nbytes),
         bytes_after=int(bytes_after),
-        flipped_words=int(flipped.size),
-        max_flip_change=_max_relative_change(stored, flipped),
+        changed_words=changed_words,
+        max_weight_change=_max_relative_change(stored.reshape(-1)[changed], changed_values),
         max_conversion_error=None if target == source_format else _conversion_error(original, stored, scales, axis),
+        subnormals_before=codec.subnormal_count(original),
+        subnormals_after=_subnormals_after(stored, changed, changed_values, output_type),
+        nonfinite_weights=codec.nonfinite_count(stored),
     )
     return _Protected(packed, nodes, initializers, value_info, report)
 
@@ -481,20 +486,26 @@ def _dequantize(
     return node, [scale, zero_point]
 
 
-def _max_relative_change(stored: np.ndarray, flipped: np.ndarray) -> float:
-    """Max |adjusted - stored| / |stored| over finite nonzero stored values (0.0 if none changed).
+def _max_relative_change(before: np.ndarray, after: np.ndarray) -> float:
+    """Max |after - before| / |before| over the finite nonzero `before` values (0.0 if there are none).
 
-    Only the weights at the flat indices `flipped` (those whose LSB was flipped) change.
     Computed in float32, which holds every stored format exactly; only the division rounds.
     """
-    values = stored.reshape(-1)[flipped]
-    before = values.astype(np.float32, copy=False)
-    change = codec.lsb_flipped(values).astype(np.float32, copy=False) - before
+    before32 = before.astype(np.float32, copy=False)
+    change = after.astype(np.float32, copy=False) - before32
     with np.errstate(divide="ignore", invalid="ignore"):
-        change = np.divide(np.abs(change, out=change), np.abs(before), out=change)
-    considered = np.isfinite(before)
-    considered &= before != 0
+        change = np.divide(np.abs(change, out=change), np.abs(before32), out=change)
+    considered = np.isfinite(before32)
+    considered &= before32 != 0
     return float(change.max(where=considered, initial=0.0))
+
+
+def _subnormals_after(stored: np.ndarray, changed: np.ndarray, changed_values: np.ndarray, output_type: int) -> int:
+    """Subnormal weights a fault-free decode outputs (in `output_type`): the stored ones, with `changed` replaced."""
+    as_dtype = helper.tensor_dtype_to_np_dtype(output_type)
+    before_change = stored.reshape(-1)[changed]
+    return (codec.subnormal_count(stored, as_dtype) - codec.subnormal_count(before_change, as_dtype)
+            + codec.subnormal_count(changed_values, as_dtype))
 
 
 def _conversion_error(original: np.ndarray, stored: np.ndarray, scales: np.ndarray | None, axis: int) -> float:

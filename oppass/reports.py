@@ -9,11 +9,15 @@ from dataclasses import dataclass, field
 class TensorReport:
     """What the pass did to one weight tensor.
 
-    `max_flip_change` is max |adjusted - stored| / |stored| over the finite nonzero stored
+    `max_weight_change` is max |decoded - stored| / |stored| over the finite nonzero stored
     weights, computed on the values in the stored format (int8: the integer codes) before
-    and after the parity LSB flips. `max_conversion_error` is only set when the weight was
-    converted (fp32 -> bf16/fp16/int8): max |converted - original| / max |original|, the
-    rounding or quantization error in units of the tensor's largest weight magnitude.
+    and after the encoding changed them (the parity bit flips). Non-finite weights have no
+    relative change: `nonfinite_weights` counts them (the encoding keeps them NaN or infinite).
+    `max_conversion_error` is only set when the weight was converted (fp32 -> bf16/fp16/int8):
+    max |converted - original| / max |original| over the finite weights, the rounding or
+    quantization error in units of the tensor's largest weight magnitude. Subnormal weights
+    are counted in the source tensor (`subnormals_before`) and in the decoded weights as the
+    consumers read them, in the decode's output type (`subnormals_after`).
     """
 
     name: str
@@ -23,9 +27,12 @@ class TensorReport:
     weights: int
     bytes_before: int
     bytes_after: int
-    flipped_words: int
-    max_flip_change: float
+    changed_words: int
+    max_weight_change: float
     max_conversion_error: float | None
+    subnormals_before: int
+    subnormals_after: int
+    nonfinite_weights: int
 
 
 @dataclass(frozen=True)
@@ -50,17 +57,32 @@ class TransformReport:
         return self._total("bytes_after")
 
     @property
-    def flipped_words(self) -> int:
-        """Words whose parity needed an LSB flip."""
-        return self._total("flipped_words")
+    def changed_words(self) -> int:
+        """Words in which the encoding changed a weight (parity: a bit flip)."""
+        return self._total("changed_words")
+
+    @property
+    def subnormals_before(self) -> int:
+        """Subnormal weights in the source tensors."""
+        return self._total("subnormals_before")
+
+    @property
+    def subnormals_after(self) -> int:
+        """Subnormal weights the decode nodes output, fault-free."""
+        return self._total("subnormals_after")
+
+    @property
+    def nonfinite_weights(self) -> int:
+        """NaN and infinite weights, kept as they are."""
+        return self._total("nonfinite_weights")
 
     def _total(self, field_name: str) -> int:
         return sum(getattr(tensor, field_name) for tensor in self.tensors)
 
     @property
-    def max_flip_change(self) -> float:
-        """The largest `TensorReport.max_flip_change` (0.0 when nothing was protected)."""
-        return max((tensor.max_flip_change for tensor in self.tensors), default=0.0)
+    def max_weight_change(self) -> float:
+        """The largest `TensorReport.max_weight_change` (0.0 when nothing was protected)."""
+        return max((tensor.max_weight_change for tensor in self.tensors), default=0.0)
 
     @property
     def max_conversion_error(self) -> float | None:

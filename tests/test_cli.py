@@ -46,12 +46,81 @@ def test_transform_prints_the_report_and_the_drift(
     assert table["weights"] == f"{report.weights:,}"
     assert table["stored bytes before"] == f"{report.bytes_before:,}"
     assert table["stored bytes after"] == f"{report.bytes_after:,}" != table["stored bytes before"]
-    assert table["words whose LSB was flipped"] == f"{report.flipped_words:,}"
-    assert table["largest relative weight change"] == f"{report.max_flip_change:.3g}"
+    assert table["words changed by the encoding"] == f"{report.changed_words:,}"
+    assert table["largest relative weight change"] == f"{report.max_weight_change:.3g}"
+    assert table["subnormal weights before / after"] == f"{report.subnormals_before:,} / {report.subnormals_after:,}"
+    assert table["non-finite weights (NaN, inf)"] == "0"
     assert table["largest conversion error (x max|w|)"] == f"{report.max_conversion_error:.3g}"
     drift = table["fault-free output drift"]
     assert drift.endswith("(max abs, one random input)") and float(drift.split()[0]) > 0
     assert [t.name for t in protected_models.inspect(output)] == ["conv1.w", "conv2.w", "fc1.w", "fc2.w"]
+
+
+def with_initializer(model: onnx.ModelProto, name: str, values: np.ndarray) -> onnx.ModelProto:
+    """A copy of `model` with initializer `name` replaced by `values`."""
+    from onnx import numpy_helper
+
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    tensor = next(t for t in copy.graph.initializer if t.name == name)
+    tensor.CopyFrom(numpy_helper.from_array(values.astype(np.float32), name))
+    return copy
+
+
+def test_transform_of_negative_zeros_reports_no_subnormal_before_or_after(
+    cnn_model: onnx.ModelProto, tmp_path: Path, custom_op_library: str, capsys: pytest.CaptureFixture
+) -> None:
+    """Half the weights at -0.0 (a pruned export): the zeros' sign flips make no subnormal, in any strategy."""
+    source = tmp_path / "pruned.onnx"
+    conv = next(t for t in cnn_model.graph.initializer if t.name == "conv2.w")
+    pruned = onnx.numpy_helper.to_array(conv).copy()
+    pruned.reshape(-1)[::2] = -0.0
+    onnx.save_model(with_initializer(cnn_model, "conv2.w", pruned), source)
+    for flip in ("word-lsb", "largest", "min-error"):
+        output = tmp_path / f"{flip}.onnx"
+        assert cli.main(["transform", str(source), str(output), "--flip", flip, "--word", "weight"]) == 0
+        table = summary(capsys.readouterr().out)
+        assert table["subnormal weights before / after"] == "0 / 0"
+        assert table["non-finite weights (NaN, inf)"] == "0"
+        stripped = protected_models.strip(modelio.load_model(output))
+        decoded = onnx.numpy_helper.to_array(next(t for t in stripped.graph.initializer if t.name == "conv2.w"))
+        assert np.count_nonzero(decoded.reshape(-1)[::2]) == 0
+
+
+def test_transform_reports_and_warns_about_nonfinite_weights(
+    cnn_model: onnx.ModelProto, tmp_path: Path, custom_op_library: str, capsys: pytest.CaptureFixture
+) -> None:
+    source = tmp_path / "nan.onnx"
+    fc2 = onnx.numpy_helper.to_array(next(t for t in cnn_model.graph.initializer if t.name == "fc2.w")).copy()
+    fc2[0, 0], fc2[1, 1] = np.nan, np.inf
+    onnx.save_model(with_initializer(cnn_model, "fc2.w", fc2), source)
+    assert cli.main(["transform", str(source), str(tmp_path / "out.onnx")]) == 0
+    captured = capsys.readouterr()
+    assert summary(captured.out)["non-finite weights (NaN, inf)"] == "2"
+    assert "oppass: warning: 2 protected weights are NaN or infinite (kept as they are)" in captured.err
+    drift = float(summary(captured.out)["fault-free output drift"].split()[0])
+    assert np.isfinite(drift) and "NaN or infinite values" not in captured.err  # the same NaNs and infinities
+
+
+def test_drift_warns_when_not_finite_or_large(
+    cnn_model: onnx.ModelProto, tmp_path: Path, custom_op_library: str
+) -> None:
+    original, scaled, broken = tmp_path / "original.onnx", tmp_path / "scaled.onnx", tmp_path / "broken.onnx"
+    onnx.save_model(cnn_model, original)
+    fc2 = onnx.numpy_helper.to_array(next(t for t in cnn_model.graph.initializer if t.name == "fc2.w"))
+    onnx.save_model(with_initializer(cnn_model, "fc2.w", fc2 * 1.5), scaled)
+    with_nan = fc2.copy()
+    with_nan[0, 0] = np.nan
+    onnx.save_model(with_initializer(cnn_model, "fc2.w", with_nan), broken)
+    with pytest.warns(UserWarning) as caught:
+        assert cli._drift_text(original, original).startswith("0 ")
+        large = cli._drift_text(original, scaled)
+        assert cli._drift_text(original, broken).startswith("inf ")
+    messages = [str(warning.message) for warning in caught]
+    assert len(messages) == 2
+    assert f"exceeds {cli.DRIFT_WARNING:.0%} of the largest output magnitude" in messages[0]
+    assert large.split()[0] in messages[0]
+    assert "differ from the original's in NaN or infinite values" in messages[1]
 
 
 def test_transform_options_reach_the_pass(model_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

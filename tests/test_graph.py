@@ -278,7 +278,7 @@ def test_more_op_types_through_ops() -> None:
 
 def test_check_none_packs_without_adjustment(cnn_model: onnx.ModelProto) -> None:
     protected, report = protect.transform_with_report(cnn_model, word="weight", check="none")
-    assert report.flipped_words == 0 and report.max_flip_change == 0.0
+    assert report.changed_words == 0 and report.max_weight_change == 0.0
     stripped = protected_models.strip(protected)
     for name in CNN_WEIGHTS:
         assert initializer(stripped, name).tobytes() == initializer(cnn_model, name).tobytes()
@@ -291,14 +291,17 @@ def test_report_counts_match_the_codec(cnn_model: onnx.ModelProto) -> None:
         original = initializer(cnn_model, tensor.name)
         stored, _ = codec.to_format(original, "fp16")
         encoded = codec.encode(stored, 256, "largest")
-        assert tensor.flipped_words == encoded.flipped_words
+        assert tensor.changed_words == encoded.changed_words
         assert tensor.bytes_before == original.nbytes and tensor.bytes_after == encoded.packed.nbytes
         changed = stored != encoded.adjusted
         relative = np.abs(encoded.adjusted[changed].astype(np.float64) - stored[changed]) / np.abs(stored[changed])
-        assert tensor.max_flip_change == pytest.approx(relative.max(), rel=1e-6)
+        assert tensor.max_weight_change == pytest.approx(relative.max(), rel=1e-6)
+        assert tensor.subnormals_before == codec.subnormal_count(original)
+        assert tensor.subnormals_after == 0 == codec.subnormal_count(encoded.adjusted, np.float32)  # fp16 read as fp32
+        assert tensor.nonfinite_weights == 0
         error = np.abs(stored.astype(np.float64) - original).max() / np.abs(original).max()
         assert tensor.max_conversion_error == error
-    assert report.flipped_words == sum(tensor.flipped_words for tensor in report.tensors)
+    assert report.changed_words == sum(tensor.changed_words for tensor in report.tensors)
 
 
 def test_report_faults_counts_masked_words(cnn_model: onnx.ModelProto, custom_op_library: str) -> None:

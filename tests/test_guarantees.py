@@ -42,6 +42,6 @@ def test_a_flip_in_the_padding_of_the_last_word_is_detected(fmt: str) -> None:
 def test_an_all_zero_word_needs_no_adjustment_and_any_single_flip_is_detected(fmt: str) -> None:
     zeros = np.zeros(64 // formats.FORMATS[fmt].bits, dtype=formats.FORMATS[fmt].dtype)
     encoded = codec.encode(zeros, 64)
-    assert encoded.flipped_words == 0 and not encoded.packed.any()
+    assert encoded.changed_words == 0 and not encoded.packed.any()
     for bit in range(64):
         assert codec.decode(measure.flip(encoded.packed, np.array([bit])), fmt, 64, zeros.shape)[1] == 1

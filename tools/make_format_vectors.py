@@ -74,24 +74,58 @@ def magnitude_key(code: int, fmt: str) -> tuple[int, float]:
 
 
 def flip_error(code: int, fmt: str) -> float | None:
-    """|value change| of an LSB flip, or None when the flip yields NaN or infinity."""
+    """|value change| of an LSB flip, or None when the flip of a NaN leaves no number to compare."""
     flipped = value(code ^ 1, fmt)
     return abs(flipped - value(code, fmt)) if math.isfinite(flipped) else None
 
 
+def is_float(fmt: str) -> bool:
+    """Whether the format is a binary floating-point one."""
+    return fmt in ("fp32", "bf16", "fp16")
+
+
+def is_infinite(code: int, fmt: str) -> bool:
+    """Whether the code is +-infinity of a float format."""
+    return is_float(fmt) and math.isinf(value(code, fmt))
+
+
+def is_zero(code: int, fmt: str) -> bool:
+    """Whether the code is +0.0 or -0.0 of a float format."""
+    return is_float(fmt) and value(code, fmt) == 0.0
+
+
 def chosen_weight(real_codes: list[int], fmt: str, flip: str) -> int:
-    """Index in its word of the weight whose LSB the strategy flips (only real weights are candidates)."""
+    """Index in its word of the weight whose LSB the strategy flips: a real, non-infinite weight."""
+    candidates = [index for index, code in enumerate(real_codes) if not is_infinite(code, fmt)]
     if flip == "word-lsb":
-        return 0
-    best = 0
+        return candidates[0]
     if flip == "largest":
-        for index, code in enumerate(real_codes):
-            if magnitude_key(code, fmt) > magnitude_key(real_codes[best], fmt):
+        best = candidates[0]
+        for index in candidates:
+            if magnitude_key(real_codes[index], fmt) > magnitude_key(real_codes[best], fmt):
                 best = index
         return best
-    finite = [(flip_error(code, fmt), index) for index, code in enumerate(real_codes)]
-    finite = [(error, index) for error, index in finite if error is not None]
-    return min(finite)[1] if finite else 0
+    finite = [(flip_error(real_codes[index], fmt), index) for index in candidates]
+    with_error = [(error, index) for error, index in finite if error is not None]
+    return min(with_error)[1] if with_error else candidates[0]
+
+
+def parity_flip(real_codes: list[int], fmt: str, flip: str) -> tuple[int, int]:
+    """The weight (index in the word) and the bit (a mask) that make an odd word even.
+
+    A float zero first (its sign bit); else the strategy's choice, its LSB, or bit 1 for a
+    NaN whose LSB flip would leave an infinity. Raises ValueError when every real weight is
+    infinite.
+    """
+    bits = FORMAT_BITS[fmt]
+    for index, code in enumerate(real_codes):
+        if is_zero(code, fmt):
+            return index, 1 << (bits - 1)
+    if all(is_infinite(code, fmt) for code in real_codes):
+        raise ValueError("an odd word of infinite weights")
+    index = chosen_weight(real_codes, fmt, flip)
+    flipped = real_codes[index] ^ 1
+    return index, (0b10 if math.isinf(value(flipped, fmt)) else 1)
 
 
 def stream_of(codes: list[int], bits: int) -> int:
@@ -127,7 +161,8 @@ def encode(codes: list[int], fmt: str, word_bits: int, flip: str) -> tuple[list[
     for index in range(word_count(len(codes), fmt, word_bits)):
         if parity(word_at(stream, index, word_bits)):
             real = codes[index * per_word:(index + 1) * per_word]
-            adjusted[index * per_word + chosen_weight(real, fmt, flip)] ^= 1
+            weight, bit = parity_flip(real, fmt, flip)
+            adjusted[index * per_word + weight] ^= bit
             flipped += 1
     return adjusted, flipped
 
@@ -162,14 +197,19 @@ def decode_after_faults(adjusted: list[int], fmt: str, word_bits: int, flipped_b
 
 def case(name: str, fmt: str, word: str | int, flip: str, codes: list[int], shape: list[int],
          flipped_bits: list[int] | None) -> dict:
-    """One vector case: the encoding of `codes`, and the decode after flipping `flipped_bits` if given."""
+    """One vector case: the encoding of `codes`, and the decode after flipping `flipped_bits` if given.
+
+    When the encoding must fail (an odd word of infinite weights), the case has `error` instead.
+    """
     word_bits = resolve_word(fmt, word)
-    adjusted, flipped_words = encode(codes, fmt, word_bits, flip)
-    entry = {
-        "name": name, "format": fmt, "word": word, "word_bits": word_bits, "flip": flip, "shape": shape,
-        "weights": codes, "adjusted": adjusted, "flipped_words": flipped_words,
-        "packed": packed_words(adjusted, fmt, word_bits),
-    }
+    entry: dict = {"name": name, "code": "parity", "format": fmt, "word": word, "word_bits": word_bits,
+                   "flip": flip, "shape": shape, "weights": codes}
+    try:
+        adjusted, changed_words = encode(codes, fmt, word_bits, flip)
+    except ValueError as error:
+        entry["error"] = str(error)
+        return entry
+    entry.update(adjusted=adjusted, changed_words=changed_words, packed=packed_words(adjusted, fmt, word_bits))
     if flipped_bits is not None:
         entry["decoded_after_faults"] = decode_after_faults(adjusted, fmt, word_bits, flipped_bits)
     return entry
@@ -192,8 +232,11 @@ def word_with_parity(rng: random.Random, fmt: str, per_word: int, wanted: int) -
 
 
 def generated_weights(rng: random.Random, fmt: str, per_word: int) -> list[int]:
-    """Words: all zero, odd, even, the special codes (filled up with random ones), then an odd partial tail."""
-    specials = list(SPECIAL_CODES[fmt])
+    """Words: all zero, odd, even, the special codes (filled up with random ones), then an odd partial tail.
+
+    With one weight per word, the infinity of odd parity is left out: it cannot be encoded.
+    """
+    specials = [code for code in SPECIAL_CODES[fmt] if per_word > 1 or not (is_infinite(code, fmt) and parity(code))]
     specials += [random_code(rng, fmt) for _ in range(-len(specials) % per_word)]
     codes = [0] * per_word + word_with_parity(rng, fmt, per_word, 1) + word_with_parity(rng, fmt, per_word, 0)
     codes += specials
@@ -240,7 +283,7 @@ def handcrafted_cases() -> list[dict]:
         case("doc-int8-32-word-lsb", "int8", 32, "word-lsb", [0x81, 0x01, 0x3C, 0x00], [1, 4], [9, 10, 11]),
         case("doc-uint8-weight-word-lsb", "uint8", "weight", "word-lsb", [0x00, 0x01, 0x03, 0xFF, 0x80], [5],
              [16, 17]),
-        case("fp32-min-error-all-nonfinite-takes-first", "fp32", 64, "min-error", [0x7F800000, 0x7FC00000], [2], None),
+        case("fp32-min-error-nan-not-infinity", "fp32", 64, "min-error", [0x7F800000, 0x7FC00000], [2], None),
         case("fp32-min-error-skips-nonfinite", "fp32", 128, "min-error",
              [0x7F800000, 0x7FC00000, 0x7F7FFFFF, 0x00000003], [4], None),
         case("fp32-min-error-subnormal-ties-smallest-normal", "fp32", 64, "min-error", [0x00800001, 0x00000001], [2],
@@ -255,7 +298,53 @@ def handcrafted_cases() -> list[dict]:
         case("int8-min-error-codes-tie", "int8", 32, "min-error", [0x03, 0x80, 0x01, 0x7F], [4], None),
         case("fp32-empty", "fp32", 64, "word-lsb", [], [0, 3], None),
         case("int8-weight-empty", "int8", "weight", "largest", [], [0], None),
+        *class_keeping_cases(),
     ]
+
+
+# Per float format: +-0.0, 1.0, 1.5, +inf, -inf, a NaN of mantissa 1 (its LSB flip would give an infinity).
+CLASS_CODES = {
+    "fp32": {"+0": 0x00000000, "-0": 0x80000000, "1.0": 0x3F800000, "1.5": 0x3FC00000,
+             "+inf": 0x7F800000, "-inf": 0xFF800000, "nan1": 0x7F800001},
+    "bf16": {"+0": 0x0000, "-0": 0x8000, "1.0": 0x3F80, "1.5": 0x3FC0, "+inf": 0x7F80, "-inf": 0xFF80, "nan1": 0x7F81},
+    "fp16": {"+0": 0x0000, "-0": 0x8000, "1.0": 0x3C00, "1.5": 0x3E00, "+inf": 0x7C00, "-inf": 0xFC00, "nan1": 0x7C01},
+}
+
+
+def odd_word(fmt: str, per_word: int, codes: list[int]) -> list[int]:
+    """`codes` filled up to a word with 1.0s, the first of them 1.5 when that makes the word's parity odd."""
+    fillers = [CLASS_CODES[fmt]["1.0"]] * (per_word - len(codes))
+    if fillers and not parity(stream_of(codes + fillers, FORMAT_BITS[fmt])):
+        fillers[0] = CLASS_CODES[fmt]["1.5"]
+    word = codes + fillers
+    if not parity(stream_of(word, FORMAT_BITS[fmt])):
+        raise AssertionError(f"{codes} is not an odd {fmt} word")
+    return word
+
+
+def class_keeping_cases() -> list[dict]:
+    """Pins the rules that keep each weight's class: zeros flip their sign, in every strategy; infinities are
+    never chosen; a NaN of mantissa 1 gets bit 1 flipped; an odd word of infinities cannot be encoded."""
+    cases = []
+    for fmt, named in CLASS_CODES.items():
+        per_word = 64 // FORMAT_BITS[fmt]
+        for flip in FLIPS:
+            zero_words = odd_word(fmt, per_word, [named["1.5"], named["-0"]]) + odd_word(fmt, per_word, [named["+0"]])
+            cases.append(case(f"{fmt}-64-{flip}-zero-flips-sign", fmt, 64, flip, zero_words, [2, per_word], None))
+            infinity_word = odd_word(fmt, per_word, [named["+inf"], named["-inf"]][:per_word - 1])
+            cases.append(case(f"{fmt}-64-{flip}-infinity-never-chosen", fmt, 64, flip, infinity_word, [per_word],
+                              None))
+        cases.append(case(f"{fmt}-weight-zeros-flip-sign", fmt, "weight", "min-error", [named["-0"], named["+0"]],
+                          [2], None))
+        nan = named["nan1"] if parity(named["nan1"]) else named["nan1"] | 1 << (FORMAT_BITS[fmt] - 1)
+        cases.append(case(f"{fmt}-weight-nan-stays-nan", fmt, "weight", "word-lsb", [nan, named["1.0"]], [2], None))
+        cases.append(case(f"{fmt}-64-largest-nan-beside-infinity-stays-nan", fmt, 64, "largest",
+                          [named["+inf"], nan] if parity(named["+inf"] ^ nan) else [named["-inf"], nan], [2], None))
+        odd_infinity = named["+inf"] if parity(named["+inf"]) else named["-inf"]
+        cases.append(case(f"{fmt}-weight-odd-infinity-fails", fmt, "weight", "word-lsb", [odd_infinity], [1], None))
+        cases.append(case(f"{fmt}-64-odd-word-of-infinities-fails", fmt, 64, "min-error",
+                          [named["+inf"], named["-inf"]], [2], None))
+    return cases
 
 
 def main() -> None:
