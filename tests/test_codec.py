@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import math
 import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import ml_dtypes
@@ -531,3 +533,11 @@ def test_subnormal_and_nonfinite_counts(codes, fmt, as_dtype, subnormals, nonfin
     weights = as_weights(np.array(codes), fmt)
     assert codec.subnormal_count(weights, as_dtype) == subnormals
     assert codec.nonfinite_count(weights) == nonfinite
+
+
+def test_vector_files_are_the_generators_output(tmp_path):
+    generator = Path(__file__).resolve().parent.parent / "tools" / "make_format_vectors.py"
+    subprocess.run([sys.executable, str(generator), str(tmp_path)], check=True, capture_output=True)
+
+    for name in ("format_vectors.json", "code_vectors.json"):
+        assert (tmp_path / name).read_bytes() == (Path(__file__).parent / "vectors" / name).read_bytes(), name
