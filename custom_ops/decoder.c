@@ -1,6 +1,6 @@
 /*
  * The oppass weight decoder (decoder.h): format table, attribute rules, decode plan, conversion,
- * parity scan and masking. No onnxruntime here.
+ * parity scan, SEC-DED syndrome decode, masking and range check. No onnxruntime here.
  */
 
 #include "decoder.h"
@@ -25,11 +25,12 @@
 _Static_assert(BLOCK_BYTES * 8 >= MAX_WORD_BITS, "a scan block holds whole words");
 
 const WeightFormat WEIGHT_FORMATS[] = {
-    {"fp32", 32, ONNX_TYPE_FLOAT, false},
-    {"bf16", 16, ONNX_TYPE_BFLOAT16, true},
-    {"fp16", 16, ONNX_TYPE_FLOAT16, true},
-    {"int8", 8, ONNX_TYPE_INT8, false},
-    {"uint8", 8, ONNX_TYPE_UINT8, false},
+    /* budget: floor(mantissa bits / 2) for floats, 3 for integers (docs/FORMAT.md, "SEC-DED") */
+    {"fp32", 32, ONNX_TYPE_FLOAT, false, 11},
+    {"bf16", 16, ONNX_TYPE_BFLOAT16, true, 3},
+    {"fp16", 16, ONNX_TYPE_FLOAT16, true, 5},
+    {"int8", 8, ONNX_TYPE_INT8, false, 3},
+    {"uint8", 8, ONNX_TYPE_UINT8, false, 3},
 };
 const size_t WEIGHT_FORMAT_COUNT = sizeof WEIGHT_FORMATS / sizeof WEIGHT_FORMATS[0];
 
@@ -61,6 +62,20 @@ bool word_bits_allowed(const WeightFormat *format, int64_t word_bits) {
 
 bool output_type_allowed(const WeightFormat *format, int64_t output_type) {
   return output_type == format->own_type || (format->widens_to_float && output_type == ONNX_TYPE_FLOAT);
+}
+
+unsigned secded_check_bits(unsigned word_bits) {
+  return (unsigned)__builtin_ctz(word_bits) + 1;
+}
+
+bool secded_fits(const WeightFormat *format, unsigned word_bits) {
+  unsigned r = secded_check_bits(word_bits);
+  unsigned per_word = word_bits / format->bits;
+  return (r + per_word - 1) / per_word <= format->stolen_bit_budget;
+}
+
+bool range_max_allowed(float range_max) {
+  return __builtin_isfinite(range_max) && range_max >= 0.0f;
 }
 
 ShapeVerdict count_weights(const int64_t *dims, size_t rank, size_t *n_weights, size_t *axis) {
@@ -114,6 +129,13 @@ static inline uint32_t fp16_to_fp32_bits(uint16_t half) {
          (normal & ~(is_subnormal | is_special));
 }
 
+static float fp16_value(uint32_t half) {
+  uint32_t single = fp16_to_fp32_bits((uint16_t)half);
+  float value;
+  memcpy(&value, &single, sizeof value);
+  return value;
+}
+
 TARGET_CLONES static void widen_fp16(const uint8_t *in, uint8_t *out, size_t count) {
   for (size_t i = 0; i < count; i++) {
     uint16_t half;
@@ -134,9 +156,103 @@ static OnnxType packed_element_type(unsigned word_bits) {
   }
 }
 
-DecodePlan plan_decode(const WeightFormat *format, unsigned word_bits, OnnxType output_type, WordCheck check,
-                       size_t n_weights) {
+/* Repeats the low `bits` bits of x over 64 bits (bits a power of two up to 64). */
+static uint64_t repeated(uint64_t x, unsigned bits) {
+  for (; bits < 64; bits *= 2) {
+    x |= x << bits;
+  }
+  return x;
+}
+
+/* docs/FORMAT.md, "SEC-DED": check bit j is bit j div k of weight j mod k; the check positions in
+ * ascending order get Hamming indices 0, 1, 2, 4, ..., the data positions the others ascending. */
+static SecdedCode build_secded(unsigned word_bits, unsigned weight_bits) {
+  SecdedCode code;
+  memset(&code, 0, sizeof code);
+  code.on = true;
+  unsigned r = secded_check_bits(word_bits);
+  unsigned per_word = word_bits / weight_bits;
+  code.check_bits = r;
+  bool is_check[MAX_WORD_BITS] = {false};
+  for (unsigned j = 0; j < r; j++) {
+    is_check[(j % per_word) * weight_bits + j / per_word] = true;
+  }
+  unsigned checks_seen = 0;
+  unsigned next_data_index = 3;
+  uint64_t masks[MAX_CHECK_BITS][MAX_LANES] = {{0}};
+  uint64_t kept[MAX_LANES] = {0};
+  for (unsigned position = 0; position < word_bits; position++) {
+    unsigned index;
+    if (is_check[position]) {
+      index = checks_seen == 0 ? 0 : 1u << (checks_seen - 1);
+      checks_seen++;
+    } else {
+      index = next_data_index++;
+      while ((index & (index - 1)) == 0) { /* skip powers of two */
+        index = next_data_index++;
+      }
+      kept[position / 64] |= UINT64_C(1) << (position % 64);
+    }
+    code.position_of_index[index] = (uint16_t)position;
+    for (unsigned bit = 0; bit + 1 < r; bit++) {
+      if (index >> bit & 1) {
+        masks[bit][position / 64] |= UINT64_C(1) << (position % 64);
+      }
+    }
+    masks[r - 1][position / 64] |= UINT64_C(1) << (position % 64); /* the overall parity: every bit */
+  }
+  unsigned lane_bits = word_bits < 64 ? word_bits : 64;
+  for (unsigned lane = 0; lane < (word_bits + 63) / 64; lane++) {
+    for (unsigned i = 0; i < r; i++) {
+      code.syndrome_masks[i][lane] = repeated(masks[i][lane], lane_bits);
+    }
+    code.kept_bits[lane] = repeated(kept[lane], lane_bits);
+  }
+  return code;
+}
+
+static uint32_t float_bits(float value) {
+  uint32_t bits;
+  memcpy(&bits, &value, sizeof bits);
+  return bits;
+}
+
+static float fp16_value(uint32_t half);
+
+/* The largest magnitude an output element of `type` may have and be kept by the range check:
+ * floats, the largest magnitude code (sign cleared) whose value is <= range_max (finite, >= 0), so
+ * that NaN and infinity codes lie above it; integers, the largest |value| <= range_max. */
+static uint32_t range_limit(OnnxType type, float range_max) {
+  float bound = range_max == 0.0f ? 0.0f : range_max; /* -0.0 bounds like +0.0 */
+  switch (type) {
+    case ONNX_TYPE_FLOAT:
+      return float_bits(bound);
+    case ONNX_TYPE_BFLOAT16:
+      return float_bits(bound) >> 16; /* truncation: the largest bfloat16 not above it */
+    case ONNX_TYPE_FLOAT16: {
+      uint32_t low = 0;       /* fp16_value(low) <= bound always (0) */
+      uint32_t high = 0x7BFF; /* the largest finite binary16 */
+      while (low < high) {
+        uint32_t middle = (low + high + 1) / 2;
+        if (fp16_value(middle) <= bound) {
+          low = middle;
+        } else {
+          high = middle - 1;
+        }
+      }
+      return low;
+    }
+    case ONNX_TYPE_INT8:
+      return bound >= 128.0f ? 128u : (uint32_t)bound;
+    default: /* UINT8 */
+      return bound >= 255.0f ? 255u : (uint32_t)bound;
+  }
+}
+
+DecodePlan plan_decode(const WeightFormat *format, unsigned word_bits, OnnxType output_type, WordCode code,
+                       bool checked, bool range_check, float range_max, size_t n_weights) {
   DecodePlan plan;
+  memset(&plan, 0, sizeof plan);
   plan.weight_bytes = format->bits / 8;
   plan.widen = output_type == format->own_type ? NULL
                : format->own_type == ONNX_TYPE_BFLOAT16 ? widen_bf16
@@ -147,33 +263,95 @@ DecodePlan plan_decode(const WeightFormat *format, unsigned word_bits, OnnxType 
   plan.lanes = word_bits >= 64 ? word_bits / 64 : 1;
   plan.n_weights = n_weights;
   plan.n_words = n_weights / plan.weights_per_word + (n_weights % plan.weights_per_word != 0);
-  plan.check = check;
+  plan.check = !checked ? WORD_CHECK_NONE : code == CODE_SECDED ? WORD_CHECK_SECDED : WORD_CHECK_PARITY;
   plan.packed_type = packed_element_type(word_bits);
+  plan.output_type = output_type;
+  if (code == CODE_SECDED) {
+    plan.secded = build_secded(word_bits, format->bits);
+  }
+  plan.range_check = checked && range_check;
+  plan.range_limit = plan.range_check ? range_limit(output_type, range_max) : 0;
   return plan;
 }
 
 /* ---------------------------------------------------------------- decoding */
 
-static void convert_weights(const DecodePlan *plan, const uint8_t *stream, uint8_t *out, size_t first, size_t count) {
-  const uint8_t *in = stream + first * plan->weight_bytes;
-  uint8_t *dst = out + first * plan->output_bytes;
-  if (plan->widen != NULL) {
-    plan->widen(in, dst, count);
-  } else {
-    memcpy(dst, in, count * plan->weight_bytes);
-  }
-}
-
-static void zero_word(const DecodePlan *plan, uint8_t *out, size_t word) {
-  size_t first = word * plan->weights_per_word;
-  size_t count = plan->n_weights - first < plan->weights_per_word ? plan->n_weights - first : plan->weights_per_word;
-  memset(out + first * plan->output_bytes, 0, count * plan->output_bytes);
-}
-
 static inline uint64_t load_lane(const uint8_t *bytes) {
   uint64_t lane;
   memcpy(&lane, bytes, sizeof lane);
   return lane;
+}
+
+static inline void store_lane(uint8_t *bytes, uint64_t lane) {
+  memcpy(bytes, &lane, sizeof lane);
+}
+
+/* Copies `bytes` stream bytes that start at a word boundary into `dst`, SEC-DED's check bits
+ * cleared. Inlined with constant `lanes` so that the loop vectorises. */
+static inline __attribute__((always_inline)) void clear_stolen_bits_with(const uint64_t *kept, const uint8_t *in,
+                                                                        uint8_t *dst, size_t bytes, size_t lanes) {
+  size_t groups = bytes / LANE_BYTES;
+  for (size_t group = 0; group < groups; group++) {
+    store_lane(dst + LANE_BYTES * group, load_lane(in + LANE_BYTES * group) & kept[group % lanes]);
+  }
+  size_t tail = bytes % LANE_BYTES;
+  if (tail != 0) {
+    uint64_t last = 0;
+    memcpy(&last, in + LANE_BYTES * groups, tail);
+    last &= kept[groups % lanes];
+    memcpy(dst + LANE_BYTES * groups, &last, tail);
+  }
+}
+
+static void clear_stolen_bits(const DecodePlan *plan, const uint8_t *in, uint8_t *dst, size_t bytes) {
+  const uint64_t *kept = plan->secded.kept_bits;
+  switch (plan->lanes) {
+    case 1:
+      clear_stolen_bits_with(kept, in, dst, bytes, 1);
+      break;
+    case 2:
+      clear_stolen_bits_with(kept, in, dst, bytes, 2);
+      break;
+    case 4:
+      clear_stolen_bits_with(kept, in, dst, bytes, 4);
+      break;
+    default:
+      clear_stolen_bits_with(kept, in, dst, bytes, MAX_LANES);
+      break;
+  }
+}
+
+/* Writes `count` (<= CHUNK_BYTES / b * 8) weights, the first of them at the start of a word, to
+ * their output elements: SEC-DED's check bits cleared, then widened. */
+static void write_weights(const DecodePlan *plan, const uint8_t *in, uint8_t *dst, size_t count) {
+  size_t bytes = count * plan->weight_bytes;
+  if (!plan->secded.on) {
+    if (plan->widen != NULL) {
+      plan->widen(in, dst, count);
+    } else {
+      memcpy(dst, in, bytes);
+    }
+  } else if (plan->widen == NULL) {
+    clear_stolen_bits(plan, in, dst, bytes);
+  } else {
+    uint8_t cleared[CHUNK_BYTES];
+    clear_stolen_bits(plan, in, cleared, bytes);
+    plan->widen(cleared, dst, count);
+  }
+}
+
+/* Weights of `word` that are real (not the last word's padding). */
+static size_t real_weights(const DecodePlan *plan, size_t word) {
+  size_t first = word * plan->weights_per_word;
+  return plan->n_weights - first < plan->weights_per_word ? plan->n_weights - first : plan->weights_per_word;
+}
+
+static void convert_weights(const DecodePlan *plan, const uint8_t *stream, uint8_t *out, size_t first, size_t count) {
+  write_weights(plan, stream + first * plan->weight_bytes, out + first * plan->output_bytes, count);
+}
+
+static void zero_word(const DecodePlan *plan, uint8_t *out, size_t word) {
+  memset(out + word * plan->weights_per_word * plan->output_bytes, 0, real_weights(plan, word) * plan->output_bytes);
 }
 
 /* Bit 0 of every field_bits-wide field of the result is the parity of that field of x. */
@@ -348,28 +526,166 @@ TARGET_CLONES static size_t mask_odd_words(const DecodePlan *plan, const uint8_t
   }
 }
 
+/* ---------------------------------------------------------------- SEC-DED */
+
+/* The syndrome sigma = s + P * W of one word (decoder.h, SecdedCode). Inlined with constant
+ * word_bytes and lanes. */
+static inline __attribute__((always_inline)) unsigned word_syndrome(const SecdedCode *code, const uint8_t *word,
+                                                                    size_t word_bytes, size_t lanes) {
+  unsigned sigma = 0;
+  if (word_bytes < LANE_BYTES) {
+    uint64_t x = 0;
+    memcpy(&x, word, word_bytes);
+    for (unsigned i = 0; i < code->check_bits; i++) {
+      sigma |= (unsigned)(__builtin_popcountll(x & code->syndrome_masks[i][0]) & 1) << i;
+    }
+    return sigma;
+  }
+  uint64_t x[MAX_LANES];
+  for (size_t lane = 0; lane < lanes; lane++) {
+    x[lane] = load_lane(word + LANE_BYTES * lane);
+  }
+  for (unsigned i = 0; i < code->check_bits; i++) {
+    uint64_t folded = 0;
+    for (size_t lane = 0; lane < lanes; lane++) {
+      folded ^= x[lane] & code->syndrome_masks[i][lane];
+    }
+    sigma |= (unsigned)(__builtin_popcountll(folded) & 1) << i;
+  }
+  return sigma;
+}
+
+/* Acts on a word of syndrome sigma != 0 whose weights `out` already holds as stored: odd parity
+ * (P = 1), the bit of index s is flipped back and the word rewritten; even parity, s != 0, the
+ * word is zeroed. */
+static void repair_word(const DecodePlan *plan, const uint8_t *stream, uint8_t *out, size_t word, unsigned sigma,
+                        DecodeCounts *counts) {
+  unsigned word_bits = (unsigned)plan->word_bytes * 8;
+  if ((sigma & word_bits) == 0) {
+    zero_word(plan, out, word);
+    counts->masked++;
+    return;
+  }
+  uint8_t repaired[MAX_WORD_BITS / 8];
+  memcpy(repaired, stream + word * plan->word_bytes, plan->word_bytes);
+  unsigned position = plan->secded.position_of_index[sigma & (word_bits - 1)];
+  repaired[position / 8] ^= (uint8_t)(1u << (position % 8));
+  size_t first = word * plan->weights_per_word;
+  write_weights(plan, repaired, out + first * plan->output_bytes, real_weights(plan, word));
+  counts->corrected++;
+}
+
+static inline __attribute__((always_inline)) void repair_words_with(const DecodePlan *plan, const uint8_t *stream,
+                                                                    uint8_t *out, size_t first_word, size_t end_word,
+                                                                    size_t word_bytes, size_t lanes,
+                                                                    DecodeCounts *counts) {
+  const SecdedCode *code = &plan->secded;
+  for (size_t word = first_word; word < end_word; word++) {
+    unsigned sigma = word_syndrome(code, stream + word * word_bytes, word_bytes, lanes);
+    if (sigma != 0) {
+      repair_word(plan, stream, out, word, sigma, counts);
+    }
+  }
+}
+
+/* Corrects or masks the words among [first_word, end_word) of the already converted `out` whose
+ * syndrome is not 0. */
+TARGET_CLONES static void repair_words(const DecodePlan *plan, const uint8_t *stream, uint8_t *out, size_t first_word,
+                                       size_t end_word, DecodeCounts *counts) {
+  switch (plan->word_bytes) {
+    case 1:
+      repair_words_with(plan, stream, out, first_word, end_word, 1, 1, counts);
+      break;
+    case 2:
+      repair_words_with(plan, stream, out, first_word, end_word, 2, 1, counts);
+      break;
+    case 4:
+      repair_words_with(plan, stream, out, first_word, end_word, 4, 1, counts);
+      break;
+    case 8:
+      repair_words_with(plan, stream, out, first_word, end_word, 8, 1, counts);
+      break;
+    case 16:
+      repair_words_with(plan, stream, out, first_word, end_word, 16, 2, counts);
+      break;
+    case 32:
+      repair_words_with(plan, stream, out, first_word, end_word, 32, 4, counts);
+      break;
+    default:
+      repair_words_with(plan, stream, out, first_word, end_word, 64, 8, counts);
+      break;
+  }
+}
+
+/* ---------------------------------------------------------------- range check */
+
+/* Zeroes the `count` output elements at `out` whose magnitude exceeds plan->range_limit. */
+TARGET_CLONES static void apply_range_check(const DecodePlan *plan, uint8_t *out, size_t count) {
+  uint32_t limit = plan->range_limit;
+  switch (plan->output_type) {
+    case ONNX_TYPE_FLOAT:
+      for (size_t i = 0; i < count; i++) {
+        uint32_t bits;
+        memcpy(&bits, out + 4 * i, sizeof bits);
+        bits = (bits & 0x7FFFFFFFu) > limit ? 0 : bits;
+        memcpy(out + 4 * i, &bits, sizeof bits);
+      }
+      break;
+    case ONNX_TYPE_BFLOAT16:
+    case ONNX_TYPE_FLOAT16:
+      for (size_t i = 0; i < count; i++) {
+        uint16_t bits;
+        memcpy(&bits, out + 2 * i, sizeof bits);
+        bits = (uint32_t)(bits & 0x7FFFu) > limit ? 0 : bits;
+        memcpy(out + 2 * i, &bits, sizeof bits);
+      }
+      break;
+    case ONNX_TYPE_INT8:
+      for (size_t i = 0; i < count; i++) {
+        int value = (int8_t)out[i];
+        out[i] = (uint32_t)(value < 0 ? -value : value) > limit ? 0 : out[i];
+      }
+      break;
+    default: /* UINT8 */
+      for (size_t i = 0; i < count; i++) {
+        out[i] = out[i] > limit ? 0 : out[i];
+      }
+      break;
+  }
+}
+
+/* ---------------------------------------------------------------- decode */
+
 /* Cloned as a static function: GCC exports the ifunc of a cloned global function from the shared
  * library whatever its visibility, so decode_words below is a plain call into it. */
-TARGET_CLONES static size_t decode_range(const DecodePlan *plan, const uint8_t *stream, uint8_t *out,
-                                         size_t first_word, size_t end_word) {
+TARGET_CLONES static DecodeCounts decode_range(const DecodePlan *plan, const uint8_t *stream, uint8_t *out,
+                                               size_t first_word, size_t end_word) {
   size_t words_per_chunk = CHUNK_BYTES / plan->word_bytes;
-  size_t masked = 0;
+  DecodeCounts counts = {0, 0};
   for (size_t chunk = first_word; chunk < end_word; chunk += words_per_chunk) {
     size_t chunk_end = end_word - chunk < words_per_chunk ? end_word : chunk + words_per_chunk;
     size_t first = chunk * plan->weights_per_word;
     size_t end = chunk_end * plan->weights_per_word;
-    convert_weights(plan, stream, out, first, (end < plan->n_weights ? end : plan->n_weights) - first);
+    size_t count = (end < plan->n_weights ? end : plan->n_weights) - first;
+    convert_weights(plan, stream, out, first, count);
     switch (plan->check) {
       case WORD_CHECK_PARITY:
-        masked += mask_odd_words(plan, stream, out, chunk, chunk_end);
+        counts.masked += mask_odd_words(plan, stream, out, chunk, chunk_end);
+        break;
+      case WORD_CHECK_SECDED:
+        repair_words(plan, stream, out, chunk, chunk_end, &counts);
         break;
       case WORD_CHECK_NONE:
         break;
     }
+    if (plan->range_check) {
+      apply_range_check(plan, out + first * plan->output_bytes, count);
+    }
   }
-  return masked;
+  return counts;
 }
 
-size_t decode_words(const DecodePlan *plan, const uint8_t *stream, uint8_t *out, size_t first_word, size_t end_word) {
+DecodeCounts decode_words(const DecodePlan *plan, const uint8_t *stream, uint8_t *out, size_t first_word,
+                          size_t end_word) {
   return decode_range(plan, stream, out, first_word, end_word);
 }

@@ -5,7 +5,8 @@
  * reads the node's attributes once and refuses every node that the rules refuse, naming the node;
  * compute checks the packed input (at creation for check=load) and decodes it with decoder.h, over
  * onnxruntime's intra-op threads. Output 0 gets the decoded weights, optional output 1 the number
- * of masked words. Registration is in register.c.
+ * of masked words, optional output 2 (code=secded only) the number of corrected words.
+ * Registration is in register.c.
  */
 
 #include "parity_check_unpack.h"
@@ -49,6 +50,9 @@ SAME_TYPE(ONNX_TYPE_BFLOAT16, ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16);
 
 typedef enum { CHECK_RUNTIME, CHECK_LOAD, CHECK_NONE } CheckMode;
 static const char *const CHECK_NAMES[] = {"runtime", "load", "none"}; /* indexed by CheckMode */
+static const char *const CODE_NAMES[] = {"parity", "secded"};         /* indexed by WordCode */
+/* The outputs: weights, and the optional counts. */
+#define MAX_OUTPUTS 3
 
 typedef struct {
   const OrtApi *api;
@@ -56,12 +60,17 @@ typedef struct {
   const WeightFormat *format;
   unsigned word_bits;
   CheckMode check;
+  WordCode code;
+  bool range_check;
+  float range_max;
+  size_t outputs;
   OnnxType output_type;
   int64_t *shape; /* decoded tensor dims (NULL for a scalar) */
   size_t rank;
   DecodePlan plan;
   uint8_t *load_decoded; /* check = load: the weights decoded at kernel creation */
   int64_t load_masked;
+  int64_t load_corrected;
 } Kernel;
 
 typedef struct {
@@ -176,8 +185,9 @@ static OrtStatus *read_node_name(Kernel *kernel, const OrtKernelInfo *info) {
   return node_api_error(kernel, status, "reading the node name");
 }
 
-/* One input with a name; one or two outputs, output 0 with a name (output 1 may be omitted, ""). */
-static OrtStatus *check_inputs_and_outputs(const Kernel *kernel, const OrtKernelInfo *info) {
+/* One input with a name; one to three outputs, output 0 with a name (outputs 1 and 2 may be
+ * omitted, ""; three only with code=secded, checked with the attributes). */
+static OrtStatus *check_inputs_and_outputs(Kernel *kernel, const OrtKernelInfo *info) {
   const OrtApi *api = kernel->api;
   size_t inputs = 0;
   size_t outputs = 0;
@@ -192,9 +202,11 @@ static OrtStatus *check_inputs_and_outputs(const Kernel *kernel, const OrtKernel
     return node_error(kernel, ORT_INVALID_GRAPH, "input 0 (packed) has an empty name");
   }
   RETURN_IF_ERROR(node_api_error(kernel, api->KernelInfo_GetOutputCount(info, &outputs), "counting outputs"));
-  if (outputs < 1 || outputs > 2) {
-    return node_error(kernel, ORT_INVALID_GRAPH, "%zu outputs, expected 1 or 2 (weights, masked_words)", outputs);
+  if (outputs < 1 || outputs > MAX_OUTPUTS) {
+    return node_error(kernel, ORT_INVALID_GRAPH,
+                      "%zu outputs, expected 1, 2 or 3 (weights, masked_words, corrected_words)", outputs);
   }
+  kernel->outputs = outputs;
   name_size = 0;
   RETURN_IF_ERROR(node_api_error(kernel, api->KernelInfo_GetOutputName(info, 0, NULL, &name_size),
                                  "reading output 0's name"));
@@ -297,6 +309,88 @@ static OrtStatus *read_output_type(Kernel *kernel, const OrtKernelInfo *info) {
   return NULL;
 }
 
+/* Whether the node has an attribute of this name, of any type: the list getter reads the ints of
+ * an attribute of any type and fails only when there is none. */
+static bool has_attribute(const Kernel *kernel, const OrtKernelInfo *info, const char *name) {
+  size_t size = 0;
+  return succeeded(kernel->api, kernel->api->KernelInfoGetAttributeArray_int64(info, name, NULL, &size));
+}
+
+static OrtStatus *optional_attribute_error(const Kernel *kernel, OrtStatus *status, const char *name,
+                                           const char *type) {
+  char doing[96];
+  snprintf(doing, sizeof doing, "attribute '%s' is not of type %s", name, type);
+  return node_api_error(kernel, status, doing);
+}
+
+/* `code`, optional: parity when absent. */
+static OrtStatus *read_code(Kernel *kernel, const OrtKernelInfo *info) {
+  kernel->code = CODE_PARITY;
+  if (!has_attribute(kernel, info, "code")) {
+    return NULL;
+  }
+  size_t size = 0;
+  RETURN_IF_ERROR(optional_attribute_error(
+      kernel, kernel->api->KernelInfoGetAttribute_string(info, "code", NULL, &size), "code", "STRING"));
+  char *value = NULL;
+  size_t length = 0;
+  OrtStatus *status = read_string_attribute(kernel, info, "code", &value, &length);
+  bool known = false;
+  for (size_t i = 0; status == NULL && i < sizeof CODE_NAMES / sizeof CODE_NAMES[0]; i++) {
+    if (strlen(CODE_NAMES[i]) == length && memcmp(value, CODE_NAMES[i], length) == 0) {
+      kernel->code = (WordCode)i;
+      known = true;
+    }
+  }
+  if (status == NULL && !known) {
+    status = unknown_value(kernel, "code", value, length, "parity or secded");
+  }
+  free(value);
+  return status;
+}
+
+/* With code=secded, word_bits must be one where the code fits the format. */
+static OrtStatus *check_code_fits(const Kernel *kernel) {
+  if (kernel->code != CODE_SECDED || secded_fits(kernel->format, kernel->word_bits)) {
+    return NULL;
+  }
+  char fitting[64] = "";
+  size_t used = 0;
+  for (unsigned width = 8; width <= MAX_WORD_BITS; width *= 2) {
+    if (word_bits_allowed(kernel->format, width) && secded_fits(kernel->format, width)) {
+      used += (size_t)snprintf(fitting + used, sizeof fitting - used, "%s%u", used == 0 ? "" : ", ", width);
+    }
+  }
+  return node_error(kernel, ORT_INVALID_GRAPH,
+                    "code secded does not fit %s in %u-bit words (a weight would lose more than %u bits): "
+                    "expected word_bits %s",
+                    kernel->format->name, kernel->word_bits, kernel->format->stolen_bit_budget, fitting);
+}
+
+/* `range_max`, optional: when present the range check is on; finite and >= 0. */
+static OrtStatus *read_range_max(Kernel *kernel, const OrtKernelInfo *info) {
+  kernel->range_check = has_attribute(kernel, info, "range_max");
+  if (!kernel->range_check) {
+    return NULL;
+  }
+  RETURN_IF_ERROR(optional_attribute_error(
+      kernel, kernel->api->KernelInfoGetAttribute_float(info, "range_max", &kernel->range_max), "range_max", "FLOAT"));
+  if (!range_max_allowed(kernel->range_max)) {
+    return node_error(kernel, ORT_INVALID_GRAPH, "range_max %g is not valid: expected a finite value >= 0",
+                      (double)kernel->range_max);
+  }
+  return NULL;
+}
+
+/* Output 2 (corrected_words) exists only with code=secded. */
+static OrtStatus *check_outputs_for_code(const Kernel *kernel) {
+  if (kernel->outputs == MAX_OUTPUTS && kernel->code != CODE_SECDED) {
+    return node_error(kernel, ORT_INVALID_GRAPH,
+                      "3 outputs with code %s: output 2 (corrected_words) needs code secded", CODE_NAMES[kernel->code]);
+  }
+  return NULL;
+}
+
 /* True when the attribute is a TENSOR (its getter checks the type). */
 static OrtStatus *is_tensor_attribute(const Kernel *kernel, const OrtKernelInfo *info, const char *name,
                                       bool *is_tensor) {
@@ -376,8 +470,12 @@ static OrtStatus *read_attributes(Kernel *kernel, const OrtKernelInfo *info) {
   RETURN_IF_ERROR(read_check(kernel, info));
   RETURN_IF_ERROR(read_output_type(kernel, info));
   RETURN_IF_ERROR(read_shape(kernel, info, &n_weights));
-  kernel->plan = plan_decode(kernel->format, kernel->word_bits, kernel->output_type,
-                             kernel->check == CHECK_NONE ? WORD_CHECK_NONE : WORD_CHECK_PARITY, n_weights);
+  RETURN_IF_ERROR(read_code(kernel, info));
+  RETURN_IF_ERROR(check_code_fits(kernel));
+  RETURN_IF_ERROR(check_outputs_for_code(kernel));
+  RETURN_IF_ERROR(read_range_max(kernel, info));
+  kernel->plan = plan_decode(kernel->format, kernel->word_bits, kernel->output_type, kernel->code,
+                             kernel->check != CHECK_NONE, kernel->range_check, kernel->range_max, n_weights);
   return NULL;
 }
 
@@ -456,7 +554,7 @@ typedef struct {
   const uint8_t *stream;
   uint8_t *out;
   size_t words_per_task;
-  size_t *masked_per_task;
+  DecodeCounts *counts_per_task;
 } ParallelDecode;
 
 static void decode_task(void *data, size_t task) {
@@ -464,31 +562,39 @@ static void decode_task(void *data, size_t task) {
   size_t first = task * job->words_per_task;
   size_t remaining = job->plan->n_words - first;
   size_t end = first + (remaining < job->words_per_task ? remaining : job->words_per_task);
-  job->masked_per_task[task] = decode_words(job->plan, job->stream, job->out, first, end);
+  job->counts_per_task[task] = decode_words(job->plan, job->stream, job->out, first, end);
 }
 
 /* Decodes the whole tensor, over onnxruntime's intra-op threads when `context` is given and it pays. */
 static OrtStatus *decode_all(const Kernel *kernel, OrtKernelContext *context, const uint8_t *stream, uint8_t *out,
-                             int64_t *masked) {
+                             int64_t *masked, int64_t *corrected) {
   const DecodePlan *plan = &kernel->plan;
   size_t words_per_task = TASK_BYTES / plan->word_bytes;
   size_t tasks = plan->n_words / words_per_task + (plan->n_words % words_per_task != 0);
   if (context == NULL || tasks < 2) {
-    *masked = plan->n_words == 0 ? 0 : (int64_t)decode_words(plan, stream, out, 0, plan->n_words);
+    DecodeCounts counts = {0, 0};
+    if (plan->n_words != 0) {
+      counts = decode_words(plan, stream, out, 0, plan->n_words);
+    }
+    *masked = (int64_t)counts.masked;
+    *corrected = (int64_t)counts.corrected;
     return NULL;
   }
-  size_t *masked_per_task = calloc(tasks, sizeof *masked_per_task);
-  if (masked_per_task == NULL) {
+  DecodeCounts *counts_per_task = calloc(tasks, sizeof *counts_per_task);
+  if (counts_per_task == NULL) {
     return node_error(kernel, ORT_FAIL, "out of memory for %zu decode tasks", tasks);
   }
-  ParallelDecode job = {plan, stream, out, words_per_task, masked_per_task};
+  ParallelDecode job = {plan, stream, out, words_per_task, counts_per_task};
   OrtStatus *status = kernel->api->KernelContext_ParallelFor(context, decode_task, tasks, 0, &job);
-  size_t total = 0;
+  size_t total_masked = 0;
+  size_t total_corrected = 0;
   for (size_t task = 0; task < tasks; task++) {
-    total += masked_per_task[task];
+    total_masked += counts_per_task[task].masked;
+    total_corrected += counts_per_task[task].corrected;
   }
-  free(masked_per_task);
-  *masked = (int64_t)total;
+  free(counts_per_task);
+  *masked = (int64_t)total_masked;
+  *corrected = (int64_t)total_corrected;
   return node_api_error(kernel, status, "running the parallel decode");
 }
 
@@ -508,7 +614,7 @@ static OrtStatus *decode_at_load(Kernel *kernel, const OrtKernelInfo *info) {
   if (kernel->load_decoded == NULL) {
     return node_error(kernel, ORT_FAIL, "out of memory for %zu decoded bytes", bytes);
   }
-  return decode_all(kernel, NULL, stream, kernel->load_decoded, &kernel->load_masked);
+  return decode_all(kernel, NULL, stream, kernel->load_decoded, &kernel->load_masked, &kernel->load_corrected);
 }
 
 /* ---------------------------------------------------------------- kernel callbacks */
@@ -552,23 +658,32 @@ static OrtStatus *ORT_API_CALL create_kernel(const OrtCustomOp *op, const OrtApi
   return NULL;
 }
 
-static OrtStatus *write_masked_count(const Kernel *kernel, OrtKernelContext *context, int64_t masked) {
+/* Writes a count to optional output `index` when the node has it (not omitted with ""). */
+static OrtStatus *write_count(const Kernel *kernel, OrtKernelContext *context, size_t outputs, size_t index,
+                              const char *name, int64_t value) {
+  if (outputs <= index) {
+    return NULL;
+  }
+  char doing[64];
+  snprintf(doing, sizeof doing, "allocating %s", name);
+  OrtValue *count = NULL;
+  RETURN_IF_ERROR(node_api_error(kernel, kernel->api->KernelContext_GetOutput(context, index, NULL, 0, &count), doing));
+  if (count == NULL) { /* the output is named "" in the node */
+    return NULL;
+  }
+  snprintf(doing, sizeof doing, "writing %s", name);
+  void *data = NULL;
+  RETURN_IF_ERROR(node_api_error(kernel, kernel->api->GetTensorMutableData(count, &data), doing));
+  memcpy(data, &value, sizeof value);
+  return NULL;
+}
+
+static OrtStatus *write_counts(const Kernel *kernel, OrtKernelContext *context, int64_t masked, int64_t corrected) {
   size_t outputs = 0;
   RETURN_IF_ERROR(node_api_error(kernel, kernel->api->KernelContext_GetOutputCount(context, &outputs),
                                  "counting outputs"));
-  if (outputs < 2) {
-    return NULL;
-  }
-  OrtValue *count = NULL;
-  RETURN_IF_ERROR(node_api_error(kernel, kernel->api->KernelContext_GetOutput(context, 1, NULL, 0, &count),
-                                 "allocating masked_words"));
-  if (count == NULL) { /* output 1 named "" in the node */
-    return NULL;
-  }
-  void *data = NULL;
-  RETURN_IF_ERROR(node_api_error(kernel, kernel->api->GetTensorMutableData(count, &data), "writing masked_words"));
-  memcpy(data, &masked, sizeof masked);
-  return NULL;
+  RETURN_IF_ERROR(write_count(kernel, context, outputs, 1, "masked_words", masked));
+  return write_count(kernel, context, outputs, 2, "corrected_words", corrected);
 }
 
 static OrtStatus *ORT_API_CALL compute_kernel(void *opaque, OrtKernelContext *context) {
@@ -586,16 +701,18 @@ static OrtStatus *ORT_API_CALL compute_kernel(void *opaque, OrtKernelContext *co
                                  "allocating the weights output"));
   RETURN_IF_ERROR(node_api_error(kernel, api->GetTensorMutableData(weights, &out), "allocating the weights output"));
   int64_t masked = 0;
+  int64_t corrected = 0;
   if (kernel->check == CHECK_LOAD) {
     size_t bytes = kernel->plan.n_weights * kernel->plan.output_bytes;
     if (bytes != 0) {
       memcpy(out, kernel->load_decoded, bytes);
     }
     masked = kernel->load_masked;
+    corrected = kernel->load_corrected;
   } else {
-    RETURN_IF_ERROR(decode_all(kernel, context, stream, out, &masked));
+    RETURN_IF_ERROR(decode_all(kernel, context, stream, out, &masked, &corrected));
   }
-  return write_masked_count(kernel, context, masked);
+  return write_counts(kernel, context, masked, corrected);
 }
 
 /* ---------------------------------------------------------------- type and shape inference */
@@ -692,7 +809,7 @@ static ONNXTensorElementDataType ORT_API_CALL op_output_type(const OrtCustomOp *
 
 static size_t ORT_API_CALL op_output_count(const OrtCustomOp *op) {
   (void)op;
-  return 2;
+  return MAX_OUTPUTS;
 }
 
 static OrtCustomOpInputOutputCharacteristic ORT_API_CALL op_input_characteristic(const OrtCustomOp *op,

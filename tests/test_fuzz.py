@@ -2,7 +2,9 @@
 
 The targets (custom_ops/fuzz/): fuzz_parity_check_unpack drives shape inference, attribute validation
 and decoding through a fake OrtApi, against the rules and a reference decoder; fuzz_decoder drives
-the onnxruntime-free decoder alone with random plans, streams and word ranges. CI installs clang and
+the onnxruntime-free decoder alone with random plans, streams and word ranges. exhaustive_secded
+decodes every single and double flip of SEC-DED words in every format and word size where the code
+fits, against the same reference. CI installs clang and
 its runtimes (.ci/run); elsewhere the tests are skipped when clang is missing.
 """
 
@@ -27,8 +29,14 @@ def fuzzers() -> dict[str, Path]:
             pytest.fail("clang is missing in CI: .ci/run installs clang and libclang-rt-14-dev")
         pytest.skip("clang with libFuzzer is not installed (apt-get install clang libclang-rt-14-dev)")
     built = subprocess.run([str(FUZZ / "build.sh")], capture_output=True, text=True, check=True)
-    paths = [Path(line) for line in built.stdout.strip().splitlines()[-len(TARGETS):]]
+    paths = [Path(line) for line in built.stdout.strip().splitlines()[-len(TARGETS) - 1:]]
     return {path.name.removeprefix("fuzz_"): path for path in paths}
+
+
+def test_every_single_flip_corrected_and_double_masked(fuzzers: dict[str, Path]) -> None:
+    result = subprocess.run([str(fuzzers["exhaustive_secded"])], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "every single flip corrected, every double masked" in result.stdout
 
 
 @pytest.mark.parametrize("target", TARGETS)

@@ -513,7 +513,9 @@ def add_node_wiring_cases() -> None:
     add("empty-input-name", node_model(inputs=("",)),
         by_onnxruntime("input 0 is marked single but has an empty string"))
     add("no-outputs", node_model(outputs=()), by_onnxruntime("has output size 0"))
-    add("three-outputs", node_model(outputs=(*OUTPUTS, "extra")), by_onnxruntime("has output size 3"))
+    add("three-outputs-with-parity", node_model(outputs=(*OUTPUTS, "extra")),
+        refused("3 outputs with code parity: output 2 (corrected_words) needs code secded"))
+    add("four-outputs", node_model(outputs=(*OUTPUTS, "extra", "more")), by_onnxruntime("has output size 4"))
     add("empty-weights-name", node_model(outputs=("", OUTPUTS[1])),
         by_onnxruntime("output 0 is marked single but has an empty string"))
     add("only-the-weights-output", node_model(outputs=OUTPUTS[:1]))

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Builds the two libFuzzer targets with AddressSanitizer and UndefinedBehaviorSanitizer into build/fuzz/:
-# fuzz_parity_check_unpack (the kernel through a fake OrtApi) and fuzz_decoder (the decoder alone).
+# fuzz_parity_check_unpack (the kernel through a fake OrtApi) and fuzz_decoder (the decoder alone), and
+# exhaustive_secded (every single and double flip of SEC-DED words, decoder against reference; -O2, no
+# sanitizers, for speed).
 # Needs clang with its runtimes (Debian: apt-get install clang libclang-rt-14-dev) and the ORT header
-# that the CMake build caches (ORT_INCLUDE_DIR overrides). Prints the two executables' paths.
+# that the CMake build caches (ORT_INCLUDE_DIR overrides). Prints the three executables' paths.
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 root="$(cd "$here/../.." && pwd)"
@@ -16,5 +18,8 @@ flags=(-g -O1 -fno-omit-frame-pointer -fsanitize=fuzzer,address,undefined -fno-s
   "$here/../parity_check_unpack.c" "$here/../decoder.c" -lm -o "$root/build/fuzz/fuzz_parity_check_unpack"
 "${CC:-clang}" "${flags[@]}" "$here/fuzz_decoder.c" "$here/reference.c" "$here/../decoder.c" -lm \
   -o "$root/build/fuzz/fuzz_decoder"
+"${CC:-clang}" -O2 "$here/exhaustive_secded.c" "$here/reference.c" "$here/../decoder.c" -lm \
+  -o "$root/build/fuzz/exhaustive_secded"
+echo "$root/build/fuzz/exhaustive_secded"
 echo "$root/build/fuzz/fuzz_parity_check_unpack"
 echo "$root/build/fuzz/fuzz_decoder"

@@ -1,15 +1,18 @@
 /*
  * libFuzzer target on the decoder alone (decoder.h), no onnxruntime: the fuzz input picks a
- * format, word size, output widening, check and weight count, a packed stream (raw fuzz bytes, or
- * clean words with a few flipped bits so that the scan's clean-block fast path and its slow path
- * are both reached), and how the words are split into ranges decoded in any order. Every range
- * goes through decode_words into one exactly sized output, which must equal reference_decode's
- * bit for bit, with the same masked count. The attribute rules (format names, word sizes, output
- * types, shapes) are checked against the reference too. A mismatch aborts.
+ * format, word size, code (parity, or secded where it fits), output widening, check, range check
+ * and its bound, and weight count, a packed stream (raw fuzz bytes, or clean words, even-parity
+ * ones or SEC-DED codewords, with a few flipped bits so that the scan's clean-block fast path and
+ * its slow path, SEC-DED's corrections and maskings are all reached), and how the words are split
+ * into ranges decoded in any order. Every range goes through decode_words into one exactly sized
+ * output, which must equal reference_decode's bit for bit, with the same masked and corrected
+ * counts. The attribute rules (format names, word sizes, output types, shapes, where SEC-DED fits,
+ * range_max values) are checked against the reference too. A mismatch aborts.
  *
  * Build and run: custom_ops/fuzz/build.sh, then build/fuzz/fuzz_decoder (see README.md).
  */
 
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -61,7 +64,20 @@ static const int64_t INT_CHOICES[] = {0, 1, 2, 3, 8, 10, 16, 24, 32, 64, 128, 25
 static const int64_t DIM_CHOICES[] = {0, 1, 2, 3, 7, 64, 1 << 20, (int64_t)1 << 29, (int64_t)1 << 31,
                                       ((int64_t)1 << 58) - 1, (int64_t)1 << 58, (int64_t)1 << 62, INT64_MAX, -1,
                                       INT64_MIN};
+static const float RANGE_CHOICES[] = {0.0f, -0.0f, 1.0f, 0.5f, 3.0f, 127.0f, 127.5f, 128.0f, 254.9f, 255.0f, 256.0f,
+                                      65504.0f, 65519.0f, 65520.0f, 1e-7f, 6e-8f, 1e-40f, 3.4028235e38f, 1e30f,
+                                      -1.0f, -1e-40f, INFINITY, -INFINITY, NAN};
 #define CHOOSE(array, byte) (array)[(byte) % (sizeof(array) / sizeof((array)[0]))]
+
+static float take_float(Bytes *bytes) {
+  if (take(bytes) & 1) {
+    return CHOOSE(RANGE_CHOICES, take(bytes));
+  }
+  uint32_t bits = (uint32_t)take_u64(bytes, 4);
+  float value;
+  memcpy(&value, &bits, sizeof value);
+  return value;
+}
 
 /* find_weight_format, word_bits_allowed, output_type_allowed and count_weights against the reference. */
 static void check_rules(Bytes *bytes) {
@@ -93,7 +109,15 @@ static void check_rules(Bytes *bytes) {
       REQUIRE(output_type_allowed(format, type) == reference_output_type_valid(expected, type), "output_type %lld",
               (long long)type);
     }
+    for (unsigned width = 8; width <= MAX_WORD_BITS; width *= 2) {
+      if (word_bits_allowed(format, width)) {
+        REQUIRE(secded_fits(format, width) == reference_secded_fits(expected, width), "secded fits %s W=%u",
+                format->name, width);
+      }
+    }
   }
+  float range_max = take_float(bytes);
+  REQUIRE(range_max_allowed(range_max) == reference_range_max_valid(range_max), "range_max %g", (double)range_max);
   int64_t dims[6];
   size_t rank = take(bytes) % 7;
   for (size_t i = 0; i < rank; i++) {
@@ -121,8 +145,10 @@ static void check_rules(Bytes *bytes) {
 
 /* ---------------------------------------------------------------- decoding */
 
-/* Fills a stream of n_words words: raw fuzz bytes, or words of even parity with some bits flipped. */
-static void fill_stream(Bytes *bytes, uint8_t *stream, size_t n_words, size_t word_bytes) {
+/* Fills a stream of n_words words: raw fuzz bytes, or clean words (SEC-DED codewords with
+ * `secded`, else words of even parity) with some bits flipped: one by one, or two in one word. */
+static void fill_stream(Bytes *bytes, uint8_t *stream, size_t n_words, size_t word_bytes, unsigned weight_bits,
+                        bool secded) {
   size_t total = n_words * word_bytes;
   if (take(bytes) & 1) {
     for (size_t i = 0; i < total; i++) {
@@ -134,12 +160,24 @@ static void fill_stream(Bytes *bytes, uint8_t *stream, size_t n_words, size_t wo
   for (size_t i = 0; i < total; i++) {
     stream[i] = (uint8_t)splitmix(&state);
   }
-  for (size_t word = 0; word < n_words; word++) {
-    unsigned ones = 0;
-    for (size_t i = word * word_bytes; i < (word + 1) * word_bytes; i++) {
-      ones += (unsigned)__builtin_popcount(stream[i]);
+  if (secded) {
+    reference_secded_encode(weight_bits, (unsigned)word_bytes * 8, stream, n_words);
+  } else {
+    for (size_t word = 0; word < n_words; word++) {
+      unsigned ones = 0;
+      for (size_t i = word * word_bytes; i < (word + 1) * word_bytes; i++) {
+        ones += (unsigned)__builtin_popcount(stream[i]);
+      }
+      stream[word * word_bytes] ^= (uint8_t)(ones & 1);
     }
-    stream[word * word_bytes] ^= (uint8_t)(ones & 1);
+  }
+  size_t pairs = take(bytes) % 4;
+  for (size_t i = 0; i < pairs && total != 0; i++) { /* two flips in one word */
+    size_t word = (size_t)take_u64(bytes, 3) % n_words;
+    uint64_t first = take_u64(bytes, 2) % (word_bytes * 8);
+    uint64_t second = (first + 1 + take_u64(bytes, 2) % (word_bytes * 8 - 1)) % (word_bytes * 8);
+    stream[word * word_bytes + first / 8] ^= (uint8_t)(1u << (first % 8));
+    stream[word * word_bytes + second / 8] ^= (uint8_t)(1u << (second % 8));
   }
   size_t flips = take(bytes) % 16;
   for (size_t i = 0; i < flips && total != 0; i++) {
@@ -167,9 +205,16 @@ static void check_decoding(Bytes *bytes) {
   uint8_t flags = take(bytes);
   bool widen = format->widens_to_float && (flags & 1);
   bool check = flags & 2;
+  bool secded = (flags & 8) && secded_fits(format, word_bits);
+  bool range = flags & 16;
+  float range_max = fabsf(take_float(bytes));
+  if (!range_max_allowed(range_max)) {
+    range_max = 3.0f;
+  }
   OnnxType output_type = widen ? ONNX_TYPE_FLOAT : format->own_type;
   size_t n_weights = (size_t)take_u64(bytes, 2) % (flags & 4 ? 20000 : 300);
-  DecodePlan plan = plan_decode(format, word_bits, output_type, check ? WORD_CHECK_PARITY : WORD_CHECK_NONE, n_weights);
+  DecodePlan plan = plan_decode(format, word_bits, output_type, secded ? CODE_SECDED : CODE_PARITY, check, range,
+                                range_max, n_weights);
   size_t per_word = word_bits / format->bits;
   REQUIRE(plan.n_words == (n_weights + per_word - 1) / per_word, "n_words %zu", plan.n_words);
   REQUIRE(plan.word_bytes == word_bits / 8 && plan.weights_per_word == per_word, "word layout");
@@ -182,7 +227,7 @@ static void check_decoding(Bytes *bytes) {
   uint8_t *stream = malloc(stream_bytes != 0 ? stream_bytes : 1);
   uint8_t *out = malloc(out_bytes != 0 ? out_bytes : 1);
   uint8_t *expected = malloc(out_bytes != 0 ? out_bytes : 1);
-  fill_stream(bytes, stream, plan.n_words, plan.word_bytes);
+  fill_stream(bytes, stream, plan.n_words, plan.word_bytes, format->bits, secded);
   memset(out, 0xA5, out_bytes); /* every byte must be written */
 
   /* Cut [0, n_words) at up to 8 points; decode the ranges forwards or backwards. */
@@ -196,18 +241,21 @@ static void check_decoding(Bytes *bytes) {
   qsort(cuts, n_cuts + 2, sizeof cuts[0], compare_words);
   bool backwards = take(bytes) & 1;
   size_t masked = 0;
+  size_t corrected = 0;
   for (size_t i = 0; i <= n_cuts; i++) {
-    size_t range = backwards ? n_cuts - i : i;
-    masked += decode_words(&plan, stream, out, cuts[range], cuts[range + 1]);
+    size_t part = backwards ? n_cuts - i : i;
+    DecodeCounts counts = decode_words(&plan, stream, out, cuts[part], cuts[part + 1]);
+    masked += counts.masked;
+    corrected += counts.corrected;
   }
-  size_t expected_masked =
-      reference_decode(format->bits, word_bits, format->own_type == ONNX_TYPE_BFLOAT16, widen, check, n_weights,
-                       stream, expected);
-  REQUIRE(masked == expected_masked, "masked %zu, expected %zu (%s, W=%u)", masked, expected_masked, format->name,
-          word_bits);
+  ReferenceCounts wanted = reference_decode(reference_format(format->name, strlen(format->name)), word_bits, widen,
+                                            secded, check, range, range_max, n_weights, stream, expected);
+  REQUIRE(masked == wanted.masked && corrected == wanted.corrected,
+          "masked %zu corrected %zu, expected %zu and %zu (%s, W=%u, secded %d)", masked, corrected, wanted.masked,
+          wanted.corrected, format->name, word_bits, secded);
   for (size_t i = 0; i < out_bytes; i++) {
-    REQUIRE(out[i] == expected[i], "output byte %zu (%s, W=%u, widen %d, check %d)", i, format->name, word_bits,
-            widen, check);
+    REQUIRE(out[i] == expected[i], "output byte %zu (%s, W=%u, widen %d, check %d, secded %d, range %d <= %g)", i,
+            format->name, word_bits, widen, check, secded, range, (double)range_max);
   }
   free(stream);
   free(out);

@@ -8,7 +8,10 @@
  * The oracle is reference.h, written apart from the kernel: the kernel must accept a node exactly
  * when the rules of docs/FORMAT.md ("Validation") accept it, its errors must start with the
  * node's escaped name, shape inference must set exactly output_type and shape, and accepted
- * nodes must decode as reference_decode does. A disagreement aborts.
+ * nodes must decode as reference_decode does, with its masked and corrected counts. The optional
+ * attributes `code` and `range_max` are often absent, else of their type or another, with valid,
+ * near-miss or raw values; with code=secded the packed words are often codewords with a few
+ * flips, so that corrections and maskings run. A disagreement aborts.
  *
  * `shape` is never generated with an attribute type that the C API cannot tell apart from an
  * empty INTS (see check_shape_is_ints in parity_check_unpack.c).
@@ -16,6 +19,7 @@
  * Build and run: custom_ops/fuzz/build.sh, then build/fuzz/fuzz_parity_check_unpack (README.md).
  */
 
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -42,6 +46,7 @@ typedef enum { ATTR_ABSENT, ATTR_INT, ATTR_FLOAT, ATTR_STRING, ATTR_INTS, ATTR_F
 typedef struct {
   AttrKind kind;
   int64_t i;
+  float f;
   char s[MAX_STRING];
   size_t s_length;
   int64_t ints[MAX_INTS];
@@ -49,9 +54,13 @@ typedef struct {
   size_t n_floats;
 } FuzzAttribute;
 
-enum { FORMAT, WORD_BITS, SHAPE, CHECK, OUTPUT_TYPE, ATTRIBUTES };
-static const char *const ATTRIBUTE_NAMES[ATTRIBUTES] = {"format", "word_bits", "shape", "check", "output_type"};
-static const AttrKind ATTRIBUTE_KINDS[ATTRIBUTES] = {ATTR_STRING, ATTR_INT, ATTR_INTS, ATTR_STRING, ATTR_INT};
+enum { FORMAT, WORD_BITS, SHAPE, CHECK, OUTPUT_TYPE, CODE, RANGE_MAX, ATTRIBUTES };
+/* The first REQUIRED_ATTRIBUTES are required, the others optional. */
+#define REQUIRED_ATTRIBUTES 5
+static const char *const ATTRIBUTE_NAMES[ATTRIBUTES] = {"format", "word_bits", "shape", "check", "output_type",
+                                                        "code", "range_max"};
+static const AttrKind ATTRIBUTE_KINDS[ATTRIBUTES] = {ATTR_STRING, ATTR_INT, ATTR_INTS, ATTR_STRING, ATTR_INT,
+                                                     ATTR_STRING, ATTR_FLOAT};
 
 struct OrtValue {
   ONNXTensorElementDataType type;
@@ -69,6 +78,7 @@ typedef struct {
   size_t outputs;
   bool output0_named;
   bool output1_named;
+  bool output2_named;
   FuzzAttribute attributes[ATTRIBUTES];
   ONNXTensorElementDataType graph_output_type;
   bool packed_is_constant;
@@ -96,7 +106,7 @@ struct OrtKernelInfo {
 
 struct OrtKernelContext {
   const FuzzNode *node;
-  OrtValue outputs[2];
+  OrtValue outputs[3];
 };
 
 struct OrtShapeInferContext {
@@ -171,7 +181,8 @@ static OrtStatus *ORT_API_CALL fake_output_name(const OrtKernelInfo *info, size_
   if (index >= info->node->outputs) {
     return fake_status(ORT_INVALID_ARGUMENT, "output index out of bounds");
   }
-  bool named = index == 0 ? info->node->output0_named : info->node->output1_named;
+  bool named = index == 0 ? info->node->output0_named : index == 1 ? info->node->output1_named
+                                                                    : info->node->output2_named;
   return named ? copy_bytes("weights", 7, out, size) : copy_bytes("", 0, out, size);
 }
 
@@ -208,7 +219,7 @@ static OrtStatus *ORT_API_CALL fake_attribute_float(const OrtKernelInfo *info, c
   const FuzzAttribute *attribute = NULL;
   OrtStatus *status = typed_attribute(info, name, ATTR_FLOAT, &attribute);
   if (status == NULL) {
-    *out = (float)attribute->i;
+    *out = attribute->f;
   }
   return status;
 }
@@ -369,7 +380,7 @@ static size_t element_size(ONNXTensorElementDataType type) {
 static OrtStatus *ORT_API_CALL fake_get_output(OrtKernelContext *context, size_t index, const int64_t *dims,
                                                size_t rank, OrtValue **out) {
   REQUIRE(index < context->node->outputs && rank <= 8, "output %zu of rank %zu", index, rank);
-  if (index == 1 && !context->node->output1_named) {
+  if ((index == 1 && !context->node->output1_named) || (index == 2 && !context->node->output2_named)) {
     *out = NULL;
     return NULL;
   }
@@ -516,7 +527,10 @@ static int64_t take_i64(Bytes *bytes) {
 static const char *const STRING_CHOICES[] = {
     "fp32", "bf16", "fp16", "int8", "uint8", "runtime", "load", "none",
     "fp32\0junk", "fp32 ", " fp32", "FP32", "Runtime", "load\0", "fp64", "", "sometimes", "uint8\n",
+    "parity", "secded", "secded", "SECDED", "secded\0", "parity ", "hamming",
 };
+static const float FLOAT_CHOICES[] = {0.0f, -0.0f, 1.0f, 0.5f, 3.0f, 127.0f, 128.0f, 255.0f, 65504.0f, 65520.0f,
+                                      1e-40f, 3.4028235e38f, -1.0f, -1e-40f, INFINITY, -INFINITY, NAN};
 static const int64_t INT_CHOICES[] = {8, 16, 32, 64, 128, 256, 512, 1, 2, 3, 10, 16, 0, -64, 24, 1024, 7, INT64_MAX, INT64_MIN};
 static const int64_t DIM_CHOICES[] = {0, 1, 2, 3, 5, 7, 8, 9, 16, 33, 63, 64, 65, 255,
                                       (int64_t)1 << 31, ((int64_t)1 << 58) - 1, (int64_t)1 << 58,
@@ -529,10 +543,14 @@ static const ONNXTensorElementDataType OUTPUT_TYPES[] = {
     ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16, ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16,
     ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8, ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8};
 
-/* An attribute, usually of its own type; `shape` never of a type the C API cannot see (see above). */
+/* An attribute, usually of its own type (an optional one absent half the time); `shape` never of
+ * a type the C API cannot see (see above). */
 static void parse_attribute(Bytes *bytes, size_t index, FuzzAttribute *attribute) {
   uint8_t kind_byte = take(bytes);
   attribute->kind = kind_byte < 240 ? ATTRIBUTE_KINDS[index] : (AttrKind)(kind_byte % ATTR_KINDS);
+  if (index >= REQUIRED_ATTRIBUTES && kind_byte < 120) {
+    attribute->kind = ATTR_ABSENT;
+  }
   if (index == SHAPE && attribute->kind == ATTR_FLOATS) {
     attribute->n_floats = 1 + take(bytes) % 3; /* an empty FLOATS is indistinguishable from an empty INTS */
   }
@@ -552,6 +570,13 @@ static void parse_attribute(Bytes *bytes, size_t index, FuzzAttribute *attribute
     }
   }
   attribute->i = value_byte & 4 ? take_i64(bytes) : CHOOSE(INT_CHOICES, take(bytes));
+  uint8_t float_byte = take(bytes);
+  if (float_byte & 1) {
+    attribute->f = CHOOSE(FLOAT_CHOICES, float_byte >> 1);
+  } else {
+    uint32_t bits = (uint32_t)take_i64(bytes);
+    memcpy(&attribute->f, &bits, sizeof bits);
+  }
   attribute->n_ints = take(bytes) % (MAX_INTS + 1);
   for (size_t axis = 0; axis < attribute->n_ints; axis++) {
     uint8_t dim = take(bytes);
@@ -563,9 +588,10 @@ static void parse_node(Bytes *bytes, FuzzNode *node) {
   uint8_t shape_byte = take(bytes);
   node->inputs = shape_byte < 240 ? 1 : shape_byte % 3;
   node->input_named = shape_byte != 239;
-  node->outputs = shape_byte < 230 ? 1 + (shape_byte & 1) : shape_byte % 4;
+  node->outputs = shape_byte < 230 ? 1 + shape_byte % 3 : shape_byte % 5;
   node->output0_named = shape_byte != 229;
-  node->output1_named = !(shape_byte & 2);
+  node->output1_named = !(shape_byte & 8);
+  node->output2_named = !(shape_byte & 16);
   node->packed_is_constant = shape_byte != 228;
   uint8_t name_byte = take(bytes);
   node->name_length = name_byte < 128 ? name_byte % 24 : name_byte < 250 ? 190 + name_byte % 20 : 255;
@@ -602,6 +628,9 @@ typedef struct {
   ReferenceFormat format;
   unsigned word_bits;
   int check_mode;
+  int code;
+  bool range;
+  float range_max;
   uint64_t n_weights;
   int64_t n_words;
   int64_t lanes;
@@ -613,17 +642,23 @@ static Expected expect(const FuzzNode *node) {
   const FuzzAttribute *a = node->attributes;
   bool typed = true;
   for (size_t i = 0; i < ATTRIBUTES; i++) {
-    typed &= a[i].kind == ATTRIBUTE_KINDS[i];
+    typed &= a[i].kind == ATTRIBUTE_KINDS[i] || (i >= REQUIRED_ATTRIBUTES && a[i].kind == ATTR_ABSENT);
   }
   if (!typed) {
     return e;
   }
   e.format = reference_format(a[FORMAT].s, a[FORMAT].s_length);
   e.check_mode = reference_check_mode(a[CHECK].s, a[CHECK].s_length);
+  e.code = a[CODE].kind == ATTR_ABSENT ? 0 : reference_code(a[CODE].s, a[CODE].s_length);
+  e.range = a[RANGE_MAX].kind != ATTR_ABSENT;
+  e.range_max = a[RANGE_MAX].f;
   bool shape_valid = reference_shape_valid(a[SHAPE].ints, a[SHAPE].n_ints, &e.n_weights);
-  e.valid = node->inputs == 1 && node->input_named && (node->outputs == 1 || node->outputs == 2) &&
-            node->output0_named && e.format.bits != 0 && reference_word_bits_valid(e.format, a[WORD_BITS].i) &&
-            e.check_mode >= 0 && reference_output_type_valid(e.format, a[OUTPUT_TYPE].i) && shape_valid &&
+  bool word_bits_valid = e.format.bits != 0 && reference_word_bits_valid(e.format, a[WORD_BITS].i);
+  e.valid = node->inputs == 1 && node->input_named && node->outputs >= 1 && node->outputs <= 2 + (e.code == 1) &&
+            node->output0_named && word_bits_valid && e.check_mode >= 0 && e.code >= 0 &&
+            (e.code == 0 || reference_secded_fits(e.format, a[WORD_BITS].i)) &&
+            (!e.range || reference_range_max_valid(e.range_max)) &&
+            reference_output_type_valid(e.format, a[OUTPUT_TYPE].i) && shape_valid &&
             node->graph_output_type == a[OUTPUT_TYPE].i;
   if (e.valid) {
     e.word_bits = (unsigned)a[WORD_BITS].i;
@@ -638,8 +673,9 @@ static bool packed_matches(const Expected *e, const OrtValue *packed) {
          packed->dims[1] == e->lanes;
 }
 
-/* Makes the packed tensor agree with the attributes when asked, so that decoding is reached often. */
-static void fit_packed(const Expected *e, FuzzNode *node) {
+/* Makes the packed tensor agree with the attributes when asked, so that decoding is reached often;
+ * with code=secded and `codewords`, its words are SEC-DED codewords with `flips` bits flipped. */
+static void fit_packed(const Expected *e, FuzzNode *node, bool codewords, uint8_t flips) {
   size_t element_bytes = e->word_bits >= 64 ? 8 : e->word_bits / 8;
   size_t bytes = (size_t)e->n_words * (size_t)e->lanes * element_bytes;
   if (bytes > ((size_t)1 << 16)) {
@@ -656,6 +692,13 @@ static void fit_packed(const Expected *e, FuzzNode *node) {
   node->packed.rank = 2;
   node->packed.dims[0] = e->n_words;
   node->packed.dims[1] = e->lanes;
+  if (e->code == 1 && codewords) {
+    reference_secded_encode(e->format.bits, e->word_bits, data, (size_t)e->n_words);
+    for (unsigned i = 0; i < flips % 8 && bytes != 0; i++) {
+      size_t bit = ((size_t)flips * 2654435761u + i * 40503u) % (bytes * 8);
+      data[bit / 8] ^= (uint8_t)(1u << (bit % 8));
+    }
+  }
 }
 
 /* Shape inference sets output 0 exactly when output_type is an INT naming an output type and shape
@@ -687,14 +730,21 @@ static void check_decoded(const Expected *e, const FuzzNode *node, const OrtKern
   size_t out_bytes = widen ? 4 : e->format.bits / 8;
   REQUIRE(out->bytes == e->n_weights * out_bytes, "output of %zu bytes", out->bytes);
   uint8_t *expected = malloc(out->bytes != 0 ? out->bytes : 1);
-  int64_t masked = (int64_t)reference_decode(e->format.bits, e->word_bits, e->format.is_bf16, widen, e->check_mode != 2,
-                                             (size_t)e->n_weights, node->packed.data, expected);
-  REQUIRE(memcmp(out->data, expected, out->bytes) == 0, "weights decoded wrongly (W=%u)", e->word_bits);
+  ReferenceCounts counts = reference_decode(e->format, e->word_bits, widen, e->code, e->check_mode != 2, e->range,
+                                            e->range_max, (size_t)e->n_weights, node->packed.data, expected);
+  REQUIRE(memcmp(out->data, expected, out->bytes) == 0, "weights decoded wrongly (W=%u, code %d, range %d)",
+          e->word_bits, e->code, e->range);
   free(expected);
-  if (node->outputs == 2 && node->output1_named) {
+  if (node->outputs >= 2 && node->output1_named) {
     int64_t reported;
     memcpy(&reported, context->outputs[1].data, sizeof reported);
-    REQUIRE(reported == masked, "masked_words %lld, expected %lld", (long long)reported, (long long)masked);
+    REQUIRE(reported == (int64_t)counts.masked, "masked_words %lld, expected %zu", (long long)reported, counts.masked);
+  }
+  if (node->outputs == 3 && node->output2_named) {
+    int64_t reported;
+    memcpy(&reported, context->outputs[2].data, sizeof reported);
+    REQUIRE(reported == (int64_t)counts.corrected, "corrected_words %lld, expected %zu", (long long)reported,
+            counts.corrected);
   }
 }
 
@@ -727,20 +777,23 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
                 op->GetInputCharacteristic(op, 0) == INPUT_OUTPUT_REQUIRED &&
                 op->GetInputMemoryType(op, 0) == OrtMemTypeDefault,
             "input");
-    REQUIRE(op->GetOutputTypeCount(op) == 2 && op->GetOutputType(op, 0) == ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED &&
+    REQUIRE(op->GetOutputTypeCount(op) == 3 && op->GetOutputType(op, 0) == ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED &&
                 op->GetOutputType(op, 1) == ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64 &&
+                op->GetOutputType(op, 2) == ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64 &&
                 op->GetOutputCharacteristic(op, 0) == INPUT_OUTPUT_REQUIRED &&
-                op->GetOutputCharacteristic(op, 1) == INPUT_OUTPUT_OPTIONAL,
+                op->GetOutputCharacteristic(op, 1) == INPUT_OUTPUT_OPTIONAL &&
+                op->GetOutputCharacteristic(op, 2) == INPUT_OUTPUT_OPTIONAL,
             "outputs");
   }
   Bytes bytes = {data, size};
-  bool fit = take(&bytes) & 1;
+  uint8_t fit_byte = take(&bytes);
+  bool fit = fit_byte & 1;
   FuzzNode node;
   memset(&node, 0, sizeof node);
   parse_node(&bytes, &node);
   Expected e = expect(&node);
   if (e.valid && fit) {
-    fit_packed(&e, &node);
+    fit_packed(&e, &node, fit_byte & 2, (uint8_t)(fit_byte >> 2));
   }
   bool packed_ok = e.valid && packed_matches(&e, &node.packed) && (e.check_mode != 1 || node.packed_is_constant);
   check_inference(op, &node);
@@ -767,6 +820,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
   }
   free(context.outputs[0].data);
   free(context.outputs[1].data);
+  free(context.outputs[2].data);
   free(node.packed.data);
   return 0;
 }

@@ -12,19 +12,124 @@ static bool named(const char *name, size_t length, const char *expected) {
 }
 
 ReferenceFormat reference_format(const char *name, size_t length) {
-  ReferenceFormat format = {0, 0, false, false};
+  ReferenceFormat format = {0, 0, false, false, false, 0};
+  /* budget: half the stored mantissa bits (23, 7, 10), rounded down; 3 for integers */
   if (named(name, length, "fp32")) {
-    format = (ReferenceFormat){32, FLOAT, false, false};
+    format = (ReferenceFormat){32, FLOAT, false, false, true, 23 / 2};
   } else if (named(name, length, "bf16")) {
-    format = (ReferenceFormat){16, BFLOAT16, true, true};
+    format = (ReferenceFormat){16, BFLOAT16, true, true, true, 7 / 2};
   } else if (named(name, length, "fp16")) {
-    format = (ReferenceFormat){16, FLOAT16, true, false};
+    format = (ReferenceFormat){16, FLOAT16, true, false, true, 10 / 2};
   } else if (named(name, length, "int8")) {
-    format = (ReferenceFormat){8, INT8, false, false};
+    format = (ReferenceFormat){8, INT8, false, false, false, 3};
   } else if (named(name, length, "uint8")) {
-    format = (ReferenceFormat){8, UINT8, false, false};
+    format = (ReferenceFormat){8, UINT8, false, false, false, 3};
   }
   return format;
+}
+
+int reference_code(const char *name, size_t length) {
+  return named(name, length, "parity") ? 0 : named(name, length, "secded") ? 1 : -1;
+}
+
+/* r with 2^(r-1) = W */
+static unsigned check_bit_count(unsigned word_bits) {
+  unsigned r = 1;
+  while ((1u << (r - 1)) < word_bits) {
+    r++;
+  }
+  return r;
+}
+
+bool reference_secded_fits(ReferenceFormat format, int64_t word_bits) {
+  unsigned r = check_bit_count((unsigned)word_bits);
+  unsigned k = (unsigned)word_bits / format.bits;
+  unsigned most = 0; /* the most check bits one weight holds */
+  for (unsigned weight = 0; weight < k; weight++) {
+    unsigned held = 0;
+    for (unsigned j = 0; j < r; j++) {
+      held += j % k == weight;
+    }
+    most = held > most ? held : most;
+  }
+  return most <= format.budget;
+}
+
+bool reference_range_max_valid(float range_max) {
+  return !isnan(range_max) && !isinf(range_max) && range_max >= 0;
+}
+
+/* The Hamming index of every bit position of a W-bit word; is_check marks the check bits. */
+static void hamming_indices(unsigned weight_bits, unsigned word_bits, unsigned *index, bool *is_check) {
+  unsigned r = check_bit_count(word_bits);
+  unsigned k = word_bits / weight_bits;
+  unsigned checks[16];
+  for (unsigned j = 0; j < r; j++) {
+    checks[j] = (j % k) * weight_bits + j / k;
+  }
+  for (unsigned a = 0; a < r; a++) { /* sort ascending */
+    for (unsigned b = a + 1; b < r; b++) {
+      if (checks[b] < checks[a]) {
+        unsigned t = checks[a];
+        checks[a] = checks[b];
+        checks[b] = t;
+      }
+    }
+  }
+  memset(is_check, 0, word_bits * sizeof *is_check);
+  for (unsigned i = 0; i < r; i++) {
+    is_check[checks[i]] = true;
+    index[checks[i]] = i == 0 ? 0 : 1u << (i - 1);
+  }
+  unsigned next = 1;
+  for (unsigned position = 0; position < word_bits; position++) {
+    if (is_check[position]) {
+      continue;
+    }
+    do {
+      next++;
+    } while ((next & (next - 1)) == 0);
+    index[position] = next;
+  }
+}
+
+static unsigned get_bit(const uint8_t *bytes, uint64_t s) {
+  return (bytes[s / 8] >> (s % 8)) & 1u;
+}
+
+static void set_bit(uint8_t *bytes, uint64_t s, unsigned value) {
+  bytes[s / 8] = (uint8_t)((bytes[s / 8] & ~(1u << (s % 8))) | (value << (s % 8)));
+}
+
+void reference_secded_encode(unsigned weight_bits, unsigned word_bits, uint8_t *stream, size_t n_words) {
+  unsigned index[512];
+  bool is_check[512];
+  hamming_indices(weight_bits, word_bits, index, is_check);
+  for (size_t word = 0; word < n_words; word++) {
+    uint64_t base = (uint64_t)word * word_bits;
+    unsigned syndrome = 0;
+    for (unsigned position = 0; position < word_bits; position++) {
+      if (is_check[position]) {
+        set_bit(stream, base + position, 0);
+      } else if (get_bit(stream, base + position)) {
+        syndrome ^= index[position];
+      }
+    }
+    for (unsigned position = 0; position < word_bits; position++) {
+      if (is_check[position] && index[position] != 0) {
+        set_bit(stream, base + position, (syndrome & index[position]) != 0);
+      }
+    }
+    unsigned ones = 0;
+    for (unsigned position = 0; position < word_bits; position++) {
+      ones += get_bit(stream, base + position);
+    }
+    for (unsigned position = 0; position < word_bits; position++) {
+      if (is_check[position] && index[position] == 0) {
+        set_bit(stream, base + position, ones % 2);
+      }
+    }
+  }
 }
 
 int reference_check_mode(const char *name, size_t length) {
@@ -125,29 +230,77 @@ static uint32_t fp16_to_fp32(uint32_t half) {
   return sign | bits;
 }
 
-size_t reference_decode(unsigned weight_bits, unsigned word_bits, bool is_bf16, bool widen, bool check,
-                        size_t n_weights, const uint8_t *stream, uint8_t *out) {
+/* The number a weight code stands for. */
+static double weight_value(ReferenceFormat format, uint32_t code) {
+  if (format.own_type == INT8) {
+    return (double)(int8_t)(uint8_t)code;
+  }
+  if (format.own_type == UINT8) {
+    return (double)code;
+  }
+  uint32_t bits = format.bits == 32 ? code : format.is_bf16 ? code << 16 : fp16_to_fp32(code);
+  float value;
+  memcpy(&value, &bits, sizeof value);
+  return (double)value;
+}
+
+ReferenceCounts reference_decode(ReferenceFormat format, unsigned word_bits, bool widen, int code, bool check,
+                                 bool range, float range_max, size_t n_weights, const uint8_t *stream, uint8_t *out) {
+  unsigned weight_bits = format.bits;
   uint64_t n_words = ((uint64_t)n_weights * weight_bits + word_bits - 1) / word_bits;
-  size_t masked = 0;
+  ReferenceCounts counts = {0, 0};
   size_t out_bytes = widen ? 4 : weight_bits / 8;
+  unsigned index[512];
+  bool is_check[512];
+  if (code == 1) {
+    hamming_indices(weight_bits, word_bits, index, is_check);
+  }
+  uint8_t word_copy[64];
   for (uint64_t word = 0; word < n_words; word++) {
-    unsigned ones = 0;
-    for (uint64_t s = word * word_bits; s < (word + 1) * word_bits; s++) {
-      ones += stream_bit(stream, s);
+    for (unsigned position = 0; position < word_bits; position++) {
+      set_bit(word_copy, position, stream_bit(stream, word * word_bits + position));
     }
-    bool odd = check && ones % 2 == 1;
-    masked += odd;
-    for (uint64_t k = word * (word_bits / weight_bits); k < (word + 1) * (word_bits / weight_bits) && k < n_weights;
-         k++) {
-      uint32_t code = 0;
-      for (unsigned bit = 0; bit < weight_bits; bit++) {
-        code |= (uint32_t)stream_bit(stream, k * weight_bits + bit) << bit;
+    unsigned ones = 0;
+    unsigned syndrome = 0;
+    for (unsigned position = 0; position < word_bits; position++) {
+      ones += get_bit(word_copy, position);
+      if (code == 1 && get_bit(word_copy, position)) {
+        syndrome ^= index[position];
       }
-      uint32_t value = odd ? 0 : !widen ? code : is_bf16 ? code << 16 : fp16_to_fp32(code);
+    }
+    bool zeroed = false;
+    if (check && code == 0) {
+      zeroed = ones % 2 == 1;
+    } else if (check && code == 1 && ones % 2 == 1) {
+      for (unsigned position = 0; position < word_bits; position++) {
+        if (index[position] == syndrome) {
+          set_bit(word_copy, position, !get_bit(word_copy, position));
+        }
+      }
+      counts.corrected++;
+    } else if (check && code == 1) {
+      zeroed = syndrome != 0;
+    }
+    counts.masked += zeroed;
+    for (unsigned slot = 0; slot < word_bits / weight_bits; slot++) {
+      uint64_t k = word * (word_bits / weight_bits) + slot;
+      if (k >= n_weights) {
+        break;
+      }
+      uint32_t weight = 0;
+      for (unsigned bit = 0; bit < weight_bits; bit++) {
+        unsigned position = slot * weight_bits + bit;
+        bool stolen = code == 1 && is_check[position];
+        weight |= (uint32_t)(get_bit(word_copy, position) && !stolen) << bit;
+      }
+      if (zeroed || (check && range && !(fabs(weight_value(format, weight)) <= (double)range_max))) {
+        weight = 0;
+      }
+      uint32_t value = !widen ? weight : format.is_bf16 ? weight << 16 : fp16_to_fp32(weight);
       for (size_t byte = 0; byte < out_bytes; byte++) {
         out[k * out_bytes + byte] = (uint8_t)(value >> (8 * byte));
       }
     }
   }
-  return masked;
+  return counts;
 }

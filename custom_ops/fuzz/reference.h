@@ -17,6 +17,8 @@ typedef struct {
   int64_t own_type;     /* ONNX TensorProto.DataType of the format */
   bool floating_half;   /* bf16 or fp16: FLOAT output allowed too */
   bool is_bf16;
+  bool is_float;
+  unsigned budget;      /* SEC-DED: most stolen bits a weight may lose */
 } ReferenceFormat;
 
 /* The format named exactly by these bytes (bits 0 when there is none). */
@@ -24,6 +26,19 @@ ReferenceFormat reference_format(const char *name, size_t length);
 
 /* Index of the check mode named exactly by these bytes in {runtime, load, none}, or -1. */
 int reference_check_mode(const char *name, size_t length);
+
+/* Index of the code named exactly by these bytes in {parity, secded}, or -1. */
+int reference_code(const char *name, size_t length);
+
+/* True when SEC-DED fits the format in W-bit words (W already valid for it). */
+bool reference_secded_fits(ReferenceFormat format, int64_t word_bits);
+
+/* True when range_max is finite and >= 0. */
+bool reference_range_max_valid(float range_max);
+
+/* Makes each of the n_words W-bit words of `stream` a SEC-DED codeword: its check bits are replaced
+ * by those that its other bits call for (b = weight_bits). */
+void reference_secded_encode(unsigned weight_bits, unsigned word_bits, uint8_t *stream, size_t n_words);
 
 bool reference_word_bits_valid(ReferenceFormat format, int64_t word_bits);
 bool reference_output_type_valid(ReferenceFormat format, int64_t output_type);
@@ -37,10 +52,17 @@ int64_t reference_packed_type(unsigned word_bits);
 /* Rule 9's escaping of untrusted bytes into `out` (room for 4 * 200 + 4 bytes). */
 void reference_escape(const char *bytes, size_t length, char *out);
 
-/* Decodes n_weights weights of b = weight_bits bits in W = word_bits words from `stream`
- * (ceil(n_weights * b / W) words) into `out` (4-byte elements when `widen`, else b/8-byte ones);
- * with `check`, a word with an odd number of set bits decodes to zeros. Returns the masked count. */
-size_t reference_decode(unsigned weight_bits, unsigned word_bits, bool is_bf16, bool widen, bool check,
-                        size_t n_weights, const uint8_t *stream, uint8_t *out);
+typedef struct {
+  size_t masked;
+  size_t corrected;
+} ReferenceCounts;
+
+/* Decodes n_weights weights of `format` in W = word_bits words carrying `code` (0 parity, 1 secded)
+ * from `stream` (ceil(n_weights * b / W) words) into `out` (4-byte elements when `widen`, else
+ * b/8-byte ones). With `check`: parity, a word with an odd number of set bits decodes to zeros;
+ * secded, a single flip is corrected and a double one zeroes the word; then with `range`, a weight
+ * whose magnitude is not <= range_max is zeroed. SEC-DED's check bits are cleared in every weight. */
+ReferenceCounts reference_decode(ReferenceFormat format, unsigned word_bits, bool widen, int code, bool check,
+                                 bool range, float range_max, size_t n_weights, const uint8_t *stream, uint8_t *out);
 
 #endif
