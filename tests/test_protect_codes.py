@@ -1,17 +1,23 @@
-"""`--code secded` and `--range-check` in the pass, the protected-model tools and the command line (no kernel)."""
+"""`--code secded` and `--range-check` in the pass, the protected-model tools and the command line; the tests
+taking `custom_op_library` run the models through the C kernel and compare with the codec and code_vectors.json."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
-from onnx import helper
-from references import initializer, with_weights
+from onnx import TensorProto, helper, numpy_helper
+from references import adjusted_reference, initializer, plain_options, with_weights
 
-from oppass import cli, codec, formats, protect, protected_models, schema
+from oppass import cli, codec, faults, formats, protect, protected_models, runtime, schema
 from oppass.errors import OppassError
+
+CODE_VECTORS = [case for case in json.loads((Path(__file__).parent / "vectors" / "code_vectors.json").read_text())
+                if "error" not in case]
 
 CNN_WEIGHTS = ("conv1.w", "conv2.w", "fc1.w", "fc2.w")
 CNN_AXES = {"conv1.w": 0, "conv2.w": 0, "fc1.w": 0, "fc2.w": 1}
@@ -197,3 +203,134 @@ def test_the_protected_graph_declares_the_count_outputs_as_int64_scalars(cnn_mod
     declared = {value.name: value for value in protected.graph.output}
     expected = helper.make_tensor_value_info(schema.CORRECTED_WORDS_OUTPUT, onnx.TensorProto.INT64, [])
     assert declared[schema.CORRECTED_WORDS_OUTPUT] == expected
+
+
+# ----------------------------------------------------------------------------- through the C kernel
+
+
+def feeds() -> dict[str, np.ndarray]:
+    return {"x": np.random.default_rng(0).standard_normal((2, 3, 6, 6)).astype(np.float32)}
+
+
+def run(model: onnx.ModelProto, *, protected: bool) -> list[np.ndarray]:
+    session = ort.InferenceSession(model.SerializeToString(), plain_options(protected))
+    return session.run([output.name for output in model.graph.output], feeds())
+
+
+def vector_model(case: dict, check: str) -> tuple[onnx.ModelProto, int]:
+    """A one-node model decoding the case's packed words after its faults; returns it and output 0's type."""
+    fmt, width = case["format"], case["word_bits"]
+    shape = codec.packed_shape(len(case["weights"]), fmt, width)
+    lanes = [int(lane) for word in case["packed"] for lane in word]
+    packed = np.array(lanes, dtype=np.uint64).astype(codec.storage_dtype(width)).reshape(shape)
+    faults.flip_bits([packed], np.array(case["decoded_after_faults"]["flipped_bits"], dtype=np.int64))
+    output_type = TensorProto.FLOAT if fmt == "bf16" else schema.ONNX_TYPES[fmt]  # numpy has no bfloat16
+    secded = case["code"] == "secded"
+    node = schema.make_decode_node(schema.DecodeNode(
+        "n", "p", "w", "m", fmt, width, tuple(case["shape"]), check, output_type, case["code"], case.get("range_max"),
+        "c" if secded else None))
+    outputs = [helper.make_empty_tensor_value_info(name) for name in node.output]
+    graph = helper.make_graph([node], "vector", [], outputs, [numpy_helper.from_array(packed, "p")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("ai.oppass", 1)])
+    return model, output_type
+
+
+@pytest.mark.parametrize("check", ["runtime", "load"])
+@pytest.mark.parametrize("case", CODE_VECTORS, ids=[case["name"] for case in CODE_VECTORS])
+def test_kernel_matches_code_vectors(case: dict, check: str, custom_op_library: str) -> None:
+    model, output_type = vector_model(case, check)
+    outputs = ort.InferenceSession(model.SerializeToString(), runtime.session_options()).run(None, {})
+    expected = case["decoded_after_faults"]
+    codes = outputs[0].reshape(-1).view(np.uint32) >> 16 if case["format"] == "bf16" else \
+        outputs[0].reshape(-1).view(formats.FORMATS[case["format"]].code_dtype)
+    assert codes.tolist() == expected["decoded"] and list(outputs[0].shape) == case["shape"]
+    assert int(outputs[1]) == expected["masked_words"]
+    if case["code"] == "secded":
+        assert int(outputs[2]) == expected["corrected_words"]
+    assert output_type == schema.ONNX_TYPES[case["format"]] or case["format"] == "bf16"
+
+
+@pytest.mark.parametrize("fmt", ["keep", "fp16", "bf16", "int8"])
+@pytest.mark.parametrize("word", ["64", "512"])
+@pytest.mark.parametrize("check", ["runtime", "load"])
+def test_fault_free_secded_output_equals_the_original_with_rounded_weights(
+    cnn_model: onnx.ModelProto, custom_op_library: str, fmt: str, word: str, check: str
+) -> None:
+    protected = protect.transform(cnn_model, format=fmt, word=word, check=check, code="secded", range_check=True)
+    reference = adjusted_reference(cnn_model, CNN_WEIGHTS, fmt, word, None, CNN_AXES, code="secded")
+    assert run(protected, protected=True)[0].tobytes() == run(reference, protected=False)[0].tobytes()
+
+
+def test_load_folding_of_a_secded_model_equals_the_reference(
+    cnn_model: onnx.ModelProto, custom_op_library: str
+) -> None:
+    protected = protect.transform(cnn_model, check="load", code="secded", range_check=True)
+    reference = adjusted_reference(cnn_model, CNN_WEIGHTS, "keep", "64", None, code="secded")
+    expected = ort.InferenceSession(reference.SerializeToString()).run(None, feeds())[0]
+    assert runtime.load_session(protected).run(None, feeds())[0].tobytes() == expected.tobytes()
+
+
+@pytest.mark.parametrize("code", formats.CODES)
+def test_reported_counts_and_weights_under_faults_are_the_codecs(
+    cnn_model: onnx.ModelProto, custom_op_library: str, code: str
+) -> None:
+    """Injected faults: the kernel's masked and corrected words, and the model output, are what the codec's
+    decode (with the range check) gives."""
+    protected = protect.transform(cnn_model, word="128", code=code, range_check=True, report_faults=True)
+    faulty, flips = protected_models.inject(protected, 3e-3, seed=8)
+    decoded, masked, corrected = {}, 0, 0
+    for decode in schema.read_decode_nodes(faulty):
+        result = codec.decode(initializer(faulty, decode.packed), decode.format, decode.word_bits, decode.shape,
+                              code=code, range_max=decode.range_max)
+        decoded[decode.output] = result.weights
+        masked, corrected = masked + result.masked_words, corrected + result.corrected_words
+
+    outputs = run(faulty, protected=True)
+
+    assert flips > 0 and masked > 0 and (corrected > 0) == (code == "secded")
+    assert int(outputs[1]) == masked
+    if code == "secded":
+        assert int(outputs[2]) == corrected
+    assert outputs[0].tobytes() == run(with_weights(cnn_model, decoded), protected=False)[0].tobytes()
+
+
+def test_the_range_check_zeroes_a_weight_that_parity_misses(cnn_model: onnx.ModelProto, custom_op_library: str) -> None:
+    """Two flips in one word (the top exponent bits of two weights) pass parity; the range check zeroes both."""
+    protected = protect.transform(cnn_model, word="64", range_check=True, report_faults=True)
+    faulty = onnx.ModelProto()
+    faulty.CopyFrom(protected)
+    packed = initializer(faulty, "conv1.w::op_packed").copy()
+    faults.flip_bits([packed], np.array([30, 62], dtype=np.int64))
+    next(t for t in faulty.graph.initializer if t.name == "conv1.w::op_packed").CopyFrom(
+        numpy_helper.from_array(packed, "conv1.w::op_packed"))
+    faulty.graph.output.extend([helper.make_tensor_value_info("conv1.w", TensorProto.FLOAT, None)])
+    unchecked = onnx.ModelProto()
+    unchecked.CopyFrom(faulty)
+    for attribute in unchecked.graph.node[0].attribute:
+        if attribute.name == "range_max":
+            unchecked.graph.node[0].attribute.remove(attribute)
+            break
+
+    checked_weights, unchecked_weights = run(faulty, protected=True)[-1], run(unchecked, protected=True)[-1]
+    adjusted = codec.encode(initializer(cnn_model, "conv1.w"), 64).adjusted
+
+    assert run(faulty, protected=True)[1] == 0  # parity saw nothing
+    assert np.abs(unchecked_weights.reshape(-1)[:2]).min() > np.abs(adjusted).max()
+    np.testing.assert_array_equal(checked_weights.reshape(-1)[:2], [0.0, 0.0])
+    np.testing.assert_array_equal(checked_weights.reshape(-1)[2:], adjusted.reshape(-1)[2:])
+
+
+def test_strip_of_a_secded_model_runs_as_the_protected_one(cnn_model: onnx.ModelProto, custom_op_library: str) -> None:
+    protected = protect.transform(cnn_model, format="bf16", code="secded", range_check=True, report_faults=True)
+    stripped = protected_models.strip(protected)
+    assert run(stripped, protected=False)[0].tobytes() == run(protected, protected=True)[0].tobytes()
+
+
+def test_transform_command_shows_the_secded_drift(
+    cnn_model: onnx.ModelProto, tmp_path: Path, custom_op_library: str, capsys: pytest.CaptureFixture
+) -> None:
+    source = tmp_path / "model.onnx"
+    onnx.save_model(cnn_model, source)
+    assert cli.main(["transform", str(source), str(tmp_path / "out.onnx"), "--code", "secded", "--format", "int8"]) == 0
+    drift = summary(capsys.readouterr().out)["fault-free output drift"]
+    assert drift.endswith("(max abs, one random input)") and float(drift.split()[0]) > 0
