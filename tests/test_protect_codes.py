@@ -334,3 +334,23 @@ def test_transform_command_shows_the_secded_drift(
     assert cli.main(["transform", str(source), str(tmp_path / "out.onnx"), "--code", "secded", "--format", "int8"]) == 0
     drift = summary(capsys.readouterr().out)["fault-free output drift"]
     assert drift.endswith("(max abs, one random input)") and float(drift.split()[0]) > 0
+
+
+def test_load_folding_warns_about_masked_and_corrected_words(
+    cnn_model: onnx.ModelProto, custom_op_library: str
+) -> None:
+    protected = protect.transform(cnn_model, check="load", code="secded", report_faults=True)
+    faulty = onnx.ModelProto()
+    faulty.CopyFrom(protected)
+    packed = initializer(faulty, "fc1.w::op_packed").copy()
+    faults.flip_bits([packed], np.array([3, 64 + 5, 64 + 9, 128 + 1], dtype=np.int64))  # words 0, 2: one; word 1: two
+    next(t for t in faulty.graph.initializer if t.name == "fc1.w::op_packed").CopyFrom(
+        numpy_helper.from_array(packed, "fc1.w::op_packed"))
+    with pytest.warns(UserWarning) as caught:
+        session = runtime.load_session(faulty)
+    messages = [str(warning.message) for warning in caught]
+    assert "oppass: 1 corrupted weight words were masked at load" in messages
+    assert "oppass: 2 weight words with a flipped bit were corrected at load" in messages
+    names = [output.name for output in session.get_outputs()]
+    counts = dict(zip(names, session.run(None, feeds()), strict=True))
+    assert (counts[schema.MASKED_WORDS_OUTPUT], counts[schema.CORRECTED_WORDS_OUTPUT]) == (1, 2)
