@@ -59,15 +59,26 @@ class Encoded:
 class Decoded:
     """Result of `decode`: the weights and what the checks did.
 
-    `masked_words` counts the words the code zeroed (parity: odd; SEC-DED: an even number of
-    flips, the syndrome nonzero), `corrected_words` the words SEC-DED corrected (0 for parity),
-    and `range_zeroed` the weights the range check zeroed (not counted in `masked_words`).
+    `masked` marks (per word) the words the code zeroed (parity: odd; SEC-DED: even parity and
+    a nonzero syndrome), `corrected` the words in which SEC-DED flipped a bit back (odd parity;
+    never for parity), and `range_zeroed` counts the weights the range check zeroed (they are
+    not counted as masked).
     """
 
     weights: np.ndarray
-    masked_words: int
-    corrected_words: int = 0
+    masked: np.ndarray
+    corrected: np.ndarray
     range_zeroed: int = 0
+
+    @property
+    def masked_words(self) -> int:
+        """Number of masked words."""
+        return int(np.count_nonzero(self.masked))
+
+    @property
+    def corrected_words(self) -> int:
+        """Number of corrected words."""
+        return int(np.count_nonzero(self.corrected))
 
 
 def format_of(dtype: npt.DTypeLike) -> str:
@@ -235,7 +246,7 @@ def decode(
     matrix = _matrix_from_packed(packed, fmt, word_bits, shape, code)
     lanes = np.ascontiguousarray(packed, dtype=storage_dtype(word_bits))
     odd = odd_words(lanes)
-    corrected = 0
+    corrected = np.zeros(odd.shape, dtype=bool)
     if code == SECDED:
         layout = _secded_layout(fmt, word_bits)
         syndromes = _syndromes(lanes, layout.masks)
@@ -245,13 +256,13 @@ def decode(
         masked = ~odd & (syndromes != 0)
         matrix[masked] = 0
         matrix &= layout.keep
-        corrected = int(rows.size)
+        corrected = odd
     else:
         masked = odd
         matrix[masked] = 0
     weights = _weights_from_codes(matrix.reshape(-1), fmt, shape)
     zeroed = 0 if range_max is None else _range_check(weights, range_max)
-    return Decoded(weights, int(np.count_nonzero(masked)), corrected, zeroed)
+    return Decoded(weights, masked, corrected, zeroed)
 
 
 def max_magnitude(weights: np.ndarray) -> float | None:
