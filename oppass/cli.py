@@ -102,6 +102,8 @@ def add_transform_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"check parity on every run, once at load, or never (default: {CHECK_MODES[0]})")
     parser.add_argument("--report-faults", action="store_true",
                         help=f"add the graph output {MASKED_WORDS_OUTPUT} (masked words per run)")
+    parser.add_argument("--allow-unprotected", action="store_true",
+                        help="write the model even when no weight was found to protect (default: that is an error)")
     parser.add_argument("--optimize-for-cpu", action="store_true",
                         help="protect the graph onnxruntime optimises for this CPU (NCHWc Conv layout, fused "
                              "activations), which keeps its fast Conv kernels in runtime check mode; the output "
@@ -133,6 +135,7 @@ def run_transform(arguments: argparse.Namespace) -> None:
         check=arguments.check,
         report_faults=arguments.report_faults,
         inplace=True,
+        allow_unprotected=arguments.allow_unprotected,
     )
     modelio.save_model(protected, arguments.output, source=source)
     del read, model, source, protected  # the drift check reads both files; free the weights before it

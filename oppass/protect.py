@@ -117,6 +117,7 @@ def transform(
     check: str = "runtime",
     report_faults: bool = False,
     inplace: bool = False,
+    allow_unprotected: bool = False,
 ) -> onnx.ModelProto:
     """A protected copy of `model` (see the module docstring); the input is not modified unless asked.
 
@@ -127,10 +128,13 @@ def transform(
     protected in place, its weights still in the files (read with `defer=True`) read one at
     a time: save it with `modelio.save_model(..., source=it)`. After an error, a model
     protected in place may be left half protected.
+
+    A model with no weight to protect is an error, unless `allow_unprotected` (then it is
+    returned unprotected, with a warning).
     """
     protected, _ = transform_with_report(
         model, format=format, word=word, flip=flip, ops=ops, check=check, report_faults=report_faults,
-        inplace=inplace,
+        inplace=inplace, allow_unprotected=allow_unprotected,
     )
     return protected
 
@@ -145,6 +149,7 @@ def transform_with_report(
     check: str = "runtime",
     report_faults: bool = False,
     inplace: bool = False,
+    allow_unprotected: bool = False,
 ) -> tuple[onnx.ModelProto, TransformReport]:
     """Like `transform`, also returning what was done to each weight."""
     options = _validated_options(format, word, flip, ops, check, report_faults)
@@ -160,8 +165,11 @@ def transform_with_report(
     _refuse_duplicate_initializers(result)
     sites = _find_sites(result, options)
     if not sites:
-        warnings.warn(f"no weight of {', '.join(options.ops)} was found to protect: the model is written unprotected",
-                      stacklevel=2)
+        found = f"no weight of {', '.join(options.ops)} was found to protect"
+        if not allow_unprotected:
+            raise OppassError(f"{found}: nothing written (use --ops to name other op types, or --allow-unprotected "
+                              "to write the model unprotected)")
+        warnings.warn(f"{found}: the model is written unprotected", stacklevel=2)
     reports = _replace_sites(result, sites, options, source)
     if source is not None and source is not model:
         source.load_deferred()  # a model read or copied here is returned whole
