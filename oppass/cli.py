@@ -99,7 +99,10 @@ def add_transform_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ops", default="Conv,Gemm", type=_comma_list,
                         help=f"comma-separated op types to protect, of {','.join(WEIGHT_INPUT)} (default: Conv,Gemm)")
     parser.add_argument("--check", default=CHECK_MODES[0], choices=CHECK_MODES,
-                        help=f"check parity on every run, once at load, or never (default: {CHECK_MODES[0]})")
+                        help="runtime: check parity on every run (ParityCheckUnpack, the oppass library); load: once "
+                             "at session creation, in standard ONNX ops any onnxruntime runs (opset 26, no library); "
+                             "load-custom: once at load by ParityCheckUnpack (oppass.load_session); none: never "
+                             f"(default: {CHECK_MODES[0]})")
     parser.add_argument("--report-faults", action="store_true",
                         help=f"add the graph output {MASKED_WORDS_OUTPUT} (masked words per run)")
     parser.add_argument("--allow-unprotected", action="store_true",
@@ -216,7 +219,7 @@ def output_drift(original: ModelSource, protected: ModelSource) -> Drift:
     import onnx
     import onnxruntime as ort
 
-    from oppass import runtime
+    from oppass import modelio, runtime
 
     plain = ort.InferenceSession(_session_input(original))
     feeds = _random_feeds(plain.get_inputs(), np.random.default_rng(DRIFT_SEED))
@@ -226,7 +229,8 @@ def output_drift(original: ModelSource, protected: ModelSource) -> Drift:
     if isinstance(protected, onnx.ModelProto):
         guarded = runtime.load_session(protected)
     else:  # decode nodes run in the session whatever their check mode: same outputs as load-time folding
-        guarded = ort.InferenceSession(_session_input(protected), runtime.session_options())
+        custom = runtime.has_custom_ops(modelio.read_model(protected, defer=True).model)
+        guarded = ort.InferenceSession(_session_input(protected), runtime.session_options(library=custom))
     actual = guarded.run(names, feeds)
     differences, largest = [0.0], [0.0]
     for reference, value in zip(expected, actual, strict=True):
@@ -288,17 +292,28 @@ def add_inspect_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_inspect(arguments: argparse.Namespace) -> None:
     """Runs `oppass inspect`: one row per decode node."""
-    from oppass.protected_models import inspect
+    from oppass import modelio
+    from oppass.protected_models import folded_checks, inspect
     from oppass.schema import escape
 
-    tensors = inspect(arguments.model)
+    model = modelio.load_model(arguments.model)
+    tensors, folded = inspect(model), folded_checks(model)
+    if folded:
+        first = escape(folded[0])
+        where = f"{len(folded)} weights ({first}, ...)" if len(folded) > 1 else f"weight {first}"
+        problem = (f"the load checks of {where} were constant-folded away (onnxsim, Polygraphy sanitize or a saved "
+                   "onnxruntime-optimised model?): those weights are unchecked; protect the original model again")
+        if not tensors:
+            raise OppassError(f"model is not protected any more: {problem}")
+        warnings.warn(problem, stacklevel=1)
     if not tensors:
         print("no protected tensors")
         return
-    header = ("tensor", "format", "word bits", "shape", "check", "output", "packed")
+    header = ("tensor", "format", "word bits", "shape", "check", "decoded by", "output", "packed")
     rows = [
         (t.name if isinstance(t.name, str) and t.name.isprintable() else escape(t.name), t.format,
-         str(t.word_bits), _dims(t.shape), t.check, t.output_type, f"{t.packed_dtype} {_dims(t.packed_shape)}")
+         str(t.word_bits), _dims(t.shape), t.check, t.decoded_by, t.output_type,
+         f"{t.packed_dtype} {_dims(t.packed_shape)}")
         for t in tensors
     ]
     _print_table([header, *rows])

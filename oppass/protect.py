@@ -52,15 +52,26 @@ from oppass.schema import (
     FORMAT_OF_ONNX_TYPE,
     MASKED_WORDS_OUTPUT,
     MASKED_WORDS_SUM,
+    NODE_CHECKS,
     ONNX_TYPES,
+    STANDARD_DECODES_KEY,
+    STANDARD_OPS_CHECK,
     DecodeNode,
+    chain_prefix,
+    has_standard_decodes,
     make_decode_node,
+    standard_decode_chain,
+    standard_decodes_metadata,
 )
+from oppass.standard_decode import IR_VERSION, OPSET
 
 # `format="keep"`: each weight stays in its own format.
 KEEP_FORMAT = "keep"
 FORMAT_CHOICES = (KEEP_FORMAT, *(name for name, weight_format in FORMATS.items() if weight_format.converted_from_fp32))
 PER_AXIS_DEQUANTIZE_OPSET = 13
+# onnxruntime folds no node whose output exceeds this many bytes (its default
+# optimization.constant_folding_max_output_size_in_bytes).
+FOLDING_LIMIT = 2**30
 
 # Weight input index of each op type the pass can protect.
 WEIGHT_INPUT = {"Conv": 1, "ConvTranspose": 1, "ConvInteger": 1, "Gemm": 1, "MatMul": 1, "MatMulInteger": 1}
@@ -101,6 +112,7 @@ class _Protected:
     """The nodes, initializers and value_info that replace one weight; `packed` becomes its first initializer."""
 
     packed: np.ndarray
+    decode: DecodeNode
     nodes: list[onnx.NodeProto]
     initializers: list[TensorProto]
     value_info: list[onnx.ValueInfoProto]
@@ -162,6 +174,10 @@ def transform_with_report(
         result = source.model
     if any(node.domain == DOMAIN for graph in modelio.all_graphs(result.graph) for node in graph.node):
         raise OppassError("model is already protected (it has ai.oppass nodes)")
+    if has_standard_decodes(result):
+        raise OppassError("model is already protected (it has standard-op load checks)")
+    if options.check == STANDARD_OPS_CHECK:
+        _lift_to_standard_decode_opset(result)
     _refuse_duplicate_initializers(result)
     sites = _find_sites(result, options)
     if not sites:
@@ -174,6 +190,28 @@ def transform_with_report(
     if source is not None and source is not model:
         source.load_deferred()  # a model read or copied here is returned whole
     return result, TransformReport(tuple(reports))
+
+
+def _lift_to_standard_decode_opset(model: onnx.ModelProto) -> None:
+    """Converts the model in place to the opset the standard-op decode needs (BitCast), when it is older.
+
+    onnx's version converter copies tensors that are still in a file (deferred) as references,
+    so their bytes are still read one at a time.
+    """
+    from onnx import version_converter
+
+    opset = _default_opset(model)
+    if opset < OPSET:
+        try:
+            converted = version_converter.convert_version(model, OPSET)
+        except Exception as error:  # onnx raises its own and C++ exception types
+            reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+            raise OppassError(f"onnx's version converter cannot lift the model from opset {opset} to {OPSET}, which "
+                              f"the portable load check needs ({reason}): use --check load-custom (the same check "
+                              "by the oppass custom-op library, folded at load by oppass.load_session), or convert "
+                              f"the model to opset {OPSET} yourself") from None
+        model.CopyFrom(converted)
+    model.ir_version = max(model.ir_version, IR_VERSION)
 
 
 def _refuse_duplicate_initializers(model: onnx.ModelProto) -> None:
@@ -207,6 +245,8 @@ def _validated_options(
         raise OppassError(f"cannot protect op types {unknown or '(none)'}: expected some of {', '.join(WEIGHT_INPUT)}")
     narrowest = min(FORMATS, key=lambda name: FORMATS[name].bits)
     codec.word_bits(narrowest, word)  # rejects sizes no format allows; per-format limits are checked per weight
+    # Options that ParityCheckUnpack implements and the standard-op decode (check "load") does not yet are
+    # refused here, in one line naming --check load-custom.
     return _Options(fmt, word, flip, op_types, check, report_faults)
 
 
@@ -390,18 +430,25 @@ def _protect(site: _Site, options: _Options, source: modelio.ModelFile | modelio
     decode_output = _decode_output(site, options)
     output_type = ONNX_TYPES[target] if scales is not None else site.tensor.data_type  # bf16/fp16 of fp32: FLOAT
     masked_output = _masked_output(site, options)
-    decode = make_decode_node(DecodeNode(
-        name=f"{site.name}::op_decode",
+    standard_ops = options.check == STANDARD_OPS_CHECK
+    decode = DecodeNode(
+        name=chain_prefix(site.name),
         packed=packed_name(site.name),
         output=decode_output,
         masked_output=masked_output,
         format=target,
         word_bits=width,
         shape=tuple(stored.shape),
-        check=options.check,
+        check="load" if standard_ops else NODE_CHECKS[options.check],
         output_type=output_type,
-    ))
-    nodes, initializers = [decode], []
+        standard_ops=standard_ops,
+    )
+    if standard_ops:
+        chain = standard_decode_chain(decode)
+        nodes, initializers = chain.nodes, chain.initializers
+        _warn_if_too_large_to_fold(site.name, packed, decode)
+    else:
+        nodes, initializers = [make_decode_node(decode)], []
     value_info = [helper.make_tensor_value_info(decode_output, output_type, list(stored.shape))]
     if masked_output:
         value_info.append(helper.make_tensor_value_info(masked_output, TensorProto.INT64, []))
@@ -426,7 +473,23 @@ def _protect(site: _Site, options: _Options, source: modelio.ModelFile | modelio
         subnormals_after=_subnormals_after(stored, changed, changed_values, output_type),
         nonfinite_weights=codec.nonfinite_count(stored),
     )
-    return _Protected(packed, nodes, initializers, value_info, report)
+    return _Protected(packed, decode, nodes, initializers, value_info, report)
+
+
+def _warn_if_too_large_to_fold(name: str, packed: np.ndarray, decode: DecodeNode) -> None:
+    """Warns when onnxruntime's default folding limit would leave a standard-op chain to run on every inference.
+
+    The chain's largest value is its lane split, (lane bits / weight bits) times the packed
+    bytes, or the decoded weights (oppass/standard_decode.py).
+    """
+    lane_bits = min(decode.word_bits, 64)
+    largest = max(packed.nbytes * (lane_bits // decode.weight_format.bits),
+                  decode.weights * helper.tensor_dtype_to_np_dtype(decode.output_type).itemsize)
+    if largest > FOLDING_LIMIT:
+        warnings.warn(f"weight {name!r} is too large for onnxruntime to fold its load check at session creation "
+                      f"({largest:,} bytes in one step, the default limit is {FOLDING_LIMIT:,}): it would be checked "
+                      "on every run; use --check load-custom, or raise the session option "
+                      "optimization.constant_folding_max_output_size_in_bytes", stacklevel=2)
 
 
 def _weights(tensor: TensorProto, source: modelio.ModelFile | modelio.LazyCopy | None) -> np.ndarray:
@@ -547,11 +610,13 @@ def _replace_sites(
     tail = _masked_words_sum(masked_outputs) if options.report_faults else []
     new_names = {name for site in sites for name in _new_names(site, options)}
     new_names.update(output for node in tail for output in node.output)
-    _reject_taken_names(model, new_names - {site.name for site in sites})
+    standard_prefixes = tuple(chain_prefix(site.name) for site in sites) if options.check == STANDARD_OPS_CHECK else ()
+    _reject_taken_names(model, new_names - {site.name for site in sites}, standard_prefixes)
     _remove_value_info_everywhere(model, {site.name for site in sites})
     new_nodes: list[onnx.NodeProto] = []
     value_info: list[onnx.ValueInfoProto] = []
     reports: list[TensorReport] = []
+    decodes: list[DecodeNode] = []
     for site in sites:
         replacement = _protect(site, options, source)
         _add_packed(graph, packed_name(site.name), replacement.packed)
@@ -560,6 +625,7 @@ def _replace_sites(
         new_nodes.extend(replacement.nodes)
         value_info.extend(replacement.value_info)
         reports.append(replacement.report)
+        decodes.append(replacement.decode)
     _remove_definitions(sites)
     kept_nodes = list(graph.node)
     del graph.node[:]
@@ -567,8 +633,20 @@ def _replace_sites(
     graph.value_info.extend(value_info)
     if options.report_faults:
         graph.output.append(helper.make_tensor_value_info(MASKED_WORDS_OUTPUT, TensorProto.INT64, []))
-    _import_domain(model)
+    _record_standard_decodes(model, [decode for decode in decodes if decode.standard_ops])
+    if any(not decode.standard_ops for decode in decodes):
+        _import_domain(model)
     return reports
+
+
+def _record_standard_decodes(model: onnx.ModelProto, decodes: list[DecodeNode]) -> None:
+    """Sets the STANDARD_DECODES_KEY metadata entry to these chains (an entry left by a folded model goes)."""
+    for index in reversed(range(len(model.metadata_props))):
+        if model.metadata_props[index].key == STANDARD_DECODES_KEY:
+            del model.metadata_props[index]
+    if decodes:
+        entry = model.metadata_props.add()
+        entry.key, entry.value = STANDARD_DECODES_KEY, standard_decodes_metadata(decodes)
 
 
 def _import_domain(model: onnx.ModelProto) -> None:
@@ -584,15 +662,16 @@ def _import_domain(model: onnx.ModelProto) -> None:
         del model.opset_import[index]
 
 
-def _reject_taken_names(model: onnx.ModelProto, new_names: set[str]) -> None:
-    """The names the pass introduces must be new to the model."""
+def _reject_taken_names(model: onnx.ModelProto, new_names: set[str], new_prefixes: tuple[str, ...]) -> None:
+    """The names the pass introduces (`new_names`, and any starting with one of `new_prefixes`) must be new to
+    the model."""
     taken: set[str] = set()
     for graph in modelio.all_graphs(model.graph):
         taken.update(value.name for value in graph.input)
         taken.update(value.name for value in graph.output)
         taken.update(tensor.name for tensor in graph.initializer)
         taken.update(output for node in graph.node for output in node.output)
-    clashes = sorted(new_names & taken)
+    clashes = sorted((new_names & taken) | {name for name in taken if name.startswith(new_prefixes)})
     if clashes:
         raise OppassError(f"the model already uses names oppass needs: {', '.join(clashes[:3])}")
 

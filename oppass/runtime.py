@@ -29,11 +29,15 @@ def custom_op_library() -> str:
     return str(path)
 
 
-def session_options(threads: int | None = None, config: Mapping[str, str] | None = None) -> ort.SessionOptions:
-    """SessionOptions of onnxruntime with the ParityCheckUnpack library registered, `threads` intra-op
-    threads and the session config entries `config` (e.g. {"session.intra_op.allow_spinning": "0"})."""
+def session_options(
+    threads: int | None = None, config: Mapping[str, str] | None = None, *, library: bool = True
+) -> ort.SessionOptions:
+    """SessionOptions of onnxruntime with the ParityCheckUnpack library registered (unless not `library`),
+    `threads` intra-op threads and the session config entries `config` (e.g.
+    {"session.intra_op.allow_spinning": "0"})."""
     options = ort.SessionOptions()
-    options.register_custom_ops_library(custom_op_library())
+    if library:
+        options.register_custom_ops_library(custom_op_library())
     if threads is not None:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
@@ -55,13 +59,21 @@ def load_session(
     C kernel, which checks parity and masks corrupted words, and their results replace
     them as constant initializers: the consumers then get onnxruntime's weight
     prepacking exactly as in the unprotected model. Runtime-mode nodes are left alone.
-    `threads` and `config` are as in `session_options`.
+    Standard-op load checks need nothing: onnxruntime folds them itself, and the library is
+    registered only for a model with ParityCheckUnpack nodes. `threads` and `config` are as in
+    `session_options`.
     """
     proto = model if isinstance(model, onnx.ModelProto) else load_model(model)
     decodes = read_decode_nodes(proto)  # refuses what the kernel would refuse, in one line
     if fold_load_checks and any(decode.check == "load" for decode in decodes):
         proto = _fold_decode_nodes(proto, decodes, threads)
-    return ort.InferenceSession(proto.SerializeToString(), session_options(threads, config))
+    options = session_options(threads, config, library=has_custom_ops(proto))
+    return ort.InferenceSession(proto.SerializeToString(), options)
+
+
+def has_custom_ops(model: onnx.ModelProto) -> bool:
+    """Whether the model's main graph has ParityCheckUnpack nodes (which need the custom-op library)."""
+    return any(is_decode_node(node) for node in model.graph.node)
 
 
 def optimize_for_cpu(model: onnx.ModelProto | str | os.PathLike) -> onnx.ModelProto:

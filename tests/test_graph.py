@@ -120,7 +120,7 @@ def test_fault_free_output_equals_original_with_adjusted_weights(
     ("conv_integer_model", ("ci.w",)),
     ("if_model", ("outer.w", "inner.w")),
 ])
-@pytest.mark.parametrize("check", schema.CHECK_MODES[:2])
+@pytest.mark.parametrize("check", schema.CHECK_MODES[:3])
 def test_special_models_match_their_adjusted_reference(
     fixture_name: str, names: tuple[str, ...], check: str, custom_op_library: str, request: pytest.FixtureRequest
 ) -> None:
@@ -144,10 +144,11 @@ def adjusted_constant_reference(model: onnx.ModelProto) -> onnx.ModelProto:
     return copy
 
 
+@pytest.mark.parametrize("check", ["load", "load-custom"])
 def test_load_check_folds_to_the_reference_with_default_options(
-    cnn_model: onnx.ModelProto, custom_op_library: str
+    check: str, cnn_model: onnx.ModelProto, custom_op_library: str
 ) -> None:
-    protected = protect.transform(cnn_model, check="load")
+    protected = protect.transform(cnn_model, check=check)
     reference = adjusted_reference(cnn_model, CNN_WEIGHTS, "keep", "64", "word-lsb")
     feeds = feeds_for(cnn_model)
     expected = ort.InferenceSession(reference.SerializeToString()).run(None, feeds)[0]
@@ -218,7 +219,7 @@ def test_initializer_that_is_a_graph_input_is_skipped_with_a_warning(
 def test_weight_without_a_format_is_skipped_under_keep_and_an_error_when_explicit() -> None:
     model = make_model([helper.make_node("MatMul", ["x", "w64"], ["y"])], {"w64": np.ones([6, 2])},
                        output_shape=["batch", 3, 6, 2], element_type=TensorProto.DOUBLE)
-    with pytest.warns(UserWarning, match="'w64'.*DOUBLE"):
+    with pytest.warns(UserWarning, match="'w64'.*DOUBLE"), pytest.warns(UserWarning, match="written unprotected"):
         protected = protect.transform(model, ops=["MatMul"], allow_unprotected=True)
     assert not decode_nodes(protected)
     with pytest.raises(OppassError, match="'w64'.*DOUBLE.*fp16"):

@@ -290,12 +290,14 @@ def test_allow_unprotected_writes_the_model_with_a_warning(tmp_path: Path, capsy
     ("conv inside a Loop body", loop_model),
 ])
 @pytest.mark.parametrize("word", ["64", "256"])
-def test_unusual_models_protect_correctly(name: str, make: Callable[[], onnx.ModelProto], word: str,
+@pytest.mark.parametrize("check", ["runtime", "load"])
+def test_unusual_models_protect_correctly(name: str, make: Callable[[], onnx.ModelProto], word: str, check: str,
                                          tmp_path: Path) -> None:
     model = make()
     source = write(model, tmp_path / "model.onnx")
     destination = tmp_path / "protected.onnx"
-    assert cli.main(["transform", str(source), str(destination), "--word", word, "--no-verify"]) == 0
+    assert cli.main(["transform", str(source), str(destination), "--word", word, "--check", check,
+                     "--no-verify"]) == 0
     protected = onnx.load(destination)
     onnx.checker.check_model(protected, full_check=True)
     names = tuple(t.name for t in protected_models.inspect(protected))
