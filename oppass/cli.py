@@ -177,11 +177,20 @@ def _drift_text(original: ModelSource, protected: ModelSource) -> str:
     exceeds DRIFT_WARNING times the largest finite |output| of the original model.
     """
     from google.protobuf.message import EncodeError
-    from onnxruntime.capi.onnxruntime_pybind11_state import Fail, InvalidArgument, InvalidGraph, RuntimeException
+    from onnxruntime.capi.onnxruntime_pybind11_state import (
+        Fail,
+        InvalidArgument,
+        InvalidGraph,
+        RuntimeException,
+    )
+    from onnxruntime.capi.onnxruntime_pybind11_state import (
+        NotImplemented as NotImplementedInOnnxruntime,
+    )
 
     # What running a model can raise: a missing library (OppassError), onnxruntime's errors, and
     # EncodeError for models over 2 GB, which cannot be handed to onnxruntime as bytes.
-    failures = (OppassError, Fail, InvalidArgument, InvalidGraph, RuntimeException, EncodeError)
+    failures = (OppassError, Fail, InvalidArgument, InvalidGraph, NotImplementedInOnnxruntime, RuntimeException,
+                EncodeError)
     try:
         drift = output_drift(original, protected)
     except failures as error:
