@@ -45,7 +45,8 @@ def smoke() -> None:
 
     import oppass
 
-    print(f"numpy {np.__version__}, onnx {onnx.__version__}, onnxruntime {ort.__version__}, oppass {oppass.__version__}")
+    print(f"numpy {np.__version__}, onnx {onnx.__version__}, onnxruntime {ort.__version__}, "
+          f"oppass {oppass.__version__}")
     image = np.load(MODEL.with_name("digits_test.npz"))["inputs"][:8].astype(np.float32)
     with tempfile.TemporaryDirectory(prefix="oppass-floors-") as folder:
         for check in ("runtime", "load"):
