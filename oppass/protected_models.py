@@ -57,7 +57,7 @@ def strip(model: onnx.ModelProto | str | os.PathLike) -> onnx.ModelProto:
     initializers = _initializers(result)
     decoded = [_decoded_initializer(decode, initializers[decode.packed]) for decode in decodes]
     masked_outputs = {decode.masked_output for decode in decodes if decode.masked_output is not None}
-    _remove_masked_words_sum(graph, masked_outputs)
+    remove_masked_words_sum(graph, masked_outputs)
     edit.remove_nodes(graph, lambda node: node.domain == DOMAIN or node.name in standard.nodes)
     edit.remove_initializers(graph, {decode.packed for decode in decodes} | standard.constants)
     graph.initializer.extend(decoded)
@@ -124,7 +124,7 @@ def _decoded_initializer(decode: DecodeNode, packed: TensorProto) -> TensorProto
     return edit.named_array(weights.astype(output_dtype, copy=False), decode.output)
 
 
-def _remove_masked_words_sum(graph: onnx.GraphProto, masked_outputs: set[str]) -> None:
+def remove_masked_words_sum(graph: onnx.GraphProto, masked_outputs: set[str]) -> None:
     """Undoes the pass's sum of the masked-word counts: its nodes, partial sums and graph output."""
     edit.remove_nodes(graph, lambda node: edit.has_prefix(node.name, MASKED_WORDS_SUM))
     for index in reversed(range(len(graph.output))):
