@@ -127,6 +127,9 @@ def run_transform(arguments: argparse.Namespace) -> None:
     modelio.check_destination(arguments.output, read)
     model: onnx.ModelProto | modelio.ModelFile = read
     source: modelio.ModelFile | None = read  # where the save copies the weights the pass left alone from
+    if arguments.optimize_for_cpu and arguments.check in ("load", "load-custom"):
+        raise OppassError(f"--optimize-for-cpu is for --check runtime: with --check {arguments.check} onnxruntime "
+                          "optimises the decoded model itself when the session is created")
     if arguments.optimize_for_cpu:  # a new model in memory, protected in place and saved on its own
         model, source = runtime.optimize_for_cpu(read.load_deferred()), None
     protected, report = transform_with_report(

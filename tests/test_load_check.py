@@ -168,6 +168,17 @@ def test_a_model_the_converter_cannot_lift_is_one_line_naming_the_alternative(
     assert protected_models.inspect(protect.transform(image_scaler_model(), check="load-custom"))
 
 
+@pytest.mark.parametrize("check", ["load", "load-custom"])
+def test_optimize_for_cpu_with_a_load_check_is_refused(check: str, tmp_path: Path,
+                                                        capsys: pytest.CaptureFixture) -> None:
+    source = tmp_path / "model.onnx"
+    onnx.save_model(cnn(), source)
+    assert cli.main(["transform", str(source), str(tmp_path / "out.onnx"), "--check", check,
+                     "--optimize-for-cpu"]) == 2
+    assert capsys.readouterr().err.startswith("oppass: error: --optimize-for-cpu is for --check runtime")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]
+
+
 # ----------------------------------------------------------------------------- inspect, strip, inject
 
 
