@@ -11,6 +11,12 @@ For every protected weight the pass
    DequantizeLinear after the decode, which then produces the name);
 3. records value_info (type and shape) for every decode output.
 
+With `check="load"` the decode is not a ParityCheckUnpack node but its standard-op chain
+(oppass/standard_decode.py), listed in the metadata entry `oppass.standard_decodes`
+(schema.py); the model is first converted to opset 26 with onnx's version converter when it
+is older. Every other mode emits ParityCheckUnpack nodes (`check="load-custom"`: the node's
+`check` attribute is "load").
+
 All decode nodes go at the front of the main graph: their only inputs are initializers,
 so the node list stays topologically sorted, and weights of If/Loop subgraphs become
 outer-scope values of those subgraphs. One masked-word counter per decode can be summed

@@ -143,6 +143,23 @@ def test_models_of_any_convertible_opset_are_lifted_to_opset_26(opset: int) -> N
     assert ort.InferenceSession(protected.SerializeToString()).run(["y"], feeds())[0].tobytes() == expected.tobytes()
 
 
+def test_a_file_whose_weights_stay_in_it_until_read_converts_to_what_the_proto_gives(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The version converter copies the deferred tensors' references: the pass still reads them one at a time."""
+    monkeypatch.setattr(modelio.reader, "DEFER_THRESHOLD", 1)
+    monkeypatch.setattr(modelio.writer, "EXTERNAL_THRESHOLD", 0)
+    source = tmp_path / "model.onnx"
+    onnx.save_model(cnn(), source)
+    read = modelio.read_model(source, defer=True)
+    assert any(onnx.external_data_helper.uses_external_data(t) for t in read.model.graph.initializer)
+    protected = protect.transform(read, check="load")
+    assert protected is read.model and protected.opset_import[0].version == OPSET
+    modelio.save_model(protected, tmp_path / "out.onnx", source=read)
+    expected = protect.transform(cnn(), check="load").SerializeToString()
+    assert (tmp_path / "out.onnx").read_bytes() == expected
+
+
 def image_scaler_model() -> onnx.ModelProto:
     """Conv then ImageScaler, an experimental op onnx's version converter has no schema for (opset 9)."""
     nodes = [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1] * 4),

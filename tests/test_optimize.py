@@ -112,7 +112,7 @@ def test_load_session_masks_a_stored_fault_when_it_reprotects(images: np.ndarray
     protected = protect.transform(onnx.load(DIGITS_MODEL), report_faults=True)
     tensor = next(t for t in protected.graph.initializer if t.name.endswith("::op_packed"))
     raw = bytearray(tensor.raw_data)
-    raw[0] ^= 0x40  # bit 6 of the first word, in the exponent of no weight but flipping its parity
+    raw[0] ^= 0x40  # bit 6 of the first word: a mantissa bit of its first weight
     tensor.raw_data = bytes(raw)
     with pytest.warns(UserWarning, match="1 corrupted weight words were masked at load"):
         session = runtime.load_session(protected)
