@@ -105,10 +105,15 @@ def add_transform_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ops", default="Conv,Gemm", type=_comma_list,
                         help=f"comma-separated op types to protect, of {','.join(WEIGHT_INPUT)} (default: Conv,Gemm)")
     parser.add_argument("--check", default=CHECK_MODES[0], choices=CHECK_MODES,
-                        help=f"check parity on every run, once at load, or never (default: {CHECK_MODES[0]})")
+                        help="runtime: check parity on every run (ParityCheckUnpack, the oppass library); load: once "
+                             "at session creation, in standard ONNX ops any onnxruntime runs (opset 26, no library); "
+                             "load-custom: once at load by ParityCheckUnpack (oppass.load_session); none: never "
+                             f"(default: {CHECK_MODES[0]})")
     parser.add_argument("--report-faults", action="store_true",
                         help=f"add the graph output {MASKED_WORDS_OUTPUT} (masked words per run), and with "
                              f"--code secded {CORRECTED_WORDS_OUTPUT} (corrected words per run)")
+    parser.add_argument("--allow-unprotected", action="store_true",
+                        help="write the model even when no weight was found to protect (default: that is an error)")
     parser.add_argument("--optimize-for-cpu", action="store_true",
                         help="protect the graph onnxruntime optimises for this CPU (NCHWc Conv layout, fused "
                              "activations), which keeps its fast Conv kernels in runtime check mode; the output "
@@ -129,6 +134,9 @@ def run_transform(arguments: argparse.Namespace) -> None:
     modelio.check_destination(arguments.output, read)
     model: onnx.ModelProto | modelio.ModelFile = read
     source: modelio.ModelFile | None = read  # where the save copies the weights the pass left alone from
+    if arguments.optimize_for_cpu and arguments.check in ("load", "load-custom"):
+        raise OppassError(f"--optimize-for-cpu is for --check runtime: with --check {arguments.check} onnxruntime "
+                          "optimises the decoded model itself when the session is created")
     if arguments.optimize_for_cpu:  # a new model in memory, protected in place and saved on its own
         model, source = runtime.optimize_for_cpu(read.load_deferred()), None
     protected, report = transform_with_report(
@@ -142,6 +150,7 @@ def run_transform(arguments: argparse.Namespace) -> None:
         inplace=True,
         code=arguments.code,
         range_check=arguments.range_check,
+        allow_unprotected=arguments.allow_unprotected,
     )
     modelio.save_model(protected, arguments.output, source=source)
     del read, model, source, protected  # the drift check reads both files; free the weights before it
@@ -185,11 +194,20 @@ def _drift_text(original: ModelSource, protected: ModelSource) -> str:
     exceeds DRIFT_WARNING times the largest finite |output| of the original model.
     """
     from google.protobuf.message import EncodeError
-    from onnxruntime.capi.onnxruntime_pybind11_state import Fail, InvalidArgument, InvalidGraph, RuntimeException
+    from onnxruntime.capi.onnxruntime_pybind11_state import (
+        Fail,
+        InvalidArgument,
+        InvalidGraph,
+        RuntimeException,
+    )
+    from onnxruntime.capi.onnxruntime_pybind11_state import (
+        NotImplemented as NotImplementedInOnnxruntime,
+    )
 
     # What running a model can raise: a missing library (OppassError), onnxruntime's errors, and
     # EncodeError for models over 2 GB, which cannot be handed to onnxruntime as bytes.
-    failures = (OppassError, Fail, InvalidArgument, InvalidGraph, RuntimeException, EncodeError)
+    failures = (OppassError, Fail, InvalidArgument, InvalidGraph, NotImplementedInOnnxruntime, RuntimeException,
+                EncodeError)
     try:
         drift = output_drift(original, protected)
     except failures as error:
@@ -227,7 +245,7 @@ def output_drift(original: ModelSource, protected: ModelSource) -> Drift:
     import onnx
     import onnxruntime as ort
 
-    from oppass import runtime
+    from oppass import modelio, runtime
 
     plain = ort.InferenceSession(_session_input(original))
     feeds = _random_feeds(plain.get_inputs(), np.random.default_rng(DRIFT_SEED))
@@ -237,7 +255,8 @@ def output_drift(original: ModelSource, protected: ModelSource) -> Drift:
     if isinstance(protected, onnx.ModelProto):
         guarded = runtime.load_session(protected)
     else:  # decode nodes run in the session whatever their check mode: same outputs as load-time folding
-        guarded = ort.InferenceSession(_session_input(protected), runtime.session_options())
+        custom = runtime.has_custom_ops(modelio.read_model(protected, defer=True).model)
+        guarded = ort.InferenceSession(_session_input(protected), runtime.session_options(library=custom))
     actual = guarded.run(names, feeds)
     differences, largest = [0.0], [0.0]
     for reference, value in zip(expected, actual, strict=True):
@@ -299,18 +318,28 @@ def add_inspect_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_inspect(arguments: argparse.Namespace) -> None:
     """Runs `oppass inspect`: one row per decode node."""
-    from oppass.protected_models import inspect
+    from oppass import modelio
+    from oppass.protected_models import folded_checks, inspect
     from oppass.schema import escape
 
-    tensors = inspect(arguments.model)
+    model = modelio.load_model(arguments.model)
+    tensors, folded = inspect(model), folded_checks(model)
+    if folded:
+        first = escape(folded[0])
+        where = f"{len(folded)} weights ({first}, ...)" if len(folded) > 1 else f"weight {first}"
+        problem = (f"the load checks of {where} were constant-folded away (onnxsim, Polygraphy sanitize or a saved "
+                   "onnxruntime-optimised model?): those weights are unchecked; protect the original model again")
+        if not tensors:
+            raise OppassError(f"model is not protected any more: {problem}")
+        warnings.warn(problem, stacklevel=1)
     if not tensors:
         print("no protected tensors")
         return
-    header = ("tensor", "format", "word bits", "code", "range max", "shape", "check", "output", "packed")
+    header = ("tensor", "format", "word bits", "code", "range max", "shape", "check", "decoded by", "output", "packed")
     rows = [
         (t.name if isinstance(t.name, str) and t.name.isprintable() else escape(t.name), t.format,
          str(t.word_bits), t.code, "-" if t.range_max is None else f"{t.range_max:.9g}", _dims(t.shape), t.check,
-         t.output_type, f"{t.packed_dtype} {_dims(t.packed_shape)}")
+         t.decoded_by, t.output_type, f"{t.packed_dtype} {_dims(t.packed_shape)}")
         for t in tensors
     ]
     _print_table([header, *rows])

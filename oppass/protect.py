@@ -12,6 +12,12 @@ For every protected weight the pass
    DequantizeLinear after the decode, which then produces the name);
 3. records value_info (type and shape) for every decode output.
 
+With `check="load"` the decode is not a ParityCheckUnpack node but its standard-op chain
+(oppass/standard_decode.py), listed in the metadata entry `oppass.standard_decodes`
+(schema.py); the model is first converted to opset 26 with onnx's version converter when it
+is older. Every other mode emits ParityCheckUnpack nodes (`check="load-custom"`: the node's
+`check` attribute is "load").
+
 All decode nodes go at the front of the main graph: their only inputs are initializers,
 so the node list stays topologically sorted, and weights of If/Loop subgraphs become
 outer-scope values of those subgraphs. One masked-word counter per decode can be summed
@@ -57,15 +63,26 @@ from oppass.schema import (
     FORMAT_OF_ONNX_TYPE,
     MASKED_WORDS_OUTPUT,
     MASKED_WORDS_SUM,
+    NODE_CHECKS,
     ONNX_TYPES,
+    STANDARD_DECODES_KEY,
+    STANDARD_OPS_CHECK,
     DecodeNode,
+    chain_prefix,
+    has_standard_decodes,
     make_decode_node,
+    standard_decode_chain,
+    standard_decodes_metadata,
 )
+from oppass.standard_decode import IR_VERSION, OPSET
 
 # `format="keep"`: each weight stays in its own format.
 KEEP_FORMAT = "keep"
 FORMAT_CHOICES = (KEEP_FORMAT, *(name for name, weight_format in FORMATS.items() if weight_format.converted_from_fp32))
 PER_AXIS_DEQUANTIZE_OPSET = 13
+# onnxruntime folds no node whose output exceeds this many bytes (its default
+# optimization.constant_folding_max_output_size_in_bytes).
+FOLDING_LIMIT = 2**30
 
 # Weight input index of each op type the pass can protect.
 WEIGHT_INPUT = {"Conv": 1, "ConvTranspose": 1, "ConvInteger": 1, "Gemm": 1, "MatMul": 1, "MatMulInteger": 1}
@@ -113,6 +130,7 @@ class _Protected:
     """The nodes, initializers and value_info that replace one weight; `packed` becomes its first initializer."""
 
     packed: np.ndarray
+    decode: DecodeNode
     nodes: list[onnx.NodeProto]
     initializers: list[TensorProto]
     value_info: list[onnx.ValueInfoProto]
@@ -131,6 +149,7 @@ def transform(
     inplace: bool = False,
     code: str = PARITY,
     range_check: bool = False,
+    allow_unprotected: bool = False,
 ) -> onnx.ModelProto:
     """A protected copy of `model` (see the module docstring); the input is not modified unless asked.
 
@@ -144,11 +163,12 @@ def transform(
 
     `code` is `parity` (opportunistic parity; `flip` chooses the weight, default word-lsb) or
     `secded` (SEC-DED inside each word; `flip` must be None). `range_check` adds the range
-    check to every decode node.
+    check to every decode node. A model with no weight to protect is an error, unless
+    `allow_unprotected` (then it is returned unprotected, with a warning).
     """
     protected, _ = transform_with_report(
         model, format=format, word=word, flip=flip, ops=ops, check=check, report_faults=report_faults,
-        inplace=inplace, code=code, range_check=range_check,
+        inplace=inplace, code=code, range_check=range_check, allow_unprotected=allow_unprotected,
     )
     return protected
 
@@ -165,6 +185,7 @@ def transform_with_report(
     inplace: bool = False,
     code: str = PARITY,
     range_check: bool = False,
+    allow_unprotected: bool = False,
 ) -> tuple[onnx.ModelProto, TransformReport]:
     """Like `transform`, also returning what was done to each weight."""
     options = _validated_options(format, word, flip, ops, check, report_faults, code, range_check)
@@ -177,15 +198,44 @@ def transform_with_report(
         result = source.model
     if any(node.domain == DOMAIN for graph in modelio.all_graphs(result.graph) for node in graph.node):
         raise OppassError("model is already protected (it has ai.oppass nodes)")
+    if has_standard_decodes(result):
+        raise OppassError("model is already protected (it has standard-op load checks)")
+    if options.check == STANDARD_OPS_CHECK:
+        _lift_to_standard_decode_opset(result)
     _refuse_duplicate_initializers(result)
     sites = _find_sites(result, options)
     if not sites:
-        warnings.warn(f"no weight of {', '.join(options.ops)} was found to protect: the model is written unprotected",
-                      stacklevel=2)
+        found = f"no weight of {', '.join(options.ops)} was found to protect"
+        if not allow_unprotected:
+            raise OppassError(f"{found}: nothing written (use --ops to name other op types, or --allow-unprotected "
+                              "to write the model unprotected)")
+        warnings.warn(f"{found}: the model is written unprotected", stacklevel=2)
     reports = _replace_sites(result, sites, options, source)
     if source is not None and source is not model:
         source.load_deferred()  # a model read or copied here is returned whole
     return result, TransformReport(tuple(reports))
+
+
+def _lift_to_standard_decode_opset(model: onnx.ModelProto) -> None:
+    """Converts the model in place to the opset the standard-op decode needs (BitCast), when it is older.
+
+    onnx's version converter copies tensors that are still in a file (deferred) as references,
+    so their bytes are still read one at a time.
+    """
+    from onnx import version_converter
+
+    opset = _default_opset(model)
+    if opset < OPSET:
+        try:
+            converted = version_converter.convert_version(model, OPSET)
+        except Exception as error:  # onnx raises its own and C++ exception types
+            reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+            raise OppassError(f"onnx's version converter cannot lift the model from opset {opset} to {OPSET}, which "
+                              f"the portable load check needs ({reason}): use --check load-custom (the same check "
+                              "by the oppass custom-op library, folded at load by oppass.load_session), or convert "
+                              f"the model to opset {OPSET} yourself") from None
+        model.CopyFrom(converted)
+    model.ir_version = max(model.ir_version, IR_VERSION)
 
 
 def _refuse_duplicate_initializers(model: onnx.ModelProto) -> None:
@@ -224,6 +274,10 @@ def _validated_options(
         raise OppassError(f"cannot protect op types {unknown or '(none)'}: expected some of {', '.join(WEIGHT_INPUT)}")
     narrowest = min(FORMATS, key=lambda name: FORMATS[name].bits)
     codec.word_bits(narrowest, word)  # rejects sizes no format allows; per-format limits are checked per weight
+    if check == STANDARD_OPS_CHECK and (code != PARITY or range_check):
+        option = f"--code {code}" if code != PARITY else "--range-check"
+        raise OppassError(f"{option} is not available with --check load (standard ONNX operators): use --check "
+                          "load-custom (the same load-time check by the oppass custom-op library) or --check runtime")
     return _Options(fmt, word, flip, op_types, check, report_faults, code, range_check)
 
 
@@ -409,21 +463,28 @@ def _protect(site: _Site, options: _Options, source: modelio.ModelFile | modelio
     output_type = ONNX_TYPES[target] if scales is not None else site.tensor.data_type  # bf16/fp16 of fp32: FLOAT
     masked_output = _masked_output(site, options)
     corrected_output = _corrected_name(site) if options.counts_corrections else None
-    decode = make_decode_node(DecodeNode(
-        name=f"{site.name}::op_decode",
+    standard_ops = options.check == STANDARD_OPS_CHECK
+    decode = DecodeNode(
+        name=chain_prefix(site.name),
         packed=packed_name(site.name),
         output=decode_output,
         masked_output=masked_output,
         format=target,
         word_bits=width,
         shape=tuple(stored.shape),
-        check=options.check,
+        check="load" if standard_ops else NODE_CHECKS[options.check],
         output_type=output_type,
         code=options.code,
         range_max=range_max,
         corrected_output=corrected_output,
-    ))
-    nodes, initializers = [decode], []
+        standard_ops=standard_ops,
+    )
+    if standard_ops:
+        chain = standard_decode_chain(decode)
+        nodes, initializers = chain.nodes, chain.initializers
+        _warn_if_too_large_to_fold(site.name, packed, decode)
+    else:
+        nodes, initializers = [make_decode_node(decode)], []
     value_info = [helper.make_tensor_value_info(decode_output, output_type, list(stored.shape))]
     for count in (masked_output, corrected_output):
         if count:
@@ -451,7 +512,23 @@ def _protect(site: _Site, options: _Options, source: modelio.ModelFile | modelio
         subnormals_after=_subnormals_after(stored, changed, changed_values, output_type),
         nonfinite_weights=codec.nonfinite_count(stored),
     )
-    return _Protected(packed, nodes, initializers, value_info, report)
+    return _Protected(packed, decode, nodes, initializers, value_info, report)
+
+
+def _warn_if_too_large_to_fold(name: str, packed: np.ndarray, decode: DecodeNode) -> None:
+    """Warns when onnxruntime's default folding limit would leave a standard-op chain to run on every inference.
+
+    The chain's largest value is its lane split, (lane bits / weight bits) times the packed
+    bytes, or the decoded weights (oppass/standard_decode.py).
+    """
+    lane_bits = min(decode.word_bits, 64)
+    largest = max(packed.nbytes * (lane_bits // decode.weight_format.bits),
+                  decode.weights * helper.tensor_dtype_to_np_dtype(decode.output_type).itemsize)
+    if largest > FOLDING_LIMIT:
+        warnings.warn(f"weight {name!r} is too large for onnxruntime to fold its load check at session creation "
+                      f"({largest:,} bytes in one step, the default limit is {FOLDING_LIMIT:,}): it would be checked "
+                      "on every run; use --check load-custom, or raise the session option "
+                      "optimization.constant_folding_max_output_size_in_bytes", stacklevel=2)
 
 
 def _weights(tensor: TensorProto, source: modelio.ModelFile | modelio.LazyCopy | None) -> np.ndarray:
@@ -588,11 +665,13 @@ def _replace_sites(
         tail += _count_sum([_corrected_name(site) for site in sites], CORRECTED_WORDS_OUTPUT, CORRECTED_WORDS_SUM)
     new_names = {name for site in sites for name in _new_names(site, options)}
     new_names.update(output for node in tail for output in node.output)
-    _reject_taken_names(model, new_names - {site.name for site in sites})
+    standard_prefixes = tuple(chain_prefix(site.name) for site in sites) if options.check == STANDARD_OPS_CHECK else ()
+    _reject_taken_names(model, new_names - {site.name for site in sites}, standard_prefixes)
     _remove_value_info_everywhere(model, {site.name for site in sites})
     new_nodes: list[onnx.NodeProto] = []
     value_info: list[onnx.ValueInfoProto] = []
     reports: list[TensorReport] = []
+    decodes: list[DecodeNode] = []
     for site in sites:
         replacement = _protect(site, options, source)
         _add_packed(graph, packed_name(site.name), replacement.packed)
@@ -601,6 +680,7 @@ def _replace_sites(
         new_nodes.extend(replacement.nodes)
         value_info.extend(replacement.value_info)
         reports.append(replacement.report)
+        decodes.append(replacement.decode)
     _remove_definitions(sites)
     kept_nodes = list(graph.node)
     del graph.node[:]
@@ -610,8 +690,20 @@ def _replace_sites(
         graph.output.append(helper.make_tensor_value_info(MASKED_WORDS_OUTPUT, TensorProto.INT64, []))
     if options.counts_corrections:
         graph.output.append(helper.make_tensor_value_info(CORRECTED_WORDS_OUTPUT, TensorProto.INT64, []))
-    _import_domain(model)
+    _record_standard_decodes(model, [decode for decode in decodes if decode.standard_ops])
+    if any(not decode.standard_ops for decode in decodes):
+        _import_domain(model)
     return reports
+
+
+def _record_standard_decodes(model: onnx.ModelProto, decodes: list[DecodeNode]) -> None:
+    """Sets the STANDARD_DECODES_KEY metadata entry to these chains (an entry left by a folded model goes)."""
+    for index in reversed(range(len(model.metadata_props))):
+        if model.metadata_props[index].key == STANDARD_DECODES_KEY:
+            del model.metadata_props[index]
+    if decodes:
+        entry = model.metadata_props.add()
+        entry.key, entry.value = STANDARD_DECODES_KEY, standard_decodes_metadata(decodes)
 
 
 def _import_domain(model: onnx.ModelProto) -> None:
@@ -627,15 +719,16 @@ def _import_domain(model: onnx.ModelProto) -> None:
         del model.opset_import[index]
 
 
-def _reject_taken_names(model: onnx.ModelProto, new_names: set[str]) -> None:
-    """The names the pass introduces must be new to the model."""
+def _reject_taken_names(model: onnx.ModelProto, new_names: set[str], new_prefixes: tuple[str, ...]) -> None:
+    """The names the pass introduces (`new_names`, and any starting with one of `new_prefixes`) must be new to
+    the model."""
     taken: set[str] = set()
     for graph in modelio.all_graphs(model.graph):
         taken.update(value.name for value in graph.input)
         taken.update(value.name for value in graph.output)
         taken.update(tensor.name for tensor in graph.initializer)
         taken.update(output for node in graph.node for output in node.output)
-    clashes = sorted(new_names & taken)
+    clashes = sorted((new_names & taken) | {name for name in taken if name.startswith(new_prefixes)})
     if clashes:
         raise OppassError(f"the model already uses names oppass needs: {', '.join(clashes[:3])}")
 

@@ -1,8 +1,9 @@
 """Tools for protected models: list their decode nodes (`inspect`), undo the pass (`strip`), flip stored bits
-(`inject`).
+(`inject`), tell a model whose load checks were constant-folded away (`folded_checks`).
 
 Every decode node is read through `schema.read_decode_nodes`: a tampered one is refused with
-one line that names it, exactly where the C kernel would refuse it.
+one line that names it, exactly where the C kernel would refuse it. Standard-op decode chains
+are read through `schema.read_standard_decodes`, which validates them the same way.
 """
 
 from __future__ import annotations
@@ -22,45 +23,60 @@ from oppass.schema import (
     DOMAIN,
     MASKED_WORDS_OUTPUT,
     MASKED_WORDS_SUM,
+    STANDARD_DECODES_KEY,
     DecodeNode,
     read_decode_nodes,
+    read_standard_decodes,
 )
+
+STANDARD_OPS = "standard ops"
+CUSTOM_OP = "ParityCheckUnpack"
 
 
 def inspect(model: onnx.ModelProto | str | os.PathLike) -> list[ProtectedTensor]:
-    """The protected tensors of a model, one per decode node."""
+    """The protected tensors of a model, one per decode node or standard-op chain."""
     proto = model if isinstance(model, onnx.ModelProto) else modelio.load_model(model)
     initializers = _initializers(proto)
-    return [_describe(decode, initializers[decode.packed]) for decode in read_decode_nodes(proto)]
+    return [_describe(decode, initializers[decode.packed]) for decode in _all_decodes(proto)]
+
+
+def folded_checks(model: onnx.ModelProto | str | os.PathLike) -> list[str]:
+    """The weights whose standard-op load check was constant-folded away: the model's metadata lists them as
+    protected, but their packed tensors and chains are gone (onnxsim, Polygraphy sanitize, a saved
+    onnxruntime-optimised model): they are unchecked plain weights now."""
+    proto = model if isinstance(model, onnx.ModelProto) else modelio.load_model(model)
+    return read_standard_decodes(proto).folded
 
 
 def strip(model: onnx.ModelProto | str | os.PathLike) -> onnx.ModelProto:
     """A plain copy of a protected model: decoded (unchecked) weights back as initializers (SEC-DED: with their
     stolen bits cleared, as a fault-free decode gives them)."""
     result = _working_copy(model)
-    decodes = read_decode_nodes(result)
+    standard = read_standard_decodes(result)
+    decodes = [*read_decode_nodes(result), *standard.decodes]
     if not decodes:
-        raise OppassError("model is not protected (it has no ParityCheckUnpack nodes)")
+        raise OppassError("model is not protected (it has no ParityCheckUnpack nodes or standard-op load checks)")
     graph = result.graph
     initializers = _initializers(result)
     decoded = [_decoded_initializer(decode, initializers[decode.packed]) for decode in decodes]
     counts = {name for decode in decodes for name in (decode.masked_output, decode.corrected_output) if name}
-    _remove_count_sum(graph, MASKED_WORDS_OUTPUT, MASKED_WORDS_SUM)
-    _remove_count_sum(graph, CORRECTED_WORDS_OUTPUT, CORRECTED_WORDS_SUM)
-    edit.remove_nodes(graph, lambda node: node.domain == DOMAIN)
-    edit.remove_initializers(graph, {decode.packed for decode in decodes})
+    remove_count_sums(graph, counts)
+    edit.remove_nodes(graph, lambda node: node.domain == DOMAIN or node.name in standard.nodes)
+    edit.remove_initializers(graph, {decode.packed for decode in decodes} | standard.constants)
     graph.initializer.extend(decoded)
-    edit.remove_value_info(graph, counts)
     for index in reversed(range(len(result.opset_import))):
         if result.opset_import[index].domain == DOMAIN:
             del result.opset_import[index]
+    for index in reversed(range(len(result.metadata_props))):
+        if result.metadata_props[index].key == STANDARD_DECODES_KEY:
+            del result.metadata_props[index]
     return result
 
 
 def inject(model: onnx.ModelProto | str | os.PathLike, ber: float, seed: int) -> tuple[onnx.ModelProto, int]:
     """A copy of a protected model with random bit flips in its packed weights, and the number of flips."""
     result = _working_copy(model)
-    decodes = read_decode_nodes(result)
+    decodes = _all_decodes(result)
     if not decodes:
         raise OppassError("model is not protected: there are no packed weights to inject faults into")
     initializers = _initializers(result)
@@ -79,6 +95,11 @@ def _working_copy(model: onnx.ModelProto | str | os.PathLike) -> onnx.ModelProto
     return edit.copy_model(model) if isinstance(model, onnx.ModelProto) else modelio.load_model(model)
 
 
+def _all_decodes(model: onnx.ModelProto) -> list[DecodeNode]:
+    """The model's decode nodes, then its standard-op chains, validated."""
+    return [*read_decode_nodes(model), *read_standard_decodes(model).decodes]
+
+
 def _initializers(model: onnx.ModelProto) -> dict[str, TensorProto]:
     return {tensor.name: tensor for tensor in model.graph.initializer}
 
@@ -89,12 +110,13 @@ def _describe(decode: DecodeNode, packed: TensorProto) -> ProtectedTensor:
         format=decode.format,
         word_bits=decode.word_bits,
         shape=decode.shape,
-        check=decode.check,
+        check=decode.mode,
         output_type=TensorProto.DataType.Name(decode.output_type),
         code=decode.code,
         range_max=decode.range_max,
         packed_dtype=str(helper.tensor_dtype_to_np_dtype(packed.data_type)),
         packed_shape=tuple(packed.dims),
+        decoded_by=STANDARD_OPS if decode.standard_ops else CUSTOM_OP,
     )
 
 
@@ -106,10 +128,13 @@ def _decoded_initializer(decode: DecodeNode, packed: TensorProto) -> TensorProto
     return edit.named_array(weights.astype(output_dtype, copy=False), decode.output)
 
 
-def _remove_count_sum(graph: onnx.GraphProto, total: str, prefix: str) -> None:
-    """Undoes the pass's sum of a count (masked or corrected words): its nodes, partial sums and graph output."""
-    edit.remove_nodes(graph, lambda node: edit.has_prefix(node.name, prefix))
-    for index in reversed(range(len(graph.output))):
-        if graph.output[index].name == total:
-            del graph.output[index]
-    edit.remove_value_info(graph, {info.name for info in graph.value_info if edit.has_prefix(info.name, prefix)})
+def remove_count_sums(graph: onnx.GraphProto, counts: set[str]) -> None:
+    """Undoes the pass's sums of the masked- and corrected-word counts (nodes, partial sums, graph outputs) and
+    drops the value infos of the decode nodes' own counts `counts`."""
+    for total, prefix in ((MASKED_WORDS_OUTPUT, MASKED_WORDS_SUM), (CORRECTED_WORDS_OUTPUT, CORRECTED_WORDS_SUM)):
+        edit.remove_nodes(graph, lambda node, prefix=prefix: edit.has_prefix(node.name, prefix))
+        for index in reversed(range(len(graph.output))):
+            if graph.output[index].name == total:
+                del graph.output[index]
+        edit.remove_value_info(graph, {info.name for info in graph.value_info if edit.has_prefix(info.name, prefix)})
+    edit.remove_value_info(graph, counts)

@@ -102,7 +102,11 @@ class TransformReport:
 
 @dataclass(frozen=True)
 class ProtectedTensor:
-    """One decode node of a protected model, as `inspect` reports it."""
+    """One protected tensor of a model, as `inspect` reports it.
+
+    `check` is the pass's check mode (schema.CHECK_MODES) and `decoded_by` what decodes it:
+    "standard ops" (the portable load check, any onnxruntime) or "ParityCheckUnpack" (the custom op).
+    """
 
     name: str
     format: str
@@ -114,3 +118,4 @@ class ProtectedTensor:
     range_max: float | None
     packed_dtype: str
     packed_shape: tuple[int, ...]
+    decoded_by: str

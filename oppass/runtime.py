@@ -5,16 +5,17 @@ from __future__ import annotations
 import os
 import tempfile
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import onnx
 import onnxruntime as ort
-from onnx import helper, numpy_helper
+from onnx import TensorProto, helper, numpy_helper
 
+from oppass import edit
 from oppass.errors import OppassError
 from oppass.modelio import load_model, save_model
-from oppass.schema import DOMAIN, DecodeNode, is_decode_node, read_decode_nodes
+from oppass.schema import DOMAIN, MASKED_WORDS_OUTPUT, DecodeNode, is_decode_node, read_decode_nodes
 
 LIBRARY_ENV = "OPPASS_CUSTOM_OP_LIBRARY"
 LIBRARY_NAME = "liboppass_ops.so"
@@ -29,11 +30,15 @@ def custom_op_library() -> str:
     return str(path)
 
 
-def session_options(threads: int | None = None, config: Mapping[str, str] | None = None) -> ort.SessionOptions:
-    """SessionOptions of onnxruntime with the ParityCheckUnpack library registered, `threads` intra-op
-    threads and the session config entries `config` (e.g. {"session.intra_op.allow_spinning": "0"})."""
+def session_options(
+    threads: int | None = None, config: Mapping[str, str] | None = None, *, library: bool = True
+) -> ort.SessionOptions:
+    """SessionOptions of onnxruntime with the ParityCheckUnpack library registered (unless not `library`),
+    `threads` intra-op threads and the session config entries `config` (e.g.
+    {"session.intra_op.allow_spinning": "0"})."""
     options = ort.SessionOptions()
-    options.register_custom_ops_library(custom_op_library())
+    if library:
+        options.register_custom_ops_library(custom_op_library())
     if threads is not None:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
@@ -48,6 +53,7 @@ def load_session(
     threads: int | None = None,
     config: Mapping[str, str] | None = None,
     fold_load_checks: bool = True,
+    optimize_runtime_checks: bool = True,
 ) -> ort.InferenceSession:
     """An onnxruntime session for a (protected or plain) model.
 
@@ -56,13 +62,34 @@ def load_session(
     words and corrects single flips (SEC-DED), and their results replace
     them as constant initializers: the consumers then get onnxruntime's weight
     prepacking exactly as in the unprotected model. Runtime-mode nodes are left alone.
-    `threads` and `config` are as in `session_options`.
+    With `optimize_runtime_checks`, a model whose decode nodes are all runtime-mode, of one
+    format (fp32, or bf16/fp16 decoded to float) and word size, is re-protected for this CPU:
+    its words are checked and decoded once (faulty words masked, with a warning), the plain
+    model is optimised by onnxruntime for this machine (`optimize_for_cpu`: NCHWc layout,
+    fused activations) and the weights of that graph are protected again in runtime mode, in
+    the same format and word size. The session then checks parity on every run while keeping
+    onnxruntime's fast Conv kernels. The re-protected words group the reordered weights
+    differently, so their parity adjustment may change one more LSB per word: outputs are
+    as close to the file's as the file's are to the unprotected model's, not bit-identical.
+    Other models (int8, mixed formats, already optimised ones) keep their decode nodes.
+    Standard-op load checks need nothing: onnxruntime folds them itself, and the library is
+    registered only for a model with ParityCheckUnpack nodes. `threads` and `config` are as in
+    `session_options`.
     """
     proto = model if isinstance(model, onnx.ModelProto) else load_model(model)
     decodes = read_decode_nodes(proto)  # refuses what the kernel would refuse, in one line
-    if fold_load_checks and any(decode.check == "load" for decode in decodes):
-        proto = _fold_decode_nodes(proto, decodes, threads)
-    return ort.InferenceSession(proto.SerializeToString(), session_options(threads, config))
+    optimized = _with_runtime_checks_for_this_cpu(proto, decodes, threads) if optimize_runtime_checks else None
+    if optimized is not None:
+        proto = optimized
+    elif fold_load_checks and any(decode.check == "load" for decode in decodes):
+        proto = _fold_decode_nodes(proto, decodes, threads, lambda decode: decode.check == "load")
+    options = session_options(threads, config, library=has_custom_ops(proto))
+    return ort.InferenceSession(proto.SerializeToString(), options)
+
+
+def has_custom_ops(model: onnx.ModelProto) -> bool:
+    """Whether the model's main graph has ParityCheckUnpack nodes (which need the custom-op library)."""
+    return any(is_decode_node(node) for node in model.graph.node)
 
 
 def optimize_for_cpu(model: onnx.ModelProto | str | os.PathLike) -> onnx.ModelProto:
@@ -92,10 +119,46 @@ def optimize_for_cpu(model: onnx.ModelProto | str | os.PathLike) -> onnx.ModelPr
         return load_model(options.optimized_model_filepath)
 
 
-def _fold_decode_nodes(proto: onnx.ModelProto, decodes: list[DecodeNode], threads: int | None) -> onnx.ModelProto:
-    """Runs the load-mode decode nodes once and replaces them by initializers of their outputs."""
+def _with_runtime_checks_for_this_cpu(
+    proto: onnx.ModelProto, decodes: list[DecodeNode], threads: int | None
+) -> onnx.ModelProto | None:
+    """The model re-protected in runtime mode on the graph onnxruntime optimises for this CPU (see
+    `load_session`), or None when it does not qualify."""
+    from oppass import protected_models
+    from oppass.protect import KEEP_FORMAT, RUNTIME_OPS, WEIGHT_INPUT, transform
+
+    layouts = {(decode.format, decode.word_bits, decode.output_type, decode.code, decode.range_max is not None)
+               for decode in decodes}
+    if not decodes or any(decode.check != "runtime" for decode in decodes) or len(layouts) != 1:
+        return None
+    fmt, word_bits, output_type, code, range_check = layouts.pop()
+    if fmt not in ("fp32", "bf16", "fp16") or output_type != TensorProto.FLOAT:
+        return None
+    if any((node.domain, node.op_type) in RUNTIME_OPS for node in proto.graph.node):
+        return None  # already optimised (transform --optimize-for-cpu)
+    outputs = {decode.output for decode in decodes}
+    ops = sorted({node.op_type for node in proto.graph.node if node.domain in ("", "ai.onnx")
+                  and node.op_type in WEIGHT_INPUT and set(node.input) & outputs})
+    if not ops:
+        return None
+    plain = _fold_decode_nodes(proto, decodes, threads, lambda decode: True)
+    counts = {name for decode in decodes for name in (decode.masked_output, decode.corrected_output) if name}
+    report_faults = any(output.name == MASKED_WORDS_OUTPUT for output in plain.graph.output)
+    protected_models.remove_count_sums(plain.graph, counts)
+    edit.remove_initializers(plain.graph, counts)
+    with warnings.catch_warnings():  # what the pass says about the plain model was said when it was protected
+        warnings.simplefilter("ignore")
+        return transform(optimize_for_cpu(plain), format=KEEP_FORMAT if fmt == "fp32" else fmt, word=word_bits,
+                         ops=ops, check="runtime", report_faults=report_faults, inplace=True, code=code,
+                         range_check=range_check)
+
+
+def _fold_decode_nodes(
+    proto: onnx.ModelProto, decodes: list[DecodeNode], threads: int | None, fold: Callable[[DecodeNode], bool]
+) -> onnx.ModelProto:
+    """Runs the decode nodes for which `fold` holds once and replaces them by initializers of their outputs."""
     positions = [i for i, node in enumerate(proto.graph.node) if node.domain == DOMAIN]  # where `decodes` are
-    folding = [(i, decode) for i, decode in zip(positions, decodes, strict=True) if decode.check == "load"]
+    folding = [(i, decode) for i, decode in zip(positions, decodes, strict=True) if fold(decode)]
     nodes = [proto.graph.node[i] for i, _ in folding]
     packed_names = {decode.packed for _, decode in folding}
     outputs = [name for node in nodes for name in node.output if name]

@@ -4,25 +4,43 @@ The pass builds decode nodes with `make_decode_node`; everything that reads one 
 strip, inject, load-time folding, campaigns) goes through `read_decode_node`, which accepts
 exactly the nodes the C kernel accepts (FORMAT.md, "Validation") and refuses the rest with
 an `OppassError` naming the node in plain ASCII (`escape`).
+
+The portable load check (`check="load"`) computes the same decode in standard ONNX ops
+(oppass/standard_decode.py). Its chains are described in the model's metadata entry
+STANDARD_DECODES_KEY, one record per weight with the attributes a decode node would have;
+`read_standard_decodes` validates each record as `read_decode_node` validates a node, checks
+that the graph holds exactly the chain `standard_decode` builds from it, and tells a model
+whose chains were constant-folded away (the records remain, the packed tensors are gone).
 """
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import onnx
 from onnx import AttributeProto, TensorProto, helper
 
-from oppass import codec, modelio
+from oppass import codec, modelio, standard_decode
 from oppass.errors import OppassError
 from oppass.formats import CODES, FORMATS, PARITY, SECDED, WeightFormat, word_widths
 
 DOMAIN = "ai.oppass"
 OP_TYPE = "ParityCheckUnpack"
 DOMAIN_VERSION = 1
-CHECK_MODES = ("runtime", "load", "none")
+# The pass's check modes (`transform(check=...)`, `--check`): parity checked on every run by ParityCheckUnpack,
+# once at load in standard ONNX ops (any onnxruntime, no library), once at load by ParityCheckUnpack (folded by
+# `runtime.load_session`), or never.
+CHECK_MODES = ("runtime", "load", "load-custom", "none")
+# The mode whose decode is standard ONNX ops rather than a ParityCheckUnpack node.
+STANDARD_OPS_CHECK = "load"
+# The `check` attribute of the decode node each other mode emits (docs/FORMAT.md), and back.
+NODE_CHECKS = {"runtime": "runtime", "load-custom": "load", "none": "none"}
+MODE_OF_NODE_CHECK = {node_check: mode for mode, node_check in NODE_CHECKS.items()}
+# The model metadata entry listing the standard-op decode chains (JSON, see `standard_decodes_metadata`).
+STANDARD_DECODES_KEY = "oppass.standard_decodes"
 # The graph output summing the decode nodes' masked-word counts (`transform(report_faults=True)`).
 MASKED_WORDS_OUTPUT = "oppass_masked_words"
 # Prefix of the names of the nodes and partial sums that compute it.
@@ -69,7 +87,8 @@ class DecodeNode:
     `masked_output` is None when the node has no second output (or an empty one), and
     `corrected_output` when it has no third (SEC-DED only). `range_max` is None when the node
     has no range check. A name read from a model is bytes when it is not UTF-8 (protobuf
-    gives it so); `make_decode_node` takes str.
+    gives it so); `make_decode_node` takes str. With `standard_ops`, it describes a standard-op
+    decode chain (`check` is then "load"), whose nodes are all named `<name>_<step>`.
     """
 
     name: str
@@ -84,6 +103,12 @@ class DecodeNode:
     code: str = PARITY
     range_max: float | None = None
     corrected_output: str | None = None
+    standard_ops: bool = False
+
+    @property
+    def mode(self) -> str:
+        """The pass's check mode that emits this decode (CHECK_MODES)."""
+        return STANDARD_OPS_CHECK if self.standard_ops else MODE_OF_NODE_CHECK[self.check]
 
     @property
     def weight_format(self) -> WeightFormat:
@@ -234,8 +259,8 @@ def _check_values(
     known = {name.encode(): name for name in FORMATS}
     if fmt not in known:
         raise _invalid(name, f"has format '{escape(fmt)}', expected one of {', '.join(FORMATS)}")
-    if check not in {mode.encode() for mode in CHECK_MODES}:
-        raise _invalid(name, f"has check '{escape(check)}', expected one of {', '.join(CHECK_MODES)}")
+    if check not in {node_check.encode() for node_check in NODE_CHECKS.values()}:
+        raise _invalid(name, f"has check '{escape(check)}', expected one of {', '.join(NODE_CHECKS.values())}")
     if code not in {known_code.encode() for known_code in CODES}:
         raise _invalid(name, f"has code '{escape(code)}', expected one of {', '.join(CODES)}")
     weight_format = FORMATS[known[fmt]]
@@ -286,3 +311,130 @@ def _tensor_type(data_type: int) -> str:
         return TensorProto.DataType.Name(data_type)
     except ValueError:
         return f"type {data_type}"
+
+
+# ----------------------------------------------------------------------------- standard-op decode chains
+
+# The fields of a STANDARD_DECODES_KEY record and their JSON types (bool is refused where int is meant).
+_RECORD_FIELDS: dict[str, type] = {"weight": str, "output": str, "masked": str, "format": str, "word_bits": int,
+                                   "shape": list, "output_type": int}
+
+
+@dataclass(frozen=True)
+class StandardDecodes:
+    """The standard-op decode chains a model's metadata lists: those present (validated) and those folded away.
+
+    `folded` names the weights whose record remains but whose packed tensor and chain are gone,
+    as after a constant-folding tool (onnxsim, Polygraphy sanitize, a saved onnxruntime-optimised
+    model): their weights are plain initializers again, checked no more. `nodes` and `constants`
+    hold the names of the present chains' nodes and small constant initializers.
+    """
+
+    decodes: list[DecodeNode] = field(default_factory=list)
+    folded: list[str] = field(default_factory=list)
+    nodes: set[str] = field(default_factory=set)
+    constants: set[str] = field(default_factory=set)
+
+
+def chain_prefix(weight: str) -> str:
+    """The prefix of every node, value and constant of a weight's standard-op decode chain."""
+    return f"{weight}::op_decode"
+
+
+def standard_decodes_metadata(decodes: Sequence[DecodeNode]) -> str:
+    """The STANDARD_DECODES_KEY metadata value describing these standard-op decodes."""
+    records = [{"weight": decode.name.removesuffix("::op_decode"), "output": decode.output,
+                "masked": decode.masked_output or "", "format": decode.format, "word_bits": decode.word_bits,
+                "shape": list(decode.shape), "output_type": decode.output_type} for decode in decodes]
+    return json.dumps(records, separators=(",", ":"))
+
+
+def standard_decode_chain(decode: DecodeNode) -> standard_decode.StandardDecode:
+    """The nodes and constants of the standard-op chain computing `decode` (a `standard_ops` DecodeNode);
+    refuses attribute values `read_standard_decodes` would refuse."""
+    if decode.code != PARITY or decode.range_max is not None:
+        raise _invalid(decode.name, f"has code {decode.code} or a range check, which the standard-op decode does "
+                                    "not implement")
+    _check_values(decode.name, decode.format.encode(), decode.word_bits, decode.shape, b"load", decode.output_type,
+                  PARITY.encode(), None)
+    return standard_decode.standard_decode(decode.name.removesuffix("::op_decode"), decode.packed, decode.output,
+                                           decode.format, decode.word_bits, decode.shape, decode.output_type,
+                                           decode.masked_output)
+
+
+def has_standard_decodes(model: onnx.ModelProto) -> bool:
+    """Whether the model's metadata lists a standard-op decode chain whose packed tensor is there (not folded).
+
+    Unlike `read_standard_decodes`, this reads no initializer's bytes (they may still be in a file).
+    """
+    texts = [entry.value for entry in model.metadata_props if entry.key == STANDARD_DECODES_KEY]
+    initializers = {tensor.name for tensor in model.graph.initializer}
+    return any(f"{record['weight']}::op_packed" in initializers for text in texts for record in _records(text))
+
+
+def read_standard_decodes(model: onnx.ModelProto) -> StandardDecodes:
+    """The standard-op decode chains of the model's main graph, validated (see the module docstring).
+
+    A record is refused, in one line naming its weight, where a decode node with its attributes
+    would be, or when the graph lacks a node or constant of its chain or has one that differs.
+    """
+    texts = [entry.value for entry in model.metadata_props if entry.key == STANDARD_DECODES_KEY]
+    if not texts:
+        return StandardDecodes()
+    if len(texts) > 1:
+        raise OppassError(f"metadata entry {STANDARD_DECODES_KEY} appears {len(texts)} times")
+    records = _records(texts[0])
+    initializers = {tensor.name: tensor for tensor in model.graph.initializer}
+    nodes = {node.name: node for node in model.graph.node}
+    found = StandardDecodes()
+    seen: set[str] = set()
+    for record in records:
+        weight = record["weight"]
+        decode = DecodeNode(chain_prefix(weight), f"{weight}::op_packed", record["output"], record["masked"] or None,
+                            record["format"], record["word_bits"], tuple(record["shape"]), "load",
+                            record["output_type"], standard_ops=True)
+        if decode.name in seen:
+            raise _invalid(decode.name, f"is listed more than once in metadata entry {STANDARD_DECODES_KEY}")
+        seen.add(decode.name)
+        _check_values(decode.name, decode.format.encode(), decode.word_bits, decode.shape, b"load",
+                      decode.output_type, PARITY.encode(), None)
+        if decode.packed not in initializers and not any(name.startswith(decode.name) for name in nodes):
+            found.folded.append(decode.output)
+            continue
+        _check_packed(decode, initializers.get(decode.packed))
+        chain = standard_decode_chain(decode)
+        for node in chain.nodes:
+            if node.name not in nodes or nodes[node.name].SerializeToString() != node.SerializeToString():
+                raise _invalid(decode.name, f"is not the standard-op chain its record describes: node "
+                                            f"'{escape(node.name)}' is missing or differs")
+        for constant in chain.initializers:
+            tensor = initializers.get(constant.name)
+            if tensor is None or tensor.SerializeToString() != constant.SerializeToString():
+                raise _invalid(decode.name, f"is not the standard-op chain its record describes: constant "
+                                            f"'{escape(constant.name)}' is missing or differs")
+        found.decodes.append(decode)
+        found.nodes.update(node.name for node in chain.nodes)
+        found.constants.update(constant.name for constant in chain.initializers)
+    return found
+
+
+def _records(text: str) -> list[dict]:
+    """The records of a STANDARD_DECODES_KEY entry, each with every field of its JSON type."""
+    problem = f"metadata entry {STANDARD_DECODES_KEY} is not a list of standard-op decode records"
+    try:
+        records = json.loads(text)
+    except ValueError:
+        raise OppassError(f"{problem} (not JSON)") from None
+    if not isinstance(records, list):
+        raise OppassError(problem)
+    for record in records:
+        if not isinstance(record, dict) or set(record) != set(_RECORD_FIELDS):
+            raise OppassError(f"{problem}: each needs the fields {', '.join(_RECORD_FIELDS)}")
+        for name, wanted in _RECORD_FIELDS.items():
+            value = record[name]
+            if not isinstance(value, wanted) or isinstance(value, bool):
+                raise OppassError(f"{problem}: field {name} of weight '{escape(str(record['weight']))}' is not "
+                                  f"a {wanted.__name__}")
+        if not all(isinstance(dim, int) and not isinstance(dim, bool) for dim in record["shape"]):
+            raise OppassError(f"{problem}: the shape of weight '{escape(record['weight'])}' is not a list of ints")
+    return records

@@ -64,8 +64,10 @@ def test_paper_cnn_runtime_check_equals_adjusted_reference(paper_cnn: onnx.Model
     assert_matches_adjusted_reference(paper_cnn, random_feeds(paper_cnn, (1, 3, 224, 224)))
 
 
-def test_paper_cnn_load_check_equals_adjusted_reference_with_default_options(paper_cnn: onnx.ModelProto) -> None:
-    protected = protect.transform(paper_cnn, check="load")
+@pytest.mark.parametrize("check", ["load", "load-custom"])
+def test_paper_cnn_load_check_equals_adjusted_reference_with_default_options(paper_cnn: onnx.ModelProto,
+                                                                             check: str) -> None:
+    protected = protect.transform(paper_cnn, check=check)
     reference = adjusted_reference(paper_cnn, protected_names(protected), "keep", str(WORD_BITS), "word-lsb")
     feeds = random_feeds(paper_cnn, (2, 3, 224, 224))
     expected = ort.InferenceSession(reference.SerializeToString()).run(None, feeds)[0]
@@ -115,7 +117,7 @@ def test_digits_cnn_equals_adjusted_reference(digits: tuple[onnx.ModelProto, np.
     assert_matches_adjusted_reference(model, {"image": inputs})
 
 
-@pytest.mark.parametrize("check", ["runtime", "load"])
+@pytest.mark.parametrize("check", ["runtime", "load", "load-custom"])
 def test_load_session_applies_threads_and_config_entries(digits: tuple[onnx.ModelProto, np.ndarray, np.ndarray],
                                                          check: str) -> None:
     model, inputs, _ = digits

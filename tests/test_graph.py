@@ -120,7 +120,7 @@ def test_fault_free_output_equals_original_with_adjusted_weights(
     ("conv_integer_model", ("ci.w",)),
     ("if_model", ("outer.w", "inner.w")),
 ])
-@pytest.mark.parametrize("check", schema.CHECK_MODES[:2])
+@pytest.mark.parametrize("check", schema.CHECK_MODES[:3])
 def test_special_models_match_their_adjusted_reference(
     fixture_name: str, names: tuple[str, ...], check: str, custom_op_library: str, request: pytest.FixtureRequest
 ) -> None:
@@ -144,10 +144,11 @@ def adjusted_constant_reference(model: onnx.ModelProto) -> onnx.ModelProto:
     return copy
 
 
+@pytest.mark.parametrize("check", ["load", "load-custom"])
 def test_load_check_folds_to_the_reference_with_default_options(
-    cnn_model: onnx.ModelProto, custom_op_library: str
+    check: str, cnn_model: onnx.ModelProto, custom_op_library: str
 ) -> None:
-    protected = protect.transform(cnn_model, check="load")
+    protected = protect.transform(cnn_model, check=check)
     reference = adjusted_reference(cnn_model, CNN_WEIGHTS, "keep", "64", "word-lsb")
     feeds = feeds_for(cnn_model)
     expected = ort.InferenceSession(reference.SerializeToString()).run(None, feeds)[0]
@@ -218,8 +219,8 @@ def test_initializer_that_is_a_graph_input_is_skipped_with_a_warning(
 def test_weight_without_a_format_is_skipped_under_keep_and_an_error_when_explicit() -> None:
     model = make_model([helper.make_node("MatMul", ["x", "w64"], ["y"])], {"w64": np.ones([6, 2])},
                        output_shape=["batch", 3, 6, 2], element_type=TensorProto.DOUBLE)
-    with pytest.warns(UserWarning, match="'w64'.*DOUBLE"):
-        protected = protect.transform(model, ops=["MatMul"])
+    with pytest.warns(UserWarning, match="'w64'.*DOUBLE"), pytest.warns(UserWarning, match="written unprotected"):
+        protected = protect.transform(model, ops=["MatMul"], allow_unprotected=True)
     assert not decode_nodes(protected)
     with pytest.raises(OppassError, match="'w64'.*DOUBLE.*fp16"):
         protect.transform(model, ops=["MatMul"], format="fp16")
@@ -228,7 +229,8 @@ def test_weight_without_a_format_is_skipped_under_keep_and_an_error_when_explici
 def test_zero_size_weights_are_skipped() -> None:
     model = make_model([helper.make_node("MatMul", ["x", "empty.w"], ["y"])], {"empty.w": np.zeros([6, 0], np.float32)},
                        output_shape=["batch", 3, 6, 0])
-    assert not decode_nodes(protect.transform(model, ops=["MatMul"]))
+    with pytest.warns(UserWarning, match="weight of MatMul was found"):
+        assert not decode_nodes(protect.transform(model, ops=["MatMul"], allow_unprotected=True))
 
 
 def test_int8_inserts_per_channel_dequantize_on_the_output_axis(cnn_model: onnx.ModelProto) -> None:
@@ -268,7 +270,8 @@ def test_more_op_types_through_ops() -> None:
              helper.make_node("ConvTranspose", ["m", "ct.w"], ["y"])]
     model = make_model(nodes, {"mm.w": weights([6, 5], 15), "ct.w": weights([3, 2, 2, 2], 16)},
                        output_shape=["batch", 2, 7, 6])
-    assert not decode_nodes(protect.transform(model))
+    with pytest.raises(OppassError, match="no weight of Conv, Gemm was found to protect"):
+        protect.transform(model)
     tensors = protected_models.inspect(protect.transform(model, ops=["MatMul", "ConvTranspose"]))
     assert [tensor.name for tensor in tensors] == ["mm.w", "ct.w"]
 
@@ -488,7 +491,7 @@ def test_saved_files_hold_the_bytes_protobuf_would_write(
 ) -> None:
     monkeypatch.setattr(modelio.writer, "EXTERNAL_THRESHOLD", 0)  # stream every initializer's raw data
     model = request.getfixturevalue(fixture_name)
-    for proto in (model, protected_quietly(model)):
+    for proto in (model, protected_quietly(model, ops=model_ops(fixture_name))):
         modelio.save_model(proto, tmp_path / "model.onnx")
         assert (tmp_path / "model.onnx").read_bytes() == proto.SerializeToString()
 
@@ -518,13 +521,14 @@ def test_protecting_a_file_in_place_writes_what_protecting_the_proto_gives(
     model = request.getfixturevalue(fixture_name)
     path = tmp_path / "model.onnx"
     onnx.save_model(model, path)
-    expected = protected_quietly(model, report_faults=True).SerializeToString()
+    expected = protected_quietly(model, ops=model_ops(fixture_name), report_faults=True).SerializeToString()
     source = modelio.read_model(path, defer=True)
-    protected = protected_quietly(source, report_faults=True)
+    protected = protected_quietly(source, ops=model_ops(fixture_name), report_faults=True)
     assert protected is source.model
     modelio.save_model(protected, tmp_path / "out.onnx", source=source)
     assert (tmp_path / "out.onnx").read_bytes() == expected
-    assert protected_quietly(path, report_faults=True).SerializeToString() == expected  # a path: the whole model
+    from_path = protected_quietly(path, ops=model_ops(fixture_name), report_faults=True)  # a path: the whole model
+    assert from_path.SerializeToString() == expected
 
 
 def test_inplace_protects_the_given_proto(cnn_model: onnx.ModelProto) -> None:

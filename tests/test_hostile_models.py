@@ -22,6 +22,7 @@ from conftest import INPUT_SHAPE, make_model, weights
 from onnx import TensorProto, helper, numpy_helper
 from references import adjusted_reference, plain_options
 
+import oppass
 from oppass import cli, modelio, protect, protected_models
 
 
@@ -262,12 +263,30 @@ def test_duplicate_initializer_names_are_an_error(tmp_path: Path, capsys: pytest
                       "initializer 'w' is defined more than once")
 
 
-def test_a_graph_with_nothing_to_protect_is_written_with_a_warning(tmp_path: Path,
-                                                                    capsys: pytest.CaptureFixture) -> None:
+@pytest.mark.parametrize(("make", "ops"), [(empty_graph_model, "Conv,Gemm"), (lambda: conv_model(17), "Gemm")])
+def test_a_model_with_nothing_to_protect_is_an_error(make: Callable[[], onnx.ModelProto], ops: str, tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture) -> None:
+    model = write(make(), tmp_path / "model.onnx")
+    assert_user_error(["transform", str(model), str(tmp_path / "out.onnx"), "--ops", ops, "--no-verify"], tmp_path,
+                      capsys, f"no weight of {ops.replace(',', ', ')} was found to protect: nothing written")
+
+
+def test_the_api_refuses_a_model_with_nothing_to_protect() -> None:
+    model = conv_model(17)
+    with pytest.raises(oppass.OppassError, match="--allow-unprotected"):
+        protect.transform(model, ops=["Gemm"])
+    assert len(model.graph.initializer) == 1 and model.graph.initializer[0].name == "w"
+
+
+def test_allow_unprotected_writes_the_model_with_a_warning(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     model = write(empty_graph_model(), tmp_path / "empty_graph.onnx")
-    assert cli.main(["transform", str(model), str(tmp_path / "out.onnx"), "--no-verify"]) == 0
-    assert "oppass: warning: no weight" in capsys.readouterr().err
+    assert cli.main(["transform", str(model), str(tmp_path / "out.onnx"), "--no-verify", "--allow-unprotected"]) == 0
+    assert "oppass: warning: no weight of Conv, Gemm was found to protect: the model is written unprotected" in \
+        capsys.readouterr().err
     assert not protected_models.inspect(tmp_path / "out.onnx")
+    with pytest.warns(UserWarning, match="written unprotected"):
+        unprotected = protect.transform(conv_model(17), ops=["Gemm"], allow_unprotected=True)
+    assert not protected_models.inspect(unprotected)
 
 
 @pytest.mark.parametrize(("name", "make"), [
@@ -278,12 +297,14 @@ def test_a_graph_with_nothing_to_protect_is_written_with_a_warning(tmp_path: Pat
     ("conv inside a Loop body", loop_model),
 ])
 @pytest.mark.parametrize("word", ["64", "256"])
-def test_unusual_models_protect_correctly(name: str, make: Callable[[], onnx.ModelProto], word: str,
+@pytest.mark.parametrize("check", ["runtime", "load"])
+def test_unusual_models_protect_correctly(name: str, make: Callable[[], onnx.ModelProto], word: str, check: str,
                                          tmp_path: Path) -> None:
     model = make()
     source = write(model, tmp_path / "model.onnx")
     destination = tmp_path / "protected.onnx"
-    assert cli.main(["transform", str(source), str(destination), "--word", word, "--no-verify"]) == 0
+    assert cli.main(["transform", str(source), str(destination), "--word", word, "--check", check,
+                     "--no-verify"]) == 0
     protected = onnx.load(destination)
     onnx.checker.check_model(protected, full_check=True)
     names = tuple(t.name for t in protected_models.inspect(protected))

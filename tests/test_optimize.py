@@ -86,3 +86,40 @@ def test_a_flipped_exponent_bit_is_masked(optimized: onnx.ModelProto, images: np
 def test_a_protected_model_is_refused(optimized: onnx.ModelProto) -> None:
     with pytest.raises(OppassError, match="already protected"):
         runtime.optimize_for_cpu(protect.transform(optimized))
+
+
+# ----------------------------------------------------------------------------- load_session re-protects for this CPU
+
+
+def test_load_session_reprotects_a_runtime_model_on_the_graph_optimised_for_this_cpu(images: np.ndarray) -> None:
+    protected = protect.transform(onnx.load(DIGITS_MODEL), report_faults=True)
+    decodes = schema.read_decode_nodes(protected)
+    reprotected = runtime._with_runtime_checks_for_this_cpu(protected, decodes, None)
+    assert reprotected is not None
+    consumers = weight_consumers(reprotected)
+    assert any(n.domain != "" for n in consumers), "onnxruntime rewrote no Conv or Gemm: nothing new is tested"
+    decoded = {d.output for d in schema.read_decode_nodes(reprotected) if d.check == "runtime"}
+    assert all(n.input[1] in decoded for n in consumers)
+    session = runtime.load_session(protected)
+    unoptimized = runtime.load_session(protected, optimize_runtime_checks=False)
+    logits, masked = session.run(None, {"image": images})
+    expected, _ = unoptimized.run(None, {"image": images})
+    np.testing.assert_allclose(logits, expected, rtol=1e-4, atol=1e-4)
+    assert int(masked) == 0 and (logits.argmax(1) == expected.argmax(1)).mean() > 0.99
+
+
+def test_load_session_masks_a_stored_fault_when_it_reprotects(images: np.ndarray) -> None:
+    protected = protect.transform(onnx.load(DIGITS_MODEL), report_faults=True)
+    tensor = next(t for t in protected.graph.initializer if t.name.endswith("::op_packed"))
+    raw = bytearray(tensor.raw_data)
+    raw[0] ^= 0x40  # bit 6 of the first word: a mantissa bit of its first weight
+    tensor.raw_data = bytes(raw)
+    with pytest.warns(UserWarning, match="1 corrupted weight words were masked at load"):
+        session = runtime.load_session(protected)
+    assert int(session.run(None, {"image": images})[1]) == 0  # masked at load; the new words are clean
+
+
+@pytest.mark.parametrize("options", [{"format": "int8"}, {"check": "load-custom"}])
+def test_load_session_keeps_decode_nodes_it_cannot_reprotect(options: dict) -> None:
+    protected = protect.transform(onnx.load(DIGITS_MODEL), **options)
+    assert runtime._with_runtime_checks_for_this_cpu(protected, schema.read_decode_nodes(protected), None) is None

@@ -295,7 +295,7 @@ print(json.dumps({"seconds": time.perf_counter() - start, "peak_mib": peak_mib()
 def load_cost(args: argparse.Namespace) -> None:
     """Session creation time and peak RSS in fresh subprocesses, the variants alternating.
 
-    With `--library`, the ParityCheckUnpack load mode (`oppass.protect.transform(check="load")`,
+    With `--library`, the ParityCheckUnpack load mode (`oppass.protect.transform(check="load-custom")`,
     the kernel decoding at kernel creation) is measured too, in a session with the library.
     """
     baseline, protected, _ = protect(onnx.load(args.model), args.format, args.word, False)
@@ -304,7 +304,7 @@ def load_cost(args: argparse.Namespace) -> None:
         from oppass import protect as oppass_protect
 
         variants["custom-op"] = oppass_protect.transform(onnx.load(args.model), format=args.format, word=args.word,
-                                                ops=WEIGHT_OPS, check="load")
+                                                ops=WEIGHT_OPS, check="load-custom")
     with tempfile.TemporaryDirectory() as folder:
         paths = {}
         for label, model in variants.items():
