@@ -8,6 +8,7 @@ are read through `schema.read_standard_decodes`, which validates them the same w
 
 from __future__ import annotations
 
+import functools
 import os
 
 import numpy as np
@@ -128,11 +129,15 @@ def _decoded_initializer(decode: DecodeNode, packed: TensorProto) -> TensorProto
     return edit.named_array(weights.astype(output_dtype, copy=False), decode.output)
 
 
+def _named_with_prefix(prefix: str, node: onnx.NodeProto) -> bool:
+    return edit.has_prefix(node.name, prefix)
+
+
 def remove_count_sums(graph: onnx.GraphProto, counts: set[str]) -> None:
     """Undoes the pass's sums of the masked- and corrected-word counts (nodes, partial sums, graph outputs) and
     drops the value infos of the decode nodes' own counts `counts`."""
     for total, prefix in ((MASKED_WORDS_OUTPUT, MASKED_WORDS_SUM), (CORRECTED_WORDS_OUTPUT, CORRECTED_WORDS_SUM)):
-        edit.remove_nodes(graph, lambda node, prefix=prefix: edit.has_prefix(node.name, prefix))
+        edit.remove_nodes(graph, functools.partial(_named_with_prefix, prefix))
         for index in reversed(range(len(graph.output))):
             if graph.output[index].name == total:
                 del graph.output[index]

@@ -16,6 +16,8 @@ from references import adjusted_reference, initializer, plain_options, with_weig
 from oppass import cli, codec, faults, formats, protect, protected_models, runtime, schema
 from oppass.errors import OppassError
 
+# The check modes the custom op implements (the standard-op load check has no code but parity and no range check).
+CUSTOM_OP_CHECKS = [mode for mode in schema.CHECK_MODES if mode != schema.STANDARD_OPS_CHECK]
 CODE_VECTORS = [case for case in json.loads((Path(__file__).parent / "vectors" / "code_vectors.json").read_text())
                 if "error" not in case]
 
@@ -57,7 +59,7 @@ def test_secded_stores_the_codec_encoding_and_reports_its_rounding(
     assert report.range_checked == (len(CNN_WEIGHTS) if range_check else 0)
 
 
-@pytest.mark.parametrize("check", schema.CHECK_MODES)
+@pytest.mark.parametrize("check", CUSTOM_OP_CHECKS)
 def test_parity_range_check_stores_the_maximum_after_the_parity_adjustment(
     cnn_model: onnx.ModelProto, check: str
 ) -> None:
@@ -235,7 +237,7 @@ def vector_model(case: dict, check: str) -> tuple[onnx.ModelProto, int]:
     return model, output_type
 
 
-@pytest.mark.parametrize("check", ["runtime", "load"])
+@pytest.mark.parametrize("check", ["runtime", "load"])  # the node attribute
 @pytest.mark.parametrize("case", CODE_VECTORS, ids=[case["name"] for case in CODE_VECTORS])
 def test_kernel_matches_code_vectors(case: dict, check: str, custom_op_library: str) -> None:
     model, output_type = vector_model(case, check)
@@ -252,7 +254,7 @@ def test_kernel_matches_code_vectors(case: dict, check: str, custom_op_library: 
 
 @pytest.mark.parametrize("fmt", ["keep", "fp16", "bf16", "int8"])
 @pytest.mark.parametrize("word", ["64", "512"])
-@pytest.mark.parametrize("check", ["runtime", "load"])
+@pytest.mark.parametrize("check", ["runtime", "load-custom"])
 def test_fault_free_secded_output_equals_the_original_with_rounded_weights(
     cnn_model: onnx.ModelProto, custom_op_library: str, fmt: str, word: str, check: str
 ) -> None:
@@ -264,7 +266,7 @@ def test_fault_free_secded_output_equals_the_original_with_rounded_weights(
 def test_load_folding_of_a_secded_model_equals_the_reference(
     cnn_model: onnx.ModelProto, custom_op_library: str
 ) -> None:
-    protected = protect.transform(cnn_model, check="load", code="secded", range_check=True)
+    protected = protect.transform(cnn_model, check="load-custom", code="secded", range_check=True)
     reference = adjusted_reference(cnn_model, CNN_WEIGHTS, "keep", "64", None, code="secded")
     expected = ort.InferenceSession(reference.SerializeToString()).run(None, feeds())[0]
     assert runtime.load_session(protected).run(None, feeds())[0].tobytes() == expected.tobytes()
@@ -339,7 +341,7 @@ def test_transform_command_shows_the_secded_drift(
 def test_load_folding_warns_about_masked_and_corrected_words(
     cnn_model: onnx.ModelProto, custom_op_library: str
 ) -> None:
-    protected = protect.transform(cnn_model, check="load", code="secded", report_faults=True)
+    protected = protect.transform(cnn_model, check="load-custom", code="secded", report_faults=True)
     faulty = onnx.ModelProto()
     faulty.CopyFrom(protected)
     packed = initializer(faulty, "fc1.w::op_packed").copy()
@@ -354,3 +356,9 @@ def test_load_folding_warns_about_masked_and_corrected_words(
     names = [output.name for output in session.get_outputs()]
     counts = dict(zip(names, session.run(None, feeds()), strict=True))
     assert (counts[schema.MASKED_WORDS_OUTPUT], counts[schema.CORRECTED_WORDS_OUTPUT]) == (1, 2)
+
+
+@pytest.mark.parametrize(("code", "range_check"), [("secded", False), ("parity", True), ("secded", True)])
+def test_standard_op_load_check_refuses_codes_it_does_not_implement(cnn_model, code, range_check):
+    with pytest.raises(OppassError, match="not available with --check load .*--check load-custom"):
+        protect.transform(cnn_model, check="load", code=code, range_check=range_check)
