@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,9 +78,18 @@ class ImageFolderDataset:
         self.files = [image for image, _ in files]
         self.labels = np.array([label for _, label in files], dtype=np.int64)
         self.size = len(self.files)
-        listing = "\n".join(str(image.relative_to(root)) for image in self.files)
-        self.identity = f"images:{hashlib.sha256(listing.encode()).hexdigest()}"
+        self.root = root
         self._crops: dict[int, np.ndarray] = {}
+
+    @functools.cached_property
+    def identity(self) -> str:
+        """SHA-256 of each image's path under the root and of its bytes (computed when first asked)."""
+        digest = hashlib.sha256()
+        for image in self.files:
+            digest.update(f"{image.relative_to(self.root)}\0".encode())
+            with image.open("rb") as stream:
+                digest.update(hashlib.file_digest(stream, "sha256").digest())
+        return f"images:{digest.hexdigest()}"
 
     def inputs(self, indices: np.ndarray) -> np.ndarray:
         """The normalised [N, 3, CROP, CROP] float32 crops of the images at `indices`."""
@@ -112,7 +122,8 @@ def _npz_dataset(path: Path) -> ArrayDataset:
         labels = arrays["labels"].astype(np.int64) if "labels" in arrays else None
     if labels is not None and labels.shape != (values.shape[0],):
         raise OppassError(f"{path}: 'labels' must have one entry per input, got {labels.shape} for {values.shape[0]}")
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    with path.open("rb") as stream:
+        digest = hashlib.file_digest(stream, "sha256").hexdigest()
     return ArrayDataset(values, labels, f"npz:{digest}")
 
 

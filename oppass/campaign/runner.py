@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +18,7 @@ from oppass.campaign.records import TrialRecord
 from oppass.campaign.scheduler import execute, tasks
 from oppass.campaign.store import Store
 from oppass.campaign.summary import BerzadRow, ConditionSummary, berzad_rows, summarize, table2
-from oppass.campaign.worker import Workload
+from oppass.campaign.worker import Workload, model_digest
 from oppass.errors import OppassError
 
 TOP5_CLASSES = 5
@@ -98,7 +97,7 @@ def make_plan(config: CampaignConfig) -> Plan:
     metric = _usable_metric(config.metric, dataset, _class_count(config.model, dataset), notes)
     if config.batch_study and metric == "golden":
         notes.append("the batch-size study needs labels: skipped")
-    digest = hashlib.sha256(Path(config.model).read_bytes()).hexdigest()
+    digest = model_digest(config.model)  # the model file and its external data
     workload = Workload(str(Path(config.model).resolve()), digest, config.data, config.seed, batch_size, metric)
     identity = {
         "model_sha256": digest,
