@@ -275,7 +275,7 @@ def _save_with_external_data(model: onnx.ModelProto, destination: Path, reader: 
         stand_in = copy_without(tensor, EXTERNAL_FIELDS if _stored_by(tensor, reader) else ("raw_data",))
         moved.append((tensor, stand_in))
         items.append(stand_in)
-    moved.extend((tensor, tensor) for tensor in all_tensors(copy)
+    moved.extend((tensor, tensor) for tensor in all_tensors(copy, everywhere=False)  # the rest stay inline
                  if tensor.HasField("raw_data") and len(tensor.raw_data) >= EXTERNAL_THRESHOLD)
     spans: list[tuple[onnx.TensorProto, int, int]] = []
     data_temporary = files.write_temporary(data_slots(destination)[0],
