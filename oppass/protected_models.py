@@ -20,8 +20,8 @@ from oppass.schema import DOMAIN, MASKED_WORDS_OUTPUT, MASKED_WORDS_SUM, DecodeN
 
 
 def inspect(model: onnx.ModelProto | str | os.PathLike) -> list[ProtectedTensor]:
-    """The protected tensors of a model, one per decode node."""
-    proto = model if isinstance(model, onnx.ModelProto) else modelio.load_model(model)
+    """The protected tensors of a model, one per decode node (of a file, only the attributes and dims are read)."""
+    proto = model if isinstance(model, onnx.ModelProto) else modelio.read_model(model, defer=True).model
     initializers = _initializers(proto)
     return [_describe(decode, initializers[decode.packed]) for decode in read_decode_nodes(proto)]
 

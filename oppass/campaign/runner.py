@@ -6,9 +6,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 
-from oppass import modelio
+from oppass import modelio, runtime
 from oppass.campaign import export
 from oppass.campaign.batch_study import batch_size_study
 from oppass.campaign.config import CampaignConfig, Condition, ber_grid, conditions
@@ -128,7 +127,7 @@ def _usable_metric(metric: str, dataset: Dataset, classes: int, notes: list[str]
 
 def _class_count(model: Path, dataset: Dataset) -> int:
     """Size of the last axis of the model's first output, from one fault-free inference."""
-    session = ort.InferenceSession(modelio.load_model(model).SerializeToString(), providers=["CPUExecutionProvider"])
+    session = runtime.open_session(modelio.load_model(model))
     feeds = {session.get_inputs()[0].name: dataset.inputs(np.arange(1))}
     (output,) = session.run([session.get_outputs()[0].name], feeds)
     return int(output.shape[-1])

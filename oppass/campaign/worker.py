@@ -85,7 +85,7 @@ class VariantSession:
         self._values = [ort.OrtValue.ortvalue_from_numpy(buffer) for buffer in self.weights.buffers]
         for decode, value in zip(decoders, self._values, strict=True):
             options.add_initializer(decode.packed, value)
-        self.session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        self.session = runtime.open_session(model, options)
         initializer_names = set(initializers)
         self.input_name = next(i.name for i in model.graph.input if i.name not in initializer_names)
         self.output_name = model.graph.output[0].name
