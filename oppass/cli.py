@@ -44,6 +44,7 @@ BROKEN_PIPE_STATUS = 141  # 128 + SIGPIPE, as a shell reports it
 SIGNAL_STATUS = 128  # plus the signal's number, as a shell reports a process killed by it
 INTERRUPTING_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 DRIFT_SEED = 0
+ORT_ERRORS_ONLY = 3  # onnxruntime's log severity for the drift check: its warnings (unused initializers) are noise
 
 
 @dataclass(frozen=True)
@@ -239,7 +240,9 @@ def output_drift(original: ModelSource, protected: ModelSource) -> Drift:
 
     from oppass import runtime
 
-    plain = ort.InferenceSession(_session_input(original))
+    quiet = ort.SessionOptions()
+    quiet.log_severity_level = ORT_ERRORS_ONLY
+    plain = ort.InferenceSession(_session_input(original), quiet)
     feeds = _random_feeds(plain.get_inputs(), np.random.default_rng(DRIFT_SEED))
     names = [output.name for output in plain.get_outputs()]
     expected = plain.run(names, feeds)
@@ -247,7 +250,9 @@ def output_drift(original: ModelSource, protected: ModelSource) -> Drift:
     if isinstance(protected, onnx.ModelProto):
         guarded = runtime.load_session(protected)
     else:  # decode nodes run in the session whatever their check mode: same outputs as load-time folding
-        guarded = ort.InferenceSession(_session_input(protected), runtime.session_options())
+        options = runtime.session_options()
+        options.log_severity_level = ORT_ERRORS_ONLY
+        guarded = ort.InferenceSession(_session_input(protected), options)
     actual = guarded.run(names, feeds)
     differences, largest = [0.0], [0.0]
     for reference, value in zip(expected, actual, strict=True):

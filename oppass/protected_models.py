@@ -49,6 +49,8 @@ def strip(model: onnx.ModelProto | str | os.PathLike) -> onnx.ModelProto:
 
 def inject(model: onnx.ModelProto | str | os.PathLike, ber: float, seed: int) -> tuple[onnx.ModelProto, int]:
     """A copy of a protected model with random bit flips in its packed weights, and the number of flips."""
+    if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or seed < 0:
+        raise OppassError(f"the seed must be a non-negative integer, got {seed!r}")
     result = _working_copy(model)
     decodes = read_decode_nodes(result)
     if not decodes:

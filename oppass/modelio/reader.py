@@ -238,6 +238,8 @@ def _check_external_data(model: onnx.ModelProto, model_path: Path, deferred: fro
 
 
 def _external_info(tensor: onnx.TensorProto) -> external_data_helper.ExternalDataInfo:
+    if any(not isinstance(entry.key, str) or not isinstance(entry.value, str) for entry in tensor.external_data):
+        raise OppassError(f"external data of tensor {tensor.name!r} has a key or value that is not UTF-8 text")
     try:
         return external_data_helper.ExternalDataInfo(tensor)
     except ValueError as error:
@@ -259,8 +261,10 @@ def _open_data_file(root: Path, location: str, tensor_name: str) -> BinaryIO:
     """
     if "\0" in location:
         raise OppassError(f"external data of tensor {tensor_name!r} has an invalid location: {_short(repr(location))}")
+    # protobuf gives a name that is not UTF-8 as bytes; onnx's C++ side wants text for its messages
+    name = tensor_name if isinstance(tensor_name, str) else bytes(tensor_name).decode("utf-8", "backslashreplace")
     try:
-        descriptor = external_data_helper._open_external_data_fd(str(root), location, tensor_name, True)
+        descriptor = external_data_helper._open_external_data_fd(str(root), location, name, True)
     except (onnx.checker.ValidationError, OSError, RuntimeError, ValueError) as error:
         raise OppassError(f"external data of tensor {tensor_name!r} is refused ({_short(_first_line(error))}): "
                           "it must be a regular file inside the model's folder") from None
