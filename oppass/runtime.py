@@ -11,12 +11,16 @@ from pathlib import Path
 import onnx
 import onnxruntime as ort
 from onnx import helper, numpy_helper
+from onnxruntime.capi import onnxruntime_pybind11_state as ort_errors
 
 from oppass import modelio
 from oppass.errors import OppassError
 from oppass.modelio import PROTOBUF_LIMIT, is_protobuf_file, load_model, read_model, save_model
 from oppass.schema import DOMAIN, DecodeNode, is_decode_node, read_decode_nodes
 
+# What running a session on bad feeds raises: onnxruntime's own errors, and numpy-to-tensor conversions.
+RUN_ERRORS = (ort_errors.Fail, ort_errors.InvalidArgument, ort_errors.InvalidGraph, ort_errors.RuntimeException,
+              ort_errors.NotImplemented, RuntimeError, ValueError, TypeError)
 LIBRARY_ENV = "OPPASS_CUSTOM_OP_LIBRARY"
 LIBRARY_NAME = "liboppass_ops.so"
 

@@ -126,11 +126,19 @@ def _usable_metric(metric: str, dataset: Dataset, classes: int, notes: list[str]
 
 
 def _class_count(model: Path, dataset: Dataset) -> int:
-    """Size of the last axis of the model's first output, from one fault-free inference."""
+    """Size of the last axis of the model's first output, from one fault-free inference; checks the labels."""
     session = runtime.open_session(modelio.load_model(model))
     feeds = {session.get_inputs()[0].name: dataset.inputs(np.arange(1))}
-    (output,) = session.run([session.get_outputs()[0].name], feeds)
-    return int(output.shape[-1])
+    try:
+        (output,) = session.run([session.get_outputs()[0].name], feeds)
+    except runtime.RUN_ERRORS as error:
+        raise OppassError(f"the model cannot run on the data's inputs ({str(error).strip().splitlines()[0][:300]})") \
+            from None
+    classes = int(output.shape[-1]) if output.ndim else 1
+    if dataset.labels is not None and dataset.labels.size and int(dataset.labels.max()) >= classes:
+        raise OppassError(f"the data has label {int(dataset.labels.max())} but the model has {classes} classes "
+                          f"(labels must be 0..{classes - 1})")
+    return classes
 
 
 def _run_batch_study(store: Store, workload: Workload, formats: tuple[str, ...]) -> None:

@@ -119,7 +119,12 @@ def copy_fields(source: Message, target: Message, skipped: tuple[str, ...]) -> N
     for descriptor, value in source.ListFields():
         if descriptor.name in skipped:
             continue
-        if descriptor.is_repeated:
+        if descriptor.type == FieldDescriptor.TYPE_STRING and _any_bytes(value, descriptor.is_repeated):
+            # protobuf gives a string that is not UTF-8 as bytes and refuses to set it: copy its wire form
+            values = value if descriptor.is_repeated else [value]
+            target.MergeFromString(b"".join(wire.length_field(descriptor.number, item if isinstance(item, bytes)
+                                                              else item.encode()) for item in values))
+        elif descriptor.is_repeated:
             getattr(target, descriptor.name).extend(value)
         elif descriptor.type == FieldDescriptor.TYPE_MESSAGE:
             getattr(target, descriptor.name).CopyFrom(value)
@@ -128,6 +133,10 @@ def copy_fields(source: Message, target: Message, skipped: tuple[str, ...]) -> N
     unknown = _unknown_fields(source)
     if unknown:
         target.MergeFromString(unknown)
+
+
+def _any_bytes(value: object, repeated: bool) -> bool:
+    return any(isinstance(item, bytes) for item in value) if repeated else isinstance(value, bytes)  # type: ignore[attr-defined]
 
 
 def _unknown_fields(message: Message) -> bytes:
