@@ -14,15 +14,18 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import signal
 import sys
+import threading
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
-from oppass import __version__
-from oppass.errors import OppassError
+from oppass import __version__, files
+from oppass.errors import Interrupted, OppassError
 from oppass.formats import CODES, FLIP_STRATEGIES, PARITY, WORD_SIZES
 
 if TYPE_CHECKING:
@@ -38,7 +41,10 @@ ERROR_STATUS = 2
 # `transform` warns when the fault-free output drift exceeds this share of the original's largest |output|.
 DRIFT_WARNING = 0.1
 BROKEN_PIPE_STATUS = 141  # 128 + SIGPIPE, as a shell reports it
+SIGNAL_STATUS = 128  # plus the signal's number, as a shell reports a process killed by it
+INTERRUPTING_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 DRIFT_SEED = 0
+ORT_ERRORS_ONLY = 3  # onnxruntime's log severity for the drift check: its warnings (unused initializers) are noise
 
 
 @dataclass(frozen=True)
@@ -54,7 +60,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `oppass` command; returns the exit status."""
     arguments_given = sys.argv[1:] if argv is None else list(argv)
     arguments = build_parser(arguments_given).parse_args(arguments_given)
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), _signals_interrupt():
         warnings.showwarning = _print_warning
         try:
             arguments.run(arguments)
@@ -64,7 +70,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         except BrokenPipeError:  # the reader (`| head`) stopped early: not an error of ours
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             return BROKEN_PIPE_STATUS
+        except (Interrupted, KeyboardInterrupt) as stop:
+            signum = stop.signum if isinstance(stop, Interrupted) else signal.SIGINT
+            print(f"oppass: error: stopped by {signal.Signals(signum).name} (no partly written file is left)",
+                  file=sys.stderr)
+            return SIGNAL_STATUS + signum
     return 0
+
+
+@contextmanager
+def _signals_interrupt() -> Iterator[None]:
+    """While the command runs, SIGINT, SIGTERM and SIGHUP raise Interrupted (so writes clean up), then as before."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {signum: signal.signal(signum, files.raise_interrupted) for signum in INTERRUPTING_SIGNALS}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
@@ -247,7 +272,9 @@ def output_drift(original: ModelSource, protected: ModelSource) -> Drift:
 
     from oppass import modelio, runtime
 
-    plain = ort.InferenceSession(_session_input(original))
+    quiet = ort.SessionOptions()
+    quiet.log_severity_level = ORT_ERRORS_ONLY
+    plain = ort.InferenceSession(_session_input(original), quiet)
     feeds = _random_feeds(plain.get_inputs(), np.random.default_rng(DRIFT_SEED))
     names = [output.name for output in plain.get_outputs()]
     expected = plain.run(names, feeds)
@@ -256,7 +283,9 @@ def output_drift(original: ModelSource, protected: ModelSource) -> Drift:
         guarded = runtime.load_session(protected)
     else:  # decode nodes run in the session whatever their check mode: same outputs as load-time folding
         custom = runtime.has_custom_ops(modelio.read_model(protected, defer=True).model)
-        guarded = ort.InferenceSession(_session_input(protected), runtime.session_options(library=custom))
+        options = runtime.session_options(library=custom)
+        options.log_severity_level = ORT_ERRORS_ONLY
+        guarded = ort.InferenceSession(_session_input(protected), options)
     actual = guarded.run(names, feeds)
     differences, largest = [0.0], [0.0]
     for reference, value in zip(expected, actual, strict=True):

@@ -73,6 +73,7 @@ from oppass.schema import (
     make_decode_node,
     standard_decode_chain,
     standard_decodes_metadata,
+    tensor_type_name,
 )
 from oppass.standard_decode import IR_VERSION, OPSET
 
@@ -409,11 +410,11 @@ def _usable(site: _Site, options: _Options, opset: int) -> bool:
     source = FORMAT_OF_ONNX_TYPE.get(site.tensor.data_type)
     target = _target_format(site, options)
     if source is None and options.format == KEEP_FORMAT:
-        type_name = TensorProto.DataType.Name(site.tensor.data_type)
+        type_name = tensor_type_name(site.tensor.data_type)
         _skip(site.name, f"its type {type_name} has no weight format")
         return False
     if source != target and source != "fp32":
-        type_name = TensorProto.DataType.Name(site.tensor.data_type)
+        type_name = tensor_type_name(site.tensor.data_type)
         raise OppassError(f"cannot store weight {site.name!r} ({type_name}) as {target}: "
                           "only fp32 weights are converted; use --format keep")
     if source != target and target == "int8":

@@ -35,8 +35,9 @@ CUSTOM_OP = "ParityCheckUnpack"
 
 
 def inspect(model: onnx.ModelProto | str | os.PathLike) -> list[ProtectedTensor]:
-    """The protected tensors of a model, one per decode node or standard-op chain."""
-    proto = model if isinstance(model, onnx.ModelProto) else modelio.load_model(model)
+    """The protected tensors of a model, one per decode node or standard-op chain (of a file, only the
+    attributes and dims are read)."""
+    proto = model if isinstance(model, onnx.ModelProto) else modelio.read_model(model, defer=True).model
     initializers = _initializers(proto)
     return [_describe(decode, initializers[decode.packed]) for decode in _all_decodes(proto)]
 
@@ -76,6 +77,8 @@ def strip(model: onnx.ModelProto | str | os.PathLike) -> onnx.ModelProto:
 
 def inject(model: onnx.ModelProto | str | os.PathLike, ber: float, seed: int) -> tuple[onnx.ModelProto, int]:
     """A copy of a protected model with random bit flips in its packed weights, and the number of flips."""
+    if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or seed < 0:
+        raise OppassError(f"the seed must be a non-negative integer, got {seed!r}")
     result = _working_copy(model)
     decodes = _all_decodes(result)
     if not decodes:

@@ -11,12 +11,16 @@ from pathlib import Path
 import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
+from onnxruntime.capi import onnxruntime_pybind11_state as ort_errors
 
-from oppass import edit
+from oppass import edit, modelio
 from oppass.errors import OppassError
-from oppass.modelio import load_model, save_model
+from oppass.modelio import PROTOBUF_LIMIT, is_protobuf_file, load_model, read_model, save_model
 from oppass.schema import DOMAIN, MASKED_WORDS_OUTPUT, DecodeNode, is_decode_node, read_decode_nodes
 
+# What running a session on bad feeds raises: onnxruntime's own errors, and numpy-to-tensor conversions.
+RUN_ERRORS = (ort_errors.Fail, ort_errors.InvalidArgument, ort_errors.InvalidGraph, ort_errors.RuntimeException,
+              ort_errors.NotImplemented, RuntimeError, ValueError, TypeError)
 LIBRARY_ENV = "OPPASS_CUSTOM_OP_LIBRARY"
 LIBRARY_NAME = "liboppass_ops.so"
 
@@ -76,20 +80,49 @@ def load_session(
     registered only for a model with ParityCheckUnpack nodes. `threads` and `config` are as in
     `session_options`.
     """
-    proto = model if isinstance(model, onnx.ModelProto) else load_model(model)
-    decodes = read_decode_nodes(proto)  # refuses what the kernel would refuse, in one line
+    if not isinstance(model, onnx.ModelProto):
+        skeleton = read_model(model, defer=True).model  # the weights stay in the files until needed
+        decodes = read_decode_nodes(skeleton)  # refuses what the kernel would refuse, in one line
+        folds = fold_load_checks and any(decode.check == "load" for decode in decodes)
+        if not folds and not (optimize_runtime_checks and any(decode.check == "runtime" for decode in decodes)):
+            return _session_from_file(Path(model), session_options(threads, config, library=has_custom_ops(skeleton)))
+        model = load_model(model)
+    proto = model
+    decodes = read_decode_nodes(proto)
     optimized = _with_runtime_checks_for_this_cpu(proto, decodes, threads) if optimize_runtime_checks else None
     if optimized is not None:
         proto = optimized
     elif fold_load_checks and any(decode.check == "load" for decode in decodes):
         proto = _fold_decode_nodes(proto, decodes, threads, lambda decode: decode.check == "load")
-    options = session_options(threads, config, library=has_custom_ops(proto))
-    return ort.InferenceSession(proto.SerializeToString(), options)
+    return open_session(proto, session_options(threads, config, library=has_custom_ops(proto)))
 
 
 def has_custom_ops(model: onnx.ModelProto) -> bool:
     """Whether the model's main graph has ParityCheckUnpack nodes (which need the custom-op library)."""
     return any(is_decode_node(node) for node in model.graph.node)
+
+def open_session(model: onnx.ModelProto, options: ort.SessionOptions | None = None,
+                 providers: list[str] | None = None) -> ort.InferenceSession:
+    """An onnxruntime session of `model`: from its bytes, or, beyond one protobuf's 2 GB, from a temporary
+    copy saved with external data (onnxruntime reads it while creating the session)."""
+    if model.ByteSize() <= PROTOBUF_LIMIT:
+        return _session(model.SerializeToString(), options, providers)
+    with tempfile.TemporaryDirectory(prefix="oppass-session-") as folder:
+        path = Path(folder) / "model.onnx"
+        save_model(model, path)
+        return _session(str(path), options, providers)
+
+
+def _session_from_file(path: Path, options: ort.SessionOptions) -> ort.InferenceSession:
+    """A session opened by path (external data next to it); a text-format model through its proto."""
+    if not is_protobuf_file(path):
+        return open_session(load_model(path), options)
+    return _session(str(path), options, None)
+
+
+def _session(model: bytes | str, options: ort.SessionOptions | None, providers: list[str] | None
+             ) -> ort.InferenceSession:
+    return ort.InferenceSession(model, options, providers=providers or ["CPUExecutionProvider"])
 
 
 def optimize_for_cpu(model: onnx.ModelProto | str | os.PathLike) -> onnx.ModelProto:
@@ -156,10 +189,20 @@ def _with_runtime_checks_for_this_cpu(
 def _fold_decode_nodes(
     proto: onnx.ModelProto, decodes: list[DecodeNode], threads: int | None, fold: Callable[[DecodeNode], bool]
 ) -> onnx.ModelProto:
-    """Runs the decode nodes for which `fold` holds once and replaces them by initializers of their outputs."""
+    """Runs the decode nodes for which `fold` holds once and replaces them by initializers of their outputs.
+
+    Decode nodes reading the same packed tensor with the same attributes give the same weights:
+    one of them runs, and the consumers of the others read its output (one decoded copy, not one
+    per node, in the decoding session and in the result).
+    """
     positions = [i for i, node in enumerate(proto.graph.node) if node.domain == DOMAIN]  # where `decodes` are
     folding = [(i, decode) for i, decode in zip(positions, decodes, strict=True) if fold(decode)]
-    nodes = [proto.graph.node[i] for i, _ in folding]
+    first: dict[tuple, DecodeNode] = {}
+    for _, decode in folding:
+        first.setdefault(_decoding(decode), decode)
+    runs = list(first.values())
+    running = {id(decode) for decode in runs}
+    nodes = [proto.graph.node[i] for i, decode in folding if id(decode) in running]
     packed_names = {decode.packed for _, decode in folding}
     outputs = [name for node in nodes for name in node.output if name]
     decoder = helper.make_model(
@@ -173,13 +216,12 @@ def _fold_decode_nodes(
         opset_imports=list(proto.opset_import),
         ir_version=proto.ir_version,
     )
-    session = ort.InferenceSession(decoder.SerializeToString(), session_options(threads))
+    session = open_session(decoder, session_options(threads))
     decoded = dict(zip(outputs, session.run(outputs, {}), strict=True))
-    masked = sum(int(decoded[decode.masked_output]) for _, decode in folding if decode.masked_output is not None)
+    masked = sum(int(decoded[decode.masked_output]) for decode in runs if decode.masked_output is not None)
     if masked:
         warnings.warn(f"oppass: {masked} corrupted weight words were masked at load", stacklevel=3)
-    corrected = sum(int(decoded[decode.corrected_output]) for _, decode in folding
-                    if decode.corrected_output is not None)
+    corrected = sum(int(decoded[decode.corrected_output]) for decode in runs if decode.corrected_output is not None)
     if corrected:
         warnings.warn(f"oppass: {corrected} weight words with a flipped bit were corrected at load", stacklevel=3)
 
@@ -188,9 +230,32 @@ def _fold_decode_nodes(
     graph = folded.graph
     for i, _ in reversed(folding):
         del graph.node[i]
-    still_used = {name for node in graph.node for name in node.input}
+    graph_outputs = {output.name for output in graph.output}
+    renamed = {}  # output of a decode node that did not run: the same output of the one that did
+    for _, decode in folding:
+        ran = first[_decoding(decode)]
+        for name, same in ((decode.output, ran.output), (decode.masked_output, ran.masked_output),
+                           (decode.corrected_output, ran.corrected_output)):
+            if name is not None and same is not None and name != same:
+                if name in graph_outputs:
+                    decoded[name] = decoded[same]
+                else:
+                    renamed[name] = same
+    graphs = list(modelio.all_graphs(graph))
+    for subgraph in graphs:
+        for node in subgraph.node:
+            for index, name in enumerate(node.input):
+                if name in renamed:
+                    node.input[index] = renamed[name]
+    still_used = {name for subgraph in graphs for node in subgraph.node for name in node.input}
     kept = [t for t in graph.initializer if t.name not in packed_names or t.name in still_used]
     del graph.initializer[:]
     graph.initializer.extend(kept)
     graph.initializer.extend(numpy_helper.from_array(value, name) for name, value in decoded.items())
     return folded
+
+
+def _decoding(decode: DecodeNode) -> tuple:
+    """What decides a decode node's outputs: its packed tensor and attributes (and which words it counts)."""
+    return (decode.packed, decode.format, decode.word_bits, decode.shape, decode.output_type, decode.code,
+            decode.range_max, decode.masked_output is not None, decode.corrected_output is not None)

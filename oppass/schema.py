@@ -301,12 +301,13 @@ def _check_packed(decode: DecodeNode, tensor: TensorProto | None) -> None:
         raise _invalid(decode.name, f"reads '{escape(decode.packed)}', which is not an initializer of the main graph")
     wanted_type, wanted_dims = decode.packed_type, list(decode.packed_shape)
     if tensor.data_type != wanted_type or list(tensor.dims) != wanted_dims:
-        raise _invalid(decode.name, f"does not match its packed tensor: {_tensor_type(tensor.data_type)} "
-                                    f"{list(tensor.dims)}, expected {_tensor_type(wanted_type)} {wanted_dims} for "
+        raise _invalid(decode.name, f"does not match its packed tensor: {tensor_type_name(tensor.data_type)} "
+                                    f"{list(tensor.dims)}, expected {tensor_type_name(wanted_type)} {wanted_dims} for "
                                     f"shape {list(decode.shape)} of {decode.format} in {decode.word_bits}-bit words")
 
 
-def _tensor_type(data_type: int) -> str:
+def tensor_type_name(data_type: int) -> str:
+    """The name of an ONNX tensor data type (FLOAT, ...), or `type N` for a number ONNX does not define."""
     try:
         return TensorProto.DataType.Name(data_type)
     except ValueError:

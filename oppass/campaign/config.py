@@ -152,6 +152,8 @@ def _validate(config: CampaignConfig) -> None:
         raise OppassError("--exps and --batch must be at least 1")
     if config.metric not in METRICS:
         raise OppassError(f"unknown metric {config.metric!r}: choose from {', '.join(METRICS)}")
+    if config.seed < 0:
+        raise OppassError(f"--seed must be a non-negative integer, got {config.seed}")
     if config.workers is not None and config.workers < 1:
         raise OppassError(f"--workers must be at least 1, got {config.workers}")
 

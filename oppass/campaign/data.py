@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -17,6 +19,7 @@ IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png", ".bmp", ".webp")
 # ImageNet preset (torchvision's): resize the shorter side to 256, center crop 224, normalise.
 RESIZE, CROP = 256, 224
 MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
+NUMERIC_KINDS = "biuf"  # numpy dtype kinds a model input can be: bool, integers, floats
 STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
 
 
@@ -77,9 +80,18 @@ class ImageFolderDataset:
         self.files = [image for image, _ in files]
         self.labels = np.array([label for _, label in files], dtype=np.int64)
         self.size = len(self.files)
-        listing = "\n".join(str(image.relative_to(root)) for image in self.files)
-        self.identity = f"images:{hashlib.sha256(listing.encode()).hexdigest()}"
+        self.root = root
         self._crops: dict[int, np.ndarray] = {}
+
+    @functools.cached_property
+    def identity(self) -> str:
+        """SHA-256 of each image's path under the root and of its bytes (computed when first asked)."""
+        digest = hashlib.sha256()
+        for image in self.files:
+            digest.update(f"{image.relative_to(self.root)}\0".encode())
+            with image.open("rb") as stream:
+                digest.update(hashlib.file_digest(stream, "sha256").digest())
+        return f"images:{digest.hexdigest()}"
 
     def inputs(self, indices: np.ndarray) -> np.ndarray:
         """The normalised [N, 3, CROP, CROP] float32 crops of the images at `indices`."""
@@ -105,14 +117,30 @@ def open_dataset(source: str) -> Dataset:
 
 
 def _npz_dataset(path: Path) -> ArrayDataset:
-    with np.load(path) as arrays:
-        if "inputs" not in arrays:
-            raise OppassError(f"{path} has no 'inputs' array")
-        values = arrays["inputs"]
-        labels = arrays["labels"].astype(np.int64) if "labels" in arrays else None
-    if labels is not None and labels.shape != (values.shape[0],):
-        raise OppassError(f"{path}: 'labels' must have one entry per input, got {labels.shape} for {values.shape[0]}")
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    """The arrays `inputs` ([N, ...] numbers, N >= 1) and optional `labels` (N non-negative integers) of a .npz."""
+    if not zipfile.is_zipfile(path):
+        raise OppassError(f"{path} is not a .npz file (not a zip archive of arrays, as numpy.savez writes)")
+    try:
+        with np.load(path, allow_pickle=False) as arrays:
+            if "inputs" not in arrays:
+                raise OppassError(f"{path} has no 'inputs' array")
+            values = arrays["inputs"]
+            labels = arrays["labels"] if "labels" in arrays else None
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
+        raise OppassError(f"{path} is not a .npz file of numeric arrays ({str(error).splitlines()[0][:200]})") \
+            from None
+    if values.dtype.kind not in NUMERIC_KINDS or values.ndim == 0 or values.shape[0] == 0:
+        raise OppassError(f"{path}: 'inputs' must be a numeric array of shape [N, ...] with N >= 1, got "
+                          f"{values.dtype} {list(values.shape)}")
+    if labels is not None:
+        if labels.dtype.kind not in "iu" or labels.shape != (values.shape[0],):
+            raise OppassError(f"{path}: 'labels' must hold one integer per input, got {labels.dtype} "
+                              f"{list(labels.shape)} for {values.shape[0]} inputs")
+        if labels.min() < 0:
+            raise OppassError(f"{path}: 'labels' must be class indices (>= 0), got {labels.min()}")
+        labels = labels.astype(np.int64)
+    with path.open("rb") as stream:
+        digest = hashlib.file_digest(stream, "sha256").hexdigest()
     return ArrayDataset(values, labels, f"npz:{digest}")
 
 
@@ -122,8 +150,12 @@ def _center_crop(path: Path) -> np.ndarray:
         from PIL import Image
     except ImportError:
         raise OppassError("image folders need Pillow: pip install pillow") from None
-    with Image.open(path) as image:
-        rgb = image.convert("RGB")
+    try:
+        with Image.open(path) as image:
+            rgb = image.convert("RGB")
+    except (OSError, ValueError, SyntaxError) as error:  # what PIL raises on a damaged or unknown image
+        raise OppassError(f"image {path} cannot be read ({str(error).splitlines()[0][:200]}): remove or replace it") \
+            from None
     scale = RESIZE / min(rgb.size)
     resized = rgb.resize((round(rgb.width * scale), round(rgb.height * scale)), Image.Resampling.BILINEAR)
     left, top = (resized.width - CROP) // 2, (resized.height - CROP) // 2

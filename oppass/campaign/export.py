@@ -1,14 +1,20 @@
-"""Exports of a campaign: CSV and JSON of trials and summaries, Table II, figures, HTML report."""
+"""Exports of a campaign: CSV and JSON of trials and summaries, Table II, figures, HTML report.
+
+Each file is written atomically (`oppass.files`): a full disk leaves the previous export, never a
+truncated one.
+"""
 
 from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
 
+from oppass import files
 from oppass.campaign import plots, report
 from oppass.campaign.config import CampaignConfig
 from oppass.campaign.store import Store
@@ -78,22 +84,22 @@ def _bit_row(row: BerzadRow) -> dict:
 
 
 def _write_csv(path: Path, rows: list[dict]) -> Path:
-    with path.open("w", newline="") as handle:
+    def write(handle: io.TextIOWrapper) -> None:
         if rows:
             writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
             writer.writeheader()
             writer.writerows(rows)
+
+    files.write_atomically(path, files.text_writer(write))
     return path
 
 
 def _write_json(path: Path, rows: list[dict]) -> Path:
-    path.write_text(json.dumps([_json_safe(row) for row in rows], indent=1))
-    return path
+    return files.write_text_atomically(path, json.dumps([_json_safe(row) for row in rows], indent=1))
 
 
 def _write_text(path: Path, text: str) -> Path:
-    path.write_text(text)
-    return path
+    return files.write_text_atomically(path, text)
 
 
 def _json_safe(row: dict) -> dict:

@@ -8,16 +8,19 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
+from typing import BinaryIO
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
 
+from oppass import files
 from oppass.campaign.config import BER_STUDY, ECC, UNPROTECTED, protection_label  # noqa: E402
 from oppass.campaign.summary import BerzadRow, ConditionSummary  # noqa: E402
 
@@ -118,9 +121,13 @@ def _protection_order(protection: str) -> tuple[int, int]:
     return (1, 0) if protection == "weight" else (2, int(protection))
 
 
+def _savefig(figure: plt.Figure, kind: str, stream: BinaryIO) -> None:
+    figure.savefig(stream, format=kind, dpi=120)
+
+
 def _save(figure: plt.Figure, stem: Path) -> list[Path]:
     paths = [stem.with_suffix(".png"), stem.with_suffix(".svg")]
-    for path in paths:
-        figure.savefig(path, dpi=120)
+    for path in paths:  # written atomically: a full disk leaves the previous figure, not an empty one
+        files.write_atomically(path, functools.partial(_savefig, figure, path.suffix[1:]))
     plt.close(figure)
     return paths

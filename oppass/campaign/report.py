@@ -14,6 +14,7 @@ import numpy as np
 import onnxruntime as ort
 
 import oppass
+from oppass import files
 from oppass.campaign.config import CampaignConfig
 
 
@@ -31,7 +32,8 @@ def write_report(
         f'{base64.b64encode(f.read_bytes()).decode()}"><figcaption>{html.escape(f.stem)}</figcaption></figure>'
         for f in figures if f.suffix == ".png"
     )
-    path.write_text(
+    files.write_text_atomically(
+        path,
         "<!DOCTYPE html><html><head><meta charset='utf-8'><title>oppass campaign</title>"
         "<style>body{font-family:sans-serif;max-width:60em;margin:auto}table{border-collapse:collapse}"
         "td,th{border:1px solid #999;padding:2px 8px}img{max-width:100%}</style></head><body>"
@@ -40,7 +42,7 @@ def write_report(
         f"<h2>Environment</h2>{_definition_list(_environment())}"
         f"<h2>Notes</h2><ul>{''.join(f'<li>{html.escape(n)}</li>' for n in notes) or '<li>none</li>'}</ul>"
         f"<p>{trials} trials stored; {config.experiments} experiments per condition, seed {config.seed}.</p>"
-        f"<h2>Table II</h2>{_table(table_rows)}<h2>Figures</h2>{images}</body></html>"
+        f"<h2>Table II</h2>{_table(table_rows)}<h2>Figures</h2>{images}</body></html>",
     )
     return path
 

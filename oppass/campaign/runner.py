@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 
-from oppass import modelio
+from oppass import modelio, runtime
 from oppass.campaign import export
 from oppass.campaign.batch_study import batch_size_study
 from oppass.campaign.config import CampaignConfig, Condition, ber_grid, conditions
@@ -19,7 +17,7 @@ from oppass.campaign.records import TrialRecord
 from oppass.campaign.scheduler import execute, tasks
 from oppass.campaign.store import Store
 from oppass.campaign.summary import BerzadRow, ConditionSummary, berzad_rows, summarize, table2
-from oppass.campaign.worker import Workload
+from oppass.campaign.worker import Workload, model_digest
 from oppass.errors import OppassError
 
 TOP5_CLASSES = 5
@@ -98,7 +96,7 @@ def make_plan(config: CampaignConfig) -> Plan:
     metric = _usable_metric(config.metric, dataset, _class_count(config.model, dataset), notes)
     if config.batch_study and metric == "golden":
         notes.append("the batch-size study needs labels: skipped")
-    digest = hashlib.sha256(Path(config.model).read_bytes()).hexdigest()
+    digest = model_digest(config.model)  # the model file and its external data
     workload = Workload(str(Path(config.model).resolve()), digest, config.data, config.seed, batch_size, metric)
     identity = {
         "model_sha256": digest,
@@ -128,11 +126,19 @@ def _usable_metric(metric: str, dataset: Dataset, classes: int, notes: list[str]
 
 
 def _class_count(model: Path, dataset: Dataset) -> int:
-    """Size of the last axis of the model's first output, from one fault-free inference."""
-    session = ort.InferenceSession(modelio.load_model(model).SerializeToString(), providers=["CPUExecutionProvider"])
+    """Size of the last axis of the model's first output, from one fault-free inference; checks the labels."""
+    session = runtime.open_session(modelio.load_model(model))
     feeds = {session.get_inputs()[0].name: dataset.inputs(np.arange(1))}
-    (output,) = session.run([session.get_outputs()[0].name], feeds)
-    return int(output.shape[-1])
+    try:
+        (output,) = session.run([session.get_outputs()[0].name], feeds)
+    except runtime.RUN_ERRORS as error:
+        raise OppassError(f"the model cannot run on the data's inputs ({str(error).strip().splitlines()[0][:300]})") \
+            from None
+    classes = int(output.shape[-1]) if output.ndim else 1
+    if dataset.labels is not None and dataset.labels.size and int(dataset.labels.max()) >= classes:
+        raise OppassError(f"the data has label {int(dataset.labels.max())} but the model has {classes} classes "
+                          f"(labels must be 0..{classes - 1})")
+    return classes
 
 
 def _run_batch_study(store: Store, workload: Workload, formats: tuple[str, ...]) -> None:

@@ -30,13 +30,26 @@ class Store:
     """Trials of one campaign in `directory`/campaign.sqlite."""
 
     def __init__(self, directory: Path, identity: dict) -> None:
-        directory.mkdir(parents=True, exist_ok=True)
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise OppassError(f"cannot create the output folder {directory}: {(error.strerror or '').lower()}") \
+                from None
         self.path = directory / STORE_FILE
+        if self.path.exists():
+            self._check_readable()
         self.connection = sqlite3.connect(self.path)
-        self.connection.execute("PRAGMA journal_mode=WAL")
-        self.connection.execute("PRAGMA synchronous=NORMAL")
-        self._create_tables()
-        self._check_identity(identity)
+        try:
+            self.connection.execute("PRAGMA journal_mode=WAL")
+            self.connection.execute("PRAGMA synchronous=NORMAL")
+            self._create_tables()
+            self._check_identity(identity)
+        except sqlite3.DatabaseError as error:
+            self.connection.close()
+            raise self._damaged(error) from None
+        except BaseException:
+            self.connection.close()
+            raise
 
     def finished(self) -> set[tuple[str, int]]:
         """(condition key, trial) of every stored trial."""
@@ -85,6 +98,27 @@ class Store:
                 "CREATE TABLE IF NOT EXISTS batch_study (format TEXT, batch_size INTEGER, batches INTEGER,"
                 " min_accuracy REAL, max_accuracy REAL, mean_accuracy REAL, PRIMARY KEY (format, batch_size))"
             )
+
+    def _check_readable(self) -> None:
+        """Refuses, without writing to it, a store whose tables or identity cannot be read."""
+        try:
+            connection = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro", uri=True)
+        except sqlite3.DatabaseError as error:
+            raise self._damaged(error) from None
+        try:
+            tables = {name for (name,) in connection.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+            if tables:
+                connection.execute(f"SELECT {', '.join(_TRIAL_FIELDS)} FROM trials LIMIT 1").fetchall()
+                (stored,) = connection.execute("SELECT value FROM meta WHERE key = 'identity'").fetchone()
+                json.loads(stored)
+        except (sqlite3.DatabaseError, json.JSONDecodeError, TypeError) as error:
+            raise self._damaged(error) from None
+        finally:
+            connection.close()
+
+    def _damaged(self, error: Exception) -> OppassError:
+        return OppassError(f"the campaign store {self.path} is damaged ({str(error)[:200] or type(error).__name__}): "
+                           "delete it to start the campaign over, or use another --out folder")
 
     def _check_identity(self, identity: dict) -> None:
         wanted = json.dumps(identity, sort_keys=True)

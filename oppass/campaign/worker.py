@@ -16,10 +16,13 @@ even share of the burst's seeding, drawing and scoring), not the one-off cache f
 from __future__ import annotations
 
 import functools
+import hashlib
+import os
 import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -82,7 +85,7 @@ class VariantSession:
         self._values = [ort.OrtValue.ortvalue_from_numpy(buffer) for buffer in self.weights.buffers]
         for decode, value in zip(decoders, self._values, strict=True):
             options.add_initializer(decode.packed, value)
-        self.session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        self.session = runtime.open_session(model, options)
         initializer_names = set(initializers)
         self.input_name = next(i.name for i in model.graph.input if i.name not in initializer_names)
         self.output_name = model.graph.output[0].name
@@ -107,6 +110,17 @@ class VariantSession:
         return self.ecc if condition.protection == ECC else self.stored
 
 
+def model_digest(path: str | Path) -> str:
+    """SHA-256 of every byte that makes the model: its file and each external data file it uses, in order."""
+    source = modelio.read_model(path, defer=True)
+    digest = hashlib.sha256()
+    for file in (source.path, *source.data_files):
+        with open(file, "rb") as stream:
+            digest.update(f"{file.name}\0{os.fstat(stream.fileno()).st_size}\0".encode())
+            digest.update(hashlib.file_digest(stream, "sha256").digest())
+    return digest.hexdigest()
+
+
 class WorkerCache:
     """Per-process state shared by the trials a process runs."""
 
@@ -114,6 +128,9 @@ class WorkerCache:
         self.workload = workload
         self.dataset: Dataset = open_dataset(workload.data)
         self.model = modelio.load_model(workload.model)
+        if model_digest(workload.model) != workload.model_digest:
+            raise OppassError(f"the model {workload.model} or its external data changed while the campaign ran: "
+                              "run the campaign again")
         self.sessions: dict[Variant, VariantSession] = {}
         self.batches: dict[int, tuple[np.ndarray, np.ndarray | None]] = {}
 

@@ -8,7 +8,7 @@ time. `lazy_copy` uses the same copies for a model in memory.
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -29,29 +29,73 @@ IN_ORIGINAL = "\0original model"
 M = TypeVar("M", bound=Message)
 
 
-def all_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
-    """Every initializer and Constant-node tensor of the model, subgraphs included.
+def all_tensors(model: onnx.ModelProto, *, everywhere: bool = True) -> Iterator[onnx.TensorProto]:
+    """Every tensor of the model, each once: the one walk that checks, loads and copies tensor bytes.
 
-    The main graph's initializers come first, in their order.
+    The main graph's initializers come first, in their order; then, graph by graph (the main
+    graph, its subgraphs depth first), the values and indices of sparse initializers and the
+    tensors of node attributes (a Constant's value or sparse value, TENSOR(S) and
+    SPARSE_TENSOR(S) attributes, whatever type the attribute claims); then the same for the
+    model's functions and its training graphs. With `everywhere` False, only the dense
+    tensors of the main graph and its subgraphs: those onnx and onnxruntime read as external data.
     """
-    for graph in all_graphs(model.graph):
-        yield from graph.initializer
-        for node in graph.node:
-            for attribute in node.attribute:
-                if attribute.type == onnx.AttributeProto.TENSOR:
-                    yield attribute.t
+    graphs = list(all_graphs(model.graph))
+    yield from graphs[0].initializer
+    for graph in graphs:
+        if graph is not graphs[0]:
+            yield from graph.initializer
+        if everywhere:
+            yield from _sparse_parts(graph.sparse_initializer)
+        yield from _attribute_tensors(graph.node, everywhere)
+    if not everywhere:
+        return
+    for function in model.functions:
+        yield from _attribute_tensors(function.node, everywhere)
+        for node in function.node:
+            for subgraph in _subgraphs(node):
+                for graph in all_graphs(subgraph):
+                    yield from graph.initializer
+                    yield from _sparse_parts(graph.sparse_initializer)
+                    yield from _attribute_tensors(graph.node, everywhere)
+    for info in model.training_info:
+        for root in (info.initialization, info.algorithm):
+            for graph in all_graphs(root):
+                yield from graph.initializer
+                yield from _sparse_parts(graph.sparse_initializer)
+                yield from _attribute_tensors(graph.node, everywhere)
+
+
+def _attribute_tensors(nodes: Iterable[onnx.NodeProto], sparse: bool) -> Iterator[onnx.TensorProto]:
+    for node in nodes:
+        for attribute in node.attribute:
+            if attribute.HasField("t"):
+                yield attribute.t
+            yield from attribute.tensors
+            if sparse:
+                if attribute.HasField("sparse_tensor"):
+                    yield from _sparse_parts([attribute.sparse_tensor])
+                yield from _sparse_parts(attribute.sparse_tensors)
+
+
+def _sparse_parts(tensors: Iterable[onnx.SparseTensorProto]) -> Iterator[onnx.TensorProto]:
+    for tensor in tensors:
+        yield tensor.values
+        yield tensor.indices
+
+
+def _subgraphs(node: onnx.NodeProto) -> Iterator[onnx.GraphProto]:
+    for attribute in node.attribute:
+        if attribute.HasField("g"):
+            yield attribute.g
+        yield from attribute.graphs
 
 
 def all_graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
-    """`graph` and, depth first, every subgraph held by its nodes' attributes."""
+    """`graph` and, depth first, every subgraph held by its nodes' attributes (whatever type they claim)."""
     yield graph
     for node in graph.node:
-        for attribute in node.attribute:
-            if attribute.type == onnx.AttributeProto.GRAPH:
-                yield from all_graphs(attribute.g)
-            elif attribute.type == onnx.AttributeProto.GRAPHS:
-                for subgraph in attribute.graphs:
-                    yield from all_graphs(subgraph)
+        for subgraph in _subgraphs(node):
+            yield from all_graphs(subgraph)
 
 
 def skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -75,7 +119,12 @@ def copy_fields(source: Message, target: Message, skipped: tuple[str, ...]) -> N
     for descriptor, value in source.ListFields():
         if descriptor.name in skipped:
             continue
-        if descriptor.is_repeated:
+        if descriptor.type == FieldDescriptor.TYPE_STRING and _any_bytes(value, descriptor.is_repeated):
+            # protobuf gives a string that is not UTF-8 as bytes and refuses to set it: copy its wire form
+            values = value if descriptor.is_repeated else [value]
+            target.MergeFromString(b"".join(wire.length_field(descriptor.number, item if isinstance(item, bytes)
+                                                              else item.encode()) for item in values))
+        elif descriptor.is_repeated:
             getattr(target, descriptor.name).extend(value)
         elif descriptor.type == FieldDescriptor.TYPE_MESSAGE:
             getattr(target, descriptor.name).CopyFrom(value)
@@ -84,6 +133,10 @@ def copy_fields(source: Message, target: Message, skipped: tuple[str, ...]) -> N
     unknown = _unknown_fields(source)
     if unknown:
         target.MergeFromString(unknown)
+
+
+def _any_bytes(value: object, repeated: bool) -> bool:
+    return any(isinstance(item, bytes) for item in value) if repeated else isinstance(value, bytes)  # type: ignore[attr-defined]
 
 
 def _unknown_fields(message: Message) -> bytes:

@@ -14,19 +14,24 @@ External data is opened relative to the model's folder with onnx's own checks (s
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, NamedTuple
 
 import onnx
+from google.protobuf import json_format, text_format
 from google.protobuf.message import DecodeError
 from onnx import external_data_helper
 from onnx.serialization import registry
 
+from oppass import files
 from oppass.errors import OppassError
 from oppass.modelio import wire
 from oppass.modelio.fields import all_tensors
 
+# What onnx.load_model raises on a file that is not a model: binary, JSON, protobuf text and ONNX text formats.
+_PARSE_ERRORS = (DecodeError, RuntimeWarning, ValueError, json_format.Error, text_format.Error, onnx.parser.ParseError)
 # Main-graph initializers with at least this many bytes of raw data are read from the file one at a time.
 DEFER_THRESHOLD = 1024
 COPY_CHUNK = 16 * 2**20
@@ -145,16 +150,17 @@ def read_model(path: str | os.PathLike, *, defer: bool = False) -> ModelFile:
     With `defer`, large tensors stay in the files until needed (see `ModelFile`).
     """
     model_path = Path(path)
-    if model_path.is_dir():
-        raise OppassError(f"{model_path} is a directory, not a model file")
-    if not model_path.is_file():
-        raise OppassError(f"no such model file: {model_path}")
+    files.check_input(model_path, "model file")
     walked = _read_deferring_large_initializers(model_path) if is_protobuf_file(model_path) else None
     if walked is None:
         try:
-            model = onnx.load_model(str(model_path), load_external_data=False)
-        except (DecodeError, RuntimeWarning, ValueError) as error:
-            raise OppassError(f"{model_path} is not a valid ONNX model ({_first_line(error)})") from None
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)  # "the onnxtxt format is experimental"
+                model = onnx.load_model(str(model_path), load_external_data=False)
+        except _PARSE_ERRORS as error:
+            raise OppassError(f"{model_path} is not a valid ONNX model ({_short(_first_line(error))})") from None
+        except OSError as error:
+            raise OppassError(f"cannot read {model_path}: {(error.strerror or str(error)).lower()}") from None
         deferred: frozenset[int] = frozenset()
     else:
         model, deferred = walked
@@ -168,6 +174,26 @@ def read_model(path: str | os.PathLike, *, defer: bool = False) -> ModelFile:
 def load_model(path: str | os.PathLike) -> onnx.ModelProto:
     """The model stored at `path`, external data loaded."""
     return read_model(path).model
+
+
+def external_locations(path: Path) -> set[str]:
+    """The external-data locations the model file at `path` names itself; none if it is not a readable model.
+
+    Reads only the model's skeleton. Used on a model about to be replaced, to learn which
+    data file it uses: a file no tool can read as a model uses none.
+    """
+    try:
+        walked = _read_deferring_large_initializers(path) if is_protobuf_file(path) else None
+        if walked is None:
+            model = onnx.load_model(str(path), load_external_data=False)
+    except Exception:  # noqa: BLE001 - whatever reading raises, the file is no model that names data
+        return set()
+    if walked is None:
+        deferred: frozenset[int] = frozenset()
+    else:
+        model, deferred = walked
+    return {entry.value for index, tensor in enumerate(all_tensors(model)) if index not in deferred
+            for entry in tensor.external_data if entry.key == "location"}
 
 
 def is_protobuf_file(path: str | os.PathLike) -> bool:
@@ -212,6 +238,8 @@ def _check_external_data(model: onnx.ModelProto, model_path: Path, deferred: fro
 
 
 def _external_info(tensor: onnx.TensorProto) -> external_data_helper.ExternalDataInfo:
+    if any(not isinstance(entry.key, str) or not isinstance(entry.value, str) for entry in tensor.external_data):
+        raise OppassError(f"external data of tensor {tensor.name!r} has a key or value that is not UTF-8 text")
     try:
         return external_data_helper.ExternalDataInfo(tensor)
     except ValueError as error:
@@ -233,8 +261,10 @@ def _open_data_file(root: Path, location: str, tensor_name: str) -> BinaryIO:
     """
     if "\0" in location:
         raise OppassError(f"external data of tensor {tensor_name!r} has an invalid location: {_short(repr(location))}")
+    # protobuf gives a name that is not UTF-8 as bytes; onnx's C++ side wants text for its messages
+    name = tensor_name if isinstance(tensor_name, str) else bytes(tensor_name).decode("utf-8", "backslashreplace")
     try:
-        descriptor = external_data_helper._open_external_data_fd(str(root), location, tensor_name, True)
+        descriptor = external_data_helper._open_external_data_fd(str(root), location, name, True)
     except (onnx.checker.ValidationError, OSError, RuntimeError, ValueError) as error:
         raise OppassError(f"external data of tensor {tensor_name!r} is refused ({_short(_first_line(error))}): "
                           "it must be a regular file inside the model's folder") from None

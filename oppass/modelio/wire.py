@@ -21,6 +21,12 @@ EXTERNAL_DATA = onnx.TensorProto.DESCRIPTOR.fields_by_name["external_data"].numb
 DATA_LOCATION = onnx.TensorProto.DESCRIPTOR.fields_by_name["data_location"].number
 SEGMENT = onnx.TensorProto.DESCRIPTOR.fields_by_name["segment"].number
 
+# What protobuf accepts (its C parser, upb, which the Python package uses): a varint value of at most
+# 10 bytes; a tag or a length of at most 5 bytes, a tag below 2**32 and a length below 2**31.
+VARINT_BYTES = 10
+SHORT_VARINT_BYTES = 5
+LENGTH_LIMIT = 2**31 - 1
+
 # A field as the walk gives it: (field number, wire type, field start, value start, field end).
 Field = tuple[int, int, int, int, int]
 
@@ -60,7 +66,9 @@ class FileBytes:
         position = start
         while position < end:
             head = self.read(position, min(20, end - position))
-            tag, used = varint(head, 0)
+            tag, used = varint(head, 0, SHORT_VARINT_BYTES)
+            if tag >= 2**32:
+                raise Malformed
             number, wire = tag >> 3, tag & 7
             if number == 0:
                 raise Malformed
@@ -73,7 +81,9 @@ class FileBytes:
             elif wire == FIXED32:
                 field_end = value_start + 4
             elif wire == LENGTH:
-                length, after = varint(head, used)
+                length, after = varint(head, used, SHORT_VARINT_BYTES)
+                if length > LENGTH_LIMIT:
+                    raise Malformed
                 value_start = position + after
                 field_end = value_start + length
             else:  # groups are not used by ONNX
@@ -96,10 +106,11 @@ def _pread_exact(descriptor: int, offset: int, length: int) -> bytes:
     return b"".join(parts)
 
 
-def varint(data: bytes, position: int) -> tuple[int, int]:
-    """The varint at `position` of `data` and the position after it."""
+def varint(data: bytes, position: int, max_bytes: int = VARINT_BYTES) -> tuple[int, int]:
+    """The varint at `position` of `data` (at most `max_bytes` long) and the position after it."""
     value = shift = 0
-    while position < len(data) and shift < 64:
+    end = min(len(data), position + max_bytes)
+    while position < end:
         byte = data[position]
         value |= (byte & 0x7F) << shift
         position += 1

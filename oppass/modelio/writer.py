@@ -1,10 +1,14 @@
-"""Writing model files: streamed, atomic, with external data when needed.
+"""Writing model files: streamed, atomic, with external data when needed, model and data as one unit.
 
 A model is written with external data when its input had external data or when it would
-not fit in one protobuf (2 GB); the data file is `<model file name>.data` next to it.
-Every file is written to a temporary name in the destination folder and moved into place
-with `os.replace`, the data file before the model, so a failed save leaves the
-destination untouched.
+not fit in one protobuf (2 GB). Its data file is one of two slots next to it,
+`<model file name>.data` and `<model file name>.1.data`: the one the model being replaced
+does not name. Each file is written to a temporary name in the destination folder; then,
+holding a lock on the folder (`files.folder_lock`), the data file is renamed into its slot
+and the model into place, and the slot the old model named is removed. The model's rename
+is the one step that switches from the old pair to the new one, so a failure or a kill at
+any point leaves either the old pair or the new one, and two writers of one output take
+turns: a model only ever names data written for it.
 
 The model is serialised without its main-graph initializers, and each initializer's raw
 bytes are streamed into the file in protobuf's field order, instead of serialising the
@@ -16,7 +20,6 @@ input file: the bytes of every tensor still in the input go into the output.
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,10 +29,11 @@ import onnx
 from google.protobuf.message import EncodeError
 from onnx import external_data_helper
 
+from oppass import files
 from oppass.errors import OppassError
 from oppass.modelio import wire
 from oppass.modelio.fields import EXTERNAL_FIELDS, all_tensors, copy_without, in_original, point_to, skeleton
-from oppass.modelio.reader import ModelFile
+from oppass.modelio.reader import ModelFile, external_locations
 
 PROTOBUF_LIMIT = 2**31 - 1
 # Tensors smaller than this stay inside the model file when writing external data.
@@ -50,24 +54,41 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, *, source: Model
     if source is None or not source.data_files:
         layout = _inline_layout(model, reader)
         if layout is not None and layout.size <= PROTOBUF_LIMIT:
-            _write_atomically(destination, layout.write)
+            _publish(destination, layout, None)
             return
     _save_with_external_data(model, destination, reader)
 
 
 def check_destination(path: str | os.PathLike, source: ModelFile | None = None) -> None:
-    """Refuses an output path in a missing folder or one that would overwrite the input or its data."""
+    """Refuses an output path in a missing folder, one that is (or whose data slots are) not a regular file,
+    one whose name has a suffix of a text format, and one that would overwrite the input or its data."""
     destination = Path(path)
     if not destination.parent.is_dir():
         raise OppassError(f"output folder does not exist or is not a folder: {destination.parent}")
-    if destination.is_dir():
-        raise OppassError(f"output {destination} is a directory")
+    if not is_protobuf_name(destination):
+        raise OppassError(f"output {destination} has the suffix of a text format ({destination.suffix}): oppass "
+                          "writes binary ONNX only, choose a name ending in .onnx")
+    targets = (destination, *data_slots(destination))
+    for target in targets:
+        files.check_output(target)
     if source is None:
         return
     inputs = [existing.resolve() for existing in (source.path, *source.data_files)]
-    for target in (destination, _data_file(destination)):
+    for target in targets:
         if target.resolve() in inputs:
             raise OppassError(f"output {target} would overwrite the input {source.path}: choose another path")
+
+
+def data_slots(destination: Path) -> tuple[Path, Path]:
+    """The two names a model's data file may have: `<name>.data` and `<name>.1.data`."""
+    return destination.with_name(destination.name + ".data"), destination.with_name(destination.name + ".1.data")
+
+
+def is_protobuf_name(path: Path) -> bool:
+    """Whether onnx reads a file of this name as binary protobuf (its suffix names no text format)."""
+    from onnx.serialization import registry
+
+    return registry.get_format_from_file_extension(path.suffix) in (None, "protobuf")
 
 
 def _refuse_tensors_without_bytes(model: onnx.ModelProto, reader: ModelFile | None) -> None:
@@ -83,29 +104,43 @@ def _refuse_tensors_without_bytes(model: onnx.ModelProto, reader: ModelFile | No
                               "tensors first")
 
 
-def _data_file(destination: Path) -> Path:
-    return destination.with_name(destination.name + ".data")
+def _publish(destination: Path, layout: _Layout | Callable[[str | None], _Layout | None],
+             data_temporary: Path | None) -> None:
+    """Publishes the model (and the data file written to `data_temporary`) as one unit, under the folder lock.
 
-
-def _write_atomically(destination: Path, write: Callable[[BinaryIO], object]) -> None:
-    """Lets `write` fill a temporary file next to `destination`, then renames it into place."""
-    descriptor, temporary = tempfile.mkstemp(dir=destination.parent, prefix=f".{destination.name}.", suffix=".tmp")
+    `layout` is the model's, or (with a data file) the function giving it for the data
+    file's name. The slot the replaced model named, if any, is removed once the new model
+    is in place; the new data file goes to the other one.
+    """
+    model_temporary: Path | None = None
     try:
-        with os.fdopen(descriptor, "wb") as stream:
-            write(stream)
-            stream.flush()
-            os.fsync(stream.fileno())  # the rename must never publish a file whose bytes are not on disk
-        os.chmod(temporary, 0o666 & ~_umask())  # mkstemp creates 0600; give the usual mode of a new file
-        os.replace(temporary, destination)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+        if isinstance(layout, _Layout):  # written before taking the lock: it may be large
+            model_temporary = files.write_temporary(destination, layout.write)
+        with files.folder_lock(destination.parent) as folder:
+            old = {slot for slot in data_slots(destination) if slot.name in _named_locations(destination)}
+            renames = []
+            if not isinstance(layout, _Layout):  # the model holds only the small tensors
+                slot = next(slot for slot in data_slots(destination) if slot not in old)
+                built = layout(slot.name if data_temporary is not None else None)
+                if built is None:
+                    raise OppassError("the model is over 2 GB even without its large tensors: cannot save it")
+                if data_temporary is not None:
+                    renames.append((data_temporary, slot))
+                model_temporary = files.write_temporary(destination, built.write)
+            assert model_temporary is not None
+            renames.append((model_temporary, destination))
+            files.publish(folder, renames, obsolete=tuple(old))
+    finally:
+        for temporary in (data_temporary, model_temporary):
+            if temporary is not None:
+                temporary.unlink(missing_ok=True)
 
 
-def _umask() -> int:
-    current = os.umask(0)
-    os.umask(current)
-    return current
+def _named_locations(destination: Path) -> set[str]:
+    """The external-data locations of the model now at `destination` (none if there is none, or unreadable)."""
+    if not destination.is_file():
+        return set()
+    return external_locations(destination)
 
 
 _INITIALIZER_TAG = wire.tag(wire.INITIALIZER, wire.LENGTH)
@@ -225,8 +260,10 @@ def _inline_initializer(tensor: onnx.TensorProto, reader: ModelFile | None) -> _
 
 
 def _save_with_external_data(model: onnx.ModelProto, destination: Path, reader: ModelFile | None) -> None:
-    """Writes the bytes of the large tensors to `<destination>.data`, then the model; `model` is left as it was."""
-    data_path = _data_file(destination)
+    """Writes the bytes of the large tensors to a data file, then the model, published as one unit (`_publish`).
+
+    `model` is left as it was.
+    """
     copy = _skeleton_with_loaded_tensors(model, reader)
     items: list[_Initializer | onnx.TensorProto] = []  # a TensorProto: the stand-in of a moved initializer
     moved = []  # (tensor whose bytes go to the data file, tensor that gets the reference to them)
@@ -238,24 +275,31 @@ def _save_with_external_data(model: onnx.ModelProto, destination: Path, reader: 
         stand_in = copy_without(tensor, EXTERNAL_FIELDS if _stored_by(tensor, reader) else ("raw_data",))
         moved.append((tensor, stand_in))
         items.append(stand_in)
-    moved.extend((tensor, tensor) for tensor in all_tensors(copy)
+    moved.extend((tensor, tensor) for tensor in all_tensors(copy, everywhere=False)  # the rest stay inline
                  if tensor.HasField("raw_data") and len(tensor.raw_data) >= EXTERNAL_THRESHOLD)
-    if moved:
-        _write_atomically(data_path, lambda stream: _externalize(moved, data_path.name, stream, reader))
-    layout = _layout(copy, [item if isinstance(item, _Initializer) else _whole(item) for item in items], reader)
-    if layout is None:
-        raise OppassError("the model is over 2 GB even without its large tensors: cannot save it")
-    _write_atomically(destination, layout.write)
+    spans: list[tuple[onnx.TensorProto, int, int]] = []
+    data_temporary = files.write_temporary(data_slots(destination)[0],
+                                           lambda stream: spans.extend(_externalize(moved, stream, reader))) \
+        if moved else None
+
+    def layout(location: str | None) -> _Layout | None:
+        for stand_in, offset, length in spans:
+            point_to(stand_in, {"location": str(location), "offset": str(offset), "length": str(length)})
+        return _layout(copy, [item if isinstance(item, _Initializer) else _whole(item) for item in items], reader)
+
+    _publish(destination, layout, data_temporary)
 
 
-def _externalize(moved: list[tuple[onnx.TensorProto, onnx.TensorProto]], location: str, stream: BinaryIO,
-                 reader: ModelFile | None) -> None:
-    """Writes each tensor's bytes to an aligned slot of `stream` and points its stand-in there."""
+def _externalize(moved: list[tuple[onnx.TensorProto, onnx.TensorProto]], stream: BinaryIO,
+                 reader: ModelFile | None) -> list[tuple[onnx.TensorProto, int, int]]:
+    """Writes each tensor's bytes to an aligned slot of `stream`; gives (stand-in, offset, length) of each."""
+    spans = []
     for tensor, stand_in in moved:
         stream.write(b"\0" * (-stream.tell() % EXTERNAL_ALIGNMENT))
         offset = stream.tell()
         _write_raw(tensor, reader, stream)
-        point_to(stand_in, {"location": location, "offset": str(offset), "length": str(stream.tell() - offset)})
+        spans.append((stand_in, offset, stream.tell() - offset))
+    return spans
 
 
 def _fields(data: bytes, start: int, end: int) -> Iterator[wire.Field]:
