@@ -57,14 +57,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     with warnings.catch_warnings():
         warnings.showwarning = _print_warning
         try:
-            arguments.run(arguments)
+            status = arguments.run(arguments)
         except OppassError as error:
             print(f"oppass: error: {error}", file=sys.stderr)
             return ERROR_STATUS
         except BrokenPipeError:  # the reader (`| head`) stopped early: not an error of ours
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             return BROKEN_PIPE_STATUS
-    return 0
+    return status or 0
 
 
 def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
