@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import sqlite3
 import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
@@ -24,7 +25,7 @@ from oppass.campaign.records import TrialRecord
 from oppass.campaign.scheduler import execute, tasks
 from oppass.campaign.store import Store
 from oppass.campaign.summary import BerzadRow, ConditionSummary, berzad_rows, summarize, table2
-from oppass.campaign.worker import Workload, build_variant
+from oppass.campaign.worker import ORT_ERRORS_ONLY, Workload, build_variant
 from oppass.errors import OppassError
 from oppass.schema import read_decode_nodes
 
@@ -139,7 +140,9 @@ def make_plan(config: CampaignConfig) -> Plan:
     inputs = model_inputs(model)
     dataset = open_dataset(config.data, inputs)
     notes = list(dataset.notes)
-    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    options = ort.SessionOptions()
+    options.log_severity_level = ORT_ERRORS_ONLY
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
     output = _output_name(config.output, [o.name for o in session.get_outputs()])
     probe, dataset = _probe(session, output, dataset, config.data, inputs, notes)
     batch_size = config.batch_size
@@ -250,12 +253,17 @@ def _usable_formats(model: onnx.ModelProto, wanted: tuple[str, ...], notes: list
     usable, reasons = [], []
     for fmt in wanted:
         try:
-            build_variant(model, Variant(fmt, UNPROTECTED))
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # "no weight found" is an error here, raised below
+                variant = build_variant(model, Variant(fmt, UNPROTECTED))
         except OppassError as error:
             reasons.append(f"{fmt}: {error}")
             notes.append(f"weight format {fmt} skipped: {error}")
-        else:
-            usable.append(fmt)
+            continue
+        if not read_decode_nodes(variant):
+            raise OppassError("the model has no weights that oppass protects (Conv/Gemm weight initializers): "
+                              "there is nothing to inject faults into")
+        usable.append(fmt)
     if not usable:
         raise OppassError(f"the model cannot be stored in any of the formats asked for ({'; '.join(reasons)})")
     return tuple(usable)

@@ -39,6 +39,7 @@ from oppass.schema import MASKED_WORDS_OUTPUT, read_decode_nodes
 
 # Sessions run on one intra-op thread everywhere, so outputs do not depend on the scheduler.
 SESSION_THREADS = 1
+ORT_ERRORS_ONLY = 3
 # Memory for the prepared flips and outputs of the trials of a burst (estimated: 24 bytes per expected flip).
 BURST_BYTES = 64 * 2**20
 _FLIP_BYTES = 24
@@ -86,6 +87,7 @@ class VariantSession:
         self.weight_bits = decoders[0].weight_format.bits
         self.word_bytes = decoders[0].word_bits // 8
         options = runtime.session_options(threads=SESSION_THREADS)
+        options.log_severity_level = ORT_ERRORS_ONLY  # a model's shape annotations may disagree with its outputs
         # The OrtValues must outlive the session: onnxruntime reads the numpy memory directly.
         self._values = [ort.OrtValue.ortvalue_from_numpy(buffer) for buffer in self.weights.buffers]
         for decode, value in zip(decoders, self._values, strict=True):
