@@ -74,8 +74,8 @@ def _execute_dask(
 ) -> float:
     from distributed import as_completed
 
-    try:
-        with _dask_client(scheduler, workers) as client:
+    with _dask_client(scheduler, workers) as client:
+        try:
             client.run(_ignore_interrupts)
             client.run(warm_up, workload)
             started = time.perf_counter()
@@ -84,9 +84,12 @@ def _execute_dask(
                 deliver(future.result())
                 future.release()
             return time.perf_counter() - started
-    except KeyboardInterrupt:
-        _silence_dask()  # the cluster's shutdown, under way, logs every cancelled task and closed worker
-        raise
+        except KeyboardInterrupt:
+            # Closing the client and cluster logs every cancelled task and closed worker, here and on the workers.
+            _silence_dask()
+            with contextlib.suppress(Exception):
+                client.run(_silence_dask)
+            raise
 
 
 def _ignore_interrupts() -> None:
