@@ -29,9 +29,9 @@ if TYPE_CHECKING:
 
 STYLE = (
     "body{font-family:sans-serif;max-width:64em;margin:auto;padding:0 1em;line-height:1.4}"
-    "table{border-collapse:collapse;font-size:.85em;margin:.5em 0}"
-    "td,th{border:1px solid #999;padding:2px 6px;overflow-wrap:anywhere}th{background:#eee}"
-    "td.n{text-align:right}pre{white-space:pre-wrap;overflow-wrap:anywhere;background:#f6f6f6;padding:.5em}"
+    "table{border-collapse:collapse;font-size:.8em;margin:.5em 0}"
+    "td,th{border:1px solid #999;padding:2px 4px}th{background:#eee;font-weight:600}"
+    "td.n{text-align:right;white-space:nowrap}pre{white-space:pre-wrap;overflow-wrap:anywhere;background:#f6f6f6;padding:.5em}"
     "img{max-width:100%;height:auto}figure{margin:1em 0}figcaption{font-size:.9em}"
     "caption{text-align:left;font-size:.95em;padding:.3em 0}dt{font-weight:bold}dd{margin:0 0 .4em 1.5em}"
 )
@@ -113,7 +113,7 @@ def _conditions_table(setting: Setting, summaries: Sequence[ConditionSummary]) -
                     key=lambda s: (s.format, protection_order(s.protection), s.ber))
     if not chosen:
         return "<p>no BER study in this campaign</p>"
-    header = ["Weights", "Protection", "BER", "Accuracy (%), mean [95 % CI]", "Zero loss", "Flips",
+    header = ["Weights", "Protection", "BER", "Accuracy % [95 % CI]", "Zero loss", "Flips",
               "Even-flip words", "Masked words", *(f"{metrics.OUTCOME_NAMES[o]}" for o in metrics.OUTCOMES)]
     rows = [[s.format, protection_label(s.format, s.protection), f"{s.ber:.3g}",
              f"{100 * s.accuracy_mean:.1f} [{100 * s.accuracy_ci_low:.1f}, {100 * s.accuracy_ci_high:.1f}]",
