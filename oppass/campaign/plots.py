@@ -133,8 +133,8 @@ def _berzad_vs_bit(setting: Setting, bits: Sequence[BerzadRow]) -> plt.Figure:
     figure.suptitle(f"{setting.network} on {setting.data}: BERZAD per bit position\n"
                     f"{setting.metric}; {setting.experiments} experiments × {setting.batch_size} samples",
                     fontsize="medium")
-    figure.legend(*all_axes[0, 0].get_legend_handles_labels(), loc="lower right", fontsize="small")
-    figure.tight_layout()
+    figure.legend(*all_axes[0, 0].get_legend_handles_labels(), loc="lower center", ncol=2, fontsize="small")
+    figure.tight_layout(rect=(0, 0.05, 1, 1))
     return figure
 
 

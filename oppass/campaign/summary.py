@@ -164,5 +164,5 @@ class Setting:
     @property
     def caption(self) -> str:
         """E.g. `digits_cnn on digits; top-1 accuracy (...); 20 experiments × 400 samples`."""
-        return (f"{self.network} on {self.data}; {self.metric}; "
-                f"{self.experiments} experiments × {self.batch_size} samples")
+        return (f"{self.network} on {self.data}; {self.metric}; {self.experiments} "
+                f"experiment{'s' if self.experiments != 1 else ''} × {self.batch_size} samples")
