@@ -240,3 +240,23 @@ def test_an_unreachable_scheduler_is_one_line(tmp_path: Path) -> None:
 
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__]))
+
+
+def test_an_image_folder_is_cropped_to_the_model_input(tmp_path: Path) -> None:
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for folder in ("cat", "dog"):
+        (tmp_path / folder).mkdir()
+        Image.fromarray(rng.integers(0, 255, (300, 500, 3), dtype=np.uint8)).save(tmp_path / folder / "a.png")
+    fixed = ModelInput("images", np.dtype(np.float32), (1, 3, 416, 320))
+    dataset = open_dataset(str(tmp_path), [fixed])
+    runs = dataset.feeds(np.arange(2))
+    assert dataset.labels is not None and dataset.labels.tolist() == [0, 1] and not dataset.batched
+    assert [run["images"].shape for run in runs] == [(1, 3, 416, 320)] * 2
+    assert dataset.notes == ["images are centre-cropped to the model's 416x320 input"]
+    (batch,) = open_dataset(str(tmp_path), [ModelInput("x", np.dtype(np.float32), (None, 3, None, None))]).feeds(
+        np.arange(2))
+    assert batch["x"].shape == (2, 3, 224, 224)
+    with pytest.raises(OppassError, match=r"an image folder feeds \[N, 3, H, W\] ImageNet-normalised crops"):
+        open_dataset(str(tmp_path), [ModelInput("x", np.dtype(np.float32), (None, 1, 8, 8))])
