@@ -63,7 +63,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     with warnings.catch_warnings(), _signals_interrupt():
         warnings.showwarning = _print_warning
         try:
-            arguments.run(arguments)
+            status = arguments.run(arguments)
         except OppassError as error:
             print(f"oppass: error: {error}", file=sys.stderr)
             return ERROR_STATUS
@@ -75,7 +75,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"oppass: error: stopped by {signal.Signals(signum).name} (no partly written file is left)",
                   file=sys.stderr)
             return SIGNAL_STATUS + signum
-    return 0
+    return status or 0
 
 
 @contextmanager

@@ -10,7 +10,7 @@ import onnx
 from onnx import numpy_helper
 
 from oppass import faults, runtime
-from oppass.campaign.config import CampaignConfig
+from oppass.campaign.config import CampaignConfig, protection_label
 from oppass.campaign.runner import CampaignResult, run_campaign
 from oppass.protect import packed_name, transform
 
@@ -82,7 +82,7 @@ def format_result(result: DemoResult) -> str:
         "",
         f"  {'setting':<66} accuracy",
         f"  {'original model':<66} {result.original:8.2%}",
-        f"  {'protected: OP over 64-bit words, no faults':<66} {result.protected:8.2%}",
+        f"  {'protected: OP per 64 bits, no faults':<66} {result.protected:8.2%}",
         f"  {f'one flip of bit {EXPONENT_MSB} (exponent MSB) in {DRILL_WEIGHT}, unprotected':<66} "
         f"{result.msb_flip_unprotected:8.2%}",
         f"  {'the same flip, protected (the word is masked to zero)':<66} {result.msb_flip_protected:8.2%}",
@@ -92,9 +92,9 @@ def format_result(result: DemoResult) -> str:
     rows = [s for s in result.campaign.summaries if s.study == "ber"]
     bers = sorted({s.ber for s in rows})
     lines.append(f"  {'protection':<22}" + "".join(f"{f'BER {ber:.0e}':>24}" for ber in bers))
-    for protection, label in (("none", "none"), ("weight", "OP per weight"), ("64", "OP over 64-bit words")):
+    for protection in ("none", "weight", "64"):
         cells = {s.ber: s for s in rows if s.protection == protection}
-        lines.append(f"  {label:<22}" + "".join(
+        lines.append(f"  {protection_label('fp32', protection):<22}" + "".join(
             f"{f'{cells[b].accuracy_mean:.1%} [{cells[b].accuracy_ci_low:.1%}, {cells[b].accuracy_ci_high:.1%}]':>24}"
             for b in bers))
     lines += ["", f"Campaign results, plots and report: {result.campaign.out}"]

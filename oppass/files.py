@@ -124,6 +124,12 @@ def write_text_atomically(destination: Path, text: str) -> Path:
     return destination
 
 
+def write_bytes_atomically(destination: Path, content: bytes) -> Path:
+    """`write_atomically` of `content`; returns `destination`."""
+    write_atomically(destination, lambda stream: stream.write(content))
+    return destination
+
+
 def text_writer(write: Callable[[io.TextIOWrapper], object]) -> Callable[[BinaryIO], None]:
     """A `write` for `write_atomically` from one that writes text (newline translation off, as csv wants)."""
 

@@ -310,7 +310,7 @@ def test_dense_and_sparse_injection_agree(target_type: type, monkeypatch: pytest
 
 
 def record(key: str, trial: int) -> TrialRecord:
-    return TrialRecord(key, trial, "ber", "fp32", "none", 1e-3, None, 100, 1, 0, 10, 9, 9, 0, 0, "masked", 0.1, 0.2)
+    return TrialRecord(key, trial, "ber", "fp32", "none", 1e-3, None, 100, 1, 0, 0, 10, 9, 9, 0, 0, "masked", 0.1, 0.2)
 
 
 def test_store_ignores_duplicates_and_keeps_rows(tmp_path: Path) -> None:

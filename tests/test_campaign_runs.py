@@ -87,10 +87,10 @@ def test_rerun_resumes_without_running_anything(tmp_path: Path) -> None:
     assert results(second.summaries) == results(first.summaries)
 
 
-def test_other_configuration_in_same_folder_is_refused(tmp_path: Path) -> None:
+def test_a_campaign_with_other_results_in_same_folder_is_refused(tmp_path: Path) -> None:
     run_campaign(small_config(tmp_path))
-    with pytest.raises(OppassError, match="experiments"):
-        run_campaign(small_config(tmp_path, experiments=4))
+    with pytest.raises(OppassError, match="metric, seed differ"):
+        run_campaign(small_config(tmp_path, seed=12, metric="golden"))
 
 
 KILLED_CAMPAIGN = """
@@ -161,7 +161,7 @@ def test_command_line_parses_into_the_config(tmp_path: Path) -> None:
     config = campaign_cli.config_from_args(args)
     assert (config.formats, config.protections, config.ber_min, config.ber_max) == (("fp32", "int8"),
                                                                                      ("none", "weight"), 1e-6, 1e-3)
-    assert config.ecc and config.experiments == 20 and config.metric == "top5"
+    assert config.ecc and config.experiments == 20 and config.metric is None
     with pytest.raises(OppassError, match="--ber"):
         campaign_cli.config_from_args(parser.parse_args(["campaign", "m", "--data", "d", "--out", "o",
                                                          "--ber", "1e-3"]))
@@ -183,7 +183,7 @@ def test_top5_falls_back_when_there_are_no_labels(tmp_path: Path) -> None:
     data = tmp_path / "unlabeled.npz"
     np.savez(data, inputs=np.load(REPO_ROOT / "oppass" / "examples" / "digits_test.npz")["inputs"][:60])
     plan = make_plan(small_config(tmp_path / "out", data=str(data), metric="top5"))
-    assert plan.workload.metric == "golden" and plan.workload.batch_size == 60
+    assert plan.workload.metric.name == "golden" and plan.workload.batch_size == 60
     assert len(plan.notes) == 2
 
 

@@ -1,9 +1,12 @@
 """A campaign's stored rows stay what they were: the trials table of a fixed small campaign, column types included.
 
-`tests/expected/campaign_trials.json` was written by `python tests/test_campaign_store.py` on main at
-commit 699b672 (before the structure refactor that moved `TrialRecord` and derived the SQL column
-types from type hints), with onnxruntime 1.32 on x86-64. The timing columns differ between runs
-and are compared by type only.
+`tests/expected/campaign_trials.json` was first written by `python tests/test_campaign_store.py` on
+main at commit 699b672 (before the structure refactor that moved `TrialRecord` and derived the SQL
+column types from type hints), with onnxruntime 1.32 on x86-64, and rewritten on branch campaigns
+(issue 11) when the columns `even_flip_words` and `sdc_samples` (replacing `top1_changed`) came:
+every other value stayed as before but `correct` in the 26 trials with NaN outputs, now 0 (a
+non-finite output is never correct), and `sdc_samples` equals the old `top1_changed` in every
+trial with finite outputs. The timing columns differ between runs and are compared by type only.
 """
 
 from __future__ import annotations

@@ -87,7 +87,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--workers", type=int)
     parser.add_argument("--exps", type=int, default=20)
     parser.add_argument("--batch", type=int, default=400)
-    parser.add_argument("--metric", choices=("top1", "top5", "golden"), default="top5")
+    parser.add_argument("--metric", default="top5", help="top1, top5 (the paper's, default), golden, allclose or "
+                                                          "package.module:function")
     parser.add_argument("--points-per-decade", type=int, default=9)
     parser.add_argument("--no-bit-positions", action="store_true", help="skip the Fig. 5 study")
     parser.add_argument("--no-batch-study", action="store_true", help="skip the Fig. 4 study")

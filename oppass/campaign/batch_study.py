@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from oppass.campaign import metrics
 from oppass.campaign.config import UNPROTECTED, Variant
 from oppass.campaign.seeds import stable_words
 from oppass.campaign.worker import Workload, worker_cache
@@ -40,6 +39,6 @@ def _correct_per_sample(workload: Workload, fmt: str) -> np.ndarray:
     chunks = []
     for start in range(0, dataset.size, workload.batch_size):
         indices = np.arange(start, min(start + workload.batch_size, dataset.size))
-        logits, _ = session.run(dataset.inputs(indices))
-        chunks.append(metrics.correct(logits, dataset.labels[indices], metrics.top1(logits), workload.metric))
+        outputs, _ = session.run(dataset.feeds(indices))
+        chunks.append(workload.metric.correct(outputs[None], outputs[None], dataset.labels[indices][None])[0])
     return np.concatenate(chunks)

@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import argparse
 import shlex
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from oppass.campaign import check_extra
-from oppass.campaign.config import METRICS, CampaignConfig
+from oppass.campaign.config import CampaignConfig
+from oppass.campaign.metrics import BUILTIN, DEFAULT_ATOL, DEFAULT_RTOL
 from oppass.errors import OppassError
+
+SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -17,18 +22,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = (
         "Injects random bit flips into the stored weights of MODEL under several formats and OP levels, measures "
         "accuracy per BER and reports BERZAD (see docs/METHODS.md). Re-running the same command in the same --out "
-        "folder resumes it."
+        "folder resumes it; adding formats, protections, BERs or experiments there runs only the new trials."
     )
     parser.add_argument("model", type=Path, metavar="MODEL", help="ONNX model (unprotected)")
-    parser.add_argument("--data", required=True, help="'digits', a .npz with inputs (+labels), or an image folder")
+    parser.add_argument("--data", required=True,
+                        help="'digits', an image folder, or a .npz with one array per model input, named after it "
+                             "(one input: also 'inputs' or 'x'), and optional integer labels ('labels' or 'y')")
     parser.add_argument("--out", required=True, type=Path, help="output folder (store, tables, figures, report)")
-    parser.add_argument("--formats", default="fp32,bf16,int8", help="weight formats (default: fp32,bf16,int8)")
+    parser.add_argument("--formats", default="fp32,bf16,int8",
+                        help="weight formats (default: fp32,bf16,int8; one the model cannot take is skipped)")
     parser.add_argument("--op", default="none,weight,64,256", help="protection levels: none, weight, word bits")
     parser.add_argument("--ber", default="1e-9:1e-1", help="BER range MIN:MAX (default: 1e-9:1e-1)")
     parser.add_argument("--points-per-decade", type=int, default=9, help="9: 1..9 x 10^k as in the paper")
     parser.add_argument("--exps", type=int, default=20, help="experiments (batches) per condition")
     parser.add_argument("--batch", type=int, default=400, help="samples per experiment")
-    parser.add_argument("--metric", choices=METRICS, default="top5", help="accuracy metric (default: top5)")
+    parser.add_argument("--metric", help=f"{', '.join(BUILTIN)} or package.module:function (see docs/METHODS.md); "
+                                         "default: top1 with labels, golden without")
+    parser.add_argument("--output", help="the model output to score (default: the first)")
+    parser.add_argument("--class-axis", type=int, default=-1,
+                        help="axis of the scored output holding the classes (default: -1, the last)")
+    parser.add_argument("--rtol", type=float, default=DEFAULT_RTOL,
+                        help=f"allclose: relative tolerance (default: {DEFAULT_RTOL:g})")
+    parser.add_argument("--atol", type=float, default=DEFAULT_ATOL,
+                        help=f"allclose: absolute tolerance (default: {DEFAULT_ATOL:g})")
     parser.add_argument("--bit-positions", action="store_true", help="also BERZAD per bit position (Fig. 5)")
     parser.add_argument("--batch-study", action="store_true", help="also accuracy range vs batch size (Fig. 4)")
     parser.add_argument("--ecc", action="store_true", help="also a SEC-DED (72,64) ECC baseline")
@@ -39,13 +55,37 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Runs the campaign described by parsed arguments; prints Table II and the outputs."""
-    check_extra()
-    from oppass.campaign.runner import run_campaign
+    """Runs the campaign described by parsed arguments; prints Table II and the outputs.
 
-    result = run_campaign(config_from_args(args))
-    for note in result.notes:
-        print(f"note: {note}", file=sys.stderr)
+    SIGINT and SIGTERM end it with one line saying how many trials are stored, and the exit
+    status 128 + the signal's number (130, 143).
+    """
+    check_extra()
+    config = config_from_args(args)
+    received: list[int] = []
+
+    def interrupt(signum: int, frame: object) -> None:
+        received.append(signum)
+        for other in SIGNALS:  # a second Ctrl-C must not break the orderly shutdown under way
+            signal.signal(other, signal.SIG_IGN)
+        raise KeyboardInterrupt
+
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = {signum: signal.signal(signum, interrupt) for signum in SIGNALS} if in_main else {}
+    try:
+        from oppass.campaign.runner import CampaignInterrupted, run_campaign
+
+        result = run_campaign(config)
+    except KeyboardInterrupt as stop:
+        status = 128 + (received[0] if received else signal.SIGINT)
+        if isinstance(stop, CampaignInterrupted):
+            print(stop, file=sys.stderr)
+        else:
+            print("interrupted before any trial ran", file=sys.stderr)
+        return status
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
     print((result.out / "table2.md").read_text(), end="")
     print(f"{result.trials_run} trials run in {result.seconds:.1f} s ({result.trials_per_second:.1f}/s); "
           f"results in {result.out}")
@@ -67,6 +107,10 @@ def config_from_args(args: argparse.Namespace) -> CampaignConfig:
         experiments=args.exps,
         batch_size=args.batch,
         metric=args.metric,
+        output=args.output,
+        class_axis=args.class_axis,
+        rtol=args.rtol,
+        atol=args.atol,
         bit_positions=args.bit_positions,
         batch_study=args.batch_study,
         ecc=args.ecc,

@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 
 from oppass import codec, formats
+from oppass.campaign.metrics import BUILTIN, DEFAULT_ATOL, DEFAULT_RTOL
 from oppass.errors import OppassError
 
-METRICS = ("top1", "top5", "golden")
 UNPROTECTED = "none"
 ECC = "ecc"
 BER_STUDY = "ber"
@@ -33,7 +33,11 @@ class CampaignConfig:
     points_per_decade: int = PAPER_POINTS_PER_DECADE
     experiments: int = 20
     batch_size: int = 400
-    metric: str = "top5"
+    metric: str | None = None  # None: top1 with labels, golden without
+    output: str | None = None  # the scored model output (None: the first)
+    class_axis: int = -1  # the classes' axis of the scored output, as the model declares it
+    rtol: float = DEFAULT_RTOL
+    atol: float = DEFAULT_ATOL
     bit_positions: bool = False
     batch_study: bool = False
     ecc: bool = False
@@ -105,18 +109,19 @@ def ber_grid(ber_min: float, ber_max: float, points_per_decade: int) -> tuple[fl
     return tuple(ber for ber in grid if ber_min <= ber <= ber_max)
 
 
-def conditions(config: CampaignConfig) -> list[Condition]:
-    """Every condition of the campaign, in a fixed order."""
+def conditions(config: CampaignConfig, chosen: tuple[str, ...] | None = None) -> list[Condition]:
+    """Every condition of the campaign (in formats `chosen`, default the configured ones), in a fixed order."""
+    weight_formats = config.formats if chosen is None else chosen
     bers = ber_grid(config.ber_min, config.ber_max, config.points_per_decade)
     protections = config.protections + ((ECC,) if config.ecc else ())
     planned = [
         Condition(BER_STUDY, fmt, protection, ber)
-        for fmt in config.formats for protection in protections for ber in bers
+        for fmt in weight_formats for protection in protections for ber in bers
     ]
     if config.bit_positions:
         planned += [
             Condition(BIT_STUDY, fmt, UNPROTECTED, ber, bit)
-            for fmt in config.formats
+            for fmt in weight_formats
             for bit in range(formats.FORMATS[fmt].bits)
             for ber in bers
         ]
@@ -124,12 +129,24 @@ def conditions(config: CampaignConfig) -> list[Condition]:
 
 
 def protection_label(fmt: str, protection: str) -> str:
-    """Table II's "level of OP": None, the word size in bits (weight = the format's bits), or ECC."""
+    """The one name of a protection level in tables, figures and the report: "none", "OP per weight"
+    (the format's bits), "OP per 64 bits", "OP per 256 bits", ..., "ECC (72,64)"."""
     if protection == UNPROTECTED:
-        return "None"
+        return "none"
     if protection == ECC:
         return "ECC (72,64)"
-    return str(codec.word_bits(fmt, protection if protection == "weight" else int(protection)))
+    if protection == "weight":
+        return "OP per weight"
+    return f"OP per {codec.word_bits(fmt, int(protection))} bits"
+
+
+def protection_order(protection: str) -> tuple[int, int]:
+    """None first, then OP per weight, OP words by size, ECC last."""
+    if protection == UNPROTECTED:
+        return (0, 0)
+    if protection == ECC:
+        return (3, 0)
+    return (1, 0) if protection == "weight" else (2, int(protection))
 
 
 def _validate(config: CampaignConfig) -> None:
@@ -150,12 +167,20 @@ def _validate(config: CampaignConfig) -> None:
         raise OppassError(f"--points-per-decade must be at least 1, got {config.points_per_decade}")
     if config.experiments < 1 or config.batch_size < 1:
         raise OppassError("--exps and --batch must be at least 1")
-    if config.metric not in METRICS:
-        raise OppassError(f"unknown metric {config.metric!r}: choose from {', '.join(METRICS)}")
+    if config.metric is not None and config.metric not in BUILTIN and not _is_function_name(config.metric):
+        raise OppassError(f"unknown metric {config.metric!r}: choose from {', '.join(BUILTIN)} or give "
+                          "package.module:function")
+    if not (config.rtol >= 0 and config.atol >= 0):
+        raise OppassError(f"--rtol and --atol must be >= 0, got {config.rtol} and {config.atol}")
     if config.seed < 0:
         raise OppassError(f"--seed must be a non-negative integer, got {config.seed}")
     if config.workers is not None and config.workers < 1:
         raise OppassError(f"--workers must be at least 1, got {config.workers}")
+
+
+def _is_function_name(name: str) -> bool:
+    module, _, function = name.partition(":")
+    return bool(module) and function.isidentifier() and all(part.isidentifier() for part in module.split("."))
 
 
 def _word_size(protection: str) -> int:

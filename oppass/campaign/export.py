@@ -1,7 +1,7 @@
 """Exports of a campaign: CSV and JSON of trials and summaries, Table II, figures, HTML report.
 
-Each file is written atomically (`oppass.files`): a full disk leaves the previous export, never a
-truncated one.
+Every file is written to a temporary name and renamed into place (`oppass.files`), so an interrupted
+export leaves the previous version (or nothing), never half a file.
 """
 
 from __future__ import annotations
@@ -13,19 +13,33 @@ import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from oppass import files
-from oppass.campaign import plots, report
+from oppass.campaign import metrics, plots, report
 from oppass.campaign.config import CampaignConfig
 from oppass.campaign.store import Store
-from oppass.campaign.summary import BerzadRow, ConditionSummary, bit_rows
+from oppass.campaign.summary import BerzadRow, ConditionSummary, Setting, bit_rows
+from oppass.files import write_text_atomically
 
-TABLE_COLUMNS = ("network", "format", "op_level", "fault_free_accuracy_percent", "berzad")
+if TYPE_CHECKING:
+    from oppass.campaign.runner import Plan
+
+TABLE_COLUMNS = ("network", "format", "protection", "fault_free_accuracy_percent", "berzad", "metric", "data",
+                 "experiments", "batch_size")
+BATCH_STUDY_COLUMNS = ("format", "batch_size", "batches", "min_accuracy", "max_accuracy", "mean_accuracy")
+
+
+def setting(config: CampaignConfig, plan: Plan) -> Setting:
+    """What the campaign's tables and figures state about it."""
+    metric = plan.workload.metric
+    data = "the digits test split" if config.data == "digits" else Path(config.data).name
+    return Setting(Path(config.model).stem, data, plan.data_description, metric.describe(),
+                   metrics.axis_label(metric.name), plan.experiments, plan.workload.batch_size)
 
 
 def write_all(
     config: CampaignConfig,
-    notes: list[str],
+    plan: Plan,
     store: Store,
     summaries: Sequence[ConditionSummary],
     rows: Sequence[BerzadRow],
@@ -33,48 +47,61 @@ def write_all(
 ) -> list[Path]:
     """Writes every export into `config.out` and returns the files written."""
     out = config.out
-    network = Path(config.model).stem
-    trials = [dataclasses.asdict(record) for record in store.trials()]
+    context = setting(config, plan)
+    keys = {summary.condition_key for summary in summaries}
+    trials = [dataclasses.asdict(record) for record in store.trials() if record.condition_key in keys
+              and record.trial < plan.experiments]
     summary_rows = [dataclasses.asdict(summary) for summary in summaries]
-    table_rows = [_table_row(network, row) for row in table]
+    table_rows = [table_row(context, row) for row in table]
     bits = [_bit_row(row) for row in bit_rows(rows)]
-    columns = ("format", "batch_size", "batches", "min_accuracy", "max_accuracy", "mean_accuracy")
-    batch_study = [dict(zip(columns, r, strict=True)) for r in store.batch_study()]
+    batch_study = [dict(zip(BATCH_STUDY_COLUMNS, r, strict=True)) for r in store.batch_study()
+                   if r[0] in plan.formats]
     files = [
         _write_csv(out / "trials.csv", trials),
         _write_json(out / "trials.json", trials),
         _write_csv(out / "summary.csv", summary_rows),
         _write_json(out / "summary.json", summary_rows),
         _write_csv(out / "table2.csv", table_rows),
-        _write_text(out / "table2.md", table_markdown(table_rows)),
+        write_text_atomically(out / "table2.md", table_markdown(table_rows, context.caption)),
     ]
     if bits:
         files.append(_write_csv(out / "berzad_bits.csv", bits))
     if batch_study:
         files.append(_write_csv(out / "batch_study.csv", batch_study))
-    figures = plots.write_figures(out, network, summaries, bit_rows(rows), store.batch_study())
-    files += figures
-    files.append(report.write_report(out / "report.html", config, notes, table_rows, figures, len(trials)))
+    figures = plots.write_figures(out, context, summaries, bit_rows(rows),
+                                  [tuple(row.values()) for row in batch_study])
+    files += [path for figure in figures for path in figure.files]
+    html = report.render(config, plan, context, table_rows, summaries, bit_rows(rows), batch_study, figures,
+                         len(trials))
+    files.append(write_text_atomically(out / "report.html", html))
     return files
 
 
-def table_markdown(table_rows: Sequence[dict]) -> str:
-    """Table II as a Markdown table."""
-    header = "| Network | Num. format | Level of OP | No-fault accuracy (%) | BERZAD |\n|---|---|---|---:|---:|\n"
-    return header + "".join(
-        f"| {r['network']} | {r['format']} | {r['op_level']} | {r['fault_free_accuracy_percent']:.1f} "
+def table_markdown(table_rows: Sequence[dict], caption: str = "") -> str:
+    """Table II as a Markdown table, after its caption (when given)."""
+    header = ("| Network | Weights | Protection | Fault-free accuracy (%) | BERZAD |\n"
+              "|---|---|---|---:|---:|\n")
+    lead = f"Table II: {caption}. BERZAD: the highest BER up to which every BER shows zero loss " \
+           "(0: the lowest BER is already lossy; > max: no BER of the grid is).\n\n" if caption else ""
+    return lead + header + "".join(
+        f"| {r['network']} | {r['format']} | {r['protection']} | {float(r['fault_free_accuracy_percent']):.1f} "
         f"| {r['berzad']} |\n"
         for r in table_rows
     )
 
 
-def _table_row(network: str, row: BerzadRow) -> dict:
+def table_row(context: Setting, row: BerzadRow) -> dict:
+    """A Table II row with the setting it was measured in."""
     return {
-        "network": network,
+        "network": context.network,
         "format": row.format,
-        "op_level": row.level,
+        "protection": row.level,
         "fault_free_accuracy_percent": round(100 * row.fault_free_accuracy, 2),
         "berzad": row.berzad_text,
+        "metric": context.metric,
+        "data": context.data,
+        "experiments": context.experiments,
+        "batch_size": context.batch_size,
     }
 
 
@@ -84,22 +111,16 @@ def _bit_row(row: BerzadRow) -> dict:
 
 
 def _write_csv(path: Path, rows: list[dict]) -> Path:
-    def write(handle: io.TextIOWrapper) -> None:
-        if rows:
-            writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
-
-    files.write_atomically(path, files.text_writer(write))
-    return path
+    handle = io.StringIO(newline="")
+    if rows:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return write_text_atomically(path, handle.getvalue())
 
 
 def _write_json(path: Path, rows: list[dict]) -> Path:
-    return files.write_text_atomically(path, json.dumps([_json_safe(row) for row in rows], indent=1))
-
-
-def _write_text(path: Path, text: str) -> Path:
-    return files.write_text_atomically(path, text)
+    return write_text_atomically(path, json.dumps([_json_safe(row) for row in rows], indent=1))
 
 
 def _json_safe(row: dict) -> dict:

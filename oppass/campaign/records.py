@@ -19,11 +19,12 @@ class TrialRecord:
     bit: int | None
     n_bits: int
     flips: int
+    even_flip_words: int | None  # words hit by an even, non-zero number of flips (None for ECC)
     masked_words: int
     samples: int
     correct: int
     fault_free_correct: int
-    top1_changed: int
+    sdc_samples: int
     nonfinite_samples: int
     outcome: str
     inject_seconds: float

@@ -2,25 +2,33 @@
 
 from __future__ import annotations
 
+import sqlite3
+import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TextIO
 
 import numpy as np
+import onnx
+import onnxruntime as ort
 
 from oppass import modelio, runtime
 from oppass.campaign import export
 from oppass.campaign.batch_study import batch_size_study
-from oppass.campaign.config import CampaignConfig, Condition, ber_grid, conditions
-from oppass.campaign.data import Dataset, open_dataset
+from oppass.campaign.config import ECC, UNPROTECTED, CampaignConfig, Condition, Variant, conditions
+from oppass.campaign.data import Dataset, ModelInput, model_inputs, open_dataset
+from oppass.campaign.metrics import ALLCLOSE, CLASSIFYING, GOLDEN, LABELLED, TOP1, TOP5, TOP5_CLASSES, Metric
 from oppass.campaign.progress import Progress
 from oppass.campaign.records import TrialRecord
 from oppass.campaign.scheduler import execute, tasks
 from oppass.campaign.store import Store
 from oppass.campaign.summary import BerzadRow, ConditionSummary, berzad_rows, summarize, table2
-from oppass.campaign.worker import Workload, model_digest
+from oppass.campaign.worker import ORT_ERRORS_ONLY, Workload, build_variant, model_digest
 from oppass.errors import OppassError
+from oppass.schema import read_decode_nodes
 
-TOP5_CLASSES = 5
+PROBE_SAMPLES = 2
 
 
 @dataclass(frozen=True)
@@ -32,6 +40,19 @@ class Plan:
     experiments: int
     notes: list[str]
     identity: dict
+    formats: tuple[str, ...]
+    samples: int
+    data_description: str
+    batch_study: bool
+
+
+class CampaignInterrupted(KeyboardInterrupt):
+    """The campaign stopped on KeyboardInterrupt with `stored` of its `total` trials in its store."""
+
+    def __init__(self, stored: int, total: int) -> None:
+        super().__init__(f"interrupted: {stored} of {total} trials stored; run the same command to resume")
+        self.stored = stored
+        self.total = total
 
 
 @dataclass(frozen=True)
@@ -56,91 +77,195 @@ class CampaignResult:
         return self.trials_run / self.seconds if self.seconds > 0 else 0.0
 
 
-def run_campaign(config: CampaignConfig) -> CampaignResult:
-    """Runs (or resumes) the campaign in `config.out` and writes its exports there."""
+def run_campaign(config: CampaignConfig, log: TextIO | None = sys.stderr) -> CampaignResult:
+    """Runs (or resumes, or extends) the campaign in `config.out` and writes its exports there.
+
+    Notes and progress go to `log` (None: silent). On KeyboardInterrupt (Ctrl-C, or a signal the
+    caller turns into one) the finished trials stay stored and CampaignInterrupted is raised.
+    """
     plan = make_plan(config)
-    store = Store(config.out, plan.identity)
+    if log is not None:
+        for note in plan.notes:
+            print(f"note: {note}", file=log, flush=True)
+    store = open_store(config.out, plan.identity)
+    planned = [(c, t) for c in plan.conditions for t in range(plan.experiments)]
+    keys = {(c.key, t) for c, t in planned}
     try:
         finished = store.finished()
-        pending = [(c, t) for c in plan.conditions for t in range(plan.experiments) if (c.key, t) not in finished]
-        progress = Progress(len(pending))
+        pending = [(c, t) for c, t in planned if (c.key, t) not in finished]
+        progress = Progress(len(planned), len(planned) - len(pending), log)
 
         def deliver(records: list[TrialRecord]) -> None:
             store.add(records)
             progress.advance(len(records))
 
-        seconds = execute(plan.workload, tasks(pending), deliver, config.scheduler, config.workers)
-        progress.close()
-        if config.batch_study and plan.workload.metric != "golden":
-            _run_batch_study(store, plan.workload, config.formats)
-        summaries = summarize(store.trials())
+        try:
+            seconds = execute(plan.workload, tasks(pending), deliver, config.scheduler, config.workers)
+        finally:
+            progress.close()
+        if config.batch_study and plan.batch_study:
+            _run_batch_study(store, plan.workload, plan.formats)
+        summaries = summarize([record for record in store.trials() if (record.condition_key, record.trial) in keys])
         rows = berzad_rows(summaries)
-        table = table2(rows, config.formats, config.protections + (("ecc",) if config.ecc else ()))
-        files = export.write_all(config, plan.notes, store, summaries, rows, table)
+        table = table2(rows, plan.formats, config.protections + ((ECC,) if config.ecc else ()))
+        files = export.write_all(config, plan, store, summaries, rows, table)
+    except KeyboardInterrupt:
+        stored = len(keys & store.finished())
+        raise CampaignInterrupted(stored, len(planned)) from None
     finally:
         store.close()
     return CampaignResult(config.out, summaries, rows, table, plan.notes, len(pending), seconds, files)
 
 
+def open_store(out: Path, identity: dict) -> Store:
+    """The store in `out`, created if needed; one-line errors for a file or an unwritable folder."""
+    if out.exists() and not out.is_dir():
+        raise OppassError(f"--out {out} is a file: give a folder (new, or holding this campaign)")
+    try:
+        return Store(out, identity)
+    except (OSError, sqlite3.Error) as error:
+        reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
+        raise OppassError(f"cannot write the campaign to {out}: {reason}") from None
+
+
 def make_plan(config: CampaignConfig) -> Plan:
-    """Checks model and data, adapts batch size and metric to them, and lists the conditions."""
+    """Checks model and data, fits data, output, metric and formats to them, and lists the conditions."""
     if not Path(config.model).is_file():
         raise OppassError(f"no such model file: {config.model}")
-    dataset = open_dataset(config.data)
-    notes = []
+    model = modelio.load_model(config.model)
+    if read_decode_nodes(model):
+        raise OppassError(f"{config.model} is already protected by oppass: give the unprotected model (or "
+                          "`oppass strip` it first)")
+    inputs = model_inputs(model)
+    dataset = open_dataset(config.data, inputs)
+    notes = list(dataset.notes)
+    options = ort.SessionOptions()
+    options.log_severity_level = ORT_ERRORS_ONLY
+    session = runtime.open_session(model, options)
+    output = _output_name(config.output, [o.name for o in session.get_outputs()])
+    probe, dataset = _probe(session, output, dataset, config.data, inputs, notes)
     batch_size = config.batch_size
     if dataset.size < batch_size:
         batch_size = dataset.size
         notes.append(f"the data has {dataset.size} samples, fewer than --batch {config.batch_size}: "
                      f"each experiment uses all {dataset.size} (in a seeded order)")
-    metric = _usable_metric(config.metric, dataset, _class_count(config.model, dataset), notes)
-    if config.batch_study and metric == "golden":
-        notes.append("the batch-size study needs labels: skipped")
+    metric = _metric(config, output, probe, dataset, notes)
+    formats = _usable_formats(model, config.formats, notes)
+    batch_study = metric.name not in (GOLDEN, ALLCLOSE) and dataset.labels is not None
+    if config.batch_study and not batch_study:
+        notes.append(f"the batch-size study needs labels and a metric that uses them ({metric.name} does not): "
+                     "skipped")
     digest = model_digest(config.model)  # the model file and its external data
-    workload = Workload(str(Path(config.model).resolve()), digest, config.data, config.seed, batch_size, metric)
+    workload = Workload(str(Path(config.model).resolve()), digest, config.data, config.seed, batch_size, metric,
+                        output, dataset.batched)
     identity = {
         "model_sha256": digest,
         "data": dataset.identity,
-        "formats": list(config.formats),
-        "protections": list(config.protections),
-        "ecc": config.ecc,
-        "bers": list(ber_grid(config.ber_min, config.ber_max, config.points_per_decade)),
-        "experiments": config.experiments,
         "batch_size": batch_size,
-        "metric": metric,
+        "metric": metric.name,
+        "output": output,
+        "class_axis": metric.class_axis,
         "seed": config.seed,
-        "bit_positions": config.bit_positions,
-        "batch_study": config.batch_study,
     }
-    return Plan(workload, conditions(config), config.experiments, notes, identity)
+    if metric.name == ALLCLOSE:
+        identity |= {"rtol": metric.rtol, "atol": metric.atol}
+    return Plan(workload, conditions(config, formats), config.experiments, notes, identity, formats, dataset.size,
+                dataset.description, batch_study)
 
 
-def _usable_metric(metric: str, dataset: Dataset, classes: int, notes: list[str]) -> str:
-    if metric != "golden" and dataset.labels is None:
-        notes.append(f"the data has no labels: metric {metric} replaced by golden (agreement with fault-free top-1)")
-        return "golden"
-    if metric == "top5" and classes <= TOP5_CLASSES:
-        notes.append(f"the model has {classes} classes, so top-5 would always be right: metric top1 used instead")
-        return "top1"
+def _output_name(wanted: str | None, names: list[str]) -> str:
+    if wanted is None:
+        return names[0]
+    if wanted not in names:
+        raise OppassError(f"the model has no output {wanted!r}: its outputs are {', '.join(map(repr, names))}")
+    return wanted
+
+
+def _probe(session: ort.InferenceSession, output: str, dataset: Dataset, source: str, inputs: list[ModelInput],
+           notes: list[str]) -> tuple[np.ndarray, Dataset]:
+    """The fault-free output of the first samples, sample axis first; one run per sample if the model's
+    output does not carry the batch along its first axis."""
+    count = min(PROBE_SAMPLES, dataset.size)
+    outputs = _run(session, output, dataset.feeds(np.arange(count)), dataset.batched)
+    if dataset.batched and (outputs.ndim == 0 or outputs.shape[0] != count):
+        notes.append(f"output {output!r} {list(outputs.shape)} does not have the batch of {count} along its first "
+                     "axis: one run per sample")
+        dataset = open_dataset(source, inputs, batched=False)
+        outputs = _run(session, output, dataset.feeds(np.arange(count)), False)
+    return outputs, dataset
+
+
+def _run(session: ort.InferenceSession, output: str, feeds: list[dict[str, np.ndarray]], batched: bool) -> np.ndarray:
+    try:
+        results = [session.run([output], feed)[0] for feed in feeds]
+    except Exception as error:  # onnxruntime raises its own exception types for bad feeds
+        expected = "; ".join(f"{i.name!r} {i.type} {i.shape}" for i in session.get_inputs())
+        given = "; ".join(f"{k!r} {v.dtype} {list(v.shape)}" for k, v in feeds[0].items())
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise OppassError(f"the model cannot run on the data (it takes {expected}; the data gives {given}): "
+                          f"{first_line}") from None
+    return results[0] if batched else np.stack(results)
+
+
+def _metric(config: CampaignConfig, output: str, probe: np.ndarray, dataset: Dataset, notes: list[str]) -> Metric:
+    """The metric to use: the configured one, or top1 with labels and golden without, fitted to the output."""
+    labelled = dataset.labels is not None
+    name = config.metric or (TOP1 if labelled else GOLDEN)
+    if name in LABELLED and not labelled:
+        notes.append(f"the data has no labels: metric {name} replaced by golden (agreement with the fault-free top-1)")
+        name = GOLDEN
+    class_axis = _class_axis(config.class_axis, probe.ndim, dataset.batched)
+    if name in CLASSIFYING:
+        if class_axis is None:
+            raise OppassError(f"output {output!r} {list(probe.shape[1:])} per sample has no class axis "
+                              f"{config.class_axis}: use --metric allclose, a user metric or another --class-axis")
+        classes = probe.shape[class_axis]
+        if name == TOP5 and classes <= TOP5_CLASSES:
+            notes.append(f"output {output!r} has {classes} classes, so top-5 would always be right: metric top1 "
+                         "used instead")
+            name = TOP1
+    metric = Metric(name, class_axis if class_axis is not None else -1, config.rtol, config.atol)
+    if name in LABELLED and dataset.labels is not None:
+        positions = tuple(int(d) for d in np.delete(np.array(probe.shape[1:]), probe.ndim + metric.class_axis - 1))
+        if dataset.labels.shape[1:] != positions:
+            raise OppassError(f"labels of shape {list(dataset.labels.shape)} do not fit output {output!r} "
+                              f"{list(probe.shape[1:])} per sample (classes along axis {config.class_axis}): "
+                              f"expected [{dataset.size}{''.join(f', {p}' for p in positions)}]")
+    if metric.user:
+        labels = None if dataset.labels is None else dataset.labels[: len(probe)][None]
+        metric.correct(probe[None], probe[None], labels)
     return metric
 
 
-def _class_count(model: Path, dataset: Dataset) -> int:
-    """Size of the last axis of the model's first output, from one fault-free inference; checks the labels."""
-    session = runtime.open_session(modelio.load_model(model))
-    feeds = {session.get_inputs()[0].name: dataset.inputs(np.arange(1))}
-    try:
-        (output,) = session.run([session.get_outputs()[0].name], feeds)
-    except runtime.RUN_ERRORS as error:
-        raise OppassError(f"the model cannot run on the data's inputs ({str(error).strip().splitlines()[0][:300]})") \
-            from None
-    classes = int(output.shape[-1]) if output.ndim else 1
-    if dataset.labels is not None and dataset.labels.size and int(dataset.labels.max()) >= classes:
-        raise OppassError(f"the data has label {int(dataset.labels.max())} but the model has {classes} classes "
-                          f"(labels must be 0..{classes - 1})")
-    return classes
+def _class_axis(axis: int, rank: int, batched: bool) -> int | None:
+    """The class axis as a negative index of a batch's output ([samples, ...], rank `rank`), or None when the
+    output has no such axis. `axis` counts the model output's axes (which include the sample axis when batched)."""
+    model_rank = rank if batched else rank - 1
+    negative = axis if axis < 0 else axis - model_rank
+    if not -(rank - 1) <= negative <= -1:
+        return None
+    return negative
 
 
+def _usable_formats(model: onnx.ModelProto, wanted: tuple[str, ...], notes: list[str]) -> tuple[str, ...]:
+    """The formats the model can be stored in; the others skipped with a note."""
+    usable, reasons = [], []
+    for fmt in wanted:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # "no weight found" is an error here, raised below
+                variant = build_variant(model, Variant(fmt, UNPROTECTED))
+        except OppassError as error:
+            reasons.append(f"{fmt}: {error}")
+            notes.append(f"weight format {fmt} skipped: {error}")
+            continue
+        if not read_decode_nodes(variant):
+            raise OppassError("the model has no weights that oppass protects (Conv/Gemm weight initializers): "
+                              "there is nothing to inject faults into")
+        usable.append(fmt)
+    if not usable:
+        raise OppassError(f"the model cannot be stored in any of the formats asked for ({'; '.join(reasons)})")
+    return tuple(usable)
 def _run_batch_study(store: Store, workload: Workload, formats: tuple[str, ...]) -> None:
     studied = {row[0] for row in store.batch_study()}
     for fmt in formats:

@@ -12,7 +12,10 @@ rescheduled by Dask; the store ignores trials it already holds.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
+import signal
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING
@@ -26,6 +29,7 @@ if TYPE_CHECKING:
     from distributed import Client
 
 CHUNK_TRIALS = 20
+CONNECT_SECONDS = 10
 SERIAL, LOCAL = "serial", "local"
 
 Task = tuple[tuple[Condition, int], ...]
@@ -71,13 +75,33 @@ def _execute_dask(
     from distributed import as_completed
 
     with _dask_client(scheduler, workers) as client:
-        client.run(warm_up, workload)
-        started = time.perf_counter()
-        futures = [client.submit(run_trials, workload, task, pure=False) for task in work]
-        for future in as_completed(futures):
-            deliver(future.result())
-            future.release()
-        return time.perf_counter() - started
+        try:
+            client.run(_ignore_interrupts)
+            client.run(warm_up, workload)
+            started = time.perf_counter()
+            futures = [client.submit(run_trials, workload, task, pure=False) for task in work]
+            for future in as_completed(futures):
+                deliver(future.result())
+                future.release()
+            return time.perf_counter() - started
+        except KeyboardInterrupt:
+            # Closing the client and cluster logs every cancelled task and closed worker, here and on the workers.
+            _silence_dask()
+            with contextlib.suppress(Exception):
+                client.run(_silence_dask)
+            raise
+
+
+def _ignore_interrupts() -> None:
+    """Run on every worker: Ctrl-C reaches the whole process group, but only the client must stop (and stop
+    the workers); a worker started by another process keeps its own handler."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _silence_dask() -> None:
+    for name in ("distributed", "tornado", "asyncio"):
+        logging.getLogger(name).setLevel(logging.CRITICAL + 1)
 
 
 @contextlib.contextmanager
@@ -92,13 +116,31 @@ def _dask_client(scheduler: str, workers: int | None) -> Iterator[Client]:
         # few, small and known up front, so each worker may hold its next one instead of idling a round trip.
         settings = {"distributed.worker.profile.enabled": False,
                     "distributed.scheduler.worker-saturation": float("inf")}
-        with dask.config.set(settings):
+        with dask.config.set(settings), _interrupts_ignored():  # the workers inherit SIG_IGN for SIGINT
             cluster = LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True, dashboard_address=":0")
         with cluster, Client(cluster) as client:
             client.wait_for_workers(n_workers)
             yield client
     elif "://" in scheduler:
-        with Client(scheduler) as client:
+        try:
+            client = Client(scheduler, timeout=CONNECT_SECONDS)
+        except (OSError, TimeoutError) as error:
+            raise OppassError(f"cannot reach the Dask scheduler at {scheduler} within {CONNECT_SECONDS} s ({error}): "
+                              "is `dask scheduler` running there, and the address right?") from None
+        with client:
             yield client
     else:
         raise OppassError(f"unknown scheduler {scheduler!r}: use serial, local or an address like tcp://host:8786")
+
+
+@contextlib.contextmanager
+def _interrupts_ignored() -> Iterator[None]:
+    """SIGINT ignored meanwhile (in the main thread: elsewhere signal handlers cannot change)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)

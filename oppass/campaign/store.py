@@ -2,8 +2,10 @@
 
 WAL journal, a commit after every batch of finished trials, primary key
 (condition_key, trial) with INSERT OR IGNORE: a trial delivered twice (a rescheduled Dask
-task, a resumed run) is stored once. The campaign's identity (everything that decides
-the results) is saved on creation; opening the folder with another identity is an error.
+task, a resumed run) is stored once. A trial's result depends only on its condition, its
+index (its seed and data batch) and the campaign's identity (model, data, batch size,
+metric, output, seed), saved on creation: opening the folder with another identity is an
+error, while another grid (more formats, protections, BERs or experiments) only adds trials.
 """
 
 from __future__ import annotations
@@ -129,8 +131,8 @@ class Store:
             differing = sorted(k for k in set(identity) | set(json.loads(stored))
                                if identity.get(k) != json.loads(stored).get(k))
             raise OppassError(
-                f"{self.path.parent} holds a campaign with another configuration ({', '.join(differing)} differ):"
-                " use another --out folder"
+                f"{self.path.parent} holds a campaign with other results ({', '.join(differing)} differ): use "
+                "another --out folder (formats, protections, BERs, experiments and studies may be added in place)"
             )
 
 

@@ -34,7 +34,11 @@ class ConditionSummary:
     drop_ci_high: float
     zero_loss: bool
     flips_mean: float
+    even_flip_words_mean: float | None
     masked_words_mean: float
+    sdc_samples_mean: float
+    nonfinite_samples_mean: float
+    no_fault: int
     masked: int
     tolerated: int
     sdc: int
@@ -115,7 +119,12 @@ def _summarize_condition(group: list[TrialRecord]) -> ConditionSummary:
         drop_ci_high=drop_interval.high,
         zero_loss=stats.is_zero_loss(accuracy, fault_free, first.samples),
         flips_mean=float(np.mean([r.flips for r in group])),
+        even_flip_words_mean=None if first.even_flip_words is None else
+        float(np.mean([r.even_flip_words or 0 for r in group])),
         masked_words_mean=float(np.mean([r.masked_words for r in group])),
+        sdc_samples_mean=float(np.mean([r.sdc_samples for r in group])),
+        nonfinite_samples_mean=float(np.mean([r.nonfinite_samples for r in group])),
+        no_fault=outcomes.count(metrics.NO_FAULT),
         masked=outcomes.count(metrics.MASKED),
         tolerated=outcomes.count(metrics.TOLERATED),
         sdc=outcomes.count(metrics.SDC),
@@ -138,3 +147,22 @@ def _berzad_row(curve: list[ConditionSummary]) -> BerzadRow:
         berzad=stats.berzad(bers, [summary.zero_loss for summary in curve]),
         max_ber=max(bers),
     )
+
+
+@dataclass(frozen=True)
+class Setting:
+    """What every table and figure of a campaign states: network, data set, metric, experiments x batch."""
+
+    network: str
+    data: str
+    data_description: str
+    metric: str
+    metric_axis_label: str
+    experiments: int
+    batch_size: int
+
+    @property
+    def caption(self) -> str:
+        """E.g. `digits_cnn on digits; top-1 accuracy (...); 20 experiments × 400 samples`."""
+        return (f"{self.network} on {self.data}; {self.metric}; {self.experiments} "
+                f"experiment{'s' if self.experiments != 1 else ''} × {self.batch_size} samples")

@@ -30,10 +30,10 @@ import onnxruntime as ort
 from onnx import numpy_helper
 
 from oppass import modelio, runtime
-from oppass.campaign import metrics
 from oppass.campaign.config import BIT_STUDY, ECC, Condition, Variant
-from oppass.campaign.data import Dataset, open_dataset
-from oppass.campaign.injector import BitPosition, EccProtected, FaultTarget, PackedWeights, StoredBits
+from oppass.campaign.data import Dataset, model_inputs, open_dataset
+from oppass.campaign.injector import BitPosition, EccProtected, FaultTarget, Injection, PackedWeights, StoredBits
+from oppass.campaign.metrics import Metric
 from oppass.campaign.records import TrialRecord
 from oppass.campaign.seeds import batch_indices, trial_rng
 from oppass.errors import OppassError
@@ -42,6 +42,7 @@ from oppass.schema import MASKED_WORDS_OUTPUT, read_decode_nodes
 
 # Sessions run on one intra-op thread everywhere, so outputs do not depend on the scheduler.
 SESSION_THREADS = 1
+ORT_ERRORS_ONLY = 3
 # Memory for the prepared flips and outputs of the trials of a burst (estimated: 24 bytes per expected flip).
 BURST_BYTES = 64 * 2**20
 _FLIP_BYTES = 24
@@ -56,39 +57,47 @@ class Workload:
     data: str
     seed: int
     batch_size: int
-    metric: str
+    metric: Metric
+    output: str
+    batched: bool
 
 
 @dataclass(frozen=True)
 class Experiment:
-    """The data batch of one experiment and a variant's fault-free outputs on it."""
+    """The data batch of one experiment and a variant's fault-free outputs on it (sample axis first)."""
 
-    inputs: np.ndarray
+    feeds: list[dict[str, np.ndarray]]
     labels: np.ndarray | None
-    logits: np.ndarray
-    top1: np.ndarray
-    correct: int
+    outputs: np.ndarray
+    correct_samples: np.ndarray
+    samples: int
+
+    @property
+    def correct(self) -> int:
+        """Samples correct without faults."""
+        return int(np.count_nonzero(self.correct_samples))
 
 
 class VariantSession:
     """One protected (or plain) build of the model with its packed weights in live numpy buffers."""
 
-    def __init__(self, model: onnx.ModelProto) -> None:
+    def __init__(self, model: onnx.ModelProto, output: str, batched: bool) -> None:
         decoders = read_decode_nodes(model)
         if not decoders:
             raise OppassError("the model has no Conv/Gemm weight initializers to inject faults into")
         initializers = {tensor.name: tensor for tensor in model.graph.initializer}
         self.weights = PackedWeights([numpy_helper.to_array(initializers[decode.packed]) for decode in decoders])
         self.weight_bits = decoders[0].weight_format.bits
+        self.word_bytes = decoders[0].word_bits // 8
         options = runtime.session_options(threads=SESSION_THREADS)
+        options.log_severity_level = ORT_ERRORS_ONLY  # a model's shape annotations may disagree with its outputs
         # The OrtValues must outlive the session: onnxruntime reads the numpy memory directly.
         self._values = [ort.OrtValue.ortvalue_from_numpy(buffer) for buffer in self.weights.buffers]
         for decode, value in zip(decoders, self._values, strict=True):
             options.add_initializer(decode.packed, value)
         self.session = runtime.open_session(model, options)
-        initializer_names = set(initializers)
-        self.input_name = next(i.name for i in model.graph.input if i.name not in initializer_names)
-        self.output_name = model.graph.output[0].name
+        self.output_name = output
+        self.batched = batched
         self.stored = StoredBits(self.weights)
         self.lock = threading.Lock()
         self.experiments: dict[int, Experiment] = {}
@@ -98,10 +107,15 @@ class VariantSession:
         """The ECC baseline over the same stored bits, made on first use."""
         return EccProtected(self.weights)
 
-    def run(self, inputs: np.ndarray) -> tuple[np.ndarray, int]:
-        """(first model output, masked words reported by the decoders) for one batch."""
-        logits, masked = self.session.run([self.output_name, MASKED_WORDS_OUTPUT], {self.input_name: inputs})
-        return logits, int(masked)
+    def run(self, feeds: Sequence[dict[str, np.ndarray]]) -> tuple[np.ndarray, int]:
+        """(scored output with the sample axis first, masked words reported by the decoders) for one batch:
+        one run per feed, outputs stacked along a new axis when there are several."""
+        names = [self.output_name, MASKED_WORDS_OUTPUT]
+        results = [self.session.run(names, feed) for feed in feeds]
+        if self.batched:
+            ((outputs, masked),) = results
+            return outputs, int(masked)
+        return np.stack([output for output, _ in results]), max(int(masked) for _, masked in results)
 
     def target(self, condition: Condition) -> FaultTarget:
         """Where the faults of `condition` land."""
@@ -126,36 +140,37 @@ class WorkerCache:
 
     def __init__(self, workload: Workload) -> None:
         self.workload = workload
-        self.dataset: Dataset = open_dataset(workload.data)
         self.model = modelio.load_model(workload.model)
         if model_digest(workload.model) != workload.model_digest:
             raise OppassError(f"the model {workload.model} or its external data changed while the campaign ran: "
                               "run the campaign again")
+        self.dataset: Dataset = open_dataset(workload.data, model_inputs(self.model), workload.batched)
         self.sessions: dict[Variant, VariantSession] = {}
-        self.batches: dict[int, tuple[np.ndarray, np.ndarray | None]] = {}
+        self.batches: dict[int, tuple[list[dict[str, np.ndarray]], np.ndarray | None]] = {}
 
     def session(self, variant: Variant) -> VariantSession:
         """The session of `variant`, built on first use."""
         if variant not in self.sessions:
-            self.sessions[variant] = VariantSession(build_variant(self.model, variant))
+            self.sessions[variant] = VariantSession(build_variant(self.model, variant), self.workload.output,
+                                                    self.workload.batched)
         return self.sessions[variant]
 
-    def batch(self, experiment: int) -> tuple[np.ndarray, np.ndarray | None]:
-        """Inputs and labels of the data batch of experiment `experiment`, made once."""
+    def batch(self, experiment: int) -> tuple[list[dict[str, np.ndarray]], np.ndarray | None]:
+        """Feeds and labels of the data batch of experiment `experiment`, made once."""
         if experiment not in self.batches:
             indices = batch_indices(self.workload.seed, experiment, self.dataset.size, self.workload.batch_size)
             labels = None if self.dataset.labels is None else self.dataset.labels[indices]
-            self.batches[experiment] = self.dataset.inputs(indices), labels
+            self.batches[experiment] = self.dataset.feeds(indices), labels
         return self.batches[experiment]
 
     def experiment(self, session: VariantSession, experiment: int) -> Experiment:
         """The batch of `experiment` with the fault-free outputs of `session` on it, computed once."""
         if experiment not in session.experiments:
-            inputs, labels = self.batch(experiment)
-            logits = session.run(inputs)[0]
-            top1 = metrics.top1(logits)
-            correct = int(np.count_nonzero(metrics.correct(logits, labels, top1, self.workload.metric)))
-            session.experiments[experiment] = Experiment(inputs, labels, logits, top1, correct)
+            feeds, labels = self.batch(experiment)
+            outputs = session.run(feeds)[0]
+            correct = self.workload.metric.correct(outputs[None], outputs[None], None if labels is None else
+                                                   labels[None])[0]
+            session.experiments[experiment] = Experiment(feeds, labels, outputs, correct, len(outputs))
         return session.experiments[experiment]
 
 
@@ -194,7 +209,7 @@ def run_trials(workload: Workload, pairs: Sequence[tuple[Condition, int]]) -> li
         targets = [session.target(condition) for condition, _ in pairs]
         largest = max(_FLIP_BYTES * target.n_bits * condition.ber
                       for target, (condition, _) in zip(targets, pairs, strict=True))
-        size = max(1, int(BURST_BYTES // (largest + experiments[0].logits.nbytes)))
+        size = max(1, int(BURST_BYTES // (largest + experiments[0].outputs.nbytes)))
         records = [
             record
             for start in range(0, len(pairs), size)
@@ -224,7 +239,7 @@ def _run_burst(
         target.inject(injection)
         try:
             inference_started = clock()
-            logits, masked = session.run(experiment.inputs)
+            logits, masked = session.run(experiment.feeds)
             inference.append(clock() - inference_started)
         finally:
             target.restore(injection)
@@ -234,10 +249,13 @@ def _run_burst(
     started = clock()
     known = [e.labels for e in experiments if e.labels is not None]  # all or none: one data set
     labels = np.stack(known) if known else None
-    correct, changed, nonfinite, outcomes = metrics.score(
-        np.stack(outputs), np.stack([e.logits for e in experiments]), np.stack([e.top1 for e in experiments]),
-        labels, cache.workload.metric,
+    scores = cache.workload.metric.score(
+        np.stack(outputs), np.stack([e.outputs for e in experiments]), labels,
+        np.stack([e.correct_samples for e in experiments]), np.array([i.flips for i in injections]),
     )
+    even = [None if isinstance(target, EccProtected) else even_flip_words(injection, session.weights,
+                                                                          session.word_bytes)
+            for target, injection in zip(targets, injections, strict=True)]
     shared = (shared + clock() - started) / len(pairs)
     return [
         TrialRecord(
@@ -250,13 +268,14 @@ def _run_burst(
             bit=condition.bit,
             n_bits=target.n_bits,
             flips=injection.flips,
+            even_flip_words=even[i],
             masked_words=decoder_masked[i] + injection.masked,
-            samples=len(experiment.inputs),
-            correct=int(correct[i]),
+            samples=experiment.samples,
+            correct=int(scores.correct[i]),
             fault_free_correct=experiment.correct,
-            top1_changed=int(changed[i]),
-            nonfinite_samples=int(nonfinite[i]),
-            outcome=outcomes[i],
+            sdc_samples=int(scores.sdc[i]),
+            nonfinite_samples=int(scores.nonfinite[i]),
+            outcome=scores.outcomes[i],
             inject_seconds=own[i] + shared,
             inference_seconds=inference[i],
         )
@@ -265,3 +284,21 @@ def _run_burst(
         )
     ]
 
+
+
+def even_flip_words(injection: Injection, weights: PackedWeights, word_bytes: int) -> int:
+    """Stored words of `word_bytes` bytes (each buffer cut from its start) that `injection` hits with an even,
+    non-zero number of flips: the errors a parity check over such words cannot see."""
+    if injection.index is None:  # a dense XOR mask of the whole block
+        offsets = np.flatnonzero(injection.change)
+        flipped = np.bitwise_count(injection.change[offsets])
+    else:
+        order = np.argsort(injection.index, kind="stable")
+        offsets = injection.index[order]
+        flipped = np.bitwise_count(injection.change ^ injection.clean)[order]
+    if offsets.size == 0:
+        return 0
+    buffer_start = weights.starts[np.searchsorted(weights.starts, offsets, side="right") - 1]
+    word_start = buffer_start + (offsets - buffer_start) // word_bytes * word_bytes  # sorted
+    first = np.flatnonzero(np.r_[True, word_start[1:] != word_start[:-1]])
+    return int(np.count_nonzero(np.add.reduceat(flipped.astype(np.int64), first) % 2 == 0))
