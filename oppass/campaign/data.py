@@ -270,10 +270,12 @@ def _key_for(model_input: ModelInput, arrays: Mapping[str, np.ndarray], inputs: 
 
 
 def _labels(values: np.ndarray, key: str, path: Path) -> np.ndarray:
-    if values.ndim == 0 or not (np.issubdtype(values.dtype, np.integer) or np.issubdtype(values.dtype, np.bool_)
-                                or np.array_equal(values, np.round(values))):
+    if values.ndim == 0 or values.dtype.kind not in "biuf" or (
+            values.dtype.kind == "f" and not np.array_equal(values, np.round(values))):
         raise OppassError(f"{path}: labels {key!r} must be integers with one entry per sample, got "
                           f"{list(values.shape)} {values.dtype}")
+    if values.size and values.min() < 0:
+        raise OppassError(f"{path}: labels {key!r} must be class indices (>= 0), got {values.min()}")
     return values.astype(np.int64)
 
 

@@ -231,6 +231,10 @@ def _metric(config: CampaignConfig, output: str, probe: np.ndarray, dataset: Dat
             raise OppassError(f"labels of shape {list(dataset.labels.shape)} do not fit output {output!r} "
                               f"{list(probe.shape[1:])} per sample (classes along axis {config.class_axis}): "
                               f"expected [{dataset.size}{''.join(f', {p}' for p in positions)}]")
+        classes = probe.shape[metric.class_axis]
+        if dataset.labels.size and int(dataset.labels.max()) >= classes:
+            raise OppassError(f"the data has label {int(dataset.labels.max())} but output {output!r} has {classes} "
+                              f"classes (labels must be 0..{classes - 1})")
     if metric.user:
         labels = None if dataset.labels is None else dataset.labels[: len(probe)][None]
         metric.correct(probe[None], probe[None], labels)
