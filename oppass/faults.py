@@ -3,6 +3,11 @@
 A set of unsigned arrays is seen as one little-endian bit stream: their bytes are
 concatenated in order and stream bit `p` is bit `p % 8` of byte `p // 8`, as in
 docs/FORMAT.md.
+
+Positions are drawn by a *sampler*: SAMPLER_CHOICE (numpy's `choice(replace=False)`, whose
+time and memory grow with the number of bits above n/50 flips; campaign stores of format 1
+replay with it) or SAMPLER_DISTINCT (the default: uniform draws with duplicates redrawn, time
+and memory in the number of flips only).
 """
 
 from __future__ import annotations
@@ -13,18 +18,47 @@ import numpy as np
 
 from oppass.errors import OppassError
 
+SAMPLER_CHOICE = 1
+SAMPLER_DISTINCT = 2
+SAMPLERS = (SAMPLER_CHOICE, SAMPLER_DISTINCT)
 
-def draw_flip_positions(rng: np.random.Generator, n_bits: int, ber: float, *, sort: bool = True) -> np.ndarray:
-    """Distinct int64 bit positions in [0, n_bits): Binomial(n_bits, ber) of them, uniformly drawn; sorted
-    unless `sort` is False (the same set either way: sorting draws nothing from `rng`)."""
+
+def draw_flip_positions(rng: np.random.Generator, n_bits: int, ber: float, *, sort: bool = True,
+                        sampler: int = SAMPLER_DISTINCT) -> np.ndarray:
+    """Distinct int64 bit positions in [0, n_bits): Binomial(n_bits, ber) of them, uniformly drawn by `sampler`;
+    sorted unless `sort` is False (the same set either way: sorting draws nothing from `rng`)."""
     if n_bits < 0:
         raise OppassError(f"number of bits must be non-negative, got {n_bits}")
     if not 0.0 <= ber <= 1.0:
         raise OppassError(f"bit error rate must be between 0 and 1, got {ber}")
+    if sampler not in SAMPLERS:
+        raise OppassError(f"unknown flip sampler {sampler}: expected one of {', '.join(map(str, SAMPLERS))}")
     count = int(rng.binomial(n_bits, ber))
+    if sampler == SAMPLER_DISTINCT:
+        return distinct_positions(rng, n_bits, count)
     positions = rng.choice(n_bits, size=count, replace=False) if count else np.empty(0, dtype=np.int64)
     positions = positions.astype(np.int64, copy=False)
     return np.sort(positions) if sort else positions
+
+
+def distinct_positions(rng: np.random.Generator, n: int, count: int) -> np.ndarray:
+    """`count` distinct int64 positions of [0, n), sorted, every such set equally likely.
+
+    Uniform draws, duplicates dropped and redrawn until `count` remain (the set is the distinct
+    values of a prefix of an i.i.d. uniform sequence, whose law no permutation of [0, n) changes:
+    uniform); above n/2 the complement is drawn instead. Time O(count log count), memory O(count).
+    """
+    if not 0 <= count <= n:
+        raise OppassError(f"cannot draw {count} distinct positions out of {n}")
+    if count > n // 2:
+        left_out = distinct_positions(rng, n, n - count)
+        keep = np.ones(n, dtype=bool)  # count > n/2: this is O(count)
+        keep[left_out] = False
+        return np.flatnonzero(keep).astype(np.int64, copy=False)
+    drawn = np.unique(rng.integers(0, n, size=count, dtype=np.int64))
+    while drawn.size < count:
+        drawn = np.unique(np.concatenate([drawn, rng.integers(0, n, size=count - drawn.size, dtype=np.int64)]))
+    return drawn
 
 
 def flip_bits(buffers: Sequence[np.ndarray], positions: np.ndarray) -> None:

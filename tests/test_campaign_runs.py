@@ -71,6 +71,16 @@ def test_a_trial_replays_alone_in_a_fresh_process_cache(tmp_path: Path) -> None:
         dataclasses.replace(original, inject_seconds=0, inference_seconds=0)
 
 
+def test_a_trial_without_flips_reuses_the_fault_free_output(tmp_path: Path) -> None:
+    result = run_campaign(small_config(tmp_path, ber_min=1e-9, ber_max=1e-9, ecc=True))
+    store = Store(tmp_path, make_plan(small_config(tmp_path, ber_min=1e-9, ber_max=1e-9, ecc=True)).identity)
+    trials = store.trials()
+    store.close()
+    assert trials and all(t.flips == 0 and t.inference_seconds == 0 and t.outcome == "masked" for t in trials)
+    assert all(t.correct == t.fault_free_correct and t.masked_words == 0 for t in trials)
+    assert all(s.zero_loss for s in result.summaries)
+
+
 @pytest.mark.slow
 def test_local_cluster_with_one_or_two_workers_matches_serial(tmp_path: Path) -> None:
     serial = run_campaign(small_config(tmp_path / "serial"))

@@ -47,8 +47,8 @@ class FaultTarget(Protocol):
 
     n_bits: int
 
-    def plan(self, rng: np.random.Generator, ber: float) -> Injection:
-        """Draws a trial's flips at `ber` from `rng` and prepares them."""
+    def plan(self, rng: np.random.Generator, ber: float, sampler: int) -> Injection:
+        """Draws a trial's flips at `ber` from `rng` with `sampler` (oppass.faults) and prepares them."""
         ...
 
     def inject(self, injection: Injection) -> None:
@@ -106,9 +106,9 @@ class StoredBits:
         self.bit_shifts = (weights.starts - (stream_ends - weights.sizes)) * 8
         self.n_bits = int(self.stream_bit_ends[-1]) if weights.sizes.size else 0
 
-    def plan(self, rng: np.random.Generator, ber: float) -> Injection:
+    def plan(self, rng: np.random.Generator, ber: float, sampler: int = faults.SAMPLER_DISTINCT) -> Injection:
         """Draws the flips of one trial at `ber` over every stored bit."""
-        return self.prepare(faults.draw_flip_positions(rng, self.n_bits, ber, sort=False))
+        return self.prepare(faults.draw_flip_positions(rng, self.n_bits, ber, sort=False, sampler=sampler))
 
     def prepare(self, positions: np.ndarray) -> Injection:
         """The injection flipping stream bits `positions` (distinct)."""
@@ -152,9 +152,9 @@ class BitPosition:
         self.bit = bit
         self.n_bits = stored.n_bits // weight_bits
 
-    def plan(self, rng: np.random.Generator, ber: float) -> Injection:
+    def plan(self, rng: np.random.Generator, ber: float, sampler: int = faults.SAMPLER_DISTINCT) -> Injection:
         """Draws the flips of one trial at `ber` over bit `bit` of every weight."""
-        weights = faults.draw_flip_positions(rng, self.n_bits, ber, sort=False)
+        weights = faults.draw_flip_positions(rng, self.n_bits, ber, sort=False, sampler=sampler)
         return self.stored.prepare(weights * self.weight_bits + self.bit)
 
     def inject(self, injection: Injection) -> None:
@@ -181,9 +181,9 @@ class EccProtected:
         self.check = ecc.encode(self.data)
         self.n_bits = int(self.data.size) * ecc.CODEWORD_BITS
 
-    def plan(self, rng: np.random.Generator, ber: float) -> Injection:
+    def plan(self, rng: np.random.Generator, ber: float, sampler: int = faults.SAMPLER_DISTINCT) -> Injection:
         """Draws the flips of one trial at `ber` over every codeword bit, data and check bits alike."""
-        return self.prepare(faults.draw_flip_positions(rng, self.n_bits, ber, sort=False))
+        return self.prepare(faults.draw_flip_positions(rng, self.n_bits, ber, sort=False, sampler=sampler))
 
     def prepare(self, positions: np.ndarray) -> Injection:
         """The injection flipping codeword bits `positions` (distinct): the touched words as decoded."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,6 +63,7 @@ def run_campaign(config: CampaignConfig) -> CampaignResult:
     """Runs (or resumes) the campaign in `config.out` and writes its exports there."""
     plan = make_plan(config)
     store = Store(config.out, plan.identity)
+    workload = dataclasses.replace(plan.workload, store_format=store.format_version)
     try:
         finished = store.finished()
         pending = [(c, t) for c in plan.conditions for t in range(plan.experiments) if (c.key, t) not in finished]
@@ -71,10 +73,10 @@ def run_campaign(config: CampaignConfig) -> CampaignResult:
             store.add(records)
             progress.advance(len(records))
 
-        seconds = execute(plan.workload, tasks(pending), deliver, config.scheduler, config.workers)
+        seconds = execute(workload, tasks(pending), deliver, config.scheduler, config.workers)
         progress.close()
         if config.batch_study and plan.workload.metric != "golden":
-            _run_batch_study(store, plan.workload, config.formats)
+            _run_batch_study(store, workload, config.formats)
         summaries = summarize(store.trials())
         rows = berzad_rows(summaries)
         table = table2(rows, config.formats, config.protections + (("ecc",) if config.ecc else ()))

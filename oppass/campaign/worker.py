@@ -11,6 +11,8 @@ then inject, run and restore trial by trial, then score all outputs at once, so 
 work between two inferences is a few numpy calls. A trial's `inference_seconds` is its
 `session.run`; its `inject_seconds` is the rest of its work (its inject and restore, and an
 even share of the burst's seeding, drawing and scoring), not the one-off cache fills.
+A trial whose draw flips nothing runs no inference: its outputs are the fault-free ones (exact,
+as its weights are), with `inference_seconds` 0.
 """
 
 from __future__ import annotations
@@ -26,13 +28,14 @@ import onnx
 import onnxruntime as ort
 from onnx import numpy_helper
 
-from oppass import modelio, runtime
+from oppass import faults, modelio, runtime
 from oppass.campaign import metrics
 from oppass.campaign.config import BIT_STUDY, ECC, Condition, Variant
 from oppass.campaign.data import Dataset, open_dataset
 from oppass.campaign.injector import BitPosition, EccProtected, FaultTarget, PackedWeights, StoredBits
 from oppass.campaign.records import TrialRecord
 from oppass.campaign.seeds import batch_indices, trial_rng
+from oppass.campaign.store import FORMAT_VERSION
 from oppass.errors import OppassError
 from oppass.protect import transform
 from oppass.schema import MASKED_WORDS_OUTPUT, read_decode_nodes
@@ -54,6 +57,12 @@ class Workload:
     seed: int
     batch_size: int
     metric: str
+    store_format: int = FORMAT_VERSION
+
+    @property
+    def sampler(self) -> int:
+        """How flip positions are drawn for this campaign's store (oppass.faults)."""
+        return faults.SAMPLER_CHOICE if self.store_format == 1 else faults.SAMPLER_DISTINCT
 
 
 @dataclass(frozen=True)
@@ -198,12 +207,19 @@ def _run_burst(
     clock = time.perf_counter
     started = clock()
     seed = cache.workload.seed
-    injections = [target.plan(trial_rng(seed, condition.key, trial), condition.ber)
+    sampler = cache.workload.sampler
+    injections = [target.plan(trial_rng(seed, condition.key, trial), condition.ber, sampler)
                   for (condition, trial), target in zip(pairs, targets, strict=True)]
     shared = clock() - started
     outputs, decoder_masked, inference, own = [], [], [], []
     for experiment, target, injection in zip(experiments, targets, injections, strict=True):
         started = clock()
+        if injection.flips == 0:
+            outputs.append(experiment.logits)
+            decoder_masked.append(0)
+            inference.append(0.0)
+            own.append(clock() - started)
+            continue
         target.inject(injection)
         try:
             inference_started = clock()
