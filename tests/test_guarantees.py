@@ -32,7 +32,8 @@ def test_a_flip_in_the_padding_of_the_last_word_is_detected(fmt: str) -> None:
     encoded = codec.encode(weights, 64)
     padding_bit = 64 * encoded.packed.shape[0] - 1
     faulty = measure.flip(encoded.packed, np.array([padding_bit]))
-    decoded, masked = codec.decode(faulty, fmt, 64, weights.shape)
+    result = codec.decode(faulty, fmt, 64, weights.shape)
+    decoded, masked = result.weights, result.masked_words
     first_in_last_word = (encoded.packed.shape[0] - 1) * (64 // formats.FORMATS[fmt].bits)
     assert masked == 1
     assert not decoded.view(np.uint8).reshape(5, -1)[first_in_last_word:].any()  # the whole last word is zeroed
@@ -44,4 +45,4 @@ def test_an_all_zero_word_needs_no_adjustment_and_any_single_flip_is_detected(fm
     encoded = codec.encode(zeros, 64)
     assert encoded.changed_words == 0 and not encoded.packed.any()
     for bit in range(64):
-        assert codec.decode(measure.flip(encoded.packed, np.array([bit])), fmt, 64, zeros.shape)[1] == 1
+        assert codec.decode(measure.flip(encoded.packed, np.array([bit])), fmt, 64, zeros.shape).masked_words == 1
