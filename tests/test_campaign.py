@@ -285,7 +285,7 @@ def test_the_choice_sampler_is_numpys_choice() -> None:
 def test_restoration_check_catches_a_changed_byte() -> None:
     weights = PackedWeights(sample_buffers())
     target = StoredBits(weights)
-    injection = target.plan(np.random.default_rng(0), 0.01)
+    injection = target.prepare(faults.draw_flip_positions(np.random.default_rng(0), target.n_bits, 0.01))
     target.inject(injection)
     target.restore(injection)
     weights.verify()
@@ -297,7 +297,7 @@ def test_restoration_check_catches_a_changed_byte() -> None:
 def test_bit_position_target_hits_only_that_bit_of_each_weight() -> None:
     weights = PackedWeights([np.zeros((100, 1), dtype=np.uint16)])
     target = BitPosition(StoredBits(weights), 16, 14)
-    injection = target.plan(np.random.default_rng(1), 0.3)
+    injection = target.prepare(faults.draw_flip_positions(np.random.default_rng(1), target.n_bits, 0.3))
     target.inject(injection)
     hit = np.flatnonzero(weights.buffers[0][:, 0])
     assert target.n_bits == 100 and hit.size == injection.flips > 0

@@ -18,8 +18,11 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
 
-from oppass.campaign.config import BER_STUDY, ECC, UNPROTECTED, protection_label  # noqa: E402
+from oppass.campaign.config import BER_STUDY, ECC, protection_label  # noqa: E402
+from oppass.campaign.protection import PLAIN  # noqa: E402
+from oppass.campaign.protection import parse as parse_protection  # noqa: E402
 from oppass.campaign.summary import BerzadRow, ConditionSummary  # noqa: E402
+from oppass.formats import PARITY, SECDED  # noqa: E402
 
 FIGURE_SIZE = (6.0, 4.0)
 
@@ -54,11 +57,11 @@ def _ber_curves(summaries: Sequence[ConditionSummary]) -> dict[tuple[str, str], 
 
 def _accuracy_vs_ber(network: str, fmt: str, curves: dict[str, list[ConditionSummary]]) -> plt.Figure:
     figure, axes = plt.subplots(figsize=FIGURE_SIZE)
-    for protection in sorted(curves, key=_protection_order):
+    for protection in sorted(curves, key=lambda name: _protection_order(fmt, name)):
         curve = curves[protection]
         bers = [s.ber for s in curve]
         label = protection_label(fmt, protection)
-        if protection not in (UNPROTECTED, ECC):
+        if parse_protection(protection).code == PARITY:
             label = f"OP {label}"
         (line,) = axes.plot(bers, [100 * s.accuracy_mean for s in curve], marker=".", label=label)
         axes.fill_between(bers, [100 * s.accuracy_ci_low for s in curve], [100 * s.accuracy_ci_high for s in curve],
@@ -109,13 +112,12 @@ def _accuracy_range_vs_batch(network: str, batch_study: Sequence[tuple]) -> plt.
     return figure
 
 
-def _protection_order(protection: str) -> tuple[int, int]:
-    """None first, then OP per weight, OP words by size, ECC last."""
-    if protection == UNPROTECTED:
-        return (0, 0)
-    if protection == ECC:
-        return (3, 0)
-    return (1, 0) if protection == "weight" else (2, int(protection))
+def _protection_order(fmt: str, name: str) -> tuple[int, int, int]:
+    """None and range first, then OP, then SEC-DED, each by word size (the range check after the code alone),
+    ECC last."""
+    chosen = parse_protection(name)
+    rank = {PLAIN: 0, PARITY: 1, SECDED: 2, ECC: 3}[chosen.code]
+    return (rank, chosen.word_bits(fmt), int(chosen.range_check))
 
 
 def _save(figure: plt.Figure, stem: Path) -> list[Path]:

@@ -13,7 +13,7 @@ import onnxruntime as ort
 from oppass import modelio
 from oppass.campaign import export
 from oppass.campaign.batch_study import batch_size_study
-from oppass.campaign.config import CampaignConfig, Condition, ber_grid, conditions
+from oppass.campaign.config import CampaignConfig, Condition, ber_grid, campaign_protections, conditions
 from oppass.campaign.data import Dataset, open_dataset
 from oppass.campaign.progress import Progress
 from oppass.campaign.records import TrialRecord
@@ -22,6 +22,8 @@ from oppass.campaign.store import Store
 from oppass.campaign.summary import BerzadRow, ConditionSummary, berzad_rows, summarize, table2
 from oppass.campaign.worker import Workload
 from oppass.errors import OppassError
+from oppass.protect import transform
+from oppass.schema import read_decode_nodes
 
 TOP5_CLASSES = 5
 
@@ -79,7 +81,7 @@ def run_campaign(config: CampaignConfig) -> CampaignResult:
             _run_batch_study(store, workload, config.formats)
         summaries = summarize(store.trials())
         rows = berzad_rows(summaries)
-        table = table2(rows, config.formats, config.protections + (("ecc",) if config.ecc else ()))
+        table = table2(rows, config.formats, campaign_protections(config))
         files = export.write_all(config, plan.notes, store, summaries, rows, table)
     finally:
         store.close()
@@ -98,6 +100,8 @@ def make_plan(config: CampaignConfig) -> Plan:
         notes.append(f"the data has {dataset.size} samples, fewer than --batch {config.batch_size}: "
                      f"each experiment uses all {dataset.size} (in a seeded order)")
     metric = _usable_metric(config.metric, dataset, _class_count(config.model, dataset), notes)
+    if config.layers:
+        _check_layers(config)
     if config.batch_study and metric == "golden":
         notes.append("the batch-size study needs labels: skipped")
     digest = hashlib.sha256(Path(config.model).read_bytes()).hexdigest()
@@ -116,7 +120,24 @@ def make_plan(config: CampaignConfig) -> Plan:
         "bit_positions": config.bit_positions,
         "batch_study": config.batch_study,
     }
+    # Keys of later options appear only when set, so that stores made before them keep their identity.
+    if config.fault != "flip":
+        identity["fault"] = config.fault
+    if config.flip_counts:
+        identity["flip_counts"] = list(config.flip_counts)
+    if config.layers:
+        identity["layers"] = list(config.layers)
     return Plan(workload, conditions(config), config.experiments, notes, identity)
+
+
+def _check_layers(config: CampaignConfig) -> None:
+    """Refuses, in one line, a `layers` name that is no protected weight tensor of the model."""
+    decoders = read_decode_nodes(transform(modelio.load_model(config.model), format=config.formats[0], word="weight",
+                                           check="none"))
+    names = [decode.output for decode in decoders]
+    missing = [name for name in config.layers if name not in names]
+    if missing:
+        raise OppassError(f"no protected weight tensor named {missing[0]!r} (--layers): choose from {', '.join(names)}")
 
 
 def _usable_metric(metric: str, dataset: Dataset, classes: int, notes: list[str]) -> str:

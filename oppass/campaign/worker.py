@@ -28,15 +28,25 @@ import onnx
 import onnxruntime as ort
 from onnx import numpy_helper
 
-from oppass import faults, modelio, runtime
-from oppass.campaign import metrics
-from oppass.campaign.config import BIT_STUDY, ECC, Condition, Variant
+from oppass import codec, faults, modelio, runtime
+from oppass.campaign import faultmodels, metrics, protection
+from oppass.campaign.config import BIT_STUDY, Condition, Variant
 from oppass.campaign.data import Dataset, open_dataset
-from oppass.campaign.injector import BitPosition, EccProtected, FaultTarget, PackedWeights, StoredBits
+from oppass.campaign.injector import (
+    BitPosition,
+    EccProtected,
+    FaultTarget,
+    Injection,
+    NumpyDecoded,
+    PackedWeights,
+    StoredBits,
+    Subspace,
+)
 from oppass.campaign.records import TrialRecord
 from oppass.campaign.seeds import batch_indices, trial_rng
 from oppass.campaign.store import FORMAT_VERSION
 from oppass.errors import OppassError
+from oppass.formats import FORMATS
 from oppass.protect import transform
 from oppass.schema import MASKED_WORDS_OUTPUT, read_decode_nodes
 
@@ -77,14 +87,24 @@ class Experiment:
 
 
 class VariantSession:
-    """One protected (or plain) build of the model with its packed weights in live numpy buffers."""
+    """One protected (or plain) build of the model with its packed weights in live numpy buffers.
 
-    def __init__(self, model: onnx.ModelProto) -> None:
+    With `stored_code` (CODE, W) the model is plain and its weights are re-encoded with that code: the
+    buffers then hold the code's fault-free decode and `code_words` the words the code stores.
+    """
+
+    def __init__(self, model: onnx.ModelProto, stored_code: tuple[str, str] | None = None) -> None:
         decoders = read_decode_nodes(model)
         if not decoders:
             raise OppassError("the model has no Conv/Gemm weight initializers to inject faults into")
         initializers = {tensor.name: tensor for tensor in model.graph.initializer}
-        self.weights = PackedWeights([numpy_helper.to_array(initializers[decode.packed]) for decode in decoders])
+        arrays = [numpy_helper.to_array(initializers[decode.packed]) for decode in decoders]
+        self.format = decoders[0].format
+        self.tensor_names = [decode.output for decode in decoders]
+        self.code_words: list[np.ndarray] = []
+        if stored_code is not None:
+            arrays = self._encode(arrays, *stored_code)
+        self.weights = PackedWeights(arrays)
         self.weight_bits = decoders[0].weight_format.bits
         options = runtime.session_options(threads=SESSION_THREADS)
         # The OrtValues must outlive the session: onnxruntime reads the numpy memory directly.
@@ -98,11 +118,45 @@ class VariantSession:
         self.stored = StoredBits(self.weights)
         self.lock = threading.Lock()
         self.experiments: dict[int, Experiment] = {}
+        self._decoders: dict[str, NumpyDecoded] = {}
+        self._subspaces: dict[str, Subspace] = {}
+
+    def _encode(self, arrays: list[np.ndarray], code: str, word: str) -> list[np.ndarray]:
+        """Plain weight arrays re-encoded with `code` over `word`: their fault-free decode (`code_words` keeps
+        the stored words)."""
+        fmt_dtype = FORMATS[self.format].dtype
+        width = codec.word_bits(self.format, word if word == "weight" else int(word), code)
+        decoded = []
+        for array in arrays:
+            encoded = codec.encode(array.reshape(-1).view(fmt_dtype), width, code=code)
+            self.code_words.append(encoded.packed)
+            assert encoded.adjusted is not None
+            decoded.append(encoded.adjusted.view(array.dtype).reshape(array.shape))
+        return decoded
 
     @functools.cached_property
     def ecc(self) -> EccProtected:
         """The ECC baseline over the same stored bits, made on first use."""
         return EccProtected(self.weights)
+
+    def decoded(self, chosen: protection.Protection) -> NumpyDecoded:
+        """The numpy decoder of `chosen` (range check and/or SEC-DED) over this session's weights, made once."""
+        key = chosen.name
+        if key not in self._decoders:
+            width = chosen.word_bits(self.format)
+            if chosen.code == protection.PLAIN:  # plain storage: the words are the weights, no code
+                fmt_dtype = FORMATS[self.format].dtype
+                code = None
+                words = [codec.pack(array.reshape(-1).view(fmt_dtype), width) for array in self.weights.buffers]
+            else:
+                code, words = chosen.code, self.code_words
+            bounds = None
+            if chosen.range_check:
+                fmt_dtype = FORMATS[self.format].dtype
+                maxima = [codec.max_magnitude(array.reshape(-1).view(fmt_dtype)) for array in self.weights.buffers]
+                bounds = [np.inf if bound is None else bound for bound in maxima]
+            self._decoders[key] = NumpyDecoded(self.weights, self.format, width, code, words, bounds)
+        return self._decoders[key]
 
     def run(self, inputs: np.ndarray) -> tuple[np.ndarray, int]:
         """(first model output, masked words reported by the decoders) for one batch."""
@@ -110,10 +164,26 @@ class VariantSession:
         return logits, int(masked)
 
     def target(self, condition: Condition) -> FaultTarget:
-        """Where the faults of `condition` land."""
+        """Where the faults of `condition` land (whole tensors: see `space`)."""
         if condition.study == BIT_STUDY and condition.bit is not None:
             return BitPosition(self.stored, self.weight_bits, condition.bit)
-        return self.ecc if condition.protection == ECC else self.stored
+        chosen = protection.parse(condition.protection)
+        if chosen.code == protection.ECC:
+            return self.ecc
+        return self.decoded(chosen) if chosen.decoded_in_numpy else self.stored
+
+    def space(self, condition: Condition, target: FaultTarget) -> FaultTarget | Subspace:
+        """The bits the faults of `condition` are drawn over: the target's, or those of its chosen layers."""
+        if not condition.layers:
+            return target
+        key = condition.key
+        if key not in self._subspaces:
+            missing = [name for name in condition.layers if name not in self.tensor_names]
+            if missing:
+                raise OppassError(f"no protected weight tensor named {missing[0]!r}: choose from "
+                                  f"{', '.join(self.tensor_names)}")
+            self._subspaces[key] = Subspace(target, [self.tensor_names.index(name) for name in condition.layers])
+        return self._subspaces[key]
 
 
 class WorkerCache:
@@ -129,7 +199,8 @@ class WorkerCache:
     def session(self, variant: Variant) -> VariantSession:
         """The session of `variant`, built on first use."""
         if variant not in self.sessions:
-            self.sessions[variant] = VariantSession(build_variant(self.model, variant))
+            code, _, word = variant.word.rpartition(":")
+            self.sessions[variant] = VariantSession(build_variant(self.model, variant), (code, word) if code else None)
         return self.sessions[variant]
 
     def batch(self, experiment: int) -> tuple[np.ndarray, np.ndarray | None]:
@@ -156,7 +227,8 @@ _CACHES_LOCK = threading.Lock()
 
 
 def build_variant(model: onnx.ModelProto, variant: Variant) -> onnx.ModelProto:
-    """The model with Conv/Gemm weights stored in the variant's format, OP-protected or plain."""
+    """The model with Conv/Gemm weights stored in the variant's format, OP-protected or plain (a `CODE:W`
+    variant is plain: its session re-encodes the weights)."""
     if variant.protected:
         word = variant.word if variant.word == "weight" else int(variant.word)
         return transform(model, format=variant.format, word=word, check="runtime", report_faults=True)
@@ -184,7 +256,7 @@ def run_trials(workload: Workload, pairs: Sequence[tuple[Condition, int]]) -> li
     with session.lock:
         experiments = [cache.experiment(session, trial) for _, trial in pairs]
         targets = [session.target(condition) for condition, _ in pairs]
-        largest = max(_FLIP_BYTES * target.n_bits * condition.ber
+        largest = max(_FLIP_BYTES * (target.n_bits * condition.ber if condition.count is None else condition.count)
                       for target, (condition, _) in zip(targets, pairs, strict=True))
         size = max(1, int(BURST_BYTES // (largest + experiments[0].logits.nbytes)))
         records = [
@@ -197,6 +269,18 @@ def run_trials(workload: Workload, pairs: Sequence[tuple[Condition, int]]) -> li
     return records
 
 
+def _draw(workload: Workload, session: VariantSession, condition: Condition, trial: int,
+          target: FaultTarget) -> Injection:
+    """Trial `trial` of `condition`: its faults drawn from its own stream (store format 1: one stream per
+    condition; 2: one per draw key, shared by protections over the same stored bits) and prepared."""
+    key = condition.key if workload.store_format == 1 else condition.draw_key
+    space = session.space(condition, target)
+    model = faultmodels.parse(condition.fault)
+    positions = model.positions(trial_rng(workload.seed, key, trial), space, condition.ber, condition.count,
+                                workload.sampler)
+    return target.prepare(space.to_target(positions) if isinstance(space, Subspace) else positions)
+
+
 def _run_burst(
     cache: WorkerCache,
     session: VariantSession,
@@ -206,9 +290,7 @@ def _run_burst(
 ) -> list[TrialRecord]:
     clock = time.perf_counter
     started = clock()
-    seed = cache.workload.seed
-    sampler = cache.workload.sampler
-    injections = [target.plan(trial_rng(seed, condition.key, trial), condition.ber, sampler)
+    injections = [_draw(cache.workload, session, condition, trial, target)
                   for (condition, trial), target in zip(pairs, targets, strict=True)]
     shared = clock() - started
     outputs, decoder_masked, inference, own = [], [], [], []
@@ -238,6 +320,7 @@ def _run_burst(
         labels, cache.workload.metric,
     )
     shared = (shared + clock() - started) / len(pairs)
+    spaces = [session.space(condition, target) for (condition, _), target in zip(pairs, targets, strict=True)]
     return [
         TrialRecord(
             condition_key=condition.key,
@@ -245,9 +328,9 @@ def _run_burst(
             study=condition.study,
             format=condition.format,
             protection=condition.protection,
-            ber=condition.ber,
+            ber=condition.ber if condition.count is None else condition.count / spaces[i].n_bits,
             bit=condition.bit,
-            n_bits=target.n_bits,
+            n_bits=spaces[i].n_bits,
             flips=injection.flips,
             masked_words=decoder_masked[i] + injection.masked,
             samples=len(experiment.inputs),
