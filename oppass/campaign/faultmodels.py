@@ -78,11 +78,11 @@ class FaultModel:
             starts = (n // row) * per_row + max(0, n % row - width + 1)
             upsets = _events(rng, starts, ber / width, count, sampler)
             first = upsets // per_row * row + upsets % per_row
-            return np.unique((first[:, None] + np.arange(width)).reshape(-1))
+            return faults.distinct_sorted((first[:, None] + np.arange(width)).reshape(-1))
         ones = space.ones()
         rises = int(rng.binomial(n - ones, ber))
         falls = int(rng.binomial(ones, min(1.0, self.parameter * ber)))
-        return np.union1d(_holding(rng, space, 0, n - ones, rises), _holding(rng, space, 1, ones, falls))
+        return np.sort(np.concatenate([_holding(rng, space, 0, n - ones, rises), _holding(rng, space, 1, ones, falls)]))
 
 
 def parse(text: str) -> FaultModel:
@@ -135,6 +135,5 @@ def _holding(rng: np.random.Generator, space: FaultSpace, value: int, available:
         need = count - chosen.size
         drawn = rng.integers(0, space.n_bits, size=int(need * space.n_bits / available * 1.1) + 16, dtype=np.int64)
         merged = np.concatenate([chosen, drawn[space.bits(drawn) == value]])
-        _, first = np.unique(merged, return_index=True)
-        chosen = merged[np.sort(first)]
+        chosen = merged[faults.first_occurrences(merged)]
     return np.sort(chosen[:count])

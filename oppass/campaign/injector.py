@@ -21,7 +21,7 @@ from typing import Protocol
 
 import numpy as np
 
-from oppass import codec
+from oppass import codec, faults
 from oppass.campaign import ecc
 from oppass.formats import FORMATS, LANE_BITS
 
@@ -268,7 +268,7 @@ class EccProtected:
             check_errors = codewords[:, ecc.DATA_BITS // 8]
             words = np.flatnonzero((data_errors != 0) | (check_errors != 0))
             return words, data_errors[words], check_errors[words]
-        words, slot = np.unique(positions // ecc.CODEWORD_BITS, return_inverse=True)
+        words, slot = faults.group(positions // ecc.CODEWORD_BITS)
         bit = positions % ecc.CODEWORD_BITS
         in_data = bit < ecc.DATA_BITS
         data_errors = np.zeros(words.size, dtype=np.uint64)
@@ -326,7 +326,7 @@ class NumpyDecoded:
     def prepare(self, positions: np.ndarray) -> Injection:
         """The injection writing the decode of the touched words (distinct bits `positions` flipped)."""
         word, bit = np.divmod(positions, self.word_bits)
-        touched, slot = np.unique(word, return_inverse=True)
+        touched, slot = faults.group(word)
         lane, shift = np.divmod(bit, self.lane_bits)
         received = self.lanes[touched]
         np.bitwise_xor.at(received, (slot, lane), np.left_shift(1, shift).astype(received.dtype))
