@@ -4,10 +4,11 @@ A set of unsigned arrays is seen as one little-endian bit stream: their bytes ar
 concatenated in order and stream bit `p` is bit `p % 8` of byte `p // 8`, as in
 docs/FORMAT.md.
 
-Positions are drawn by a *sampler*: SAMPLER_CHOICE (numpy's `choice(replace=False)`, whose
-time and memory grow with the number of bits above n/50 flips; campaign stores of format 1
-replay with it) or SAMPLER_DISTINCT (the default: uniform draws with duplicates redrawn, time
-and memory in the number of flips only).
+Positions at a bit error rate are drawn by a *sampler*: SAMPLER_CHOICE (a Binomial count, then
+numpy's `choice(replace=False)`, whose time and memory grow with the number of bits above n/50
+flips; campaign stores of format 1 replay with it) or SAMPLER_GAPS (the default: the gaps
+between flipped bits drawn from a geometric law, which is each bit flipping independently,
+in time and memory proportional to the flips). `distinct_positions` draws an exact count.
 """
 
 from __future__ import annotations
@@ -19,26 +20,46 @@ import numpy as np
 from oppass.errors import OppassError
 
 SAMPLER_CHOICE = 1
-SAMPLER_DISTINCT = 2
-SAMPLERS = (SAMPLER_CHOICE, SAMPLER_DISTINCT)
+SAMPLER_GAPS = 2
+SAMPLERS = (SAMPLER_CHOICE, SAMPLER_GAPS)
 
 
 def draw_flip_positions(rng: np.random.Generator, n_bits: int, ber: float, *, sort: bool = True,
-                        sampler: int = SAMPLER_DISTINCT) -> np.ndarray:
-    """Distinct int64 bit positions in [0, n_bits): Binomial(n_bits, ber) of them, uniformly drawn by `sampler`;
-    sorted unless `sort` is False (the same set either way: sorting draws nothing from `rng`)."""
+                        sampler: int = SAMPLER_GAPS) -> np.ndarray:
+    """Distinct int64 bit positions in [0, n_bits), each bit in with probability `ber` independently (so
+    Binomial(n_bits, ber) of them, every set of a size equally likely), drawn by `sampler`; sorted unless
+    `sort` is False (the same set either way: sorting draws nothing from `rng`; SAMPLER_GAPS is always sorted)."""
     if n_bits < 0:
         raise OppassError(f"number of bits must be non-negative, got {n_bits}")
     if not 0.0 <= ber <= 1.0:
         raise OppassError(f"bit error rate must be between 0 and 1, got {ber}")
     if sampler not in SAMPLERS:
         raise OppassError(f"unknown flip sampler {sampler}: expected one of {', '.join(map(str, SAMPLERS))}")
+    if sampler == SAMPLER_GAPS:
+        return _gap_positions(rng, n_bits, ber)
     count = int(rng.binomial(n_bits, ber))
-    if sampler == SAMPLER_DISTINCT:
-        return distinct_positions(rng, n_bits, count)
     positions = rng.choice(n_bits, size=count, replace=False) if count else np.empty(0, dtype=np.int64)
     positions = positions.astype(np.int64, copy=False)
     return np.sort(positions) if sort else positions
+
+
+def _gap_positions(rng: np.random.Generator, n: int, ber: float) -> np.ndarray:
+    """Bits of [0, n) each kept with probability `ber`: the first at Geometric(ber) - 1, each next one a
+    Geometric(ber) gap further; gaps drawn in chunks of the expected count plus 5 standard deviations."""
+    if n == 0 or ber == 0.0:
+        return np.empty(0, dtype=np.int64)
+    if ber == 1.0:
+        return np.arange(n, dtype=np.int64)
+    expected = n * ber
+    chunk = int(expected + 5 * np.sqrt(expected) + 16)
+    parts, last = [], -1
+    while last < n:
+        part = last + np.cumsum(rng.geometric(ber, size=chunk), dtype=np.int64)
+        parts.append(part)
+        last = int(part[-1])
+        chunk = max(16, int((n - last) * ber * 1.2) + 16)
+    positions = np.concatenate(parts) if len(parts) > 1 else parts[0]
+    return positions[: np.searchsorted(positions, n)]
 
 
 def distinct_positions(rng: np.random.Generator, n: int, count: int) -> np.ndarray:

@@ -264,7 +264,24 @@ def test_distinct_positions_are_uniform_over_sets(count: int) -> None:
     assert np.abs(pairs - n * p2).max() < 5 * math.sqrt(n * p2 * (1 - p2))
 
 
-def test_distinct_sampler_memory_grows_with_flips_not_bits() -> None:
+@pytest.mark.parametrize("ber", [0.05, 0.6])
+def test_gap_sampler_flips_each_bit_independently(ber: float) -> None:
+    rng = np.random.default_rng(6)
+    draws = [faults.draw_flip_positions(rng, 40, ber) for _ in range(4000)]
+    counts = np.array([d.size for d in draws])
+    n = len(draws)
+    assert abs(counts.mean() - 40 * ber) < 5 * math.sqrt(40 * ber * (1 - ber) / n)
+    assert counts.var() == pytest.approx(40 * ber * (1 - ber), rel=0.15)  # Binomial(40, ber)
+    hits = np.zeros((40, 40))
+    for row in draws:
+        assert np.all(np.diff(row) > 0) and (row.size == 0 or (row[0] >= 0 and row[-1] < 40))
+        hits[np.ix_(row, row)] += 1
+    singles, pairs = np.diag(hits), hits[~np.eye(40, dtype=bool)]
+    assert np.abs(singles - n * ber).max() < 5 * math.sqrt(n * ber * (1 - ber))
+    assert np.abs(pairs - n * ber**2).max() < 5 * math.sqrt(n * ber**2 * (1 - ber**2))  # independent pairs
+
+
+def test_sampler_memory_grows_with_flips_not_bits() -> None:
     import tracemalloc
 
     tracemalloc.start()

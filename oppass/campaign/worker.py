@@ -72,7 +72,7 @@ class Workload:
     @property
     def sampler(self) -> int:
         """How flip positions are drawn for this campaign's store (oppass.faults)."""
-        return faults.SAMPLER_CHOICE if self.store_format == 1 else faults.SAMPLER_DISTINCT
+        return faults.SAMPLER_CHOICE if self.store_format == 1 else faults.SAMPLER_GAPS
 
 
 @dataclass(frozen=True)
