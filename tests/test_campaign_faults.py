@@ -291,3 +291,22 @@ def test_command_line_options_of_protections_and_faults(tmp_path: Path) -> None:
                                                               str(tmp_path), "--op", "none,64"]))
     assert legacy.protections == ("none", "64") and legacy.fault == "flip" and not legacy.flip_counts
     assert Condition("ber", "fp32", "64", 1e-6).key == "ber/fp32/64/ber=1e-06"  # keys of older stores
+
+
+def test_each_target_reads_its_stored_bits() -> None:
+    rng = np.random.default_rng(9)
+    arrays = [rng.integers(0, 2**32, size=(n, 1), dtype=np.uint32) for n in (31, 8)]
+    weights = PackedWeights(arrays)
+    stream = np.concatenate([np.unpackbits(a.view(np.uint8).reshape(-1), bitorder="little") for a in arrays])
+    stored = StoredBits(weights)
+    words = [codec.pack(a.reshape(-1).view(np.float32), 128) for a in arrays]
+    decoded = NumpyDecoded(weights, "fp32", 128, codec.PARITY, words, None)
+    padded = np.concatenate([np.unpackbits(w.view(np.uint8).reshape(-1), bitorder="little") for w in words])
+    target = EccProtected(weights)
+    data = np.unpackbits(weights.pristine.view(np.uint8), bitorder="little").reshape(-1, 64)
+    check = np.unpackbits(target.check[:, None], axis=1, bitorder="little")
+    codewords = np.concatenate([data, check], axis=1).reshape(-1)
+    for space_, expected in ((stored, stream), (decoded, padded), (target, codewords)):
+        everything = np.arange(space_.n_bits)
+        assert np.array_equal(space_.bits(everything), expected)
+        assert space_.ones() == int(expected.sum())
