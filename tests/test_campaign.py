@@ -240,16 +240,69 @@ def test_stored_bits_flips_exactly_the_drawn_bits_and_restores(ber: float, dense
     weights.verify()
 
 
-@pytest.mark.parametrize("ber", [1e-4, 1e-3, 0.02, 0.1])  # both of numpy's sampling algorithms
-def test_unsorted_draw_picks_the_same_positions_as_the_sorted_one(ber: float) -> None:
-    drawn = faults.draw_flip_positions(np.random.default_rng(3), 1_000_000, ber, sort=False)
-    assert np.array_equal(np.sort(drawn), faults.draw_flip_positions(np.random.default_rng(3), 1_000_000, ber))
+@pytest.mark.parametrize("sampler", faults.SAMPLERS)
+@pytest.mark.parametrize("ber", [1e-4, 1e-3, 0.02, 0.1, 0.7])  # both of numpy's sampling algorithms
+def test_unsorted_draw_picks_the_same_positions_as_the_sorted_one(ber: float, sampler: int) -> None:
+    drawn = faults.draw_flip_positions(np.random.default_rng(3), 1_000_000, ber, sort=False, sampler=sampler)
+    again = faults.draw_flip_positions(np.random.default_rng(3), 1_000_000, ber, sampler=sampler)
+    assert np.array_equal(np.sort(drawn), again) and np.unique(again).size == again.size
+
+
+@pytest.mark.parametrize("count", [7, 15])  # below and above n/2 (the complement is drawn)
+def test_distinct_positions_are_uniform_over_sets(count: int) -> None:
+    rng = np.random.default_rng(5)
+    draws = np.stack([faults.distinct_positions(rng, 20, count) for _ in range(4000)])
+    assert all(np.all(np.diff(row) > 0) for row in draws) and draws.min() >= 0 and draws.max() < 20
+    hits = np.zeros((20, 20))
+    for row in draws:
+        hits[np.ix_(row, row)] += 1
+    singles, pairs = np.diag(hits), hits[~np.eye(20, dtype=bool)]
+    n = len(draws)
+    # Each position with probability count/20, each pair count(count-1)/380: within 5 standard errors.
+    p1, p2 = count / 20, count * (count - 1) / 380
+    assert np.abs(singles - n * p1).max() < 5 * math.sqrt(n * p1 * (1 - p1))
+    assert np.abs(pairs - n * p2).max() < 5 * math.sqrt(n * p2 * (1 - p2))
+
+
+@pytest.mark.parametrize("ber", [0.05, 0.6])
+def test_gap_sampler_flips_each_bit_independently(ber: float) -> None:
+    rng = np.random.default_rng(6)
+    draws = [faults.draw_flip_positions(rng, 40, ber) for _ in range(4000)]
+    counts = np.array([d.size for d in draws])
+    n = len(draws)
+    assert abs(counts.mean() - 40 * ber) < 5 * math.sqrt(40 * ber * (1 - ber) / n)
+    assert counts.var() == pytest.approx(40 * ber * (1 - ber), rel=0.15)  # Binomial(40, ber)
+    hits = np.zeros((40, 40))
+    for row in draws:
+        assert np.all(np.diff(row) > 0) and (row.size == 0 or (row[0] >= 0 and row[-1] < 40))
+        hits[np.ix_(row, row)] += 1
+    singles, pairs = np.diag(hits), hits[~np.eye(40, dtype=bool)]
+    assert np.abs(singles - n * ber).max() < 5 * math.sqrt(n * ber * (1 - ber))
+    assert np.abs(pairs - n * ber**2).max() < 5 * math.sqrt(n * ber**2 * (1 - ber**2))  # independent pairs
+
+
+def test_sampler_memory_grows_with_flips_not_bits() -> None:
+    import tracemalloc
+
+    tracemalloc.start()
+    positions = faults.draw_flip_positions(np.random.default_rng(0), 10**9, 2e-4)  # 1e9 bits, ~2e5 flips
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert 150_000 < positions.size < 250_000 and np.all(np.diff(positions) > 0)
+    assert peak < 20 * positions.nbytes  # the choice sampler would hold a permutation of 8 GB
+
+
+def test_the_choice_sampler_is_numpys_choice() -> None:
+    drawn = faults.draw_flip_positions(np.random.default_rng(9), 5000, 0.1, sampler=faults.SAMPLER_CHOICE)
+    rng = np.random.default_rng(9)
+    count = rng.binomial(5000, 0.1)
+    assert np.array_equal(drawn, np.sort(rng.choice(5000, size=count, replace=False)))
 
 
 def test_restoration_check_catches_a_changed_byte() -> None:
     weights = PackedWeights(sample_buffers())
     target = StoredBits(weights)
-    injection = target.plan(np.random.default_rng(0), 0.01)
+    injection = target.prepare(faults.draw_flip_positions(np.random.default_rng(0), target.n_bits, 0.01))
     target.inject(injection)
     target.restore(injection)
     weights.verify()
@@ -261,7 +314,7 @@ def test_restoration_check_catches_a_changed_byte() -> None:
 def test_bit_position_target_hits_only_that_bit_of_each_weight() -> None:
     weights = PackedWeights([np.zeros((100, 1), dtype=np.uint16)])
     target = BitPosition(StoredBits(weights), 16, 14)
-    injection = target.plan(np.random.default_rng(1), 0.3)
+    injection = target.prepare(faults.draw_flip_positions(np.random.default_rng(1), target.n_bits, 0.3))
     target.inject(injection)
     hit = np.flatnonzero(weights.buffers[0][:, 0])
     assert target.n_bits == 100 and hit.size == injection.flips > 0

@@ -15,7 +15,7 @@ import onnx
 import pytest
 
 from oppass.campaign import CampaignConfig, worker
-from oppass.campaign.data import open_dataset
+from oppass.campaign.data import ModelInput, open_dataset
 from oppass.campaign.runner import make_plan
 from oppass.campaign.store import Store
 from oppass.errors import OppassError
@@ -73,7 +73,7 @@ def test_any_changed_byte_of_the_model_changes_the_identity(where: str, position
         model.write_bytes(proto.SerializeToString())
     after = make_plan(config(model, tmp_path / "out")).identity
     assert after["model_sha256"] != before["model_sha256"]
-    with pytest.raises(OppassError, match="another configuration \\(model_sha256 differ\\)"):
+    with pytest.raises(OppassError, match="other results \\(model_sha256 differ\\)"):
         Store(tmp_path / "out", after)
 
 
@@ -120,7 +120,8 @@ IMAGE_CHANGES: dict[str, Callable[[Path], object]] = {
 def test_any_change_to_an_image_folder_changes_its_identity(change: str, tmp_path: Path) -> None:
     pytest.importorskip("PIL")
     root = image_folder(tmp_path / "images")
-    before = open_dataset(str(root)).identity
-    assert open_dataset(str(root)).identity == before
+    inputs = [ModelInput("image", np.dtype(np.float32), (None, 3, 8, 8))]
+    before = open_dataset(str(root), inputs).identity
+    assert open_dataset(str(root), inputs).identity == before
     IMAGE_CHANGES[change](root)
-    assert open_dataset(str(root)).identity != before
+    assert open_dataset(str(root), inputs).identity != before

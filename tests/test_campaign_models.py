@@ -12,9 +12,8 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from oppass.campaign import CampaignConfig, injector, run_campaign
+from oppass.campaign import CampaignConfig, run_campaign
 from oppass.campaign.data import ModelInput, open_dataset
-from oppass.campaign.injector import PackedWeights, StoredBits
 from oppass.campaign.metrics import NO_FAULT, NONFINITE, SDC, Metric
 from oppass.campaign.runner import make_plan
 from oppass.campaign.worker import even_flip_words
@@ -146,16 +145,13 @@ def test_a_nan_output_is_never_correct_even_when_the_fault_free_class_is_0() -> 
     assert Metric("golden").score(changed, reference, None, np.ones((1, 4), bool), np.array([1])).outcomes == [SDC]
 
 
-@pytest.mark.parametrize("dense", [False, True])  # sparse flips, then a dense mask
-def test_even_flip_words_counts_words_hit_an_even_number_of_times(dense: bool,
-                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(injector, "DENSE_BITS", 10**9 if dense else injector.DENSE_BITS)
-    weights = PackedWeights([np.zeros(1000, dtype=np.uint64), np.zeros(5, dtype=np.uint8)])
-    # 64-bit words of buffer 0: word 0 gets 2 flips, word 1 one, word 2 four; buffer 1's first byte gets 2.
-    injection = StoredBits(weights).prepare(np.array([0, 9, 67, 128, 129, 130, 190, 64000, 64001]))
-    assert (injection.index is None) == dense
-    assert even_flip_words(injection, weights, 8) == 3
-    assert even_flip_words(injection, weights, 1) == 1  # bytes: only buffer 1's first byte has two flips
+def test_even_flip_words_counts_words_hit_an_even_number_of_times() -> None:
+    # 64-bit words: word 0 gets 2 flips, word 1 one, word 2 four, word 1000 two.
+    positions = np.array([0, 9, 67, 128, 129, 130, 190, 64000, 64001])
+    assert even_flip_words(positions, 64) == 3
+    assert even_flip_words(positions, 8) == 1  # bytes: only byte 8000 has two flips (byte 16 has three)
+    assert even_flip_words(positions, 1) == 0
+    assert even_flip_words(np.empty(0, dtype=np.int64), 64) == 0
 
 
 def test_extending_a_campaign_runs_only_new_trials_and_equals_a_fresh_run(tmp_path: Path) -> None:
@@ -220,7 +216,7 @@ def test_newcomer_cases_give_one_line_errors_or_notes(tmp_path: Path) -> None:
     (tmp_path / "a_file").write_text("")
     with pytest.raises(OppassError, match="is a file: give a folder"):
         run_campaign(config(tmp_path, DIGITS_MODEL, "digits", out=tmp_path / "a_file"), log=None)
-    with pytest.raises(OppassError, match="cannot write the campaign to"):
+    with pytest.raises(OppassError, match="cannot create the output folder .*below: not a directory"):
         run_campaign(config(tmp_path, DIGITS_MODEL, "digits", out=tmp_path / "a_file" / "below"), log=None)
     plan = make_plan(config(tmp_path, detector(opset=11), detector_data(tmp_path / "d.npz"),
                             formats=("fp32", "int8")))

@@ -19,6 +19,7 @@ import pytest
 from oppass.campaign import CampaignConfig, run_campaign, worker
 from oppass.campaign import cli as campaign_cli
 from oppass.campaign.config import Condition
+from oppass.campaign.metrics import NO_FAULT
 from oppass.campaign.runner import make_plan
 from oppass.campaign.store import STORE_FILE, Store
 from oppass.errors import OppassError
@@ -69,6 +70,16 @@ def test_a_trial_replays_alone_in_a_fresh_process_cache(tmp_path: Path) -> None:
     assert replayed.flips > 0
     assert dataclasses.replace(replayed, inject_seconds=0, inference_seconds=0) == \
         dataclasses.replace(original, inject_seconds=0, inference_seconds=0)
+
+
+def test_a_trial_without_flips_reuses_the_fault_free_output(tmp_path: Path) -> None:
+    result = run_campaign(small_config(tmp_path, ber_min=1e-9, ber_max=1e-9, ecc=True))
+    store = Store(tmp_path, make_plan(small_config(tmp_path, ber_min=1e-9, ber_max=1e-9, ecc=True)).identity)
+    trials = store.trials()
+    store.close()
+    assert trials and all(t.flips == 0 and t.inference_seconds == 0 and t.outcome == NO_FAULT for t in trials)
+    assert all(t.correct == t.fault_free_correct and t.masked_words == 0 for t in trials)
+    assert all(s.zero_loss for s in result.summaries)
 
 
 @pytest.mark.slow

@@ -1,5 +1,8 @@
 """A campaign's stored rows stay what they were: the trials table of a fixed small campaign, column types included.
 
+The expected rows were drawn with the store format 1 sampler (numpy's `choice`, one stream per
+condition); a store of that format must keep resuming to exactly those trials.
+
 `tests/expected/campaign_trials.json` was first written by `python tests/test_campaign_store.py` on
 main at commit 699b672 (before the structure refactor that moved `TrialRecord` and derived the SQL
 column types from type hints), with onnxruntime 1.32 on x86-64, and rewritten on branch campaigns
@@ -11,13 +14,15 @@ trial with finite outputs. The timing columns differ between runs and are compar
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sqlite3
 import sys
 from pathlib import Path
 
 from oppass.campaign import CampaignConfig, run_campaign
-from oppass.campaign.store import STORE_FILE
+from oppass.campaign.runner import make_plan
+from oppass.campaign.store import FORMAT_VERSION, STORE_FILE, Store
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 EXPECTED = Path(__file__).resolve().parent / "expected" / "campaign_trials.json"
@@ -56,15 +61,42 @@ def _sqlite_type(value: object) -> str:
     return {type(None): "null", int: "integer", float: "real", str: "text"}[type(value)]
 
 
-def test_stored_trials_are_those_of_main(tmp_path: Path, custom_op_library: str) -> None:
-    run_campaign(fixed_campaign(tmp_path))
+def format_1_store(out: Path, rows: list[list]) -> None:
+    """A store as oppass wrote it before format versions (no `format_version`), holding `rows` of the expected
+    table (timings set to 0)."""
+    Store(out, make_plan(fixed_campaign(out)).identity).close()
+    connection = sqlite3.connect(out / STORE_FILE)
+    with connection:
+        connection.execute("DELETE FROM meta WHERE key = 'format_version'")
+        values = [[0.0 if isinstance(cell, str) else cell[1] for cell in row] for row in rows]
+        connection.executemany(f"INSERT INTO trials VALUES ({', '.join('?' * len(values[0]))})", values)
+    connection.close()
+
+
+def test_a_format_1_store_resumes_to_the_trials_of_its_sampler(tmp_path: Path, custom_op_library: str) -> None:
     expected = json.loads(EXPECTED.read_text())
+    format_1_store(tmp_path, expected["rows"][::2])  # every other trial done by the old code, the rest to resume
+    run_campaign(fixed_campaign(tmp_path))
     actual = stored_table(tmp_path)
     assert actual["sql"] == expected["sql"]
     assert actual["columns"] == expected["columns"]
     assert len(actual["rows"]) == len(expected["rows"]) == 3 * 4 * 2 * 2 + (32 + 16 + 8) * 2 * 2
     for got, wanted in zip(actual["rows"], expected["rows"], strict=True):
         assert got == wanted
+    reopened = Store(tmp_path, make_plan(fixed_campaign(tmp_path)).identity)
+    assert reopened.format_version == 1
+    reopened.close()
+
+
+def test_a_new_store_draws_with_the_current_format(tmp_path: Path, custom_op_library: str) -> None:
+    config = dataclasses.replace(fixed_campaign(tmp_path), formats=("fp32",), bit_positions=False, ecc=False)
+    run_campaign(config)
+    store = Store(tmp_path, make_plan(config).identity)
+    assert store.format_version == FORMAT_VERSION == 2
+    masked = {(r.condition_key, r.trial): r.masked_words for r in store.trials()}
+    store.close()
+    old = {(row[0][1], row[1][1]): row[9][1] for row in json.loads(EXPECTED.read_text())["rows"]}
+    assert masked.keys() <= old.keys() and any(masked[key] != old[key] for key in masked)  # other positions
 
 
 if __name__ == "__main__":  # writes the expected table (run only on the reference code)

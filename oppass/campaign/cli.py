@@ -31,7 +31,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, type=Path, help="output folder (store, tables, figures, report)")
     parser.add_argument("--formats", default="fp32,bf16,int8",
                         help="weight formats (default: fp32,bf16,int8; one the model cannot take is skipped)")
-    parser.add_argument("--op", default="none,weight,64,256", help="protection levels: none, weight, word bits")
+    parser.add_argument("--op", default="none,weight,64,256", help="OP levels: none, weight, word bits "
+                        "(shorthand of --protect none,parity:weight,...)")
+    parser.add_argument("--protect", help="protections, replacing --op: none, ecc, range, parity:W, secded:W, "
+                        "parity:W+range, secded:W+range (W: weight or word bits)")
+    parser.add_argument("--fault", default="flip", help="fault model: flip (default), stuck:0, stuck:1, mbu:K "
+                        "(K adjacent bits), asym:R (1->0 rate = R x BER, 0->1 rate = BER)")
+    parser.add_argument("--flips", help="fault counts per trial, e.g. 1,2,5, instead of the --ber grid")
+    parser.add_argument("--layers", help="inject only into these weight tensors (names, comma-separated)")
     parser.add_argument("--ber", default="1e-9:1e-1", help="BER range MIN:MAX (default: 1e-9:1e-1)")
     parser.add_argument("--points-per-decade", type=int, default=9, help="9: 1..9 x 10^k as in the paper")
     parser.add_argument("--exps", type=int, default=20, help="experiments (batches) per condition")
@@ -100,7 +107,7 @@ def config_from_args(args: argparse.Namespace) -> CampaignConfig:
         data=args.data,
         out=args.out,
         formats=_names(args.formats),
-        protections=_names(args.op),
+        protections=_names(args.protect if args.protect is not None else args.op),
         ber_min=ber_min,
         ber_max=ber_max,
         points_per_decade=args.points_per_decade,
@@ -118,11 +125,23 @@ def config_from_args(args: argparse.Namespace) -> CampaignConfig:
         workers=args.workers,
         seed=args.seed,
         command=shlex.join(["oppass", *sys.argv[1:]]),
+        fault=args.fault,
+        flip_counts=_counts(args.flips),
+        layers=_names(args.layers or ""),
     )
 
 
 def _names(text: str) -> tuple[str, ...]:
     return tuple(name.strip() for name in text.split(",") if name.strip())
+
+
+def _counts(text: str | None) -> tuple[int, ...]:
+    if not text:
+        return ()
+    try:
+        return tuple(int(part) for part in _names(text))
+    except ValueError:
+        raise OppassError(f"--flips must be whole numbers separated by commas, e.g. 1,2,5, got {text!r}") from None
 
 
 def _ber_range(text: str) -> tuple[float, float]:

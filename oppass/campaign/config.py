@@ -8,12 +8,12 @@ from pathlib import Path
 
 import numpy as np
 
-from oppass import codec, formats
+from oppass import formats
+from oppass.campaign import faultmodels, protection
 from oppass.campaign.metrics import BUILTIN, DEFAULT_ATOL, DEFAULT_RTOL
+from oppass.campaign.protection import ECC, UNPROTECTED
 from oppass.errors import OppassError
 
-UNPROTECTED = "none"
-ECC = "ecc"
 BER_STUDY = "ber"
 BIT_STUDY = "bit"
 PAPER_POINTS_PER_DECADE = 9
@@ -45,14 +45,20 @@ class CampaignConfig:
     workers: int | None = None
     seed: int = 0
     command: str = field(default="", compare=False)
+    fault: str = faultmodels.FLIP
+    flip_counts: tuple[int, ...] = ()
+    layers: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "protections", tuple(protection.canonical(name) for name in self.protections))
+        object.__setattr__(self, "fault", faultmodels.parse(self.fault).name)
         _validate(self)
 
 
 @dataclass(frozen=True)
 class Variant:
-    """One model build: weights stored in `format`, OP over `word` (UNPROTECTED: plain, check none)."""
+    """One model build: weights stored in `format`, OP over `word` (UNPROTECTED: plain, check none; `CODE:W`:
+    plain, holding the fault-free decode of that code, which the campaign decodes in numpy)."""
 
     format: str
     word: str
@@ -64,16 +70,17 @@ class Variant:
 
     @property
     def protected(self) -> bool:
-        """Whether the build is OP-protected (else plain, check none)."""
-        return self.word != UNPROTECTED
+        """Whether the build runs OP's decoder in the model (else plain weights, check none)."""
+        return self.word != UNPROTECTED and ":" not in self.word
 
 
 @dataclass(frozen=True)
 class Condition:
-    """One point of the grid: faults at `ber` in `format` storage under `protection`.
+    """One point of the grid: faults of model `fault` at `ber` (or `count` of them) in `format` storage under
+    `protection`, in the tensors `layers` (all when empty).
 
-    `protection` is UNPROTECTED, an OP word size ("weight", "64", ...) or ECC. In the
-    bit-position study (`bit` set) flips hit only bit `bit` of the plain stored weights.
+    `protection` is a canonical protection name (oppass.campaign.protection). In the bit-position
+    study (`bit` set) faults hit only bit `bit` of the plain stored weights.
     """
 
     study: str
@@ -81,18 +88,38 @@ class Condition:
     protection: str
     ber: float
     bit: int | None = None
+    fault: str = faultmodels.FLIP
+    count: int | None = None
+    layers: tuple[str, ...] = ()
 
     @property
     def key(self) -> str:
-        """The condition's name in the store, e.g. `ber/fp32/64/ber=1e-06` (`/bit=3` in the bit study)."""
+        """The condition's name in the store, e.g. `ber/fp32/64/ber=1e-06` (`/bit=3` in the bit study), with the
+        fault model after the protection unless it is independent flips, `flips=K` for a flip count, and
+        `/layers=A,B` when restricted."""
+        return f"{self.study}/{self.format}/{self.protection}/{self._fault_key}"
+
+    @property
+    def draw_key(self) -> str:
+        """The name of the condition's fault draws: the same for protections over the same stored bits (store
+        format 2), so that they see the same faults (the bit study keeps one draw per condition)."""
+        if self.study == BIT_STUDY:
+            return self.key
+        return f"{self.study}/{self.format}/{protection.parse(self.protection).storage(self.format)}/{self._fault_key}"
+
+    @property
+    def _fault_key(self) -> str:
+        fault = "" if self.fault == faultmodels.FLIP else f"{self.fault}/"
+        axis = f"ber={self.ber:.6g}" if self.count is None else f"flips={self.count}"
         bit = "" if self.bit is None else f"/bit={self.bit}"
-        return f"{self.study}/{self.format}/{self.protection}/ber={self.ber:.6g}{bit}"
+        layers = f"/layers={','.join(self.layers)}" if self.layers else ""
+        return f"{fault}{axis}{bit}{layers}"
 
     @property
     def variant(self) -> Variant:
-        """The model build the condition runs on (plain storage for the bit study and ECC)."""
-        plain = self.study == BIT_STUDY or self.protection == ECC
-        return Variant(self.format, UNPROTECTED if plain else self.protection)
+        """The model build the condition runs on (plain storage for the bit study)."""
+        word = UNPROTECTED if self.study == BIT_STUDY else protection.parse(self.protection).variant_word
+        return Variant(self.format, word)
 
 
 def ber_grid(ber_min: float, ber_max: float, points_per_decade: int) -> tuple[float, ...]:
@@ -113,40 +140,37 @@ def conditions(config: CampaignConfig, chosen: tuple[str, ...] | None = None) ->
     """Every condition of the campaign (in formats `chosen`, default the configured ones), in a fixed order."""
     weight_formats = config.formats if chosen is None else chosen
     bers = ber_grid(config.ber_min, config.ber_max, config.points_per_decade)
-    protections = config.protections + ((ECC,) if config.ecc else ())
+    axis: list[tuple[float, int | None]] = [(0.0, count) for count in config.flip_counts] or \
+        [(ber, None) for ber in bers]
+    fault, layers = config.fault, config.layers
     planned = [
-        Condition(BER_STUDY, fmt, protection, ber)
-        for fmt in weight_formats for protection in protections for ber in bers
+        Condition(BER_STUDY, fmt, name, ber, None, fault, count, layers)
+        for fmt in weight_formats for name in campaign_protections(config) for ber, count in axis
     ]
     if config.bit_positions:
         planned += [
-            Condition(BIT_STUDY, fmt, UNPROTECTED, ber, bit)
+            Condition(BIT_STUDY, fmt, UNPROTECTED, ber, bit, fault, count, layers)
             for fmt in weight_formats
             for bit in range(formats.FORMATS[fmt].bits)
-            for ber in bers
+            for ber, count in axis
         ]
     return planned
 
 
-def protection_label(fmt: str, protection: str) -> str:
-    """The one name of a protection level in tables, figures and the report: "none", "OP per weight"
-    (the format's bits), "OP per 64 bits", "OP per 256 bits", ..., "ECC (72,64)"."""
-    if protection == UNPROTECTED:
-        return "none"
-    if protection == ECC:
-        return "ECC (72,64)"
-    if protection == "weight":
-        return "OP per weight"
-    return f"OP per {codec.word_bits(fmt, int(protection))} bits"
+def campaign_protections(config: CampaignConfig) -> tuple[str, ...]:
+    """The protections of the BER study, in order: `protections`, then ECC when `ecc` asks for it."""
+    return config.protections + ((ECC,) if config.ecc and ECC not in config.protections else ())
 
 
-def protection_order(protection: str) -> tuple[int, int]:
-    """None first, then OP per weight, OP words by size, ECC last."""
-    if protection == UNPROTECTED:
-        return (0, 0)
-    if protection == ECC:
-        return (3, 0)
-    return (1, 0) if protection == "weight" else (2, int(protection))
+def protection_label(fmt: str, name: str) -> str:
+    """The one name of protection `name` in tables, figures and the report (oppass.campaign.protection):
+    "none", "OP per weight", "OP per 64 bits", "SEC-DED per 64 bits", "... + range", "ECC (72,64)"."""
+    return protection.parse(name).label(fmt)
+
+
+def protection_order(fmt: str, name: str) -> tuple[int, int, int]:
+    """The sort key of protection `name` in tables and legends: none first, then OP, SEC-DED, ECC last."""
+    return protection.parse(name).order(fmt)
 
 
 def _validate(config: CampaignConfig) -> None:
@@ -156,11 +180,11 @@ def _validate(config: CampaignConfig) -> None:
     if unknown:
         raise OppassError(f"unknown weight format {unknown[0]!r}: choose from {', '.join(formats.FORMATS)}")
     if not config.protections and not config.ecc:
-        raise OppassError("no protection level given (--op)")
+        raise OppassError("no protection level given (--op or --protect)")
     for fmt in config.formats:
-        for protection in config.protections:
-            if protection != UNPROTECTED:
-                codec.word_bits(fmt, protection if protection == "weight" else _word_size(protection))
+        for name in config.protections:
+            protection.parse(name).word_bits(fmt)
+    faultmodels.validate(faultmodels.parse(config.fault), config.ber_max, config.flip_counts)
     if not 0 < config.ber_min <= config.ber_max <= 1:
         raise OppassError(f"BER range must satisfy 0 < min <= max <= 1, got {config.ber_min}:{config.ber_max}")
     if config.points_per_decade < 1:
@@ -178,13 +202,7 @@ def _validate(config: CampaignConfig) -> None:
         raise OppassError(f"--workers must be at least 1, got {config.workers}")
 
 
+
 def _is_function_name(name: str) -> bool:
     module, _, function = name.partition(":")
     return bool(module) and function.isidentifier() and all(part.isidentifier() for part in module.split("."))
-
-
-def _word_size(protection: str) -> int:
-    try:
-        return int(protection)
-    except ValueError:
-        raise OppassError(f"unknown OP level {protection!r}: use none, weight or a word size in bits") from None

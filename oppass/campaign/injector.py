@@ -2,9 +2,12 @@
 
 `PackedWeights` copies a session's packed weight buffers back to back into one block (each
 starting on an 8-byte boundary) and keeps a pristine copy; the session reads the block's
-views. A target turns a trial's random stream into an `Injection` (the flips, prepared),
+views. A target is a fault space (oppass.campaign.faultmodels) over the bits a protection
+stores; it turns the positions a fault model draws into an `Injection` (the flips, prepared),
 `inject` applies it to the block and `restore` puts the pristine values back, so
 preparation can run ahead of the inferences and the in-trial work is a few numpy calls.
+`NumpyDecoded` keeps a code's stored words aside and writes their numpy decode (SEC-DED,
+parity, then the range check) into plain weights.
 Flips go to their bytes (words for ECC), or through a dense bit mask of the whole block
 when there is more than one per DENSE_BITS bits (the cheaper way there, measured): either
 way no Python loop runs over weights or bits.
@@ -18,12 +21,14 @@ from typing import Protocol
 
 import numpy as np
 
-from oppass import faults
+from oppass import codec, faults
 from oppass.campaign import ecc
+from oppass.formats import FORMATS, LANE_BITS
 
 # A dense mask costs ~0.05 ns per stored bit, sparse flips ~30 ns each (sorting included): dense above 1 in 512.
 DENSE_BITS = 512
 _BIT_MASKS = np.left_shift(1, np.arange(8)).astype(np.uint8)
+ROW_BITS = 64  # the memory word of plain and OP storage, for multi-bit upsets
 
 
 class RestorationError(RuntimeError):
@@ -43,12 +48,25 @@ class Injection:
 
 
 class FaultTarget(Protocol):
-    """Where a trial's flips land and how they are undone."""
+    """Where a trial's flips land and how they are undone: a fault space (bits, ones) that prepares injections."""
 
     n_bits: int
+    row_bits: int
 
-    def plan(self, rng: np.random.Generator, ber: float) -> Injection:
-        """Draws a trial's flips at `ber` from `rng` and prepares them."""
+    def bits(self, positions: np.ndarray) -> np.ndarray:
+        """The fault-free values (0 or 1, uint8) of the stored bits at `positions`."""
+        ...
+
+    def ones(self) -> int:
+        """How many stored bits are 1 fault-free."""
+        ...
+
+    def segments(self, tensors: Sequence[int]) -> np.ndarray:
+        """[start, stop) bit ranges of this space holding tensors `tensors` (indices of the session's buffers)."""
+        ...
+
+    def prepare(self, positions: np.ndarray) -> Injection:
+        """The injection flipping the distinct stored bits `positions`."""
         ...
 
     def inject(self, injection: Injection) -> None:
@@ -105,16 +123,30 @@ class StoredBits:
         # Block bit minus stream bit, per buffer: non-zero after a buffer whose size is not a multiple of 8 bytes.
         self.bit_shifts = (weights.starts - (stream_ends - weights.sizes)) * 8
         self.n_bits = int(self.stream_bit_ends[-1]) if weights.sizes.size else 0
+        self.row_bits = ROW_BITS
 
-    def plan(self, rng: np.random.Generator, ber: float) -> Injection:
-        """Draws the flips of one trial at `ber` over every stored bit."""
-        return self.prepare(faults.draw_flip_positions(rng, self.n_bits, ber, sort=False))
+    def bits(self, positions: np.ndarray) -> np.ndarray:
+        """The fault-free values of stream bits `positions`."""
+        block_bits = self._block_bits(positions)
+        return (self.weights.pristine[block_bits >> 3] >> (block_bits & 7).astype(np.uint8)) & 1
+
+    def ones(self) -> int:
+        """Set bits of the pristine stream (the block's padding is zero)."""
+        return int(np.bitwise_count(self.weights.pristine).sum())
+
+    def segments(self, tensors: Sequence[int]) -> np.ndarray:
+        """The stream bits of each buffer in `tensors`."""
+        ends = self.stream_bit_ends[list(tensors)]
+        return np.stack([ends - self.weights.sizes[list(tensors)] * 8, ends], axis=1)
+
+    def _block_bits(self, positions: np.ndarray) -> np.ndarray:
+        if not self.bit_shifts.any():
+            return positions
+        return positions + self.bit_shifts[np.searchsorted(self.stream_bit_ends, positions, side="right")]
 
     def prepare(self, positions: np.ndarray) -> Injection:
         """The injection flipping stream bits `positions` (distinct)."""
-        bits = positions
-        if self.bit_shifts.any():
-            bits = positions + self.bit_shifts[np.searchsorted(self.stream_bit_ends, positions, side="right")]
+        bits = self._block_bits(positions)
         if _dense(positions.size, self.n_bits):
             mask = _bit_mask(bits, self.weights.block.size * 8)
             return Injection(positions.size, 0, None, mask, self.weights.pristine)
@@ -151,11 +183,23 @@ class BitPosition:
         self.weight_bits = weight_bits
         self.bit = bit
         self.n_bits = stored.n_bits // weight_bits
+        self.row_bits = ROW_BITS // weight_bits  # bit `bit` of the weights of one 64-bit row
 
-    def plan(self, rng: np.random.Generator, ber: float) -> Injection:
-        """Draws the flips of one trial at `ber` over bit `bit` of every weight."""
-        weights = faults.draw_flip_positions(rng, self.n_bits, ber, sort=False)
-        return self.stored.prepare(weights * self.weight_bits + self.bit)
+    def bits(self, positions: np.ndarray) -> np.ndarray:
+        """The fault-free values of bit `bit` of weights `positions`."""
+        return self.stored.bits(positions * self.weight_bits + self.bit)
+
+    def ones(self) -> int:
+        """Weights whose bit `bit` is 1 fault-free."""
+        return int(self.bits(np.arange(self.n_bits, dtype=np.int64)).sum())
+
+    def segments(self, tensors: Sequence[int]) -> np.ndarray:
+        """The weights of each buffer in `tensors`."""
+        return self.stored.segments(tensors) // self.weight_bits
+
+    def prepare(self, positions: np.ndarray) -> Injection:
+        """The injection flipping bit `bit` of weights `positions`."""
+        return self.stored.prepare(positions * self.weight_bits + self.bit)
 
     def inject(self, injection: Injection) -> None:
         """Writes the faulty bytes into the live block."""
@@ -180,10 +224,25 @@ class EccProtected:
         self.data = weights.pristine.view("<u8")
         self.check = ecc.encode(self.data)
         self.n_bits = int(self.data.size) * ecc.CODEWORD_BITS
+        self.row_bits = ecc.CODEWORD_BITS
+        self.word_starts = weights.starts // 8
+        self.word_stops = -(-(weights.starts + weights.sizes) // 8)
 
-    def plan(self, rng: np.random.Generator, ber: float) -> Injection:
-        """Draws the flips of one trial at `ber` over every codeword bit, data and check bits alike."""
-        return self.prepare(faults.draw_flip_positions(rng, self.n_bits, ber, sort=False))
+    def bits(self, positions: np.ndarray) -> np.ndarray:
+        """The fault-free values of codeword bits `positions` (data bits 0..63, check bits 64..71 of each)."""
+        words, bit = np.divmod(positions, ecc.CODEWORD_BITS)
+        data = (self.data[words] >> np.minimum(bit, 63).astype(np.uint64)) & np.uint64(1)
+        check = (self.check[words] >> np.maximum(bit - ecc.DATA_BITS, 0).astype(np.uint8)) & 1
+        return np.where(bit < ecc.DATA_BITS, data.astype(np.uint8), check)
+
+    def ones(self) -> int:
+        """Set bits of every codeword, data and check bits."""
+        return int(np.bitwise_count(self.data).sum() + np.bitwise_count(self.check).sum())
+
+    def segments(self, tensors: Sequence[int]) -> np.ndarray:
+        """The codeword bits of each buffer in `tensors` (its words start on 8-byte boundaries)."""
+        chosen = list(tensors)
+        return np.stack([self.word_starts[chosen], self.word_stops[chosen]], axis=1) * ecc.CODEWORD_BITS
 
     def prepare(self, positions: np.ndarray) -> Injection:
         """The injection flipping codeword bits `positions` (distinct): the touched words as decoded."""
@@ -209,7 +268,7 @@ class EccProtected:
             check_errors = codewords[:, ecc.DATA_BITS // 8]
             words = np.flatnonzero((data_errors != 0) | (check_errors != 0))
             return words, data_errors[words], check_errors[words]
-        words, slot = np.unique(positions // ecc.CODEWORD_BITS, return_inverse=True)
+        words, slot = faults.group(positions // ecc.CODEWORD_BITS)
         bit = positions % ecc.CODEWORD_BITS
         in_data = bit < ecc.DATA_BITS
         data_errors = np.zeros(words.size, dtype=np.uint64)
@@ -218,3 +277,110 @@ class EccProtected:
         check_bits = np.left_shift(1, bit[~in_data] - ecc.DATA_BITS).astype(np.uint8)
         np.bitwise_xor.at(check_errors, slot[~in_data], check_bits)
         return words, data_errors, check_errors
+
+
+class NumpyDecoded:
+    """Plain stored weights holding a code's fault-free decode, the code's words kept aside: a fault flips bits
+    of those words, and each touched word is decoded in numpy (`codec.decode`: parity zeroes an odd word,
+    SEC-DED corrects one flip and zeroes a word of two) and then, with `range_max`, every decoded weight w
+    with not |w| <= its tensor's range_max (binary32) is zeroed; the result goes to the touched weights.
+
+    `words` holds each buffer's [n_words, L] packed words (all of one format and W), `code` is None for
+    plain words (no code: only the range check), `range_max` each buffer's bound (inf: no check) or is None.
+    """
+
+    def __init__(self, weights: PackedWeights, fmt: str, word_bits: int, code: str | None, words: Sequence[np.ndarray],
+                 range_max: Sequence[float] | None) -> None:
+        self.fmt, self.word_bits, self.code = fmt, word_bits, code
+        self.per_word = word_bits // FORMATS[fmt].bits
+        self.lanes = np.concatenate(words)
+        self.lane_bits = min(word_bits, LANE_BITS)
+        counts = np.array([w.shape[0] for w in words], dtype=np.int64)
+        self.word_ends = np.cumsum(counts)
+        self.word_starts = self.word_ends - counts
+        code_dtype = FORMATS[fmt].code_dtype
+        self.codes = weights.block.view(code_dtype)
+        self.pristine = weights.pristine.view(code_dtype)
+        self.code_starts = weights.starts // code_dtype.itemsize
+        self.weight_counts = weights.sizes // code_dtype.itemsize
+        self.range_max = None if range_max is None else np.asarray(range_max, dtype=np.float32)
+        self.n_bits = int(self.word_ends[-1]) * word_bits if counts.size else 0
+        self.row_bits = max(ROW_BITS, word_bits)
+
+    def bits(self, positions: np.ndarray) -> np.ndarray:
+        """The fault-free values of stored word bits `positions`."""
+        words, bit = np.divmod(positions, self.word_bits)
+        lane, shift = np.divmod(bit, self.lane_bits)
+        values = self.lanes[words, lane] >> shift.astype(self.lanes.dtype)
+        return (values & 1).astype(np.uint8)
+
+    def ones(self) -> int:
+        """Set bits of every stored word."""
+        return int(np.bitwise_count(self.lanes).sum())
+
+    def segments(self, tensors: Sequence[int]) -> np.ndarray:
+        """The stored word bits of each buffer in `tensors`."""
+        chosen = list(tensors)
+        return np.stack([self.word_starts[chosen], self.word_ends[chosen]], axis=1) * self.word_bits
+
+    def prepare(self, positions: np.ndarray) -> Injection:
+        """The injection writing the decode of the touched words (distinct bits `positions` flipped)."""
+        word, bit = np.divmod(positions, self.word_bits)
+        touched, slot = faults.group(word)
+        lane, shift = np.divmod(bit, self.lane_bits)
+        received = self.lanes[touched]
+        np.bitwise_xor.at(received, (slot, lane), np.left_shift(1, shift).astype(received.dtype))
+        shape = (touched.size * self.per_word,)
+        if self.code is None:
+            masked, weights = 0, codec.unpack(received, self.fmt, self.word_bits, shape)
+        else:
+            decoded = codec.decode(received, self.fmt, self.word_bits, shape, code=self.code)
+            masked, weights = decoded.masked_words, decoded.weights
+        values = weights.reshape(touched.size, self.per_word)
+        tensor = np.searchsorted(self.word_ends, touched, side="right")
+        if self.range_max is not None:
+            with np.errstate(invalid="ignore"):  # NaNs compare false: zeroed
+                outside = ~(np.abs(values.astype(np.float32)) <= self.range_max[tensor][:, None])
+            values.view(self.codes.dtype)[outside] = 0
+        weight = (touched - self.word_starts[tensor])[:, None] * self.per_word + np.arange(self.per_word)
+        real = weight < self.weight_counts[tensor][:, None]  # the last word's padding has no weight
+        index = (self.code_starts[tensor][:, None] + weight)[real]
+        change = values.view(self.codes.dtype)[real]
+        return Injection(positions.size, masked, index, change, self.pristine[index])
+
+    def inject(self, injection: Injection) -> None:
+        """Writes the decoded weights into the live block."""
+        self.codes[injection.index] = injection.change
+
+    def restore(self, injection: Injection) -> None:
+        """Writes the fault-free weights back."""
+        self.codes[injection.index] = injection.clean
+
+
+class Subspace:
+    """The bits of chosen tensors of a target, back to back: positions drawn here go to the target's places."""
+
+    def __init__(self, target: FaultTarget, tensors: Sequence[int]) -> None:
+        self.target = target
+        segments = target.segments(tensors)
+        self.starts = segments[:, 0]
+        lengths = segments[:, 1] - segments[:, 0]
+        self.ends = np.cumsum(lengths)
+        self.offsets = self.starts - (self.ends - lengths)
+        self.n_bits = int(self.ends[-1]) if lengths.size else 0
+        self.row_bits = target.row_bits
+        self._ones: int | None = None
+
+    def to_target(self, positions: np.ndarray) -> np.ndarray:
+        """The target's positions of subspace positions `positions` (order kept)."""
+        return positions + self.offsets[np.searchsorted(self.ends, positions, side="right")]
+
+    def bits(self, positions: np.ndarray) -> np.ndarray:
+        """The fault-free values of subspace bits `positions`."""
+        return self.target.bits(self.to_target(positions))
+
+    def ones(self) -> int:
+        """Set bits of the chosen tensors (counted once)."""
+        if self._ones is None:
+            self._ones = int(self.bits(np.arange(self.n_bits, dtype=np.int64)).sum())
+        return self._ones

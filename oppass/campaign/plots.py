@@ -90,7 +90,7 @@ def _ber_curves(summaries: Sequence[ConditionSummary]) -> dict[tuple[str, str], 
 
 def _accuracy_vs_ber(setting: Setting, fmt: str, curves: dict[str, list[ConditionSummary]]) -> plt.Figure:
     figure, axes = plt.subplots(figsize=FIGURE_SIZE)
-    ordered = sorted(curves, key=protection_order)
+    ordered = sorted(curves, key=lambda name: protection_order(fmt, name))
     for index, protection in enumerate(ordered):
         curve = curves[protection]
         shift = 10 ** (DODGE_DECADES * (index - (len(ordered) - 1) / 2))

@@ -110,7 +110,7 @@ def _definitions(setting: Setting, max_ber: float) -> str:
 
 def _conditions_table(setting: Setting, summaries: Sequence[ConditionSummary]) -> str:
     chosen = sorted((s for s in summaries if s.study == BER_STUDY),
-                    key=lambda s: (s.format, protection_order(s.protection), s.ber))
+                    key=lambda s: (s.format, protection_order(s.format, s.protection), s.ber))
     if not chosen:
         return "<p>no BER study in this campaign</p>"
     header = ["Weights", "Protection", "BER", "Accuracy % [95 % CI]", "Zero loss", "Flips",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import sqlite3
 import sys
 import warnings
@@ -16,7 +17,7 @@ import onnxruntime as ort
 from oppass import modelio, runtime
 from oppass.campaign import export
 from oppass.campaign.batch_study import batch_size_study
-from oppass.campaign.config import ECC, UNPROTECTED, CampaignConfig, Condition, Variant, conditions
+from oppass.campaign.config import UNPROTECTED, CampaignConfig, Condition, Variant, campaign_protections, conditions
 from oppass.campaign.data import Dataset, ModelInput, model_inputs, open_dataset
 from oppass.campaign.metrics import ALLCLOSE, CLASSIFYING, GOLDEN, LABELLED, TOP1, TOP5, TOP5_CLASSES, Metric
 from oppass.campaign.progress import Progress
@@ -90,6 +91,7 @@ def run_campaign(config: CampaignConfig, log: TextIO | None = sys.stderr) -> Cam
     store = open_store(config.out, plan.identity)
     planned = [(c, t) for c in plan.conditions for t in range(plan.experiments)]
     keys = {(c.key, t) for c, t in planned}
+    workload = dataclasses.replace(plan.workload, store_format=store.format_version)
     try:
         finished = store.finished()
         pending = [(c, t) for c, t in planned if (c.key, t) not in finished]
@@ -100,14 +102,14 @@ def run_campaign(config: CampaignConfig, log: TextIO | None = sys.stderr) -> Cam
             progress.advance(len(records))
 
         try:
-            seconds = execute(plan.workload, tasks(pending), deliver, config.scheduler, config.workers)
+            seconds = execute(workload, tasks(pending), deliver, config.scheduler, config.workers)
         finally:
             progress.close()
         if config.batch_study and plan.batch_study:
-            _run_batch_study(store, plan.workload, plan.formats)
+            _run_batch_study(store, workload, plan.formats)
         summaries = summarize([record for record in store.trials() if (record.condition_key, record.trial) in keys])
         rows = berzad_rows(summaries)
-        table = table2(rows, plan.formats, config.protections + ((ECC,) if config.ecc else ()))
+        table = table2(rows, plan.formats, campaign_protections(config))
         files = export.write_all(config, plan, store, summaries, rows, table)
     except KeyboardInterrupt:
         stored = len(keys & store.finished())
@@ -156,6 +158,11 @@ def make_plan(config: CampaignConfig) -> Plan:
         notes.append(f"the batch-size study needs labels and a metric that uses them ({metric.name} does not): "
                      "skipped")
     digest = model_digest(config.model)  # the model file and its external data
+    layers = _layer_names(model, formats[0]) if config.layers else []
+    missing = [name for name in config.layers if name not in layers]
+    if missing:
+        raise OppassError(f"no protected weight tensor named {missing[0]!r} (--layers): choose from "
+                          f"{', '.join(layers)}")
     workload = Workload(str(Path(config.model).resolve()), digest, config.data, config.seed, batch_size, metric,
                         output, dataset.batched)
     identity = {
@@ -169,6 +176,8 @@ def make_plan(config: CampaignConfig) -> Plan:
     }
     if metric.name == ALLCLOSE:
         identity |= {"rtol": metric.rtol, "atol": metric.atol}
+    # The fault model, flip counts and layers are in each condition's key (and its draws' key), like the BERs:
+    # a campaign is extended with other ones in place.
     return Plan(workload, conditions(config, formats), config.experiments, notes, identity, formats, dataset.size,
                 dataset.description, batch_study)
 
@@ -270,6 +279,15 @@ def _usable_formats(model: onnx.ModelProto, wanted: tuple[str, ...], notes: list
     if not usable:
         raise OppassError(f"the model cannot be stored in any of the formats asked for ({'; '.join(reasons)})")
     return tuple(usable)
+
+
+def _layer_names(model: onnx.ModelProto, fmt: str) -> list[str]:
+    """The weight tensors faults can be restricted to (`--layers`): those oppass protects."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return [decode.output for decode in read_decode_nodes(build_variant(model, Variant(fmt, UNPROTECTED)))]
+
+
 def _run_batch_study(store: Store, workload: Workload, formats: tuple[str, ...]) -> None:
     studied = {row[0] for row in store.batch_study()}
     for fmt in formats:

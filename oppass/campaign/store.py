@@ -4,8 +4,15 @@ WAL journal, a commit after every batch of finished trials, primary key
 (condition_key, trial) with INSERT OR IGNORE: a trial delivered twice (a rescheduled Dask
 task, a resumed run) is stored once. A trial's result depends only on its condition, its
 index (its seed and data batch) and the campaign's identity (model, data, batch size,
-metric, output, seed), saved on creation: opening the folder with another identity is an
+metric, output, seed, fault model), saved on creation: opening the folder with another identity is an
 error, while another grid (more formats, protections, BERs or experiments) only adds trials.
+
+The store's format version (`meta` key `format_version`, written on creation) says how its
+trials were drawn: a store without one is format 1 (flip positions by numpy's `choice`, one
+random stream per condition); FORMAT_VERSION 2 draws them in O(flips) and shares a trial's
+draw between protections over the same stored bits (docs/METHODS.md). A store resumes with
+the draws of its own format, so its trials stay those of the code that made it, and so do the
+trials a grid extension adds to it.
 """
 
 from __future__ import annotations
@@ -23,6 +30,8 @@ from oppass.campaign.records import TrialRecord
 from oppass.errors import OppassError
 
 STORE_FILE = "campaign.sqlite"
+FORMAT_VERSION = 2
+_UNVERSIONED = 1  # stores written before format versions existed
 _TRIAL_FIELDS = [field.name for field in dataclasses.fields(TrialRecord)]
 _ROW = operator.attrgetter(*_TRIAL_FIELDS)
 _SQL_TYPES = {int: "INTEGER", float: "REAL", str: "TEXT"}
@@ -45,7 +54,12 @@ class Store:
             self.connection.execute("PRAGMA journal_mode=WAL")
             self.connection.execute("PRAGMA synchronous=NORMAL")
             self._create_tables()
+            created = self.connection.execute("SELECT 1 FROM meta WHERE key = 'identity'").fetchone() is None
             self._check_identity(identity)
+            if created:
+                with self.connection:
+                    self.connection.execute("INSERT INTO meta VALUES ('format_version', ?)", (str(FORMAT_VERSION),))
+            self.format_version = self._format_version()
         except sqlite3.DatabaseError as error:
             self.connection.close()
             raise self._damaged(error) from None
@@ -121,6 +135,14 @@ class Store:
     def _damaged(self, error: Exception) -> OppassError:
         return OppassError(f"the campaign store {self.path} is damaged ({str(error)[:200] or type(error).__name__}): "
                            "delete it to start the campaign over, or use another --out folder")
+
+    def _format_version(self) -> int:
+        row = self.connection.execute("SELECT value FROM meta WHERE key = 'format_version'").fetchone()
+        version = _UNVERSIONED if row is None else int(row[0])
+        if version > FORMAT_VERSION:
+            raise OppassError(f"{self.path.parent} holds a campaign of store format {version}, newer than this oppass "
+                              f"reads ({FORMAT_VERSION}): upgrade oppass or use another --out folder")
+        return version
 
     def _check_identity(self, identity: dict) -> None:
         wanted = json.dumps(identity, sort_keys=True)

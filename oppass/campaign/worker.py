@@ -11,6 +11,8 @@ then inject, run and restore trial by trial, then score all outputs at once, so 
 work between two inferences is a few numpy calls. A trial's `inference_seconds` is its
 `session.run`; its `inject_seconds` is the rest of its work (its inject and restore, and an
 even share of the burst's seeding, drawing and scoring), not the one-off cache fills.
+A trial whose draw flips nothing runs no inference: its outputs are the fault-free ones (exact,
+as its weights are), with `inference_seconds` 0.
 """
 
 from __future__ import annotations
@@ -29,14 +31,26 @@ import onnx
 import onnxruntime as ort
 from onnx import numpy_helper
 
-from oppass import modelio, runtime
-from oppass.campaign.config import BIT_STUDY, ECC, Condition, Variant
+from oppass import codec, faults, modelio, runtime
+from oppass.campaign import faultmodels, protection
+from oppass.campaign.config import BIT_STUDY, Condition, Variant
 from oppass.campaign.data import Dataset, model_inputs, open_dataset
-from oppass.campaign.injector import BitPosition, EccProtected, FaultTarget, Injection, PackedWeights, StoredBits
+from oppass.campaign.injector import (
+    BitPosition,
+    EccProtected,
+    FaultTarget,
+    Injection,
+    NumpyDecoded,
+    PackedWeights,
+    StoredBits,
+    Subspace,
+)
 from oppass.campaign.metrics import Metric
 from oppass.campaign.records import TrialRecord
 from oppass.campaign.seeds import batch_indices, trial_rng
+from oppass.campaign.store import FORMAT_VERSION
 from oppass.errors import OppassError
+from oppass.formats import FORMATS
 from oppass.protect import transform
 from oppass.schema import MASKED_WORDS_OUTPUT, read_decode_nodes
 
@@ -60,6 +74,12 @@ class Workload:
     metric: Metric
     output: str
     batched: bool
+    store_format: int = FORMAT_VERSION
+
+    @property
+    def sampler(self) -> int:
+        """How flip positions are drawn for this campaign's store (oppass.faults)."""
+        return faults.SAMPLER_CHOICE if self.store_format == 1 else faults.SAMPLER_GAPS
 
 
 @dataclass(frozen=True)
@@ -79,14 +99,25 @@ class Experiment:
 
 
 class VariantSession:
-    """One protected (or plain) build of the model with its packed weights in live numpy buffers."""
+    """One protected (or plain) build of the model with its packed weights in live numpy buffers.
 
-    def __init__(self, model: onnx.ModelProto, output: str, batched: bool) -> None:
+    With `stored_code` (CODE, W) the model is plain and its weights are re-encoded with that code: the
+    buffers then hold the code's fault-free decode and `code_words` the words the code stores.
+    """
+
+    def __init__(self, model: onnx.ModelProto, output: str, batched: bool,
+                 stored_code: tuple[str, str] | None = None) -> None:
         decoders = read_decode_nodes(model)
         if not decoders:
             raise OppassError("the model has no Conv/Gemm weight initializers to inject faults into")
         initializers = {tensor.name: tensor for tensor in model.graph.initializer}
-        self.weights = PackedWeights([numpy_helper.to_array(initializers[decode.packed]) for decode in decoders])
+        arrays = [numpy_helper.to_array(initializers[decode.packed]) for decode in decoders]
+        self.format = decoders[0].format
+        self.tensor_names = [decode.output for decode in decoders]
+        self.code_words: list[np.ndarray] = []
+        if stored_code is not None:
+            arrays = self._encode(arrays, *stored_code)
+        self.weights = PackedWeights(arrays)
         self.weight_bits = decoders[0].weight_format.bits
         self.word_bytes = decoders[0].word_bits // 8
         options = runtime.session_options(threads=SESSION_THREADS)
@@ -101,6 +132,21 @@ class VariantSession:
         self.stored = StoredBits(self.weights)
         self.lock = threading.Lock()
         self.experiments: dict[int, Experiment] = {}
+        self._decoders: dict[str, NumpyDecoded] = {}
+        self._subspaces: dict[str, Subspace] = {}
+
+    def _encode(self, arrays: list[np.ndarray], code: str, word: str) -> list[np.ndarray]:
+        """Plain weight arrays re-encoded with `code` over `word`: their fault-free decode (`code_words` keeps
+        the stored words)."""
+        fmt_dtype = FORMATS[self.format].dtype
+        width = codec.word_bits(self.format, word if word == "weight" else int(word), code)
+        decoded = []
+        for array in arrays:
+            encoded = codec.encode(array.reshape(-1).view(fmt_dtype), width, code=code)
+            self.code_words.append(encoded.packed)
+            assert encoded.adjusted is not None
+            decoded.append(encoded.adjusted.view(array.dtype).reshape(array.shape))
+        return decoded
 
     @functools.cached_property
     def ecc(self) -> EccProtected:
@@ -117,11 +163,57 @@ class VariantSession:
             return outputs, int(masked)
         return np.stack([output for output, _ in results]), max(int(masked) for _, masked in results)
 
+    def decoded(self, chosen: protection.Protection) -> NumpyDecoded:
+        """The numpy decoder of `chosen` (range check and/or SEC-DED) over this session's weights, made once."""
+        key = chosen.name
+        if key not in self._decoders:
+            width = chosen.word_bits(self.format)
+            if chosen.code == protection.PLAIN:  # plain storage: the words are the weights, no code
+                fmt_dtype = FORMATS[self.format].dtype
+                code = None
+                words = [codec.pack(array.reshape(-1).view(fmt_dtype), width) for array in self.weights.buffers]
+            else:
+                code, words = chosen.code, self.code_words
+            bounds = None
+            if chosen.range_check:
+                fmt_dtype = FORMATS[self.format].dtype
+                maxima = [codec.max_magnitude(array.reshape(-1).view(fmt_dtype)) for array in self.weights.buffers]
+                bounds = [np.inf if bound is None else bound for bound in maxima]
+            self._decoders[key] = NumpyDecoded(self.weights, self.format, width, code, words, bounds)
+        return self._decoders[key]
+
+    def word_bits_of(self, target: FaultTarget) -> int | None:
+        """The bits of one word of `target`'s stored bits, as its positions count them (None for ECC, whose
+        codewords are decoded outside the model)."""
+        if isinstance(target, EccProtected):
+            return None
+        if isinstance(target, BitPosition):
+            return 1  # a position is one plain weight, its own word
+        if isinstance(target, NumpyDecoded):
+            return target.word_bits
+        return self.word_bytes * 8
+
     def target(self, condition: Condition) -> FaultTarget:
-        """Where the faults of `condition` land."""
+        """Where the faults of `condition` land (whole tensors: see `space`)."""
         if condition.study == BIT_STUDY and condition.bit is not None:
             return BitPosition(self.stored, self.weight_bits, condition.bit)
-        return self.ecc if condition.protection == ECC else self.stored
+        chosen = protection.parse(condition.protection)
+        if chosen.code == protection.ECC:
+            return self.ecc
+        return self.decoded(chosen) if chosen.decoded_in_numpy else self.stored
+
+    def space(self, condition: Condition, target: FaultTarget) -> FaultTarget | Subspace:
+        """The bits the faults of `condition` are drawn over: the target's, or those of its chosen layers."""
+        if not condition.layers:
+            return target
+        key = condition.key
+        if key not in self._subspaces:
+            missing = [name for name in condition.layers if name not in self.tensor_names]
+            if missing:
+                raise OppassError(f"no protected weight tensor named {missing[0]!r}: choose from "
+                                  f"{', '.join(self.tensor_names)}")
+            self._subspaces[key] = Subspace(target, [self.tensor_names.index(name) for name in condition.layers])
+        return self._subspaces[key]
 
 
 def model_digest(path: str | Path) -> str:
@@ -151,8 +243,9 @@ class WorkerCache:
     def session(self, variant: Variant) -> VariantSession:
         """The session of `variant`, built on first use."""
         if variant not in self.sessions:
+            code, _, word = variant.word.rpartition(":")
             self.sessions[variant] = VariantSession(build_variant(self.model, variant), self.workload.output,
-                                                    self.workload.batched)
+                                                    self.workload.batched, (code, word) if code else None)
         return self.sessions[variant]
 
     def batch(self, experiment: int) -> tuple[list[dict[str, np.ndarray]], np.ndarray | None]:
@@ -179,7 +272,8 @@ _CACHES_LOCK = threading.Lock()
 
 
 def build_variant(model: onnx.ModelProto, variant: Variant) -> onnx.ModelProto:
-    """The model with Conv/Gemm weights stored in the variant's format, OP-protected or plain."""
+    """The model with Conv/Gemm weights stored in the variant's format, OP-protected or plain (a `CODE:W`
+    variant is plain: its session re-encodes the weights)."""
     if variant.protected:
         word = variant.word if variant.word == "weight" else int(variant.word)
         return transform(model, format=variant.format, word=word, check="runtime", report_faults=True)
@@ -207,7 +301,7 @@ def run_trials(workload: Workload, pairs: Sequence[tuple[Condition, int]]) -> li
     with session.lock:
         experiments = [cache.experiment(session, trial) for _, trial in pairs]
         targets = [session.target(condition) for condition, _ in pairs]
-        largest = max(_FLIP_BYTES * target.n_bits * condition.ber
+        largest = max(_FLIP_BYTES * (target.n_bits * condition.ber if condition.count is None else condition.count)
                       for target, (condition, _) in zip(targets, pairs, strict=True))
         size = max(1, int(BURST_BYTES // (largest + experiments[0].outputs.nbytes)))
         records = [
@@ -220,6 +314,22 @@ def run_trials(workload: Workload, pairs: Sequence[tuple[Condition, int]]) -> li
     return records
 
 
+def _draw(workload: Workload, session: VariantSession, condition: Condition, trial: int,
+          target: FaultTarget) -> tuple[Injection, int | None]:
+    """Trial `trial` of `condition`: its faults drawn from its own stream (store format 1: one stream per
+    condition; 2: one per draw key, shared by protections over the same stored bits) and prepared, with the
+    words they hit an even number of times (None for ECC)."""
+    key = condition.key if workload.store_format == 1 else condition.draw_key
+    space = session.space(condition, target)
+    model = faultmodels.parse(condition.fault)
+    positions = model.positions(trial_rng(workload.seed, key, trial), space, condition.ber, condition.count,
+                                workload.sampler)
+    if isinstance(space, Subspace):
+        positions = space.to_target(positions)
+    word_bits = session.word_bits_of(target)
+    return target.prepare(positions), None if word_bits is None else even_flip_words(positions, word_bits)
+
+
 def _run_burst(
     cache: WorkerCache,
     session: VariantSession,
@@ -229,13 +339,20 @@ def _run_burst(
 ) -> list[TrialRecord]:
     clock = time.perf_counter
     started = clock()
-    seed = cache.workload.seed
-    injections = [target.plan(trial_rng(seed, condition.key, trial), condition.ber)
-                  for (condition, trial), target in zip(pairs, targets, strict=True)]
+    drawn = [_draw(cache.workload, session, condition, trial, target)
+             for (condition, trial), target in zip(pairs, targets, strict=True)]
+    injections = [injection for injection, _ in drawn]
+    even = [words for _, words in drawn]
     shared = clock() - started
     outputs, decoder_masked, inference, own = [], [], [], []
     for experiment, target, injection in zip(experiments, targets, injections, strict=True):
         started = clock()
+        if injection.flips == 0:
+            outputs.append(experiment.outputs)
+            decoder_masked.append(0)
+            inference.append(0.0)
+            own.append(clock() - started)
+            continue
         target.inject(injection)
         try:
             inference_started = clock()
@@ -253,10 +370,8 @@ def _run_burst(
         np.stack(outputs), np.stack([e.outputs for e in experiments]), labels,
         np.stack([e.correct_samples for e in experiments]), np.array([i.flips for i in injections]),
     )
-    even = [None if isinstance(target, EccProtected) else even_flip_words(injection, session.weights,
-                                                                          session.word_bytes)
-            for target, injection in zip(targets, injections, strict=True)]
     shared = (shared + clock() - started) / len(pairs)
+    spaces = [session.space(condition, target) for (condition, _), target in zip(pairs, targets, strict=True)]
     return [
         TrialRecord(
             condition_key=condition.key,
@@ -264,9 +379,9 @@ def _run_burst(
             study=condition.study,
             format=condition.format,
             protection=condition.protection,
-            ber=condition.ber,
+            ber=condition.ber if condition.count is None else condition.count / spaces[i].n_bits,
             bit=condition.bit,
-            n_bits=target.n_bits,
+            n_bits=spaces[i].n_bits,
             flips=injection.flips,
             even_flip_words=even[i],
             masked_words=decoder_masked[i] + injection.masked,
@@ -286,19 +401,12 @@ def _run_burst(
 
 
 
-def even_flip_words(injection: Injection, weights: PackedWeights, word_bytes: int) -> int:
-    """Stored words of `word_bytes` bytes (each buffer cut from its start) that `injection` hits with an even,
-    non-zero number of flips: the errors a parity check over such words cannot see."""
-    if injection.index is None:  # a dense XOR mask of the whole block
-        offsets = np.flatnonzero(injection.change)
-        flipped = np.bitwise_count(injection.change[offsets])
-    else:
-        order = np.argsort(injection.index, kind="stable")
-        offsets = injection.index[order]
-        flipped = np.bitwise_count(injection.change ^ injection.clean)[order]
-    if offsets.size == 0:
+def even_flip_words(positions: np.ndarray, word_bits: int) -> int:
+    """Words of `word_bits` bits that the sorted distinct flipped bits `positions` hit an even, non-zero number
+    of times: the errors a parity check over such words cannot see."""
+    if positions.size == 0:
         return 0
-    buffer_start = weights.starts[np.searchsorted(weights.starts, offsets, side="right") - 1]
-    word_start = buffer_start + (offsets - buffer_start) // word_bytes * word_bytes  # sorted
-    first = np.flatnonzero(np.r_[True, word_start[1:] != word_start[:-1]])
-    return int(np.count_nonzero(np.add.reduceat(flipped.astype(np.int64), first) % 2 == 0))
+    words = positions // word_bits
+    first = np.flatnonzero(np.r_[True, words[1:] != words[:-1]])
+    hits = np.diff(np.r_[first, words.size])
+    return int(np.count_nonzero(hits % 2 == 0))
