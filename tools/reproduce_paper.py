@@ -56,6 +56,7 @@ def _config(args: argparse.Namespace, model: Path, data: str) -> CampaignConfig:
         bit_positions=not args.no_bit_positions,
         batch_study=not args.no_batch_study,
         ecc=args.ecc,
+        **({"protections": tuple(name for name in args.protect.split(",") if name)} if args.protect else {}),
         scheduler=args.scheduler,
         workers=args.workers,
         command=" ".join(["python", "tools/reproduce_paper.py", *sys.argv[1:]]),
@@ -93,6 +94,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-bit-positions", action="store_true", help="skip the Fig. 5 study")
     parser.add_argument("--no-batch-study", action="store_true", help="skip the Fig. 4 study")
     parser.add_argument("--ecc", action="store_true", help="add the SEC-DED (72,64) baseline")
+    parser.add_argument("--protect", help="protections instead of the paper's OP levels (see oppass campaign "
+                        "--protect), e.g. none,parity:64,secded:64,range,ecc")
     return parser
 
 
