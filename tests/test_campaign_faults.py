@@ -326,3 +326,24 @@ def test_each_target_reads_its_stored_bits() -> None:
         everything = np.arange(space_.n_bits)
         assert np.array_equal(space_.bits(everything), expected)
         assert space_.ones() == int(expected.sum())
+
+
+def test_protections_fault_models_and_counts_extend_a_campaign_in_place(tmp_path: Path,
+                                                                        custom_op_library: str) -> None:
+    """A store grows by protections, flip counts and fault models like by BERs: only the new trials run, and they
+    are those of a fresh run (shared draws included: `secded:64` added later sees `64`'s faults)."""
+    first = config(tmp_path / "grown", protections=("64",), flip_counts=(2,), experiments=2)
+    assert run_campaign(first, log=None).trials_run == 2
+    wider = dict(protections=("64", "secded:64"), flip_counts=(2, 6), experiments=2)
+    assert run_campaign(config(tmp_path / "grown", **wider), log=None).trials_run == 2 * 2 * 2 - 2
+    assert run_campaign(config(tmp_path / "grown", **wider, fault="stuck:1"), log=None).trials_run == 2 * 2 * 2
+    fresh = config(tmp_path / "fresh", **wider)
+    run_campaign(fresh, log=None)
+
+    def rows(out: Path, cfg: CampaignConfig) -> dict:
+        return {(t.condition_key, t.trial): (t.flips, t.masked_words, t.correct, t.outcome, t.even_flip_words)
+                for t in stored_trials(out, cfg)}
+
+    grown = rows(tmp_path / "grown", config(tmp_path / "grown", **wider))
+    assert len(grown) == 2 * 2 * 2 * 2 and sum("stuck:1" in key for key, _ in grown) == 2 * 2 * 2
+    assert {key: row for key, row in grown.items() if "stuck" not in key[0]} == rows(tmp_path / "fresh", fresh)

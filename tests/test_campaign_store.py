@@ -20,9 +20,12 @@ import sqlite3
 import sys
 from pathlib import Path
 
+import pytest
+
 from oppass.campaign import CampaignConfig, run_campaign
 from oppass.campaign.runner import make_plan
 from oppass.campaign.store import FORMAT_VERSION, STORE_FILE, Store
+from oppass.errors import OppassError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 EXPECTED = Path(__file__).resolve().parent / "expected" / "campaign_trials.json"
@@ -69,7 +72,8 @@ def format_1_store(out: Path, rows: list[list]) -> None:
     with connection:
         connection.execute("DELETE FROM meta WHERE key = 'format_version'")
         values = [[0.0 if isinstance(cell, str) else cell[1] for cell in row] for row in rows]
-        connection.executemany(f"INSERT INTO trials VALUES ({', '.join('?' * len(values[0]))})", values)
+        if values:
+            connection.executemany(f"INSERT INTO trials VALUES ({', '.join('?' * len(values[0]))})", values)
     connection.close()
 
 
@@ -99,8 +103,22 @@ def test_a_new_store_draws_with_the_current_format(tmp_path: Path, custom_op_lib
     assert masked.keys() <= old.keys() and any(masked[key] != old[key] for key in masked)  # other positions
 
 
-if __name__ == "__main__":  # writes the expected table (run only on the reference code)
+
+def test_a_store_of_a_newer_or_unreadable_format_is_refused_in_one_line(tmp_path: Path) -> None:
+    identity = {"model_sha256": "0" * 64, "seed": 0}
+    Store(tmp_path, identity).close()
+    for version, message in (("3", "store format 3, newer than this oppass reads"), ("two", "is damaged")):
+        connection = sqlite3.connect(tmp_path / STORE_FILE)
+        with connection:
+            connection.execute("UPDATE meta SET value = ? WHERE key = 'format_version'", (version,))
+        connection.close()
+        with pytest.raises(OppassError, match=message):
+            Store(tmp_path, identity)
+
+
+if __name__ == "__main__":  # writes the expected table (run only on the reference code), in a format-1 store
     folder = Path(sys.argv[1])
+    format_1_store(folder, [])
     run_campaign(fixed_campaign(folder))
     table = stored_table(folder)
     rows = ",\n".join(json.dumps(row) for row in table["rows"])

@@ -138,6 +138,8 @@ class Store:
 
     def _format_version(self) -> int:
         row = self.connection.execute("SELECT value FROM meta WHERE key = 'format_version'").fetchone()
+        if row is not None and not str(row[0]).isdigit():
+            raise self._damaged(ValueError(f"format_version {row[0]!r} is not a number"))
         version = _UNVERSIONED if row is None else int(row[0])
         if version > FORMAT_VERSION:
             raise OppassError(f"{self.path.parent} holds a campaign of store format {version}, newer than this oppass "
