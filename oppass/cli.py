@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, TextIO
 
 from oppass import __version__
 from oppass.errors import OppassError
-from oppass.formats import FLIP_STRATEGIES, WORD_SIZES
+from oppass.formats import CODES, FLIP_STRATEGIES, PARITY, WORD_SIZES
 
 if TYPE_CHECKING:
     import numpy as np
@@ -86,7 +86,7 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
 def add_transform_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of `oppass transform`."""
     from oppass.protect import FORMAT_CHOICES, KEEP_FORMAT, WEIGHT_INPUT
-    from oppass.schema import CHECK_MODES, MASKED_WORDS_OUTPUT
+    from oppass.schema import CHECK_MODES, CORRECTED_WORDS_OUTPUT, MASKED_WORDS_OUTPUT
 
     parser.add_argument("input", help="ONNX model to protect")
     parser.add_argument("output", help="where to write the protected model")
@@ -94,14 +94,21 @@ def add_transform_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"stored weight format; {KEEP_FORMAT} = each weight's own (default: {KEEP_FORMAT})")
     parser.add_argument("--word", default="64", choices=[str(size) for size in WORD_SIZES],
                         help="memory word size in bits, or one word per weight (default: 64)")
-    parser.add_argument("--flip", default=FLIP_STRATEGIES[0], choices=FLIP_STRATEGIES,
-                        help=f"which weight's LSB makes an odd word even (default: {FLIP_STRATEGIES[0]})")
+    parser.add_argument("--code", default=PARITY, choices=CODES,
+                        help="parity: detect an odd number of flips per word and zero the word; secded: correct "
+                             "one flip per word and zero words with two, in bits taken from the weights' lowest "
+                             f"bits (default: {PARITY})")
+    parser.add_argument("--range-check", action="store_true",
+                        help="also zero every decoded weight whose magnitude exceeds its tensor's fault-free maximum")
+    parser.add_argument("--flip", choices=FLIP_STRATEGIES,
+                        help=f"parity only: which weight's LSB makes an odd word even (default: {FLIP_STRATEGIES[0]})")
     parser.add_argument("--ops", default="Conv,Gemm", type=_comma_list,
                         help=f"comma-separated op types to protect, of {','.join(WEIGHT_INPUT)} (default: Conv,Gemm)")
     parser.add_argument("--check", default=CHECK_MODES[0], choices=CHECK_MODES,
                         help=f"check parity on every run, once at load, or never (default: {CHECK_MODES[0]})")
     parser.add_argument("--report-faults", action="store_true",
-                        help=f"add the graph output {MASKED_WORDS_OUTPUT} (masked words per run)")
+                        help=f"add the graph output {MASKED_WORDS_OUTPUT} (masked words per run), and with "
+                             f"--code secded {CORRECTED_WORDS_OUTPUT} (corrected words per run)")
     parser.add_argument("--optimize-for-cpu", action="store_true",
                         help="protect the graph onnxruntime optimises for this CPU (NCHWc Conv layout, fused "
                              "activations), which keeps its fast Conv kernels in runtime check mode; the output "
@@ -133,10 +140,12 @@ def run_transform(arguments: argparse.Namespace) -> None:
         check=arguments.check,
         report_faults=arguments.report_faults,
         inplace=True,
+        code=arguments.code,
+        range_check=arguments.range_check,
     )
     modelio.save_model(protected, arguments.output, source=source)
     del read, model, source, protected  # the drift check reads both files; free the weights before it
-    rows = _report_rows(report)
+    rows = _report_rows(report, arguments.code, arguments.range_check)
     rows.append(("fault-free output drift", "skipped (--no-verify)" if arguments.no_verify
                  else _drift_text(arguments.input, arguments.output)))
     _print_table(rows)
@@ -149,10 +158,15 @@ def _comma_list(text: str) -> tuple[str, ...]:
     return tuple(item.strip() for item in text.split(",") if item.strip())
 
 
-def _report_rows(report: TransformReport) -> list[tuple[str, str]]:
+def _report_rows(report: TransformReport, code: str, range_check: bool) -> list[tuple[str, str]]:
     conversion = report.max_conversion_error
+    unchecked = len(report.tensors) - report.range_checked
+    ranges = "off" if not range_check else f"on ({report.range_checked} tensors" + (
+        f"; none for {unchecked} holding NaN or infinity)" if unchecked else ")")
     return [
         ("tensors protected", str(len(report.tensors))),
+        ("code", code),
+        ("range check", ranges),
         ("weights", f"{report.weights:,}"),
         ("stored bytes before", f"{report.bytes_before:,}"),
         ("stored bytes after", f"{report.bytes_after:,}"),
@@ -292,10 +306,11 @@ def run_inspect(arguments: argparse.Namespace) -> None:
     if not tensors:
         print("no protected tensors")
         return
-    header = ("tensor", "format", "word bits", "shape", "check", "output", "packed")
+    header = ("tensor", "format", "word bits", "code", "range max", "shape", "check", "output", "packed")
     rows = [
         (t.name if isinstance(t.name, str) and t.name.isprintable() else escape(t.name), t.format,
-         str(t.word_bits), _dims(t.shape), t.check, t.output_type, f"{t.packed_dtype} {_dims(t.packed_shape)}")
+         str(t.word_bits), t.code, "-" if t.range_max is None else f"{t.range_max:.9g}", _dims(t.shape), t.check,
+         t.output_type, f"{t.packed_dtype} {_dims(t.packed_shape)}")
         for t in tensors
     ]
     _print_table([header, *rows])

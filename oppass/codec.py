@@ -1,13 +1,17 @@
-"""Opportunistic-parity codec for weight tensors (pure numpy; see docs/FORMAT.md).
+"""Codec for weight tensors: opportunistic parity, SEC-DED and the range check (pure numpy; see docs/FORMAT.md).
 
 Internally a tensor of `n` weights is handled as its *codes* (the raw bits of each
 weight as a native unsigned integer of the format's width), zero-padded and reshaped
 to a `[n_words, N]` word matrix, `N` weights per word. The packed tensor is that
-matrix's little-endian byte stream viewed as `[n_words, L]` unsigned lanes.
+matrix's little-endian byte stream viewed as `[n_words, L]` unsigned lanes. SEC-DED
+works on whole words through per-bit masks over those lanes: its loops run over the
+code's check bits, never over weights.
 """
 
 from __future__ import annotations
 
+import functools
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -15,7 +19,20 @@ import numpy as np
 import numpy.typing as npt
 
 from oppass.errors import OppassError
-from oppass.formats import FLIP_STRATEGIES, FORMATS, LANE_BITS, WEIGHT_WORD, WORD_BITS, WeightFormat
+from oppass.formats import (
+    CODES,
+    FLIP_STRATEGIES,
+    FORMATS,
+    LANE_BITS,
+    PARITY,
+    SECDED,
+    WEIGHT_WORD,
+    WORD_BITS,
+    WeightFormat,
+    secded_check_bits,
+    secded_stolen_bits,
+    word_widths,
+)
 
 _INT8_LIMIT = 127
 
@@ -25,7 +42,8 @@ class Encoded:
     """Result of `encode`: the packed words, the weights they hold, and what the encoder changed.
 
     `changed` holds the flat (C-order) indices of the weights whose code the encoder changed,
-    ascending (parity: one per adjusted word), and `changed_values` their new values.
+    ascending (parity: one per adjusted word; SEC-DED: the weights its rounding changed), and
+    `changed_values` their new values.
     `changed_words` counts the words holding them. `adjusted` (every weight as a fault-free
     decode returns it) is None when `encode` was asked not to copy it out.
     """
@@ -37,6 +55,32 @@ class Encoded:
     changed_values: np.ndarray
 
 
+@dataclass(frozen=True)
+class Decoded:
+    """Result of `decode`: the weights and what the checks did.
+
+    `masked` marks (per word) the words the code zeroed (parity: odd; SEC-DED: even parity and
+    a nonzero syndrome), `corrected` the words in which SEC-DED flipped a bit back (odd parity;
+    never for parity), and `range_zeroed` counts the weights the range check zeroed (they are
+    not counted as masked).
+    """
+
+    weights: np.ndarray
+    masked: np.ndarray
+    corrected: np.ndarray
+    range_zeroed: int = 0
+
+    @property
+    def masked_words(self) -> int:
+        """Number of masked words."""
+        return int(np.count_nonzero(self.masked))
+
+    @property
+    def corrected_words(self) -> int:
+        """Number of corrected words."""
+        return int(np.count_nonzero(self.corrected))
+
+
 def format_of(dtype: npt.DTypeLike) -> str:
     """Name of the weight format whose dtype is `dtype`."""
     wanted = np.dtype(dtype).newbyteorder("=")
@@ -46,15 +90,22 @@ def format_of(dtype: npt.DTypeLike) -> str:
     raise OppassError(f"no weight format for dtype {np.dtype(dtype)}: expected one of {_format_list()}")
 
 
-def word_bits(fmt: str, word: str | int) -> int:
-    """Word width W in bits for `word` ("weight", an int or a numeric string) in format `fmt`."""
+def word_bits(fmt: str, word: str | int, code: str = PARITY) -> int:
+    """Word width W in bits for `word` ("weight", an int or a numeric string) in format `fmt`, one that
+    `code` supports there."""
     bits = _format(fmt).bits
-    if word == WEIGHT_WORD:
-        return bits
-    width = _parse_word(word)
-    if width != bits and (width not in WORD_BITS or width < bits):
-        sizes = ", ".join(str(size) for size in WORD_BITS if size >= bits)
+    _check_code(code)
+    width = bits if word == WEIGHT_WORD else _parse_word(word)
+    if width not in word_widths(fmt):
+        sizes = ", ".join(str(size) for size in word_widths(fmt) if size > bits)
         raise OppassError(f"invalid word size {word!r} for {fmt}: expected {WEIGHT_WORD!r} or one of {sizes}")
+    if width not in word_widths(fmt, code):
+        *others, last = map(str, word_widths(fmt, code))
+        raise OppassError(
+            f"{code} does not fit {fmt} in {width}-bit words: a weight would hold "
+            f"{max(secded_stolen_bits(fmt, width))} check bits, over {fmt}'s budget of "
+            f"{FORMATS[fmt].stolen_budget}; it fits {fmt} in {', '.join(others)} or {last}-bit words"
+        )
     return width
 
 
@@ -98,17 +149,31 @@ def pack(weights: np.ndarray, word_bits: int) -> np.ndarray:
 
 
 def encode(
-    weights: np.ndarray, word_bits: int, flip: str = "word-lsb", *, adjusted: bool = True, name: str = "tensor"
+    weights: np.ndarray,
+    word_bits: int,
+    flip: str | None = None,
+    *,
+    code: str = PARITY,
+    adjusted: bool = True,
+    name: str = "tensor",
 ) -> Encoded:
-    """Packs weights and makes every word's parity even by flipping one bit of one weight in each odd word.
+    """Packs weights into W-bit words protected by `code` (docs/FORMAT.md).
 
-    The bit and the weight follow docs/FORMAT.md ("Opportunistic parity"): a float zero's sign
-    bit when the word holds a zero, else the LSB of the weight `flip` chooses (never an
-    infinity; bit 1 of a NaN whose LSB flip would make it infinite), so every weight keeps its
-    class. A word of only infinite weights with odd parity is an error naming `name`.
+    Parity ("Opportunistic parity"): every odd word gets one bit of one weight flipped: a float
+    zero's sign bit when the word holds a zero, else the LSB of the weight `flip` chooses
+    (default word-lsb; never an infinity; bit 1 of a NaN whose LSB flip would make it
+    infinite), so every weight keeps its class. A word of only infinite weights with odd
+    parity is an error naming `name`. SEC-DED ("SEC-DED"): every weight is rounded so that its
+    stolen bits are 0, then each word's check bits are set; `flip` does not apply to it.
     With `adjusted=False` the adjusted weights are not copied out (`changed_values` has the
     new values of the changed ones), which saves a copy of the tensor.
     """
+    _check_code(code)
+    if code == SECDED:
+        if flip is not None:
+            raise OppassError(f"a flip strategy applies to parity only, not to {SECDED} (its rounding is fixed)")
+        return _encode_secded(weights, word_bits, adjusted=adjusted)
+    flip = FLIP_STRATEGIES[0] if flip is None else flip
     if flip not in FLIP_STRATEGIES:
         raise OppassError(f"unknown flip strategy {flip!r}: expected one of {', '.join(FLIP_STRATEGIES)}")
     fmt = format_of(weights.dtype)
@@ -155,18 +220,59 @@ def odd_words(packed: np.ndarray) -> np.ndarray:
     return (np.bitwise_count(folded) & 1).view(bool)
 
 
-def unpack(packed: np.ndarray, fmt: str, word_bits: int, shape: Sequence[int]) -> np.ndarray:
-    """Weights stored in a packed tensor, with no parity check."""
-    codes = _matrix_from_packed(packed, fmt, word_bits, shape).reshape(-1)
-    return _weights_from_codes(codes, fmt, shape)
+def unpack(packed: np.ndarray, fmt: str, word_bits: int, shape: Sequence[int], code: str = PARITY) -> np.ndarray:
+    """Weights stored in a packed tensor, with no check (SEC-DED: the stolen bits cleared)."""
+    matrix = _matrix_from_packed(packed, fmt, word_bits, shape, code)
+    if code == SECDED:
+        matrix &= _secded_layout(fmt, word_bits).keep
+    return _weights_from_codes(matrix.reshape(-1), fmt, shape)
 
 
-def decode(packed: np.ndarray, fmt: str, word_bits: int, shape: Sequence[int]) -> tuple[np.ndarray, int]:
-    """Weights stored in a packed tensor with every odd-parity word zeroed, and the number of such words."""
-    matrix = _matrix_from_packed(packed, fmt, word_bits, shape)
-    masked = odd_words(packed)
-    matrix[masked] = 0
-    return _weights_from_codes(matrix.reshape(-1), fmt, shape), int(np.count_nonzero(masked))
+def decode(
+    packed: np.ndarray,
+    fmt: str,
+    word_bits: int,
+    shape: Sequence[int],
+    *,
+    code: str = PARITY,
+    range_max: float | None = None,
+) -> Decoded:
+    """Weights stored in a packed tensor, checked by `code`, then by the range check when `range_max` is given.
+
+    Parity zeroes every odd word. SEC-DED flips back the bit a word's syndrome names when the
+    word's parity is odd, zeroes a word of even parity and nonzero syndrome, and clears the
+    stolen bits. The range check zeroes every weight w with not |w| <= range_max (as binary32).
+    """
+    matrix = _matrix_from_packed(packed, fmt, word_bits, shape, code)
+    lanes = np.ascontiguousarray(packed, dtype=storage_dtype(word_bits))
+    odd = odd_words(lanes)
+    corrected = np.zeros(odd.shape, dtype=bool)
+    if code == SECDED:
+        layout = _secded_layout(fmt, word_bits)
+        syndromes = _syndromes(lanes, layout.masks)
+        rows = np.flatnonzero(odd)
+        columns, bits = np.divmod(layout.position_of_index[syndromes[rows]], FORMATS[fmt].bits)
+        matrix[rows, columns] ^= np.left_shift(1, bits).astype(matrix.dtype)
+        masked = ~odd & (syndromes != 0)
+        matrix[masked] = 0
+        matrix &= layout.keep
+        corrected = odd
+    else:
+        masked = odd
+        matrix[masked] = 0
+    weights = _weights_from_codes(matrix.reshape(-1), fmt, shape)
+    zeroed = 0 if range_max is None else _range_check(weights, range_max)
+    return Decoded(weights, masked, corrected, zeroed)
+
+
+def max_magnitude(weights: np.ndarray) -> float | None:
+    """The largest |w| of weights in a format, as the range check compares it (binary32); None when a weight is
+    NaN or infinite (such a tensor gets no range check), 0.0 for an empty tensor."""
+    with np.errstate(invalid="ignore"):  # signalling NaNs
+        magnitude = np.abs(weights.astype(np.float32, copy=False).reshape(-1))
+    if not np.isfinite(magnitude).all():
+        return None
+    return float(magnitude.max(initial=0.0))
 
 
 def _format(fmt: str) -> WeightFormat:
@@ -177,6 +283,143 @@ def _format(fmt: str) -> WeightFormat:
 
 def _format_list() -> str:
     return ", ".join(FORMATS)
+
+
+def _check_code(code: str) -> None:
+    if code not in CODES:
+        raise OppassError(f"unknown code {code!r}: expected one of {', '.join(CODES)}")
+
+
+def _check_range_max(range_max: float) -> np.float32:
+    """The bound as binary32, refused unless finite and >= 0."""
+    bound = float(range_max)
+    if not (math.isfinite(bound) and bound >= 0):
+        raise OppassError(f"range_max must be a finite number >= 0, got {range_max!r}")
+    return np.float32(bound)
+
+
+def _range_check(weights: np.ndarray, range_max: float) -> int:
+    """Zeroes (all bits 0), in place, every weight w with not |w| <= range_max; returns how many."""
+    bound = _check_range_max(range_max)
+    flat = weights.reshape(-1)
+    with np.errstate(invalid="ignore"):  # signalling NaNs
+        outside = ~(np.abs(flat.astype(np.float32, copy=False)) <= bound)
+    flat.view(f"u{flat.dtype.itemsize}")[outside] = 0
+    return int(np.count_nonzero(outside))
+
+
+@dataclass(frozen=True)
+class _SecdedLayout:
+    """Where a format's W-bit word holds its SEC-DED check bits, and the masks the syndrome is computed with.
+
+    `stolen`: check bits per weight column; `checks`: the check positions ascending (p_0 first);
+    `position_of_index`: word bit position of each Hamming index 0 .. W-1; `masks`: [r-1, L]
+    lanes, row i the positions whose index has bit i set; `keep`: per column, the code mask
+    with its stolen bits 0.
+    """
+
+    stolen: np.ndarray
+    checks: tuple[int, ...]
+    position_of_index: np.ndarray
+    masks: np.ndarray
+    keep: np.ndarray
+
+
+@functools.cache
+def _secded_layout(fmt: str, width: int) -> _SecdedLayout:
+    """The layout of docs/FORMAT.md ("SEC-DED") for a supported (format, W)."""
+    bits = FORMATS[fmt].bits
+    code_dtype = FORMATS[fmt].code_dtype
+    per_word = width // bits
+    checks = tuple(sorted((j % per_word) * bits + j // per_word for j in range(secded_check_bits(width))))
+    is_check = np.zeros(width, dtype=bool)
+    is_check[list(checks)] = True
+    data_indices = np.arange(3, width)
+    data_indices = data_indices[(data_indices & (data_indices - 1)) != 0]
+    index_of_position = np.zeros(width, dtype=np.int64)
+    index_of_position[list(checks[1:])] = 1 << np.arange(len(checks) - 1)
+    index_of_position[~is_check] = data_indices
+    position_of_index = np.empty(width, dtype=np.int64)
+    position_of_index[index_of_position] = np.arange(width)
+    selected = (index_of_position[None, :] >> np.arange(len(checks) - 1)[:, None]) & 1
+    masks = np.packbits(selected.astype(np.uint8), axis=1, bitorder="little")
+    masks = masks.view(storage_dtype(width)).astype(storage_dtype(width).newbyteorder("="))
+    stolen = np.array(secded_stolen_bits(fmt, width), dtype=code_dtype)
+    keep = ~((np.ones(per_word, dtype=code_dtype) << stolen) - 1)
+    return _SecdedLayout(stolen, checks, position_of_index, masks, keep)
+
+
+def _syndromes(lanes: np.ndarray, masks: np.ndarray) -> np.ndarray:
+    """Per word of [n_words, L] lanes: the XOR of the Hamming indices of its set bits (one pass per index bit)."""
+    syndromes = np.zeros(lanes.shape[0], dtype=np.int64)
+    for index_bit, mask in enumerate(masks):
+        selected = lanes & mask
+        folded = selected[:, 0] if lanes.shape[1] == 1 else np.bitwise_xor.reduce(selected, axis=1)
+        syndromes |= (np.bitwise_count(folded) & 1).astype(np.int64) << index_bit
+    return syndromes
+
+
+def _encode_secded(weights: np.ndarray, width: int, *, adjusted: bool) -> Encoded:
+    """Rounds the weights so that their stolen bits are 0, packs them, and sets each word's check bits."""
+    fmt = format_of(weights.dtype)
+    word_bits(fmt, width, SECDED)
+    layout = _secded_layout(fmt, width)
+    codes = _codes(weights, fmt)
+    source = _word_matrix(codes, width // FORMATS[fmt].bits)
+    matrix = _rounded(source, fmt, layout.stolen)
+    changed_matrix = matrix != source
+    del source
+    changed = np.flatnonzero(changed_matrix.reshape(-1)[: codes.size])
+    changed_words = int(np.count_nonzero(changed_matrix.any(axis=1)))
+    del changed_matrix
+    weight_dtype = FORMATS[fmt].dtype
+    changed_values = matrix.reshape(-1)[changed].view(weight_dtype)
+    adjusted_weights = matrix.reshape(-1)[: codes.size].copy().view(weight_dtype).reshape(weights.shape) \
+        if adjusted else None
+    bits = FORMATS[fmt].bits
+    syndromes = _syndromes(_packed_from_matrix(matrix, width), layout.masks)
+    for index_bit, position in enumerate(layout.checks[1:]):
+        column, bit = divmod(position, bits)
+        matrix[:, column] |= ((syndromes >> index_bit) & 1).astype(matrix.dtype) << matrix.dtype.type(bit)
+    column, bit = divmod(layout.checks[0], bits)
+    matrix[:, column] |= odd_words(_packed_from_matrix(matrix, width)).astype(matrix.dtype) << matrix.dtype.type(bit)
+    return Encoded(_packed_from_matrix(matrix, width), adjusted_weights, changed_words, changed, changed_values)
+
+
+def _rounded(matrix: np.ndarray, fmt: str, stolen: np.ndarray) -> np.ndarray:
+    """A code matrix with each column's `stolen` low bits 0, each weight rounded per docs/FORMAT.md."""
+    if not FORMATS[fmt].is_float:
+        return _rounded_integers(matrix, fmt, stolen)
+    one = matrix.dtype.type(1)
+    sign = matrix & (one << matrix.dtype.type(FORMATS[fmt].bits - 1))
+    magnitude = matrix ^ sign
+    step = one << stolen
+    down = magnitude & ~(step - one)
+    rest = magnitude - down
+    half = step >> one
+    odd_quotient = ((down >> stolen) & one) == one
+    round_up = (stolen > 0) & ((rest > half) | ((rest == half) & odd_quotient))
+    up = down + step  # only used where below infinity: no overflow there
+    infinity = matrix.dtype.type(_infinity(fmt))
+    rounded = np.where(round_up & (up < infinity), up, down)
+    mantissa_mask = matrix.dtype.type((1 << FORMATS[fmt].mantissa_bits) - 1)
+    top_mantissa = matrix.dtype.type(1 << (FORMATS[fmt].mantissa_bits - 1))
+    nan = magnitude > infinity
+    rounded[nan] = np.where((down & mantissa_mask) == 0, down | top_mantissa, down)[nan]
+    return rounded | sign
+
+
+def _rounded_integers(matrix: np.ndarray, fmt: str, stolen: np.ndarray) -> np.ndarray:
+    """Integer codes rounded to the nearest multiple of 2**stolen, ties toward zero, clamped to the range."""
+    limits = np.iinfo(FORMATS[fmt].dtype)
+    values = matrix.view(FORMATS[fmt].dtype).astype(np.int16)
+    shift = stolen.astype(np.int16)
+    step = np.int16(1) << shift
+    down = (values >> shift) << shift
+    rest = values - down
+    round_up = (2 * rest > step) | ((2 * rest == step) & (values < 0))
+    rounded = np.minimum(down + step * round_up, (np.int16(limits.max) >> shift) << shift)
+    return rounded.astype(FORMATS[fmt].dtype).view(matrix.dtype)
 
 
 def _parse_word(word: str | int) -> int:
@@ -309,8 +552,11 @@ def _packed_from_matrix(matrix: np.ndarray, width: int) -> np.ndarray:
     return lanes.reshape(matrix.shape[0], max(1, width // 64))
 
 
-def _matrix_from_packed(packed: np.ndarray, fmt: str, width: int, shape: Sequence[int]) -> np.ndarray:
-    """A fresh native [n_words, N] code matrix read from a validated packed tensor."""
+def _matrix_from_packed(
+    packed: np.ndarray, fmt: str, width: int, shape: Sequence[int], code: str = PARITY
+) -> np.ndarray:
+    """A fresh native [n_words, N] code matrix read from a validated packed tensor (W checked for `code`)."""
+    word_bits(fmt, width, code)
     n_weights = element_count(shape)
     expected_shape = packed_shape(n_weights, fmt, width)
     expected_dtype = storage_dtype(width)

@@ -1,4 +1,4 @@
-"""The weight formats, word sizes and flip strategies of docs/FORMAT.md: one table each (numpy + ml_dtypes only).
+"""The weight formats, word sizes, codes and flip strategies of docs/FORMAT.md: one table each (numpy + ml_dtypes only).
 
 Every fact about a format that numpy or ml_dtypes know (width, float fields) is read from them,
 not restated: `WeightFormat` holds only a name, a dtype and what the format may decode to.
@@ -10,6 +10,9 @@ from dataclasses import dataclass
 
 import ml_dtypes
 import numpy as np
+
+# SEC-DED check bits an integer weight may hold (floats: half their mantissa bits).
+INTEGER_STOLEN_BUDGET = 3
 
 
 @dataclass(frozen=True)
@@ -45,6 +48,11 @@ class WeightFormat:
     def mantissa_bits(self) -> int:
         """Width of the stored mantissa field, without the implicit bit (floats only)."""
         return int(self._float_info().nmant)
+
+    @property
+    def stolen_budget(self) -> int:
+        """The most SEC-DED check bits one weight may hold: floor(mantissa bits / 2) for floats, 3 for integers."""
+        return self.mantissa_bits // 2 if self.is_float else INTEGER_STOLEN_BUDGET
 
     @property
     def smallest_normal(self) -> float:
@@ -92,3 +100,31 @@ WORD_SIZES: tuple[str | int, ...] = (WEIGHT_WORD, *WORD_BITS)
 LANE_BITS = 64
 
 FLIP_STRATEGIES = ("word-lsb", "largest", "min-error")
+
+# Codes: opportunistic parity (detects odd flip counts) and SEC-DED (corrects one flip, detects two) per word.
+PARITY = "parity"
+SECDED = "secded"
+CODES = (PARITY, SECDED)
+
+
+def word_widths(fmt: str, code: str = PARITY) -> tuple[int, ...]:
+    """Every word width W (bits) that `code` supports for format `fmt`, ascending: W = b or a WORD_BITS size
+    above b; SEC-DED only where no weight holds more check bits than the format's stolen-bit budget."""
+    weight_format = FORMATS[fmt]
+    widths = (weight_format.bits, *(width for width in WORD_BITS if width > weight_format.bits))
+    if code == SECDED:
+        return tuple(width for width in widths if max(secded_stolen_bits(fmt, width)) <= weight_format.stolen_budget)
+    return widths
+
+
+def secded_check_bits(word_bits: int) -> int:
+    """r, the number of SEC-DED check bits of a W-bit word: 2**(r - 1) = W."""
+    return word_bits.bit_length()
+
+
+def secded_stolen_bits(fmt: str, word_bits: int) -> tuple[int, ...]:
+    """Per weight of a W-bit word: how many of its lowest bits hold check bits (check bit j is bit j div k of
+    weight j mod k, k weights per word)."""
+    per_word = word_bits // FORMATS[fmt].bits
+    checks = secded_check_bits(word_bits)
+    return tuple(len(range(weight, checks, per_word)) for weight in range(per_word))

@@ -1,4 +1,5 @@
-"""The ONNX graph pass: packs Conv/Gemm weights into OP-protected words behind ParityCheckUnpack nodes.
+"""The ONNX graph pass: packs Conv/Gemm weights into protected words (parity or SEC-DED, optionally range-checked)
+behind ParityCheckUnpack nodes.
 
 For every protected weight the pass
 
@@ -14,7 +15,9 @@ For every protected weight the pass
 All decode nodes go at the front of the main graph: their only inputs are initializers,
 so the node list stays topologically sorted, and weights of If/Loop subgraphs become
 outer-scope values of those subgraphs. One masked-word counter per decode can be summed
-into the graph output `oppass_masked_words`.
+into the graph output `oppass_masked_words`, and with SEC-DED one corrected-word counter
+per decode into `oppass_corrected_words`. With the range check each decode node stores its
+weight's fault-free maximum |w| (`range_max`); a weight holding a NaN or an infinity gets none.
 
 Weights the pass leaves alone, with a warning: initializers that are also graph inputs
 (the user may feed them), names defined in several graph scopes, tensors whose dtype has
@@ -43,10 +46,12 @@ from onnx import TensorProto, helper, numpy_helper
 
 from oppass import codec, edit, modelio, tensorio
 from oppass.errors import OppassError
-from oppass.formats import FLIP_STRATEGIES, FORMATS
+from oppass.formats import CODES, FLIP_STRATEGIES, FORMATS, PARITY, SECDED
 from oppass.reports import TensorReport, TransformReport
 from oppass.schema import (
     CHECK_MODES,
+    CORRECTED_WORDS_OUTPUT,
+    CORRECTED_WORDS_SUM,
     DOMAIN,
     DOMAIN_VERSION,
     FORMAT_OF_ONNX_TYPE,
@@ -78,10 +83,17 @@ RUNTIME_OPS = {
 class _Options:
     format: str
     word: str | int
-    flip: str
+    flip: str | None
     ops: tuple[str, ...]
     check: str
     report_faults: bool
+    code: str
+    range_check: bool
+
+    @property
+    def counts_corrections(self) -> bool:
+        """Whether the decode nodes report corrected words (SEC-DED with --report-faults)."""
+        return self.report_faults and self.code == SECDED
 
 
 @dataclass
@@ -112,11 +124,13 @@ def transform(
     *,
     format: str = KEEP_FORMAT,
     word: str | int = "64",
-    flip: str = "word-lsb",
+    flip: str | None = None,
     ops: Sequence[str] = ("Conv", "Gemm"),
     check: str = "runtime",
     report_faults: bool = False,
     inplace: bool = False,
+    code: str = PARITY,
+    range_check: bool = False,
 ) -> onnx.ModelProto:
     """A protected copy of `model` (see the module docstring); the input is not modified unless asked.
 
@@ -127,10 +141,14 @@ def transform(
     protected in place, its weights still in the files (read with `defer=True`) read one at
     a time: save it with `modelio.save_model(..., source=it)`. After an error, a model
     protected in place may be left half protected.
+
+    `code` is `parity` (opportunistic parity; `flip` chooses the weight, default word-lsb) or
+    `secded` (SEC-DED inside each word; `flip` must be None). `range_check` adds the range
+    check to every decode node.
     """
     protected, _ = transform_with_report(
         model, format=format, word=word, flip=flip, ops=ops, check=check, report_faults=report_faults,
-        inplace=inplace,
+        inplace=inplace, code=code, range_check=range_check,
     )
     return protected
 
@@ -140,14 +158,16 @@ def transform_with_report(
     *,
     format: str = KEEP_FORMAT,
     word: str | int = "64",
-    flip: str = "word-lsb",
+    flip: str | None = None,
     ops: Sequence[str] = ("Conv", "Gemm"),
     check: str = "runtime",
     report_faults: bool = False,
     inplace: bool = False,
+    code: str = PARITY,
+    range_check: bool = False,
 ) -> tuple[onnx.ModelProto, TransformReport]:
     """Like `transform`, also returning what was done to each weight."""
-    options = _validated_options(format, word, flip, ops, check, report_faults)
+    options = _validated_options(format, word, flip, ops, check, report_faults, code, range_check)
     source: modelio.ModelFile | modelio.LazyCopy | None  # where weights not in the tensors are read
     if isinstance(model, onnx.ModelProto):
         source = None if inplace else modelio.lazy_copy(model)  # the weights the pass replaces are never copied
@@ -185,11 +205,16 @@ def packed_name(weight: str) -> str:
 
 
 def _validated_options(
-    fmt: str, word: str | int, flip: str, ops: Sequence[str], check: str, report_faults: bool
+    fmt: str, word: str | int, flip: str | None, ops: Sequence[str], check: str, report_faults: bool, code: str,
+    range_check: bool,
 ) -> _Options:
     if fmt not in FORMAT_CHOICES:
         raise OppassError(f"unknown format {fmt!r}: expected one of {', '.join(FORMAT_CHOICES)}")
-    if flip not in FLIP_STRATEGIES:
+    if code not in CODES:
+        raise OppassError(f"unknown code {code!r}: expected one of {', '.join(CODES)}")
+    if code == SECDED and flip is not None:
+        raise OppassError(f"a flip strategy applies to code {PARITY} only: drop --flip {flip} with --code {SECDED}")
+    if flip is not None and flip not in FLIP_STRATEGIES:
         raise OppassError(f"unknown flip strategy {flip!r}: expected one of {', '.join(FLIP_STRATEGIES)}")
     if check not in CHECK_MODES:
         raise OppassError(f"unknown check mode {check!r}: expected one of {', '.join(CHECK_MODES)}")
@@ -199,7 +224,7 @@ def _validated_options(
         raise OppassError(f"cannot protect op types {unknown or '(none)'}: expected some of {', '.join(WEIGHT_INPUT)}")
     narrowest = min(FORMATS, key=lambda name: FORMATS[name].bits)
     codec.word_bits(narrowest, word)  # rejects sizes no format allows; per-format limits are checked per weight
-    return _Options(fmt, word, flip, op_types, check, report_faults)
+    return _Options(fmt, word, flip, op_types, check, report_faults, code, range_check)
 
 
 # ----------------------------------------------------------------------------- finding weights
@@ -371,17 +396,19 @@ def _protect(site: _Site, options: _Options, source: modelio.ModelFile | modelio
     target = source_format if options.format == KEEP_FORMAT else options.format
     axis = next(iter(site.axes))
     stored, scales = codec.to_format(original, target, name=site.name, axis=axis)
-    width = codec.word_bits(target, options.word)
-    if options.check == "none":
+    width = codec.word_bits(target, options.word, options.code)
+    if options.check == "none" and options.code == PARITY:  # SEC-DED keeps its rounding: the same fault-free decode
         packed, changed_words = codec.pack(stored, width), 0
         changed, changed_values = np.zeros(0, dtype=np.intp), stored.reshape(-1)[:0]
     else:
-        encoded = codec.encode(stored, width, options.flip, adjusted=False, name=site.name)
+        encoded = codec.encode(stored, width, options.flip, code=options.code, adjusted=False, name=site.name)
         packed, changed_words = encoded.packed, encoded.changed_words
         changed, changed_values = encoded.changed, encoded.changed_values
+    range_max = _fault_free_max(stored, changed, changed_values) if options.range_check else None
     decode_output = _decode_output(site, options)
     output_type = ONNX_TYPES[target] if scales is not None else site.tensor.data_type  # bf16/fp16 of fp32: FLOAT
     masked_output = _masked_output(site, options)
+    corrected_output = _corrected_name(site) if options.counts_corrections else None
     decode = make_decode_node(DecodeNode(
         name=f"{site.name}::op_decode",
         packed=packed_name(site.name),
@@ -392,11 +419,15 @@ def _protect(site: _Site, options: _Options, source: modelio.ModelFile | modelio
         shape=tuple(stored.shape),
         check=options.check,
         output_type=output_type,
+        code=options.code,
+        range_max=range_max,
+        corrected_output=corrected_output,
     ))
     nodes, initializers = [decode], []
     value_info = [helper.make_tensor_value_info(decode_output, output_type, list(stored.shape))]
-    if masked_output:
-        value_info.append(helper.make_tensor_value_info(masked_output, TensorProto.INT64, []))
+    for count in (masked_output, corrected_output):
+        if count:
+            value_info.append(helper.make_tensor_value_info(count, TensorProto.INT64, []))
     if scales is not None:
         dequantize, quantization = _dequantize(site, decode_output, scales, axis)
         nodes.append(dequantize)
@@ -408,6 +439,8 @@ def _protect(site: _Site, options: _Options, source: modelio.ModelFile | modelio
         source_format=source_format,
         stored_format=target,
         word_bits=width,
+        code=options.code,
+        range_max=range_max,
         weights=int(stored.size),
         bytes_before=int(original.nbytes),
         bytes_after=int(bytes_after),
@@ -451,11 +484,25 @@ def _masked_name(site: _Site) -> str:
     return f"{site.name}::op_masked"
 
 
+def _corrected_name(site: _Site) -> str:
+    return f"{site.name}::op_corrected"
+
+
+def _fault_free_max(stored: np.ndarray, changed: np.ndarray, changed_values: np.ndarray) -> float | None:
+    """The largest |w| a fault-free decode outputs (the stored weights with the encoder's changes); None when a
+    weight is NaN or infinite."""
+    decoded = stored.reshape(-1).copy()
+    decoded[changed] = changed_values
+    return codec.max_magnitude(decoded)
+
+
 def _new_names(site: _Site, options: _Options) -> set[str]:
     """Names of the values and initializers the pass adds for `site` (the weight's own name aside)."""
     names = {packed_name(site.name), _decode_output(site, options)}
     if options.report_faults:
         names.add(_masked_name(site))
+    if options.counts_corrections:
+        names.add(_corrected_name(site))
     if _decode_output(site, options) != site.name:
         names.update({f"{site.name}::op_scale", f"{site.name}::op_zero_point"})
     return names - {site.name}
@@ -536,7 +583,9 @@ def _replace_sites(
     """
     graph = model.graph
     masked_outputs = [_masked_name(site) for site in sites if options.report_faults]
-    tail = _masked_words_sum(masked_outputs) if options.report_faults else []
+    tail = _count_sum(masked_outputs, MASKED_WORDS_OUTPUT, MASKED_WORDS_SUM) if options.report_faults else []
+    if options.counts_corrections:
+        tail += _count_sum([_corrected_name(site) for site in sites], CORRECTED_WORDS_OUTPUT, CORRECTED_WORDS_SUM)
     new_names = {name for site in sites for name in _new_names(site, options)}
     new_names.update(output for node in tail for output in node.output)
     _reject_taken_names(model, new_names - {site.name for site in sites})
@@ -559,6 +608,8 @@ def _replace_sites(
     graph.value_info.extend(value_info)
     if options.report_faults:
         graph.output.append(helper.make_tensor_value_info(MASKED_WORDS_OUTPUT, TensorProto.INT64, []))
+    if options.counts_corrections:
+        graph.output.append(helper.make_tensor_value_info(CORRECTED_WORDS_OUTPUT, TensorProto.INT64, []))
     _import_domain(model)
     return reports
 
@@ -608,22 +659,19 @@ def _remove_value_info_everywhere(model: onnx.ModelProto, names: set[str]) -> No
         edit.remove_value_info(graph, names)
 
 
-def _masked_words_sum(masked_outputs: list[str]) -> list[onnx.NodeProto]:
-    """Nodes adding the decode nodes' masked-word counts (int64) into MASKED_WORDS_OUTPUT."""
-    if not masked_outputs:
+def _count_sum(counts: list[str], total: str, prefix: str) -> list[onnx.NodeProto]:
+    """Nodes adding the decode nodes' int64 counts `counts` into the value `total`, named with `prefix`."""
+    if not counts:
         zero = numpy_helper.from_array(np.array(0, dtype=np.int64))
-        return [helper.make_node("Constant", [], [MASKED_WORDS_OUTPUT], name=f"{MASKED_WORDS_SUM}sum",
-                                 value=zero)]
-    if len(masked_outputs) == 1:
-        return [helper.make_node("Identity", masked_outputs, [MASKED_WORDS_OUTPUT],
-                                 name=f"{MASKED_WORDS_SUM}sum")]
+        return [helper.make_node("Constant", [], [total], name=f"{prefix}sum", value=zero)]
+    if len(counts) == 1:
+        return [helper.make_node("Identity", counts, [total], name=f"{prefix}sum")]
     nodes = []
-    running = masked_outputs[0]
-    for index, term in enumerate(masked_outputs[1:], start=1):
-        last = index == len(masked_outputs) - 1
-        total = MASKED_WORDS_OUTPUT if last else f"{MASKED_WORDS_SUM}partial_{index}"
-        nodes.append(helper.make_node("Add", [running, term], [total], name=f"{MASKED_WORDS_SUM}sum_{index}"))
-        running = total
+    running = counts[0]
+    for index, term in enumerate(counts[1:], start=1):
+        partial = total if index == len(counts) - 1 else f"{prefix}partial_{index}"
+        nodes.append(helper.make_node("Add", [running, term], [partial], name=f"{prefix}sum_{index}"))
+        running = partial
     return nodes
 
 

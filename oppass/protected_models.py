@@ -16,7 +16,15 @@ from onnx import TensorProto, helper
 from oppass import codec, edit, faults, modelio, tensorio
 from oppass.errors import OppassError
 from oppass.reports import ProtectedTensor
-from oppass.schema import DOMAIN, MASKED_WORDS_OUTPUT, MASKED_WORDS_SUM, DecodeNode, read_decode_nodes
+from oppass.schema import (
+    CORRECTED_WORDS_OUTPUT,
+    CORRECTED_WORDS_SUM,
+    DOMAIN,
+    MASKED_WORDS_OUTPUT,
+    MASKED_WORDS_SUM,
+    DecodeNode,
+    read_decode_nodes,
+)
 
 
 def inspect(model: onnx.ModelProto | str | os.PathLike) -> list[ProtectedTensor]:
@@ -27,7 +35,8 @@ def inspect(model: onnx.ModelProto | str | os.PathLike) -> list[ProtectedTensor]
 
 
 def strip(model: onnx.ModelProto | str | os.PathLike) -> onnx.ModelProto:
-    """A plain copy of a protected model: decoded (unchecked) weights back as initializers."""
+    """A plain copy of a protected model: decoded (unchecked) weights back as initializers (SEC-DED: with their
+    stolen bits cleared, as a fault-free decode gives them)."""
     result = _working_copy(model)
     decodes = read_decode_nodes(result)
     if not decodes:
@@ -35,12 +44,13 @@ def strip(model: onnx.ModelProto | str | os.PathLike) -> onnx.ModelProto:
     graph = result.graph
     initializers = _initializers(result)
     decoded = [_decoded_initializer(decode, initializers[decode.packed]) for decode in decodes]
-    masked_outputs = {decode.masked_output for decode in decodes if decode.masked_output is not None}
-    _remove_masked_words_sum(graph, masked_outputs)
+    counts = {name for decode in decodes for name in (decode.masked_output, decode.corrected_output) if name}
+    _remove_count_sum(graph, MASKED_WORDS_OUTPUT, MASKED_WORDS_SUM)
+    _remove_count_sum(graph, CORRECTED_WORDS_OUTPUT, CORRECTED_WORDS_SUM)
     edit.remove_nodes(graph, lambda node: node.domain == DOMAIN)
     edit.remove_initializers(graph, {decode.packed for decode in decodes})
     graph.initializer.extend(decoded)
-    edit.remove_value_info(graph, masked_outputs)
+    edit.remove_value_info(graph, counts)
     for index in reversed(range(len(result.opset_import))):
         if result.opset_import[index].domain == DOMAIN:
             del result.opset_import[index]
@@ -81,24 +91,25 @@ def _describe(decode: DecodeNode, packed: TensorProto) -> ProtectedTensor:
         shape=decode.shape,
         check=decode.check,
         output_type=TensorProto.DataType.Name(decode.output_type),
+        code=decode.code,
+        range_max=decode.range_max,
         packed_dtype=str(helper.tensor_dtype_to_np_dtype(packed.data_type)),
         packed_shape=tuple(packed.dims),
     )
 
 
 def _decoded_initializer(decode: DecodeNode, packed: TensorProto) -> TensorProto:
-    """The weights a decode node holds, unpacked without a parity check, in its output type."""
+    """The weights a decode node holds, unpacked without a check, in its output type."""
     words = tensorio.to_array(packed, "packed tensor")
-    weights = codec.unpack(words, decode.format, decode.word_bits, decode.shape)
+    weights = codec.unpack(words, decode.format, decode.word_bits, decode.shape, decode.code)
     output_dtype = helper.tensor_dtype_to_np_dtype(decode.output_type)
     return edit.named_array(weights.astype(output_dtype, copy=False), decode.output)
 
 
-def _remove_masked_words_sum(graph: onnx.GraphProto, masked_outputs: set[str]) -> None:
-    """Undoes the pass's sum of the masked-word counts: its nodes, partial sums and graph output."""
-    edit.remove_nodes(graph, lambda node: edit.has_prefix(node.name, MASKED_WORDS_SUM))
+def _remove_count_sum(graph: onnx.GraphProto, total: str, prefix: str) -> None:
+    """Undoes the pass's sum of a count (masked or corrected words): its nodes, partial sums and graph output."""
+    edit.remove_nodes(graph, lambda node: edit.has_prefix(node.name, prefix))
     for index in reversed(range(len(graph.output))):
-        if graph.output[index].name == MASKED_WORDS_OUTPUT:
+        if graph.output[index].name == total:
             del graph.output[index]
-    partials = {info.name for info in graph.value_info if edit.has_prefix(info.name, MASKED_WORDS_SUM)}
-    edit.remove_value_info(graph, partials | masked_outputs)
+    edit.remove_value_info(graph, {info.name for info in graph.value_info if edit.has_prefix(info.name, prefix)})

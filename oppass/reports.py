@@ -17,13 +17,17 @@ class TensorReport:
     max |converted - original| / max |original| over the finite weights, the rounding or
     quantization error in units of the tensor's largest weight magnitude. Subnormal weights
     are counted in the source tensor (`subnormals_before`) and in the decoded weights as the
-    consumers read them, in the decode's output type (`subnormals_after`).
+    consumers read them, in the decode's output type (`subnormals_after`). `code` is the code
+    protecting the words; `range_max` the range check's bound (None: no range check, or the
+    tensor holds a NaN or an infinity).
     """
 
     name: str
     source_format: str
     stored_format: str
     word_bits: int
+    code: str
+    range_max: float | None
     weights: int
     bytes_before: int
     bytes_after: int
@@ -57,8 +61,13 @@ class TransformReport:
         return self._total("bytes_after")
 
     @property
+    def range_checked(self) -> int:
+        """Tensors with a range check."""
+        return sum(1 for tensor in self.tensors if tensor.range_max is not None)
+
+    @property
     def changed_words(self) -> int:
-        """Words in which the encoding changed a weight (parity: a bit flip)."""
+        """Words in which the encoding changed a weight (parity: a bit flip; SEC-DED: rounding)."""
         return self._total("changed_words")
 
     @property
@@ -101,5 +110,7 @@ class ProtectedTensor:
     shape: tuple[int, ...]
     check: str
     output_type: str
+    code: str
+    range_max: float | None
     packed_dtype: str
     packed_shape: tuple[int, ...]

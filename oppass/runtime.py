@@ -52,7 +52,8 @@ def load_session(
     """An onnxruntime session for a (protected or plain) model.
 
     With `fold_load_checks`, decode nodes in `check=load` mode are run once here by the
-    C kernel, which checks parity and masks corrupted words, and their results replace
+    C kernel, which checks the words (parity or SEC-DED, and the range check), masks corrupted
+    words and corrects single flips (SEC-DED), and their results replace
     them as constant initializers: the consumers then get onnxruntime's weight
     prepacking exactly as in the unprotected model. Runtime-mode nodes are left alone.
     `threads` and `config` are as in `session_options`.
@@ -114,6 +115,10 @@ def _fold_decode_nodes(proto: onnx.ModelProto, decodes: list[DecodeNode], thread
     masked = sum(int(decoded[decode.masked_output]) for _, decode in folding if decode.masked_output is not None)
     if masked:
         warnings.warn(f"oppass: {masked} corrupted weight words were masked at load", stacklevel=3)
+    corrected = sum(int(decoded[decode.corrected_output]) for _, decode in folding
+                    if decode.corrected_output is not None)
+    if corrected:
+        warnings.warn(f"oppass: {corrected} weight words with a flipped bit were corrected at load", stacklevel=3)
 
     folded = onnx.ModelProto()
     folded.CopyFrom(proto)

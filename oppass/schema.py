@@ -17,7 +17,7 @@ from onnx import AttributeProto, TensorProto, helper
 
 from oppass import codec, modelio
 from oppass.errors import OppassError
-from oppass.formats import FORMATS, WORD_BITS, WeightFormat
+from oppass.formats import CODES, FORMATS, PARITY, SECDED, WeightFormat, word_widths
 
 DOMAIN = "ai.oppass"
 OP_TYPE = "ParityCheckUnpack"
@@ -27,13 +27,21 @@ CHECK_MODES = ("runtime", "load", "none")
 MASKED_WORDS_OUTPUT = "oppass_masked_words"
 # Prefix of the names of the nodes and partial sums that compute it.
 MASKED_WORDS_SUM = f"{MASKED_WORDS_OUTPUT}::op_"
-# The attributes of a decode node, each with the one AttributeProto type it may have.
+# The graph output summing the SEC-DED decode nodes' corrected-word counts, and its nodes' prefix.
+CORRECTED_WORDS_OUTPUT = "oppass_corrected_words"
+CORRECTED_WORDS_SUM = f"{CORRECTED_WORDS_OUTPUT}::op_"
+# The attributes every decode node has, each with the one AttributeProto type it may have.
 ATTRIBUTE_TYPES: dict[str, int] = {
     "format": AttributeProto.STRING,
     "word_bits": AttributeProto.INT,
     "shape": AttributeProto.INTS,
     "check": AttributeProto.STRING,
     "output_type": AttributeProto.INT,
+}
+# The optional attributes (absent: code parity, no range check), with their types.
+OPTIONAL_ATTRIBUTE_TYPES: dict[str, int] = {
+    "code": AttributeProto.STRING,
+    "range_max": AttributeProto.FLOAT,
 }
 # prod(shape) stays below this, so that every bit and byte count of the tensor fits an int64.
 WEIGHT_LIMIT = 2**58
@@ -58,8 +66,10 @@ _ESCAPED = tuple("\\\\" if byte == 0x5C else chr(byte) if 0x20 <= byte <= 0x7E e
 class DecodeNode:
     """A valid ParityCheckUnpack node: its name, input, outputs and attributes.
 
-    `masked_output` is None when the node has no second output (or an empty one). A name read
-    from a model is bytes when it is not UTF-8 (protobuf gives it so); `make_decode_node` takes str.
+    `masked_output` is None when the node has no second output (or an empty one), and
+    `corrected_output` when it has no third (SEC-DED only). `range_max` is None when the node
+    has no range check. A name read from a model is bytes when it is not UTF-8 (protobuf
+    gives it so); `make_decode_node` takes str.
     """
 
     name: str
@@ -71,6 +81,9 @@ class DecodeNode:
     shape: tuple[int, ...]
     check: str
     output_type: int
+    code: str = PARITY
+    range_max: float | None = None
+    corrected_output: str | None = None
 
     @property
     def weight_format(self) -> WeightFormat:
@@ -113,13 +126,21 @@ def is_decode_node(node: onnx.NodeProto) -> bool:
 def make_decode_node(decode: DecodeNode) -> onnx.NodeProto:
     """The NodeProto of a decode node; refuses attribute values `read_decode_node` would refuse."""
     _check_values(decode.name, decode.format.encode(), decode.word_bits, decode.shape, decode.check.encode(),
-                  decode.output_type)
-    outputs = [decode.output] if decode.masked_output is None else [decode.output, decode.masked_output]
+                  decode.output_type, decode.code.encode(), decode.range_max)
+    if decode.corrected_output is not None and decode.code != SECDED:
+        raise _invalid(decode.name, f"has a corrected-words output, which only code {SECDED} has")
+    outputs = [decode.output, decode.masked_output or "", decode.corrected_output or ""]
+    while not outputs[-1]:
+        outputs.pop()
     node = helper.make_node(OP_TYPE, [decode.packed], outputs, name=decode.name, domain=DOMAIN)
-    values = {"format": decode.format, "word_bits": decode.word_bits, "shape": list(decode.shape),
-              "check": decode.check, "output_type": decode.output_type}
-    node.attribute.extend(helper.make_attribute(name, values[name], attr_type=ATTRIBUTE_TYPES[name])
-                          for name in sorted(ATTRIBUTE_TYPES))
+    values: dict[str, object] = {"format": decode.format, "word_bits": decode.word_bits, "shape": list(decode.shape),
+                                 "check": decode.check, "output_type": decode.output_type}
+    if decode.code != PARITY:  # absent means parity: parity nodes stay as they were before codes existed
+        values["code"] = decode.code
+    if decode.range_max is not None:
+        values["range_max"] = decode.range_max
+    types = ATTRIBUTE_TYPES | OPTIONAL_ATTRIBUTE_TYPES
+    node.attribute.extend(helper.make_attribute(name, values[name], attr_type=types[name]) for name in sorted(values))
     return node
 
 
@@ -144,16 +165,21 @@ def read_decode_node(
     _check_import(node, model)
     if len(node.input) != 1 or not node.input[0]:
         raise _invalid(node, f"must have exactly one input, with a name (it has {len(node.input)})")
-    if not 1 <= len(node.output) <= 2 or not node.output[0]:
-        raise _invalid(node, f"must have one or two outputs, the first with a name (it has {len(node.output)})")
+    if not 1 <= len(node.output) <= 3 or not node.output[0]:
+        raise _invalid(node, f"must have one to three outputs, the first with a name (it has {len(node.output)})")
     attributes = _attributes(node)
     fmt, check = attributes["format"].s, attributes["check"].s
     word_bits, output_type = attributes["word_bits"].i, attributes["output_type"].i
     shape = tuple(attributes["shape"].ints)
-    _check_values(node.name, fmt, word_bits, shape, check, output_type)
-    masked_output = node.output[1] if len(node.output) == 2 and node.output[1] else None
+    code = attributes["code"].s if "code" in attributes else PARITY.encode()
+    range_max = attributes["range_max"].f if "range_max" in attributes else None
+    _check_values(node.name, fmt, word_bits, shape, check, output_type, code, range_max)
+    if len(node.output) == 3 and code != SECDED.encode():
+        raise _invalid(node, f"has three outputs, but only code {SECDED} has the third (corrected words)")
+    masked_output = node.output[1] if len(node.output) >= 2 and node.output[1] else None
+    corrected_output = node.output[2] if len(node.output) == 3 and node.output[2] else None
     decode = DecodeNode(node.name, node.input[0], node.output[0], masked_output, fmt.decode(), word_bits, shape,
-                        check.decode(), output_type)
+                        check.decode(), output_type, code.decode(), range_max, corrected_output)
     by_name = {tensor.name: tensor for tensor in model.graph.initializer} if initializers is None else initializers
     _check_packed(decode, by_name.get(decode.packed))
     return decode
@@ -173,15 +199,19 @@ def _check_import(node: onnx.NodeProto, model: onnx.ModelProto) -> None:
 
 
 def _attributes(node: onnx.NodeProto) -> dict[str, AttributeProto]:
-    """The node's five attributes by name, each present once with its type; other names are ignored."""
+    """The node's five attributes and the optional ones it has by name, each present once with its type; other
+    names are ignored."""
+    types = ATTRIBUTE_TYPES | OPTIONAL_ATTRIBUTE_TYPES
     found: dict[str, AttributeProto] = {}
     for attribute in node.attribute:
-        if attribute.name in ATTRIBUTE_TYPES:
+        if attribute.name in types:
             if attribute.name in found:
                 raise _invalid(node, f"has attribute '{attribute.name}' more than once")
             found[attribute.name] = attribute
-    for name, wanted in ATTRIBUTE_TYPES.items():
+    for name, wanted in types.items():
         if name not in found:
+            if name in OPTIONAL_ATTRIBUTE_TYPES:
+                continue
             raise _invalid(node, f"lacks attribute '{name}'")
         if found[name].type != wanted:
             raise _invalid(node, f"has attribute '{name}' of type {_type_name(found[name].type)}, expected "
@@ -196,18 +226,29 @@ def _type_name(attribute_type: int) -> str:
         return str(attribute_type)
 
 
-def _check_values(name: str, fmt: bytes, word_bits: int, shape: Sequence[int], check: bytes, output_type: int) -> None:
-    """Refuses attribute values outside docs/FORMAT.md (items 4 to 7 of "Validation")."""
+def _check_values(
+    name: str, fmt: bytes, word_bits: int, shape: Sequence[int], check: bytes, output_type: int, code: bytes,
+    range_max: float | None,
+) -> None:
+    """Refuses attribute values outside docs/FORMAT.md (items 4 to 7 and 10 of "Validation")."""
     known = {name.encode(): name for name in FORMATS}
     if fmt not in known:
         raise _invalid(name, f"has format '{escape(fmt)}', expected one of {', '.join(FORMATS)}")
     if check not in {mode.encode() for mode in CHECK_MODES}:
         raise _invalid(name, f"has check '{escape(check)}', expected one of {', '.join(CHECK_MODES)}")
+    if code not in {known_code.encode() for known_code in CODES}:
+        raise _invalid(name, f"has code '{escape(code)}', expected one of {', '.join(CODES)}")
     weight_format = FORMATS[known[fmt]]
-    allowed = [weight_format.bits] + [width for width in WORD_BITS if width > weight_format.bits]
+    allowed = word_widths(weight_format.name)
     if word_bits not in allowed:
         raise _invalid(name, f"has word_bits {word_bits}, expected one of {', '.join(map(str, allowed))} for "
                              f"{weight_format.name}")
+    fitting = word_widths(weight_format.name, code.decode())
+    if word_bits not in fitting:
+        raise _invalid(name, f"has code {code.decode()} with word_bits {word_bits}, where it does not fit "
+                             f"{weight_format.name}: expected one of {', '.join(map(str, fitting))}")
+    if range_max is not None and not (math.isfinite(range_max) and range_max >= 0):
+        raise _invalid(name, f"has range_max {range_max}, expected a finite number >= 0")
     if any(dim < 0 for dim in shape):
         raise _invalid(name, f"has a negative dimension in shape ({min(shape)})")
     if _product_reaches(shape, WEIGHT_LIMIT):

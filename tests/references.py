@@ -32,15 +32,15 @@ def initializer(model: onnx.ModelProto, name: str) -> np.ndarray:
     return next(numpy_helper.to_array(t) for t in modelio.all_tensors(model) if t.name == name)
 
 
-def adjusted_reference(model: onnx.ModelProto, names: tuple[str, ...], fmt: str, word: str, flip: str,
-                       axes: dict[str, int] | None = None) -> onnx.ModelProto:
+def adjusted_reference(model: onnx.ModelProto, names: tuple[str, ...], fmt: str, word: str, flip: str | None,
+                       axes: dict[str, int] | None = None, code: str = "parity") -> onnx.ModelProto:
     """The original model with each named weight replaced by what a fault-free decode yields (as fp32)."""
     replacements = {}
     for name in names:
         original = initializer(model, name)
         target = codec.format_of(original.dtype) if fmt == "keep" else fmt
         stored, scales = codec.to_format(original, target, name=name, axis=(axes or {}).get(name, 0))
-        adjusted = codec.encode(stored, codec.word_bits(target, word), flip).adjusted
+        adjusted = codec.encode(stored, codec.word_bits(target, word, code), flip, code=code).adjusted
         if scales is not None:
             shape = [1] * adjusted.ndim
             shape[(axes or {}).get(name, 0)] = scales.size

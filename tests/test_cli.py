@@ -157,9 +157,10 @@ def test_drift_is_skipped_with_a_note_when_the_model_cannot_run(
 def test_inspect_lists_the_protected_tensors(protected_file: Path, capsys: pytest.CaptureFixture) -> None:
     assert cli.main(["inspect", str(protected_file)]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].split() == ["tensor", "format", "word", "bits", "shape", "check", "output", "packed"]
-    assert lines[1].split() == ["conv1.w", "fp32", "32", "[4,", "3,", "3,", "3]", "runtime", "FLOAT", "uint32", "[108,",
-                                "1]"]
+    assert lines[0].split() == ["tensor", "format", "word", "bits", "code", "range", "max", "shape", "check", "output",
+                                "packed"]
+    assert lines[1].split() == ["conv1.w", "fp32", "32", "parity", "-", "[4,", "3,", "3,", "3]", "runtime", "FLOAT",
+                                "uint32", "[108,", "1]"]
     assert len(lines) == 5
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import math
 import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import ml_dtypes
@@ -205,7 +207,8 @@ def test_unfaulted_decode_returns_adjusted_bit_for_bit(fmt, word, flip, data):
     shape = (1, weights.size)
     encoded = codec.encode(weights.reshape(shape), word_bits, flip)
 
-    decoded, masked = codec.decode(encoded.packed, fmt, word_bits, shape)
+    result = codec.decode(encoded.packed, fmt, word_bits, shape)
+    decoded, masked = result.weights, result.masked_words
     unpacked = codec.unpack(encoded.packed, fmt, word_bits, shape)
 
     assert masked == 0
@@ -237,7 +240,8 @@ def test_odd_flip_counts_mask_the_word_and_even_counts_pass(fmt, word, data):
     positions = [hit_word * word_bits + offset for offset in offsets]
 
     faulted = with_flipped_bits(encoded.packed, word_bits, positions)
-    decoded, masked = codec.decode(faulted, fmt, word_bits, weights.shape)
+    result = codec.decode(faulted, fmt, word_bits, weights.shape)
+    decoded, masked = result.weights, result.masked_words
 
     expected_bits = stream_bits(encoded.adjusted, n_words, word_bits)
     if len(offsets) % 2:
@@ -290,7 +294,8 @@ def test_decode_matches_format_vector_faults(case):
     faults = case["decoded_after_faults"]
     faulted = with_flipped_bits(vector_packed(case), case["word_bits"], faults["flipped_bits"])
 
-    decoded, masked = codec.decode(faulted, case["format"], case["word_bits"], case["shape"])
+    result = codec.decode(faulted, case["format"], case["word_bits"], case["shape"])
+    decoded, masked = result.weights, result.masked_words
 
     assert masked == faults["masked_words"]
     assert list(decoded.shape) == case["shape"]
@@ -483,7 +488,8 @@ def test_decode_rejects_mismatched_packed_tensors(packed, shape, message):
 
 def test_zero_size_tensors_have_zero_words():
     encoded = codec.encode(np.zeros((0, 3), np.float16), 128, "min-error")
-    decoded, masked = codec.decode(encoded.packed, "fp16", 128, (0, 3))
+    result = codec.decode(encoded.packed, "fp16", 128, (0, 3))
+    decoded, masked = result.weights, result.masked_words
     assert encoded.packed.shape == (0, 2) and encoded.changed_words == 0
     assert decoded.shape == (0, 3) and masked == 0
 
@@ -492,7 +498,8 @@ def test_byte_order_of_inputs_does_not_change_the_result():
     weights = np.linspace(-3, 3, 11, dtype=np.float32)
     native = codec.encode(weights, 128, "largest")
     swapped = codec.encode(weights.astype(">f4"), 128, "largest")
-    decoded, masked = codec.decode(native.packed.astype(">u8"), "fp32", 128, weights.shape)
+    result = codec.decode(native.packed.astype(">u8"), "fp32", 128, weights.shape)
+    decoded, masked = result.weights, result.masked_words
     np.testing.assert_array_equal(swapped.packed, native.packed)
     np.testing.assert_array_equal(as_codes(decoded), as_codes(native.adjusted))
     assert masked == 0
@@ -531,3 +538,11 @@ def test_subnormal_and_nonfinite_counts(codes, fmt, as_dtype, subnormals, nonfin
     weights = as_weights(np.array(codes), fmt)
     assert codec.subnormal_count(weights, as_dtype) == subnormals
     assert codec.nonfinite_count(weights) == nonfinite
+
+
+def test_vector_files_are_the_generators_output(tmp_path):
+    generator = Path(__file__).resolve().parent.parent / "tools" / "make_format_vectors.py"
+    subprocess.run([sys.executable, str(generator), str(tmp_path)], check=True, capture_output=True)
+
+    for name in ("format_vectors.json", "code_vectors.json"):
+        assert (tmp_path / name).read_bytes() == (Path(__file__).parent / "vectors" / name).read_bytes(), name

@@ -114,7 +114,7 @@ def set_attribute(node: onnx.NodeProto, name: str, attribute_type: int | None, v
     elif attribute_type == onnx.AttributeProto.INTS:
         made.ints.extend(value if isinstance(value, list) else [2, 3, 3, 3])
     elif attribute_type == onnx.AttributeProto.FLOAT:
-        made.f = 64.0
+        made.f = value if isinstance(value, float) else 64.0
     elif attribute_type == onnx.AttributeProto.TENSOR:
         made.t.CopyFrom(numpy_helper.from_array(np.array([2, 3, 3, 3], np.int64)))
     elif attribute_type == onnx.AttributeProto.STRINGS:
@@ -131,6 +131,7 @@ def set_name(node: onnx.NodeProto, name: bytes) -> None:
 
 
 STRING, INT, INTS = onnx.AttributeProto.STRING, onnx.AttributeProto.INT, onnx.AttributeProto.INTS
+FLOAT = onnx.AttributeProto.FLOAT
 OTHER_TYPES = {"UNDEFINED": onnx.AttributeProto.UNDEFINED, "FLOAT": onnx.AttributeProto.FLOAT, "INT": INT,
                "STRING": STRING, "INTS": INTS, "TENSOR": onnx.AttributeProto.TENSOR,
                "STRINGS": onnx.AttributeProto.STRINGS}
@@ -166,9 +167,15 @@ TAMPERED = [
     ("no input", lambda m: m.graph.node[0].input.pop(), "must have exactly one input"),
     ("two inputs", lambda m: m.graph.node[0].input.append("x"), "must have exactly one input"),
     ("unnamed input", lambda m: m.graph.node[0].input.__setitem__(0, ""), "must have exactly one input"),
-    ("no output", lambda m: m.graph.node[0].output.pop(), "must have one or two outputs"),
-    ("three outputs", lambda m: m.graph.node[0].output.extend(["a", "b"]), "must have one or two outputs"),
-    ("unnamed output", lambda m: m.graph.node[0].output.__setitem__(0, ""), "must have one or two outputs"),
+    ("no output", lambda m: m.graph.node[0].output.pop(), "must have one to three outputs"),
+    ("three outputs", lambda m: m.graph.node[0].output.extend(["a", "b"]), "only code secded has the third"),
+    ("four outputs", lambda m: m.graph.node[0].output.extend(["a", "b", "c"]), "must have one to three outputs"),
+    ("unnamed output", lambda m: m.graph.node[0].output.__setitem__(0, ""), "must have one to three outputs"),
+    *[(f"code {value!r}", lambda m, v=value: set_attribute(m.graph.node[0], "code", STRING, v), "has code")
+      for value in (b"secded\0", b"Parity", b"hamming", b"")],
+    ("code of type INT", lambda m: set_attribute(m.graph.node[0], "code", INT, 1), "has attribute 'code' of type INT"),
+    *[(f"range_max {value}", lambda m, v=value: set_attribute(m.graph.node[0], "range_max", FLOAT, v),
+       "has range_max") for value in (float("nan"), float("inf"), -1.0)],
     ("other op type", lambda m: setattr(m.graph.node[0], "op_type", "ParityCheckUnpack2"), "has op type"),
     ("no ai.oppass import", lambda m: m.opset_import.pop(), "does not import it"),
     ("ai.oppass version 2", lambda m: setattr(m.opset_import[-1], "version", 2), "at version(s) 2"),

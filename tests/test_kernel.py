@@ -161,7 +161,8 @@ def codec_expectation(
     if check == "none":
         weights, masked = codec.unpack(packed, fmt, width, shape), 0
     else:
-        weights, masked = codec.decode(packed, fmt, width, shape)
+        result = codec.decode(packed, fmt, width, shape)
+        weights, masked = result.weights, result.masked_words
     code_dtype = f"u{formats.FORMATS[fmt].bits // 8}"
     return output_codes(weights.reshape(-1).view(code_dtype), fmt, output_type), masked
 
@@ -301,7 +302,7 @@ def test_masked_words_output_is_optional() -> None:
     del model.graph.output[1]
     session = ort.InferenceSession(model.SerializeToString(), exact_session_options())
     (decoded,) = session.run(None, {})
-    np.testing.assert_array_equal(decoded, codec.decode(packed, "fp32", 64, [10])[0])
+    np.testing.assert_array_equal(decoded, codec.decode(packed, "fp32", 64, [10]).weights)
 
 
 def test_declared_output_type_is_accepted() -> None:

@@ -1,6 +1,6 @@
 """The decode-node validator (oppass.schema) against the rules of docs/FORMAT.md ("Validation").
 
-`spec_accepts` below is an independent reading of those nine rules, written with the literal
+`spec_accepts` below is an independent reading of those ten rules, written with the literal
 numbers of the spec (not the schema's tables); hypothesis generates decode nodes and models,
 most of them tampered in one or several ways, and the validator must take the same decision.
 The command-line side of the same cases (one line, exit 2, nothing written) is in
@@ -30,29 +30,41 @@ SPEC_FORMATS = {b"fp32": (32, {1}), b"bf16": (16, {16, 1}), b"fp16": (16, {10, 1
 SPEC_CHECKS = {b"runtime", b"load", b"none"}
 SPEC_WORDS = {16, 32, 64, 128, 256, 512}
 SPEC_ATTRIBUTE_TYPES = {"format": 3, "word_bits": 2, "shape": 7, "check": 3, "output_type": 2}  # STRING INT INTS
+SPEC_OPTIONAL_TYPES = {"code": 3, "range_max": 1}  # STRING FLOAT
+SPEC_CODES = {b"parity", b"secded"}
+SPEC_SECDED_WORDS = {b"fp32": {32, 64, 128, 256, 512}, b"bf16": {32, 64, 128, 256, 512},
+                     b"fp16": {16, 32, 64, 128, 256, 512}, b"int8": {16, 32, 64, 128, 256, 512},
+                     b"uint8": {16, 32, 64, 128, 256, 512}}
 SPEC_PACKED_TYPES = {8: 2, 16: 4, 32: 12}  # UINT8, UINT16, UINT32; UINT64 (13) for W >= 64
 
 
 def spec_accepts(node: onnx.NodeProto, model: onnx.ModelProto) -> bool:
-    """Rules 1 to 8 of FORMAT.md's "Validation", plus: the packed input is an initializer of the main graph."""
+    """Rules 1 to 8 and 10 of FORMAT.md's "Validation", plus: the packed input is an initializer of the main
+    graph."""
     if node.domain != "ai.oppass" or node.op_type != "ParityCheckUnpack":
         return False
     if [entry.version for entry in model.opset_import if entry.domain == "ai.oppass"] != [1]:
         return False
-    if len(node.input) != 1 or node.input[0] == "" or not 1 <= len(node.output) <= 2 or node.output[0] == "":
+    if len(node.input) != 1 or node.input[0] == "" or not 1 <= len(node.output) <= 3 or node.output[0] == "":
         return False
-    named = [a for a in node.attribute if a.name in SPEC_ATTRIBUTE_TYPES]
+    named = [a for a in node.attribute if a.name in SPEC_ATTRIBUTE_TYPES or a.name in SPEC_OPTIONAL_TYPES]
     found = {a.name: a for a in named}
-    if len(found) != len(named) or len(found) != 5:  # each once (onnxruntime refuses a repeated attribute)
-        return False
-    if any(found[name].type != wanted for name, wanted in SPEC_ATTRIBUTE_TYPES.items()):
+    if len(found) != len(named) or not set(SPEC_ATTRIBUTE_TYPES) <= set(found):  # each once (onnxruntime refuses
+        return False  # a repeated attribute)
+    if any(found[name].type != wanted for name, wanted in (SPEC_ATTRIBUTE_TYPES | SPEC_OPTIONAL_TYPES).items()
+           if name in found):
         return False
     fmt, check, width = found["format"].s, found["check"].s, found["word_bits"].i
     dims, output_type = list(found["shape"].ints), found["output_type"].i
-    if fmt not in SPEC_FORMATS or check not in SPEC_CHECKS:
+    code = found["code"].s if "code" in found else b"parity"
+    if fmt not in SPEC_FORMATS or check not in SPEC_CHECKS or code not in SPEC_CODES:
         return False
     bits, outputs = SPEC_FORMATS[fmt]
     if not (width == bits or (width in SPEC_WORDS and width >= bits)):
+        return False
+    if code == b"secded" and width not in SPEC_SECDED_WORDS[fmt] or len(node.output) == 3 and code != b"secded":
+        return False
+    if "range_max" in found and not (math.isfinite(found["range_max"].f) and found["range_max"].f >= 0):
         return False
     if any(dim < 0 for dim in dims) or math.prod(dims) >= 2**58 or output_type not in outputs:
         return False
@@ -91,16 +103,18 @@ def with_name(node: onnx.NodeProto, name: bytes) -> onnx.NodeProto:
 
 
 def valid_parts(fmt: str, word: str | int, shape: tuple[int, ...], check: str = "runtime",
-                widen: bool = False) -> tuple[onnx.NodeProto, TensorProto]:
+                widen: bool = False, code: str = "parity",
+                range_max: float | None = None) -> tuple[onnx.NodeProto, TensorProto]:
     """A decode node and its packed initializer for random weights of `fmt` and `shape`."""
     weight_format = FORMATS[fmt]
-    width = codec.word_bits(fmt, word)
+    width = codec.word_bits(fmt, word, code)
     codes = np.random.default_rng(0).integers(0, 2**weight_format.bits, math.prod(shape), dtype=np.uint64)
     weights = codes.astype(weight_format.code_dtype).view(weight_format.dtype).reshape(shape)
-    packed = codec.encode(weights, width).packed
+    packed = codec.encode(weights, width, code=code).packed
     output_type = TensorProto.FLOAT if widen else schema.ONNX_TYPES[fmt]
+    corrected = "w::op_corrected" if code == "secded" else None
     decode = schema.DecodeNode("w::op_decode", "w::op_packed", "w", "w::op_masked", fmt, width, shape, check,
-                               output_type)
+                               output_type, code, range_max, corrected)
     return schema.make_decode_node(decode), numpy_helper.from_array(packed, "w::op_packed")
 
 
@@ -122,7 +136,7 @@ def attribute(name: str, attribute_type: int, payload: object) -> AttributeProto
     elif attribute_type == AttributeProto.INTS:
         made.ints.extend(payload if isinstance(payload, list) else [1])  # type: ignore[arg-type]
     elif attribute_type == AttributeProto.FLOAT:
-        made.f = 1.5
+        made.f = payload if isinstance(payload, float) else 1.5
     elif attribute_type == AttributeProto.FLOATS:
         made.floats.extend([1.0, 2.0])
     elif attribute_type == AttributeProto.STRINGS:
@@ -156,11 +170,21 @@ def tampered_models(draw: st.DrawFn) -> tuple[onnx.NodeProto, onnx.ModelProto]:
     shape = tuple(draw(st.lists(st.integers(0, 5), max_size=3)))
     check = draw(st.sampled_from(["runtime", "load", "none"]))
     widen = draw(st.booleans()) and fmt in ("bf16", "fp16")
-    node, packed = valid_parts(fmt, word, shape, check, widen)
+    fits = codec.word_bits(fmt, word) in SPEC_SECDED_WORDS[fmt.encode()]
+    code = draw(st.sampled_from(["parity", "secded"] if fits else ["parity"]))
+    range_max = draw(st.one_of(st.none(), st.sampled_from([0.0, 1.5, 3.0e38])))
+    node, packed = valid_parts(fmt, word, shape, check, widen, code, range_max)
     values = {a.name: a for a in node.attribute}
     tamper = draw(st.integers(0, 2)) > 0  # else only what the spec ignores: extra attributes, order, the name
     attributes = []
-    for name, wanted in schema.ATTRIBUTE_TYPES.items():
+    types = schema.ATTRIBUTE_TYPES | schema.OPTIONAL_ATTRIBUTE_TYPES
+    for name, wanted in types.items():
+        if name not in values:
+            if tamper and draw(st.integers(0, 3)) == 0:  # an optional attribute the valid node does not have
+                payload = b"secded" if name == "code" else 2.0
+                values[name] = attribute(name, wanted, payload)
+            else:
+                continue
         kind = draw(st.sampled_from(["keep"] * 8 + ["value", "type", "missing", "twice"])) if tamper else "keep"
         if kind == "missing":
             continue
@@ -169,8 +193,10 @@ def tampered_models(draw: st.DrawFn) -> tuple[onnx.NodeProto, onnx.ModelProto]:
                 values[name])))
             continue
         if kind == "value":
-            if name in ("format", "check"):
+            if name in ("format", "check", "code"):
                 payload: object = draw(mutated_string(values[name].s))
+            elif name == "range_max":
+                payload = draw(st.sampled_from([math.nan, math.inf, -math.inf, -1.0, -0.0, 0.0, 1e-45, 3.4e38]))
             elif name == "shape":
                 payload = draw(st.one_of(st.lists(st.integers(-3, 7), max_size=4),
                                          st.lists(st.integers(-2**63, 2**63 - 1), min_size=1, max_size=3),
@@ -203,7 +229,7 @@ def tampered_models(draw: st.DrawFn) -> tuple[onnx.NodeProto, onnx.ModelProto]:
         node.input.extend(draw(st.lists(st.sampled_from(["w::op_packed", "", "other"]), max_size=3)))
     if draw(st.integers(0, 5)) == 0:
         del node.output[:]
-        node.output.extend(draw(st.lists(st.sampled_from(["w", "", "w::op_masked"]), max_size=3)))
+        node.output.extend(draw(st.lists(st.sampled_from(["w", "", "w::op_masked", "w::op_corrected"]), max_size=4)))
     if draw(st.integers(0, 5)) == 0:
         packed.data_type = draw(st.sampled_from([TensorProto.UINT8, TensorProto.UINT16, TensorProto.UINT32,
                                                  TensorProto.UINT64, TensorProto.INT64, TensorProto.FLOAT]))
@@ -239,21 +265,44 @@ def test_the_validator_decides_as_the_spec(case: tuple[onnx.NodeProto, onnx.Mode
     assert accepted, f"accepted a node the spec refuses: {node}"
     found = {a.name: a for a in node.attribute}
     assert decode == schema.DecodeNode(
-        node.name, node.input[0], node.output[0], node.output[1] if len(node.output) == 2 and node.output[1] else None,
+        node.name, node.input[0], node.output[0], node.output[1] if len(node.output) >= 2 and node.output[1] else None,
         found["format"].s.decode(), found["word_bits"].i, tuple(found["shape"].ints), found["check"].s.decode(),
-        found["output_type"].i)
+        found["output_type"].i, found["code"].s.decode() if "code" in found else "parity",
+        found["range_max"].f if "range_max" in found else None,
+        node.output[2] if len(node.output) == 3 and node.output[2] else None)
 
 
 @pytest.mark.parametrize(("fmt", "word"), VALID_TRIPLES)
 @pytest.mark.parametrize("shape", [(), (0,), (1,), (7, 3), (2, 0, 5), (3, 3, 3, 3)])
 def test_every_valid_node_is_read_back_as_made(fmt: str, word: str | int, shape: tuple[int, ...]) -> None:
+    fits = codec.word_bits(fmt, word) in SPEC_SECDED_WORDS[fmt.encode()]
     for widen in (False, True) if fmt in ("bf16", "fp16") else (False,):
-        node, packed = valid_parts(fmt, word, shape, widen=widen)
-        model = model_of(node, [packed])
-        decode = schema.read_decode_node(node, model)
-        assert schema.make_decode_node(decode).SerializeToString() == node.SerializeToString()
-        assert (decode.weights, decode.packed_shape) == (math.prod(shape), tuple(packed.dims))
-        assert schema.read_decode_nodes(model) == [decode]
+        for code, range_max in [("parity", None), ("parity", 0.0)] + ([("secded", None), ("secded", 2.5)] * fits):
+            node, packed = valid_parts(fmt, word, shape, widen=widen, code=code, range_max=range_max)
+            model = model_of(node, [packed])
+            decode = schema.read_decode_node(node, model)
+            assert schema.make_decode_node(decode).SerializeToString() == node.SerializeToString()
+            assert (decode.weights, decode.packed_shape) == (math.prod(shape), tuple(packed.dims))
+            assert (decode.code, decode.range_max) == (code, range_max)
+            assert (decode.corrected_output is not None) == (code == "secded")
+            assert schema.read_decode_nodes(model) == [decode]
+
+
+def test_a_parity_node_has_no_code_attribute_and_outputs_as_before() -> None:
+    node, _ = valid_parts("fp32", 64, (5,))
+    assert "code" not in {a.name for a in node.attribute} and list(node.output) == ["w", "w::op_masked"]
+    secded, _ = valid_parts("fp32", 64, (5,), code="secded", range_max=1.0)
+    assert list(secded.output) == ["w", "w::op_masked", "w::op_corrected"]
+    assert {a.name: a.type for a in secded.attribute if a.name in ("code", "range_max")} == {
+        "code": AttributeProto.STRING, "range_max": AttributeProto.FLOAT}
+
+
+@pytest.mark.parametrize(("fmt", "width"), [("bf16", 16), ("int8", 8), ("uint8", 8)])
+def test_secded_where_it_does_not_fit_is_refused(fmt: str, width: int) -> None:
+    node, packed = valid_parts(fmt, 32, (4,), code="secded")
+    _set(node, attribute("word_bits", AttributeProto.INT, width))
+    with pytest.raises(OppassError, match=f"has code secded with word_bits {width}, where it does not fit {fmt}"):
+        schema.read_decode_node(node, model_of(node, [packed]))
 
 
 @pytest.mark.parametrize(("change", "message"), [
@@ -274,7 +323,16 @@ def test_every_valid_node_is_read_back_as_made(fmt: str, word: str | int, shape:
     (lambda node, model: _set(node, attribute("output_type", AttributeProto.INT, TensorProto.FLOAT16)),
      "has output_type 10, expected FLOAT for fp32"),
     (lambda node, model: node.input.append("p2"), "must have exactly one input"),
-    (lambda node, model: node.output.append("third"), "must have one or two outputs"),
+    (lambda node, model: node.output.append("third"), "has three outputs, but only code secded has the third"),
+    (lambda node, model: node.output.extend(["third", "fourth"]), "must have one to three outputs"),
+    (lambda node, model: _set(node, attribute("code", AttributeProto.STRING, b"SECDED")), "has code 'SECDED'"),
+    (lambda node, model: _set(node, attribute("code", AttributeProto.INT, 1)),
+     "has attribute 'code' of type INT, expected STRING"),
+    (lambda node, model: _set(node, attribute("range_max", AttributeProto.FLOAT, -1.0)),
+     "has range_max -1.0, expected a finite number >= 0"),
+    (lambda node, model: _set(node, attribute("range_max", AttributeProto.FLOAT, math.nan)), "has range_max nan"),
+    (lambda node, model: _set(node, attribute("range_max", AttributeProto.INTS, [1])),
+     "has attribute 'range_max' of type INTS, expected FLOAT"),
     (lambda node, model: model.opset_import.pop(), "the model does not import it"),
     (lambda node, model: setattr(model.opset_import[1], "version", 2), "imports it at version(s) 2"),
     (lambda node, model: model.opset_import.append(helper.make_opsetid("ai.oppass", 1)),
@@ -321,6 +379,13 @@ def test_make_decode_node_refuses_what_read_refuses() -> None:
     decode = schema.DecodeNode("n", "p", "y", None, "fp16", 8, (4,), "runtime", TensorProto.FLOAT16)
     with pytest.raises(OppassError, match="has word_bits 8"):
         schema.make_decode_node(decode)
+    parity = schema.DecodeNode("n", "p", "y", None, "fp16", 64, (4,), "runtime", TensorProto.FLOAT16,
+                               corrected_output="c")
+    with pytest.raises(OppassError, match="corrected-words output, which only code secded has"):
+        schema.make_decode_node(parity)
+    with pytest.raises(OppassError, match="has range_max inf"):
+        schema.make_decode_node(schema.DecodeNode("n", "p", "y", None, "fp16", 64, (4,), "runtime",
+                                                  TensorProto.FLOAT16, range_max=math.inf))
 
 
 # ----------------------------------------------------------------------------- names in errors (rule 9)
@@ -363,6 +428,7 @@ def test_onnx_types_derived_from_onnx_are_the_spec_s() -> None:
     assert schema.ATTRIBUTE_TYPES == {"format": AttributeProto.STRING, "word_bits": AttributeProto.INT,
                                       "shape": AttributeProto.INTS, "check": AttributeProto.STRING,
                                       "output_type": AttributeProto.INT}
+    assert schema.OPTIONAL_ATTRIBUTE_TYPES == {"code": AttributeProto.STRING, "range_max": AttributeProto.FLOAT}
 
 
 def test_float_fields_derived_from_ml_dtypes_are_the_spec_s() -> None:

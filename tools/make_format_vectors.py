@@ -1,10 +1,11 @@
-"""Writes tests/vectors/format_vectors.json, the normative test vectors of docs/FORMAT.md.
+"""Writes the normative test vectors of docs/FORMAT.md: tests/vectors/format_vectors.json (opportunistic
+parity) and tests/vectors/code_vectors.json (SEC-DED and the range check).
 
 The expected values come from a plain-Python, bit-by-bit reading of the spec (the weight
-stream is one big Python integer); nothing here uses numpy or oppass, so the vectors
-check the codec and the C kernel instead of echoing either.
+stream is one big Python integer, a word is one integer); nothing here uses numpy or oppass,
+so the vectors check the codec and the C kernel instead of echoing either.
 
-Usage: python tools/make_format_vectors.py [output.json]
+Usage: python tools/make_format_vectors.py [output_dir]
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ FORMAT_BITS = {"fp32": 32, "bf16": 16, "fp16": 16, "int8": 8, "uint8": 8}
 WORDS = ("weight", 16, 32, 64, 128, 256, 512)
 FLIPS = ("word-lsb", "largest", "min-error")
 LANE_BITS = 64
-DEFAULT_OUTPUT = Path(__file__).resolve().parent.parent / "tests" / "vectors" / "format_vectors.json"
+DEFAULT_OUTPUT = Path(__file__).resolve().parent.parent / "tests" / "vectors"
+PARITY_FILE, CODE_FILE = "format_vectors.json", "code_vectors.json"
 
 # Zeros of both signs, subnormals, the smallest normal, infinities, quiet/signalling/negative NaNs,
 # the largest finite value and two ordinary numbers, as raw codes.
@@ -168,17 +170,8 @@ def encode(codes: list[int], fmt: str, word_bits: int, flip: str) -> tuple[list[
 
 
 def packed_words(codes: list[int], fmt: str, word_bits: int) -> list[list[int | str]]:
-    """Packed tensor rows: one lane for W < 64, else W/64 uint64 lanes as decimal strings."""
-    stream = stream_of(codes, FORMAT_BITS[fmt])
-    rows = []
-    for index in range(word_count(len(codes), fmt, word_bits)):
-        word = word_at(stream, index, word_bits)
-        if word_bits < LANE_BITS:
-            rows.append([word])
-        else:
-            rows.append([str((word >> (LANE_BITS * lane)) & ((1 << LANE_BITS) - 1))
-                         for lane in range(word_bits // LANE_BITS)])
-    return rows
+    """Packed tensor rows of the weights' stream (see `packed_rows`)."""
+    return packed_rows(stream_of(codes, FORMAT_BITS[fmt]), word_count(len(codes), fmt, word_bits), word_bits)
 
 
 def decode_after_faults(adjusted: list[int], fmt: str, word_bits: int, flipped_bits: list[int]) -> dict:
@@ -347,13 +340,309 @@ def class_keeping_cases() -> list[dict]:
     return cases
 
 
+# SEC-DED and the range check (docs/FORMAT.md, "SEC-DED" and "Range check").
+
+MANTISSA_BITS = {"fp32": 23, "bf16": 7, "fp16": 10}
+INTEGER_BUDGET = 3
+
+
+def stolen_budget(fmt: str) -> int:
+    """The most check bits one weight may hold: floor(mantissa bits / 2) for floats, 3 for integers."""
+    return MANTISSA_BITS[fmt] // 2 if is_float(fmt) else INTEGER_BUDGET
+
+
+def check_bit_count(word_bits: int) -> int:
+    """r, with 2**(r - 1) = W."""
+    return word_bits.bit_length()
+
+
+def check_positions(fmt: str, word_bits: int) -> list[int]:
+    """Word bit position of check bit j = 0 .. r-1: bit (j div k) of weight (j mod k)."""
+    bits = FORMAT_BITS[fmt]
+    per_word = word_bits // bits
+    return [(j % per_word) * bits + j // per_word for j in range(check_bit_count(word_bits))]
+
+
+def stolen_bits(fmt: str, word_bits: int) -> list[int]:
+    """Number of check bits held by each weight of a word (its lowest bits)."""
+    per_word = word_bits // FORMAT_BITS[fmt]
+    return [sum(1 for j in range(check_bit_count(word_bits)) if j % per_word == i) for i in range(per_word)]
+
+
+def secded_fits(fmt: str, word_bits: int) -> bool:
+    """Whether no weight of the word holds more check bits than the format's budget."""
+    return max(stolen_bits(fmt, word_bits)) <= stolen_budget(fmt)
+
+
+def hamming_indices(fmt: str, word_bits: int) -> list[int]:
+    """Hamming index of each word bit: the lowest check position 0, the others 1, 2, 4, ...; the data bits the
+    other indices 3, 5, 6, 7, 9, ... in ascending position."""
+    checks = sorted(check_positions(fmt, word_bits))
+    indices = [0] * word_bits
+    for i, position in enumerate(checks[1:]):
+        indices[position] = 1 << i
+    data_indices = iter([index for index in range(3, word_bits) if index & (index - 1)])
+    for position in range(word_bits):
+        if position not in checks:
+            indices[position] = next(data_indices)
+    return indices
+
+
+def syndrome(word: int, indices: list[int]) -> int:
+    """XOR of the Hamming indices of the word's set bits."""
+    result = 0
+    for position, index in enumerate(indices):
+        if word >> position & 1:
+            result ^= index
+    return result
+
+
+def rounded_float(code: int, fmt: str, stolen: int) -> int:
+    """The float code with its `stolen` low bits 0: magnitude rounded to nearest, ties to even, never to
+    infinity; zeros and infinities unchanged; a NaN truncated, its mantissa's top bit set if it would be 0."""
+    bits, mantissa = FORMAT_BITS[fmt], MANTISSA_BITS[fmt]
+    sign = code & (1 << (bits - 1))
+    magnitude = code ^ sign
+    infinity = ((1 << (bits - 1 - mantissa)) - 1) << mantissa
+    low = (1 << stolen) - 1
+    down = magnitude & ~low
+    if magnitude > infinity:
+        return sign | (down if down & ((1 << mantissa) - 1) else down | 1 << (mantissa - 1))
+    rest, half, up = magnitude & low, (1 << stolen) >> 1, down + (1 << stolen)
+    if stolen and (rest > half or (rest == half and down >> stolen & 1)) and up < infinity:
+        return sign | up
+    return sign | down
+
+
+def rounded_integer(code: int, fmt: str, stolen: int) -> int:
+    """The integer code rounded to the nearest multiple of 2**stolen, ties toward zero, clamped to the range."""
+    number, step = value(code, fmt), 1 << stolen
+    down = number // step * step
+    rest = number - down
+    rounded = down + step if 2 * rest > step or (2 * rest == step and number < 0) else down
+    lowest, highest = (-128, 127) if fmt == "int8" else (0, 255)
+    return max(min(rounded, highest // step * step), lowest) & 0xFF
+
+
+def rounded_weight(code: int, fmt: str, stolen: int) -> int:
+    """What a weight holding `stolen` check bits decodes to."""
+    return rounded_float(code, fmt, stolen) if is_float(fmt) else rounded_integer(code, fmt, stolen)
+
+
+def secded_encode(codes: list[int], fmt: str, word_bits: int) -> tuple[list[int], int, int]:
+    """The rounded codes, the number of words where rounding changed a weight, and the encoded stream."""
+    bits = FORMAT_BITS[fmt]
+    per_word = word_bits // bits
+    stolen = stolen_bits(fmt, word_bits)
+    rounded = [rounded_weight(code, fmt, stolen[index % per_word]) for index, code in enumerate(codes)]
+    checks = sorted(check_positions(fmt, word_bits))
+    indices = hamming_indices(fmt, word_bits)
+    stream = stream_of(rounded, bits)
+    n_words = word_count(len(codes), fmt, word_bits)
+    for index in range(n_words):
+        word = word_at(stream, index, word_bits)
+        word_syndrome = syndrome(word, indices)
+        for i, position in enumerate(checks[1:]):
+            if word_syndrome >> i & 1:
+                word |= 1 << position
+        if parity(word):
+            word |= 1 << checks[0]
+        stream |= word << (index * word_bits)
+    changed = sum(1 for index in range(n_words)
+                  if rounded[index * per_word:(index + 1) * per_word] != codes[index * per_word:(index + 1) * per_word])
+    return rounded, changed, stream
+
+
+def secded_decode(stream: int, n_weights: int, fmt: str, word_bits: int) -> tuple[list[int], int, int]:
+    """Decoded codes, masked words (even flips) and corrected words (a single flip) of an encoded stream."""
+    indices = hamming_indices(fmt, word_bits)
+    data_mask = (1 << word_bits) - 1
+    for position in check_positions(fmt, word_bits):
+        data_mask &= ~(1 << position)
+    decoded = masked = corrected = 0
+    for index in range(word_count(n_weights, fmt, word_bits)):
+        word = word_at(stream, index, word_bits)
+        word_syndrome = syndrome(word, indices)
+        if parity(word):
+            word ^= 1 << indices.index(word_syndrome)
+            corrected += 1
+        elif word_syndrome:
+            word = 0
+            masked += 1
+        decoded |= (word & data_mask) << (index * word_bits)
+    return codes_of(decoded, n_weights, FORMAT_BITS[fmt]), masked, corrected
+
+
+def parity_decode(stream: int, n_weights: int, fmt: str, word_bits: int) -> tuple[list[int], int]:
+    """Decoded codes and masked words (odd parity) of a parity-encoded stream."""
+    masked = 0
+    for index in range(word_count(n_weights, fmt, word_bits)):
+        if parity(word_at(stream, index, word_bits)):
+            stream &= ~(((1 << word_bits) - 1) << (index * word_bits))
+            masked += 1
+    return codes_of(stream, n_weights, FORMAT_BITS[fmt]), masked
+
+
+def range_checked(codes: list[int], fmt: str, range_max: float | None) -> tuple[list[int], int]:
+    """Codes with every weight w where not |w| <= range_max zeroed, and how many were; no check for None."""
+    if range_max is None:
+        return codes, 0
+    outside = [not abs(value(code, fmt)) <= range_max for code in codes]
+    return [0 if out else code for code, out in zip(codes, outside, strict=True)], sum(outside)
+
+
+def packed_rows(stream: int, n_words: int, word_bits: int) -> list[list[int | str]]:
+    """Packed tensor rows of a stream: one lane for W < 64, else W/64 uint64 lanes as decimal strings."""
+    rows: list[list[int | str]] = []
+    for index in range(n_words):
+        word = word_at(stream, index, word_bits)
+        if word_bits < LANE_BITS:
+            rows.append([word])
+        else:
+            rows.append([str((word >> (LANE_BITS * lane)) & ((1 << LANE_BITS) - 1))
+                         for lane in range(word_bits // LANE_BITS)])
+    return rows
+
+
+def code_case(name: str, code: str, fmt: str, word: str | int, codes: list[int], shape: list[int],
+              flipped_bits: list[int], range_max: float | None = None) -> dict:
+    """One code vector: the encoding with `code` (parity: word-lsb), then the decode after `flipped_bits`
+    with the range check when `range_max` is given. An unsupported secded word has `error` instead."""
+    word_bits = resolve_word(fmt, word)
+    entry: dict = {"name": name, "code": code, "format": fmt, "word": word, "word_bits": word_bits,
+                   "shape": shape, "weights": codes}
+    if code == "parity":
+        entry["flip"] = "word-lsb"
+    if range_max is not None:
+        entry["range_max"] = range_max
+    if code == "secded" and not secded_fits(fmt, word_bits):
+        entry["error"] = (f"{fmt} in {word_bits}-bit words would hold up to {max(stolen_bits(fmt, word_bits))} "
+                          f"check bits in one weight, over the budget of {stolen_budget(fmt)}")
+        return entry
+    n_words = word_count(len(codes), fmt, word_bits)
+    if code == "parity":
+        adjusted, changed_words = encode(codes, fmt, word_bits, "word-lsb")
+        stream = stream_of(adjusted, FORMAT_BITS[fmt])
+    else:
+        adjusted, changed_words, stream = secded_encode(codes, fmt, word_bits)
+    entry.update(adjusted=adjusted, changed_words=changed_words, packed=packed_rows(stream, n_words, word_bits))
+    faulted = stream
+    for bit in flipped_bits:
+        faulted ^= 1 << bit
+    if code == "parity":
+        decoded, masked = parity_decode(faulted, len(codes), fmt, word_bits)
+        corrected = 0
+    else:
+        decoded, masked, corrected = secded_decode(faulted, len(codes), fmt, word_bits)
+    checked, range_zeroed = range_checked(decoded, fmt, range_max)
+    entry["decoded_after_faults"] = {"flipped_bits": flipped_bits, "decoded": checked, "masked_words": masked,
+                                     "corrected_words": corrected, "range_zeroed": range_zeroed}
+    return entry
+
+
+def finite_code(rng: random.Random, fmt: str) -> int:
+    """A random finite weight code (a number over a wide exponent range, or any integer code)."""
+    while True:
+        code = random_code(rng, fmt)
+        if not is_float(fmt) or math.isfinite(value(code, fmt)):
+            return code
+
+
+def secded_fault_bits(rng: random.Random, fmt: str, word_bits: int, n_weights: int) -> list[int]:
+    """1 flip in word 1, 2 in word 2, the overall-parity bit of word 3, 3 flips in word 4, 4 in word 5, and 1
+    padding bit when there is padding."""
+    bits = []
+    for word_index, count in ((1, 1), (2, 2), (4, 3), (5, 4)):
+        bits += [word_index * word_bits + offset for offset in rng.sample(range(word_bits), count)]
+    bits.append(3 * word_bits + min(check_positions(fmt, word_bits)))
+    stream_end = n_weights * FORMAT_BITS[fmt]
+    padding_end = word_count(n_weights, fmt, word_bits) * word_bits
+    if padding_end > stream_end:
+        bits.append(rng.randrange(stream_end, padding_end))
+    return sorted(bits)
+
+
+def secded_weights(rng: random.Random, fmt: str, per_word: int) -> list[int]:
+    """An all-zero word, five random words, the special codes (filled up with random ones), a partial tail."""
+    specials = SPECIAL_CODES[fmt] + [random_code(rng, fmt) for _ in range(-len(SPECIAL_CODES[fmt]) % per_word)]
+    codes = [0] * per_word + [random_code(rng, fmt) for _ in range(5 * per_word)] + specials
+    return codes + [random_code(rng, fmt) for _ in range(per_word // 2)]
+
+
+def generated_code_cases() -> list[dict]:
+    """SEC-DED for every format x word size (an error case where it does not fit); the range check with
+    parity and with SEC-DED in 64-bit words for every format, range_max the fault-free maximum |w|."""
+    rng = random.Random(20261202)
+    cases = []
+    for fmt, bits in FORMAT_BITS.items():
+        for word in WORDS:
+            word_bits = resolve_word(fmt, word)
+            if word_bits < bits:
+                continue
+            codes = secded_weights(rng, fmt, word_bits // bits)
+            faults = secded_fault_bits(rng, fmt, word_bits, len(codes)) if secded_fits(fmt, word_bits) else []
+            cases.append(code_case(f"secded-{fmt}-{word}", "secded", fmt, word, codes, [len(codes)], faults))
+        for code in ("parity", "secded"):
+            per_word = 64 // bits
+            codes = [finite_code(rng, fmt) for _ in range(5 * per_word + per_word // 2)]
+            encoded = code_case("", code, fmt, 64, codes, [len(codes)], [])
+            range_max = max(abs(value(adjusted, fmt)) for adjusted in encoded["adjusted"])
+            exponent_top = bits - 2  # a float's top exponent bit, an integer's top value bit
+            faults = [64 + exponent_top, 64 + bits + exponent_top]
+            faults += [128 + rng.randrange(64)] + [192 + offset for offset in rng.sample(range(64), 3)]
+            faults += [256 + offset for offset in rng.sample(range(64), 4)]
+            cases.append(code_case(f"range-{code}-{fmt}-64", code, fmt, 64, codes, [len(codes)], sorted(faults),
+                                   float(range_max)))
+    return cases
+
+
+def handcrafted_code_cases() -> list[dict]:
+    """The worked examples, the rounding rules (ties, the top of the range, NaNs, subnormals, integer
+    clamping) and the range check's edges."""
+    return [
+        code_case("doc-secded-fp32-64", "secded", "fp32", 64, [0x3F800000, 0xC0000000, 0x3EAAAAAB], [3], [5]),
+        code_case("doc-secded-int8-16", "secded", "int8", 16, [0x7F, 0x05, 0xFC, 0x0C], [4], [3, 20, 27]),
+        code_case("doc-range-parity-fp32-64", "parity", "fp32", 64, [0x3F800000, 0x3F000000], [2], [30, 62],
+                  value(0x3F800001, "fp32")),
+        code_case("secded-fp32-64-rounding", "secded", "fp32", 64,
+                  [0x3F800008, 0x3F800004, 0x3F800018, 0x3F80000C, 0x7F7FFFFF, 0xFF7FFFFF, 0x7F800001, 0xFF800001,
+                   0x00000001, 0x0000000F, 0x007FFFFF, 0x80000000, 0x7F800000, 0xFF800000, 0x7FC00007, 0x3F80000F],
+                  [16], [0, 64, 65]),
+        code_case("secded-fp16-32-rounding", "secded", "fp16", 32,
+                  [0x3C04, 0x3C02, 0x3C0C, 0x3C06, 0x7BFF, 0xFBFF, 0x7C01, 0x7C03, 0x0001, 0x03FF, 0x8000, 0x7C00],
+                  [12], [31, 33]),
+        code_case("secded-bf16-32-rounding", "secded", "bf16", 32,
+                  [0x3F84, 0x3F82, 0x3F8C, 0x3F86, 0x7F7F, 0xFF7F, 0x7F81, 0xFF87, 0x0001, 0x007F, 0x8000, 0xFF80],
+                  [12], [15, 16, 17]),
+        code_case("secded-int8-16-rounding", "secded", "int8", 16,
+                  [0x7F, 0x7F, 0x80, 0x80, 0x04, 0x02, 0xFC, 0xFE, 0x0C, 0x06, 0xF4, 0xFA, 0x05, 0x03, 0xFB, 0xFD],
+                  [16], [0, 1, 2]),
+        code_case("secded-uint8-16-rounding", "secded", "uint8", 16,
+                  [0xFF, 0xFF, 0x04, 0x02, 0x0C, 0x06, 0x05, 0x03, 0xFC, 0xFE], [10], [8]),
+        code_case("secded-fp32-weight-flips", "secded", "fp32", "weight", [0x3F800000, 0xBF800000, 0x40490FDB],
+                  [3], [0, 32 + 31, 64 + 5, 64 + 6]),
+        code_case("secded-fp32-512-padding-flip", "secded", "fp32", 512, [0x3F800000] * 3, [3], [500]),
+        code_case("secded-fp32-empty", "secded", "fp32", 64, [], [0, 2], []),
+        code_case("range-max-zero-keeps-zeros", "parity", "fp32", 64, [0x00000000, 0x80000000, 0x00000001,
+                                                                       0x80000001], [4], [], 0.0),
+        code_case("range-zeroes-nan-and-infinity", "parity", "fp32", 128,
+                  [0x7FC00000, 0x7F800000, 0xFF800000, 0x3F800000], [4], [], 2.0),
+        code_case("range-int8-compares-magnitude", "parity", "int8", 32, [0x80, 0x7F, 0x81, 0x05], [4], [], 127.0),
+        code_case("range-secded-fp16-64", "secded", "fp16", 64, [0x3C00, 0xBC00, 0x3800, 0x0000], [4],
+                  [14, 30, 45], 1.0),
+        code_case("range-secded-bf16-64-miscorrection", "secded", "bf16", 64, [0x3F80, 0x3F00, 0xBF00, 0x3E80],
+                  [4], [14, 13, 12], 1.0),
+    ]
+
+
 def main() -> None:
-    """Writes every case to the file named on the command line (default: the test vectors)."""
+    """Writes both vector files into the folder named on the command line (default: tests/vectors)."""
     output = Path(sys.argv[1]) if len(sys.argv) > 1 else DEFAULT_OUTPUT
-    output.parent.mkdir(parents=True, exist_ok=True)
-    cases = handcrafted_cases() + generated_cases()
-    output.write_text(json.dumps(cases, indent=1) + "\n")
-    print(f"wrote {len(cases)} cases to {output}")
+    output.mkdir(parents=True, exist_ok=True)
+    for file_name, cases in ((PARITY_FILE, handcrafted_cases() + generated_cases()),
+                             (CODE_FILE, handcrafted_code_cases() + generated_code_cases())):
+        (output / file_name).write_text(json.dumps(cases, indent=1) + "\n")
+        print(f"wrote {len(cases)} cases to {output / file_name}")
 
 
 if __name__ == "__main__":

@@ -101,8 +101,8 @@ def protect(
         stream = packed.reshape(-1).view(np.uint8)
         for bit in rng.choice(stream.size * 8, size=min(flips, stream.size * 8), replace=False):
             stream[bit // 8] ^= np.uint8(1 << (bit % 8))
-        decoded, masked = codec.decode(packed, fmt, width, weights.shape)
-        expected_masked += masked
+        result = codec.decode(packed, fmt, width, weights.shape)
+        decoded, expected_masked = result.weights, expected_masked + result.masked_words
         initializers[name].CopyFrom(numpy_helper.from_array(decoded.astype(np.float32), name))
         count = f"{name}::op_masked" if report_faults else None
         decode = standard_decode(name, f"{name}::op_packed", name, fmt, width, weights.shape, TensorProto.FLOAT, count)
