@@ -881,7 +881,7 @@ CODE_VECTOR_RUNS = [
 @pytest.mark.parametrize("check", CHECKS)
 @pytest.mark.parametrize(("case", "output_type"), CODE_VECTOR_RUNS)
 def test_code_vectors_in_every_output_type_and_check(case: dict, output_type: int, check: str) -> None:
-    """With check runtime or load, the vector's decode after its faults; none: the faulty words unpacked, stolen bits cleared."""
+    """Runtime and load: the decode after the faults; none: the faulty words unpacked, stolen bits cleared."""
     fmt = case["format"]
     faults = case["decoded_after_faults"]
     packed = vector_packed(case)
