@@ -11,6 +11,7 @@ from typing import Protocol
 
 import numpy as np
 
+from oppass import files
 from oppass.errors import OppassError
 
 DIGITS = "digits"
@@ -111,7 +112,8 @@ def open_dataset(source: str) -> Dataset:
     path = Path(source)
     if path.is_dir():
         return ImageFolderDataset(path)
-    if path.suffix == ".npz" and path.is_file():
+    if path.suffix == ".npz" and path.exists():
+        files.check_input(path, ".npz file")  # a FIFO or device is said to be one, and never opened
         return _npz_dataset(path)
     raise OppassError(f"data {source!r} is neither 'digits', an existing .npz file nor an image folder")
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from oppass import modelio, runtime
+from oppass import files, modelio, runtime
 from oppass.campaign import export
 from oppass.campaign.batch_study import batch_size_study
 from oppass.campaign.config import CampaignConfig, Condition, ber_grid, conditions
@@ -84,8 +84,7 @@ def run_campaign(config: CampaignConfig) -> CampaignResult:
 
 def make_plan(config: CampaignConfig) -> Plan:
     """Checks model and data, adapts batch size and metric to them, and lists the conditions."""
-    if not Path(config.model).is_file():
-        raise OppassError(f"no such model file: {config.model}")
+    files.check_input(config.model, "model file")  # missing, or a FIFO, device, folder: said so
     dataset = open_dataset(config.data)
     notes = []
     batch_size = config.batch_size
