@@ -13,7 +13,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from oppass import modelio, runtime
+from oppass import files, modelio, runtime
 from oppass.campaign import export
 from oppass.campaign.batch_study import batch_size_study
 from oppass.campaign.config import ECC, UNPROTECTED, CampaignConfig, Condition, Variant, conditions
@@ -108,13 +108,13 @@ def run_campaign(config: CampaignConfig, log: TextIO | None = sys.stderr) -> Cam
         summaries = summarize([record for record in store.trials() if (record.condition_key, record.trial) in keys])
         rows = berzad_rows(summaries)
         table = table2(rows, plan.formats, config.protections + ((ECC,) if config.ecc else ()))
-        files = export.write_all(config, plan, store, summaries, rows, table)
+        written = export.write_all(config, plan, store, summaries, rows, table)
     except KeyboardInterrupt:
         stored = len(keys & store.finished())
         raise CampaignInterrupted(stored, len(planned)) from None
     finally:
         store.close()
-    return CampaignResult(config.out, summaries, rows, table, plan.notes, len(pending), seconds, files)
+    return CampaignResult(config.out, summaries, rows, table, plan.notes, len(pending), seconds, written)
 
 
 def open_store(out: Path, identity: dict) -> Store:
@@ -130,8 +130,7 @@ def open_store(out: Path, identity: dict) -> Store:
 
 def make_plan(config: CampaignConfig) -> Plan:
     """Checks model and data, fits data, output, metric and formats to them, and lists the conditions."""
-    if not Path(config.model).is_file():
-        raise OppassError(f"no such model file: {config.model}")
+    files.check_input(config.model, "model file")  # missing, or a FIFO, device, folder: said so
     model = modelio.load_model(config.model)
     if read_decode_nodes(model):
         raise OppassError(f"{config.model} is already protected by oppass: give the unprotected model (or "
