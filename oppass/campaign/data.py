@@ -247,8 +247,13 @@ def _npz_dataset(path: Path, inputs: Sequence[ModelInput], batched: bool | None,
     if unused:
         notes.append(f"{path.name}: arrays {', '.join(unused)} are not model inputs: ignored")
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
-    described = ", ".join(f"{key} {list(values.shape)} {values.dtype}" for key, values in
-                          {**samples, **shared}.items())
+    wanted = {i.name: i for i in inputs}
+    described = ", ".join(
+        f"{key} {list(chosen[name].shape)} {chosen[name].dtype}"
+        + (f" for input {name!r}" if key != name else "")
+        + (f" (cast to {wanted[name].dtype})" if chosen[name].dtype != wanted[name].dtype else "")
+        for name, key in keys.items()
+    )
     description = (f"{name}: {count} samples, {'labels ' + repr(label_key) if labels is not None else 'no labels'}; "
                    f"{described}" + (f"; fed unchanged: {', '.join(shared)}" if shared else "")
                    + ("" if batched else "; one run per sample"))

@@ -83,6 +83,7 @@ def run_campaign(config: CampaignConfig, log: TextIO | None = sys.stderr) -> Cam
     Notes and progress go to `log` (None: silent). On KeyboardInterrupt (Ctrl-C, or a signal the
     caller turns into one) the finished trials stay stored and CampaignInterrupted is raised.
     """
+    _check_out(config.out)
     plan = make_plan(config)
     if log is not None:
         for note in plan.notes:
@@ -119,13 +120,17 @@ def run_campaign(config: CampaignConfig, log: TextIO | None = sys.stderr) -> Cam
 
 def open_store(out: Path, identity: dict) -> Store:
     """The store in `out`, created if needed; one-line errors for a file or an unwritable folder."""
-    if out.exists() and not out.is_dir():
-        raise OppassError(f"--out {out} is a file: give a folder (new, or holding this campaign)")
+    _check_out(out)
     try:
         return Store(out, identity)
     except (OSError, sqlite3.Error) as error:
         reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
         raise OppassError(f"cannot write the campaign to {out}: {reason}") from None
+
+
+def _check_out(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise OppassError(f"--out {out} is a file: give a folder (new, or holding this campaign)")
 
 
 def make_plan(config: CampaignConfig) -> Plan:
