@@ -6,13 +6,22 @@
 #include "decoder.h"
 
 #include <string.h>
+#if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__) && !defined(__clang__)
+#include <immintrin.h>
+#endif
 
 #define LANE_BYTES 8
 /* x86-64 builds carry a second copy of the decoding loops for AVX2/POPCNT CPUs, picked at load time. */
 #if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__) && !defined(__clang__)
 #define TARGET_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+/* SEC-DED's syndrome scan has a third copy for CPUs with vector popcounts (AVX-512 VPOPCNTDQ and
+ * BITALG), picked by the plan: target_clones can name that ISA only through a CPU model. */
+#define VECTOR_POPCOUNT_TARGET \
+  __attribute__((target("avx2,bmi,bmi2,popcnt,avx512f,avx512vl,avx512bw,avx512vpopcntdq,avx512bitalg")))
+#define HAS_VECTOR_POPCOUNT 1
 #else
 #define TARGET_CLONES
+#define HAS_VECTOR_POPCOUNT 0
 #endif
 /* The parity scan tests blocks of BLOCK_BYTES (whole words: W <= 512 bits) for an odd word at once,
  * as BLOCK_VECTORS vectors of BLOCK_VECTOR_BYTES. */
@@ -269,6 +278,11 @@ DecodePlan plan_decode(const WeightFormat *format, unsigned word_bits, OnnxType 
   if (code == CODE_SECDED) {
     plan.secded = build_secded(word_bits, format->bits);
   }
+#if HAS_VECTOR_POPCOUNT
+  __builtin_cpu_init();
+  plan.secded.vector_popcount = __builtin_cpu_supports("avx512vpopcntdq") && __builtin_cpu_supports("avx512bitalg") &&
+                                __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bw");
+#endif
   plan.range_check = checked && range_check;
   plan.range_limit = plan.range_check ? range_limit(output_type, range_max) : 0;
   return plan;
@@ -529,14 +543,15 @@ TARGET_CLONES static size_t mask_odd_words(const DecodePlan *plan, const uint8_t
 /* ---------------------------------------------------------------- SEC-DED */
 
 /* The syndrome sigma = s + P * W of one word (decoder.h, SecdedCode). Inlined with constant
- * word_bytes and lanes. */
+ * word_bytes and lanes, so r = log2(W) + 1 is constant too. */
 static inline __attribute__((always_inline)) unsigned word_syndrome(const SecdedCode *code, const uint8_t *word,
                                                                     size_t word_bytes, size_t lanes) {
+  unsigned r = (unsigned)__builtin_ctzll(word_bytes * 8) + 1;
   unsigned sigma = 0;
   if (word_bytes < LANE_BYTES) {
     uint64_t x = 0;
     memcpy(&x, word, word_bytes);
-    for (unsigned i = 0; i < code->check_bits; i++) {
+    for (unsigned i = 0; i < r; i++) {
       sigma |= (unsigned)(__builtin_popcountll(x & code->syndrome_masks[i][0]) & 1) << i;
     }
     return sigma;
@@ -545,7 +560,7 @@ static inline __attribute__((always_inline)) unsigned word_syndrome(const Secded
   for (size_t lane = 0; lane < lanes; lane++) {
     x[lane] = load_lane(word + LANE_BYTES * lane);
   }
-  for (unsigned i = 0; i < code->check_bits; i++) {
+  for (unsigned i = 0; i < r; i++) {
     uint64_t folded = 0;
     for (size_t lane = 0; lane < lanes; lane++) {
       folded ^= x[lane] & code->syndrome_masks[i][lane];
@@ -554,6 +569,94 @@ static inline __attribute__((always_inline)) unsigned word_syndrome(const Secded
   }
   return sigma;
 }
+
+/* True when every one of the `count` words at `words` has syndrome 0: bit 0 of the OR of all
+ * their masked popcounts is clear. Branch-free, so that it vectorises where popcounts do. */
+static inline __attribute__((always_inline)) bool words_clean(const SecdedCode *code, const uint8_t *words,
+                                                              size_t count, size_t word_bytes, size_t lanes) {
+  unsigned r = (unsigned)__builtin_ctzll(word_bytes * 8) + 1;
+  if (word_bytes == 2 || word_bytes == 4) {
+    uint32_t masks[MAX_CHECK_BITS];
+    for (unsigned i = 0; i < r; i++) {
+      masks[i] = (uint32_t)code->syndrome_masks[i][0];
+    }
+    uint32_t any = 0;
+    for (size_t w = 0; w < count; w++) {
+      uint32_t x = 0;
+      memcpy(&x, words + w * word_bytes, word_bytes);
+      for (unsigned i = 0; i < r; i++) {
+        any |= (uint32_t)__builtin_popcount(x & masks[i]);
+      }
+    }
+    return (any & 1) == 0;
+  }
+  uint64_t any = 0;
+  for (size_t w = 0; w < count; w++) {
+    for (unsigned i = 0; i < r; i++) {
+      uint64_t folded = 0;
+      for (size_t lane = 0; lane < lanes; lane++) {
+        folded ^= load_lane(words + w * word_bytes + LANE_BYTES * lane) & code->syndrome_masks[i][lane];
+      }
+      any |= (uint64_t)__builtin_popcountll(folded);
+    }
+  }
+  return (any & 1) == 0;
+}
+
+#if HAS_VECTOR_POPCOUNT
+/* words_clean with AVX-512: 64 bytes at a time, each mask i tiled over 512 bits. W <= 64: a
+ * 16/32/64-bit element popcount per word, ORed (bit 0 set when some parity is odd); W >= 128: the
+ * per-lane parities go to bit i of a lane, and the lanes of one word are XORed together. `count`
+ * words fill whole 64-byte vectors (the caller scans the rest with words_clean). */
+VECTOR_POPCOUNT_TARGET static bool vectors_clean(const SecdedCode *code, const uint8_t *words, size_t vectors,
+                                                 size_t word_bytes) {
+  unsigned r = (unsigned)__builtin_ctzll(word_bytes * 8) + 1;
+  size_t lanes = word_bytes / LANE_BYTES;
+  __m512i masks[MAX_CHECK_BITS];
+  for (unsigned i = 0; i < r; i++) {
+    uint64_t tiled[8];
+    for (size_t lane = 0; lane < 8; lane++) {
+      tiled[lane] = code->syndrome_masks[i][lanes > 1 ? lane % lanes : 0];
+    }
+    masks[i] = _mm512_loadu_si512(tiled);
+  }
+  __m512i any = _mm512_setzero_si512();
+  for (size_t v = 0; v < vectors; v++) {
+    __m512i x = _mm512_loadu_si512(words + 64 * v);
+    if (word_bytes <= LANE_BYTES) {
+      for (unsigned i = 0; i < r; i++) {
+        __m512i masked = _mm512_and_si512(x, masks[i]);
+        __m512i count = word_bytes == 2   ? _mm512_popcnt_epi16(masked)
+                        : word_bytes == 4 ? _mm512_popcnt_epi32(masked)
+                                          : _mm512_popcnt_epi64(masked);
+        any = _mm512_or_si512(any, count);
+      }
+    } else {
+      __m512i parities = _mm512_setzero_si512();
+      for (unsigned i = 0; i < r; i++) {
+        __m512i count = _mm512_popcnt_epi64(_mm512_and_si512(x, masks[i]));
+        /* parities |= (count & 1) << i */
+        parities = _mm512_ternarylogic_epi64(parities, _mm512_slli_epi64(count, i),
+                                             _mm512_set1_epi64((long long)1 << i), 0xF8);
+      }
+      if (lanes >= 2) { /* XOR the lanes of each word: pairs, then quads, then octets */
+        parities = _mm512_xor_si512(parities, _mm512_permutex_epi64(parities, 0xB1));
+      }
+      if (lanes >= 4) {
+        parities = _mm512_xor_si512(parities, _mm512_permutex_epi64(parities, 0x4E));
+      }
+      if (lanes >= 8) {
+        parities = _mm512_xor_si512(parities, _mm512_shuffle_i64x2(parities, parities, 0x4E));
+      }
+      any = _mm512_or_si512(any, parities);
+    }
+  }
+  if (word_bytes <= LANE_BYTES) {
+    any = _mm512_and_si512(any, _mm512_set1_epi64(0x0001000100010001));
+  }
+  return _mm512_test_epi64_mask(any, any) == 0;
+}
+#endif
 
 /* Acts on a word of syndrome sigma != 0 whose weights `out` already holds as stored: odd parity
  * (P = 1), the bit of index s is flipped back and the word rewritten; even parity, s != 0, the
@@ -575,46 +678,82 @@ static void repair_word(const DecodePlan *plan, const uint8_t *stream, uint8_t *
   counts->corrected++;
 }
 
+/* Blocks of BLOCK_BYTES (whole words) are scanned at once; only a block with a word of syndrome
+ * != 0 is searched word by word. */
 static inline __attribute__((always_inline)) void repair_words_with(const DecodePlan *plan, const uint8_t *stream,
                                                                     uint8_t *out, size_t first_word, size_t end_word,
                                                                     size_t word_bytes, size_t lanes,
-                                                                    DecodeCounts *counts) {
+                                                                    DecodeCounts *counts, bool vector) {
   const SecdedCode *code = &plan->secded;
-  for (size_t word = first_word; word < end_word; word++) {
-    unsigned sigma = word_syndrome(code, stream + word * word_bytes, word_bytes, lanes);
-    if (sigma != 0) {
-      repair_word(plan, stream, out, word, sigma, counts);
+  size_t words_per_block = BLOCK_BYTES / word_bytes;
+  for (size_t block = first_word; block < end_word; block += words_per_block) {
+    size_t block_end = end_word - block < words_per_block ? end_word : block + words_per_block;
+    const uint8_t *words = stream + block * word_bytes;
+#if HAS_VECTOR_POPCOUNT
+    if (vector && block_end - block == words_per_block && vectors_clean(code, words, BLOCK_BYTES / 64, word_bytes)) {
+      continue;
+    }
+#else
+    (void)vector;
+#endif
+    if (!vector && words_clean(code, words, block_end - block, word_bytes, lanes)) {
+      continue;
+    }
+    for (size_t word = block; word < block_end; word++) {
+      unsigned sigma = word_syndrome(code, stream + word * word_bytes, word_bytes, lanes);
+      if (sigma != 0) {
+        repair_word(plan, stream, out, word, sigma, counts);
+      }
     }
   }
 }
 
+/* One copy of the SEC-DED scan per word size, each with constant word_bytes and lanes. */
+#define REPAIR_WORDS_BY_SIZE(plan, stream, out, first_word, end_word, counts, vector)     \
+  switch ((plan)->word_bytes) {                                                     \
+    case 2:                                                                         \
+      repair_words_with(plan, stream, out, first_word, end_word, 2, 1, counts, vector);     \
+      break;                                                                        \
+    case 4:                                                                         \
+      repair_words_with(plan, stream, out, first_word, end_word, 4, 1, counts, vector);     \
+      break;                                                                        \
+    case 8:                                                                         \
+      repair_words_with(plan, stream, out, first_word, end_word, 8, 1, counts, vector);     \
+      break;                                                                        \
+    case 16:                                                                        \
+      repair_words_with(plan, stream, out, first_word, end_word, 16, 2, counts, vector);    \
+      break;                                                                        \
+    case 32:                                                                        \
+      repair_words_with(plan, stream, out, first_word, end_word, 32, 4, counts, vector);    \
+      break;                                                                        \
+    default: /* 64; SEC-DED never fits W = 8 */                                     \
+      repair_words_with(plan, stream, out, first_word, end_word, 64, MAX_LANES, counts, vector); \
+      break;                                                                        \
+  }
+
+TARGET_CLONES static void repair_words_scalar(const DecodePlan *plan, const uint8_t *stream, uint8_t *out,
+                                              size_t first_word, size_t end_word, DecodeCounts *counts) {
+  REPAIR_WORDS_BY_SIZE(plan, stream, out, first_word, end_word, counts, false)
+}
+
+#if HAS_VECTOR_POPCOUNT
+VECTOR_POPCOUNT_TARGET static void repair_words_vector(const DecodePlan *plan, const uint8_t *stream, uint8_t *out,
+                                                       size_t first_word, size_t end_word, DecodeCounts *counts) {
+  REPAIR_WORDS_BY_SIZE(plan, stream, out, first_word, end_word, counts, true)
+}
+#endif
+
 /* Corrects or masks the words among [first_word, end_word) of the already converted `out` whose
  * syndrome is not 0. */
-TARGET_CLONES static void repair_words(const DecodePlan *plan, const uint8_t *stream, uint8_t *out, size_t first_word,
-                                       size_t end_word, DecodeCounts *counts) {
-  switch (plan->word_bytes) {
-    case 1:
-      repair_words_with(plan, stream, out, first_word, end_word, 1, 1, counts);
-      break;
-    case 2:
-      repair_words_with(plan, stream, out, first_word, end_word, 2, 1, counts);
-      break;
-    case 4:
-      repair_words_with(plan, stream, out, first_word, end_word, 4, 1, counts);
-      break;
-    case 8:
-      repair_words_with(plan, stream, out, first_word, end_word, 8, 1, counts);
-      break;
-    case 16:
-      repair_words_with(plan, stream, out, first_word, end_word, 16, 2, counts);
-      break;
-    case 32:
-      repair_words_with(plan, stream, out, first_word, end_word, 32, 4, counts);
-      break;
-    default:
-      repair_words_with(plan, stream, out, first_word, end_word, 64, 8, counts);
-      break;
+static void repair_words(const DecodePlan *plan, const uint8_t *stream, uint8_t *out, size_t first_word,
+                         size_t end_word, DecodeCounts *counts) {
+#if HAS_VECTOR_POPCOUNT
+  if (plan->secded.vector_popcount) {
+    repair_words_vector(plan, stream, out, first_word, end_word, counts);
+    return;
   }
+#endif
+  repair_words_scalar(plan, stream, out, first_word, end_word, counts);
 }
 
 /* ---------------------------------------------------------------- range check */

@@ -106,6 +106,7 @@ typedef struct {
   uint64_t syndrome_masks[MAX_CHECK_BITS][MAX_LANES];
   uint64_t kept_bits[MAX_LANES];
   uint16_t position_of_index[MAX_WORD_BITS];      /* word bit position of each Hamming index */
+  bool vector_popcount;                           /* the CPU has vector popcounts (x86-64 AVX-512) */
 } SecdedCode;
 
 /* Converts `count` stored weights to output elements (both unaligned byte buffers). */

@@ -33,6 +33,7 @@ def fuzzers() -> dict[str, Path]:
     return {path.name.removeprefix("fuzz_"): path for path in paths}
 
 
+@pytest.mark.slow
 def test_every_single_flip_corrected_and_double_masked(fuzzers: dict[str, Path]) -> None:
     result = subprocess.run([str(fuzzers["exhaustive_secded"])], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -4,6 +4,8 @@ Each test builds a one-node ONNX model (packed initializer -> ParityCheckUnpack 
 masked_words) and runs it with the compiled library; outputs are compared bit for bit, as raw
 bytes, with the normative vectors and with `oppass.codec`. Section (3) holds the node validation
 rules' table of refused and valid nodes, run in one child interpreter (tests/kernel_cases.py).
+Section (5) holds code=secded and the range check: code_vectors.json in every output type and check
+mode, random tensors with faults against the codec, and the counts outputs.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from oppass import codec, formats, runtime, schema
 from oppass.errors import OppassError
 
 VECTORS = Path(__file__).parent / "vectors" / "format_vectors.json"
+CODE_VECTORS = Path(__file__).parent / "vectors" / "code_vectors.json"
 NODE_NAME = "decode_under_test"
 PACKED = "packed"
 OUTPUTS = ("weights", "masked_words")
@@ -392,7 +395,7 @@ def node_model(
     graph_outputs = []
     if outputs and outputs[0]:
         graph_outputs.append(weights_output or helper.make_empty_tensor_value_info(outputs[0]))
-    graph_outputs += [helper.make_tensor_value_info(name, TensorProto.INT64, []) for name in outputs[1:2] if name]
+    graph_outputs += [helper.make_tensor_value_info(name, TensorProto.INT64, []) for name in outputs[1:3] if name]
     graph = helper.make_graph(
         [node], "parity_check_unpack_test", [packed_input] if packed_input is not None else [], graph_outputs,
         initializer=[numpy_helper.from_array(packed, PACKED)] if packed is not None else [],
@@ -671,6 +674,57 @@ def add_valid_edge_cases() -> None:
                         node_model(decode_attributes(fmt, width, shape, check, OUTPUT_TYPES[fmt][0]), packed=packed))
 
 
+def add_code_cases() -> None:
+    """The optional attributes `code` and `range_max` (rules 3, 4, 5, 10) and output 2 (rule 2)."""
+    add("code-absent-is-parity", node_model({"code": None}))
+    add("code-parity", node_model({"code": "parity"}))
+    for check in CHECKS:
+        add(f"code-secded-{check}", node_model({"code": "secded", "check": check}))
+        add(f"code-secded-range-{check}", node_model({"code": "secded", "check": check, "range_max": 2.5}))
+    for kind in onnx.AttributeProto.AttributeType.values():
+        if kind in (onnx.AttributeProto.UNDEFINED, onnx.AttributeProto.GRAPH):
+            continue  # onnxruntime refuses both itself (see add_attribute_type_cases)
+        kind_name = onnx.AttributeProto.AttributeType.Name(kind)
+        if kind != onnx.AttributeProto.STRING:
+            add(f"attribute-code-of-type-{kind_name}", node_model({"code": attribute_of_type("code", kind)}),
+                refused("attribute 'code' is not of type STRING"))
+        if kind != onnx.AttributeProto.FLOAT:
+            add(f"attribute-range_max-of-type-{kind_name}",
+                node_model({"range_max": attribute_of_type("range_max", kind)}),
+                refused("attribute 'range_max' is not of type FLOAT"))
+    variants = {f"{name.decode()}-{kind}": value for name in (b"parity", b"secded")
+                for kind, value in string_variants(name).items()}
+    variants.update({"empty": b"", "hamming": b"hamming", "invalid-utf8": b"\xff\xfe"})
+    for variant, value in variants.items():
+        add(f"code-value-{variant}", node_model({"code": helper.make_attribute("code", value)}),
+            refused(f"unknown code '{escaped(value)}'"))
+    unfit = {"bf16": (16, TensorProto.BFLOAT16, "32, 64, 128, 256, 512"),
+             "int8": (8, TensorProto.INT8, "16, 32, 64, 128, 256, 512"),
+             "uint8": (8, TensorProto.UINT8, "16, 32, 64, 128, 256, 512")}
+    for fmt, (width, output_type, fitting) in unfit.items():
+        attributes = {"format": fmt, "word_bits": width, "output_type": output_type, "code": "secded"}
+        add(f"code-secded-does-not-fit-{fmt}-W{width}", node_model(attributes),
+            refused(f"code secded does not fit {fmt} in {width}-bit words"))
+        add(f"code-secded-does-not-fit-{fmt}-W{width}-names-the-fitting-sizes", node_model(attributes),
+            refused(f"expected word_bits {fitting}"))
+    for label, value in {"nan": float("nan"), "inf": float("inf"), "minus-inf": float("-inf"), "minus-one": -1.0,
+                         "minus-smallest-subnormal": -1e-45}.items():
+        add(f"range-max-{label}", node_model({"range_max": value}),
+            refused("is not valid: expected a finite value >= 0"))
+    for label, value in {"zero": 0.0, "minus-zero": -0.0, "largest-float": 3.4028234663852886e38,
+                         "smallest-subnormal": 1e-45}.items():
+        add(f"range-max-{label}", node_model({"range_max": value}))
+        add(f"range-max-{label}-secded", node_model({"range_max": value, "code": "secded"}))
+    add("secded-three-outputs", node_model({"code": "secded"}, outputs=CODE_OUTPUTS))
+    add("secded-masked-words-omitted", node_model({"code": "secded"}, outputs=(OUTPUTS[0], "", CODE_OUTPUTS[2])))
+    add("secded-corrected-words-omitted", node_model({"code": "secded"}, outputs=(*OUTPUTS, "")))
+    add("parity-three-outputs-corrected-named", node_model({"code": "parity"}, outputs=CODE_OUTPUTS),
+        refused("3 outputs with code parity: output 2 (corrected_words) needs code secded"))
+    add("secded-four-outputs", node_model({"code": "secded"}, outputs=(*CODE_OUTPUTS, "more")),
+        by_onnxruntime("has output size 4"))
+
+
+CODE_OUTPUTS = (*OUTPUTS, "corrected_words")
 add_original_cases()
 add_node_wiring_cases()
 add_attribute_type_cases()
@@ -679,6 +733,7 @@ add_value_cases()
 add_packed_cases()
 add_node_name_cases()
 add_valid_edge_cases()
+add_code_cases()
 REFUSED = [case_id for case_id, expect in EXPECTED.items() if expect.refusal is not None]
 LOADING = [case_id for case_id, expect in EXPECTED.items() if expect.refusal is None]
 
@@ -759,3 +814,168 @@ def test_corruption_after_session_creation(check: str, masks_late_fault: bool) -
     np.testing.assert_array_equal(after.numpy(), expected)
     assert masked_after == int(masks_late_fault)
     assert value.data_ptr() == packed.ctypes.data
+
+
+# ----------------------------------------------------------------------------- (5) SEC-DED and the range check
+
+
+def code_model(packed: np.ndarray, attributes: dict[str, object], outputs: Sequence[str] = CODE_OUTPUTS) -> bytes:
+    """One decode node with `attributes` (code, range_max among them) and `outputs`, all graph outputs."""
+    node = helper.make_node("ParityCheckUnpack", [PACKED], list(outputs), domain=schema.DOMAIN, name=NODE_NAME)
+    node.attribute.extend(make_attribute(name, value) for name, value in attributes.items())
+    graph_outputs = [helper.make_empty_tensor_value_info(outputs[0])]
+    graph_outputs += [helper.make_tensor_value_info(name, TensorProto.INT64, []) for name in outputs[1:] if name]
+    graph = helper.make_graph([node], "code_test", [], graph_outputs, [numpy_helper.from_array(packed, PACKED)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(schema.DOMAIN, 1)])
+    return model.SerializeToString()
+
+
+def code_attributes(fmt: str, width: int, shape: Sequence[int], check: str, output_type: int, code: str,
+                    range_max: float | None) -> dict[str, object]:
+    attributes = {**decode_attributes(fmt, width, shape, check, output_type), "code": code}
+    if range_max is not None:
+        attributes["range_max"] = range_max
+    return attributes
+
+
+def decode_code_with_kernel(packed: np.ndarray, attributes: dict[str, object]) -> tuple[np.ndarray, int, int | None]:
+    """Output codes, masked_words and (secded) corrected_words from the kernel."""
+    secded = attributes["code"] == "secded"
+    session = ort.InferenceSession(code_model(packed, attributes, CODE_OUTPUTS if secded else OUTPUTS),
+                                   exact_session_options())
+    values = session.run_with_ort_values(list(CODE_OUTPUTS if secded else OUTPUTS), {})
+    output_type = int(attributes["output_type"])  # type: ignore[call-overload]
+    assert values[0].data_type() == ORT_TYPE_NAMES[output_type]
+    assert values[0].shape() == list(attributes["shape"])  # type: ignore[call-overload]
+    element_bytes = 4 if output_type == TensorProto.FLOAT else formats.FORMATS[str(attributes["format"])].bits // 8
+    corrected = int(values[2].numpy()) if secded else None
+    return raw_bytes(values[0]).view(f"<u{element_bytes}"), int(values[1].numpy()), corrected
+
+
+def code_codec_expectation(packed: np.ndarray, attributes: dict[str, object]) -> tuple[np.ndarray, int, int | None]:
+    fmt, width, shape = str(attributes["format"]), int(attributes["word_bits"]), list(attributes["shape"])  # type: ignore
+    code, output_type = str(attributes["code"]), int(attributes["output_type"])  # type: ignore[call-overload]
+    if attributes["check"] == "none":
+        weights, masked, corrected = codec.unpack(packed, fmt, width, shape, code=code), 0, 0
+    else:
+        range_max = attributes.get("range_max")
+        decoded = codec.decode(packed, fmt, width, shape, code=code,
+                               range_max=None if range_max is None else float(range_max))  # type: ignore[arg-type]
+        weights, masked, corrected = decoded.weights, decoded.masked_words, decoded.corrected_words
+    code_dtype = f"u{formats.FORMATS[fmt].bits // 8}"
+    return (output_codes(weights.reshape(-1).view(code_dtype), fmt, output_type), masked,
+            corrected if code == "secded" else None)
+
+
+def load_code_vectors() -> list[dict]:
+    return [case for case in json.loads(CODE_VECTORS.read_text()) if "packed" in case]
+
+
+CODE_VECTOR_RUNS = [
+    pytest.param(case, output_type, id=f"{case['name']}-{TensorProto.DataType.Name(output_type)}")
+    for case in load_code_vectors()
+    for output_type in OUTPUT_TYPES[case["format"]]
+]
+
+
+@pytest.mark.parametrize("check", CHECKS)
+@pytest.mark.parametrize(("case", "output_type"), CODE_VECTOR_RUNS)
+def test_code_vectors_in_every_output_type_and_check(case: dict, output_type: int, check: str) -> None:
+    """Runtime and load: the decode after the faults; none: the faulty words unpacked, stolen bits cleared."""
+    fmt = case["format"]
+    faults = case["decoded_after_faults"]
+    packed = vector_packed(case)
+    flip_stream_bits(packed, faults["flipped_bits"])
+    attributes = code_attributes(fmt, case["word_bits"], case["shape"], check, output_type, case["code"],
+                                 case.get("range_max"))
+    decoded, masked, corrected = decode_code_with_kernel(packed, attributes)
+    secded = case["code"] == "secded"
+    if check == "none":
+        expected, _, _ = code_codec_expectation(packed, attributes)
+        np.testing.assert_array_equal(decoded, expected)
+        assert masked == 0 and corrected == (0 if secded else None)
+        return
+    np.testing.assert_array_equal(decoded, output_codes(faults["decoded"], fmt, output_type))
+    assert masked == faults["masked_words"]
+    assert corrected == (faults["corrected_words"] if secded else None)
+
+
+SECDED_LAYOUTS = [layout for layout in LAYOUTS if layout[1] in formats.word_widths(layout[0], "secded")]
+
+
+def max_magnitude(weights: np.ndarray) -> float:
+    """A range bound that some weights exceed: the median finite |w| as binary32."""
+    values = np.abs(weights.astype(np.float32))
+    finite = values[np.isfinite(values)]
+    return float(np.median(finite)) if finite.size else 1.0
+
+
+@pytest.mark.parametrize("layout", SECDED_LAYOUTS, ids=layout_id)
+@pytest.mark.parametrize("check", CHECKS)
+@pytest.mark.parametrize("range_check", [False, True], ids=["no-range", "range"])
+def test_secded_random_small_tensors_match_codec(layout: tuple[str, int, int], check: str, range_check: bool) -> None:
+    fmt, width, output_type = layout
+    rng = np.random.default_rng([width, output_type, len(fmt), CHECKS.index(check), range_check])
+    for shape in SMALL_SHAPES:
+        weights = random_weights(rng, fmt, int(np.prod(shape))).reshape(shape)
+        packed = codec.encode(weights, width, code="secded").packed.copy()
+        range_max = max_magnitude(weights) if range_check else None
+        for faults in (0, 1, 2, 9):
+            faulty = packed.copy()
+            random_faults(rng, faulty, faults)
+            attributes = code_attributes(fmt, width, shape, check, output_type, "secded", range_max)
+            decoded, masked, corrected = decode_code_with_kernel(faulty, attributes)
+            expected, expected_masked, expected_corrected = code_codec_expectation(faulty, attributes)
+            np.testing.assert_array_equal(decoded, expected, err_msg=f"shape {shape}, {faults} faults")
+            assert (masked, corrected) == (expected_masked, expected_corrected)
+
+
+@pytest.mark.parametrize("faults", [5, 3000], ids=["sparse-faults", "dense-faults"])
+@pytest.mark.parametrize("layout", SECDED_LAYOUTS, ids=layout_id)
+def test_secded_random_large_tensors_match_codec_in_parallel(layout: tuple[str, int, int], faults: int) -> None:
+    """Several parallel tasks; sparse faults leave most 256-byte scan blocks clean, dense ones hit most."""
+    fmt, width, output_type = layout
+    rng = np.random.default_rng([width, output_type, len(fmt), LARGE_WEIGHTS, faults])
+    weights = random_weights(rng, fmt, LARGE_WEIGHTS)
+    packed = codec.encode(weights, width, code="secded").packed.copy()
+    random_faults(rng, packed, faults)
+    attributes = code_attributes(fmt, width, [LARGE_WEIGHTS], "runtime", output_type, "secded",
+                                 max_magnitude(weights))
+    decoded, masked, corrected = decode_code_with_kernel(packed, attributes)
+    expected, expected_masked, expected_corrected = code_codec_expectation(packed, attributes)
+    np.testing.assert_array_equal(decoded, expected)
+    assert (masked, corrected) == (expected_masked, expected_corrected)
+    assert corrected is not None and corrected > 0
+
+
+@pytest.mark.parametrize("layout", [layout for layout in LAYOUTS if layout[1] == 64], ids=layout_id)
+@pytest.mark.parametrize("check", CHECKS)
+def test_parity_with_range_check_matches_codec(layout: tuple[str, int, int], check: str) -> None:
+    fmt, width, output_type = layout
+    rng = np.random.default_rng([width, output_type, len(fmt), CHECKS.index(check), 7])
+    weights = random_weights(rng, fmt, 3001)
+    packed = codec.encode(weights, width).packed.copy()
+    random_faults(rng, packed, 40)
+    attributes = code_attributes(fmt, width, [3001], check, output_type, "parity", max_magnitude(weights))
+    decoded, masked, corrected = decode_code_with_kernel(packed, attributes)
+    expected, expected_masked, _ = code_codec_expectation(packed, attributes)
+    np.testing.assert_array_equal(decoded, expected)
+    assert masked == expected_masked and corrected is None
+
+
+def test_secded_counts_outputs_are_optional() -> None:
+    """Output 1 omitted ("") with output 2 kept, and output 2 alone dropped: the other count is still right."""
+    weights = codec.to_format(np.linspace(-2, 2, 40, dtype=np.float32), "fp32")[0]
+    packed = codec.encode(weights, 64, code="secded").packed.copy()
+    flip_stream_bits(packed, [3, 64 * 5 + 1, 64 * 5 + 9])  # word 0 corrected, word 5 masked
+    attributes = code_attributes("fp32", 64, [40], "runtime", TensorProto.FLOAT, "secded", None)
+    expected = codec.decode(packed, "fp32", 64, [40], code="secded")
+    session = ort.InferenceSession(code_model(packed, attributes, (OUTPUTS[0], "", CODE_OUTPUTS[2])),
+                                   exact_session_options())
+    decoded, corrected = session.run(None, {})
+    np.testing.assert_array_equal(decoded, expected.weights)
+    assert int(corrected) == expected.corrected_words == 1
+    session = ort.InferenceSession(code_model(packed, attributes, OUTPUTS), exact_session_options())
+    decoded, masked = session.run(None, {})
+    np.testing.assert_array_equal(decoded, expected.weights)
+    assert int(masked) == expected.masked_words == 1

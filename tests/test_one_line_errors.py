@@ -8,6 +8,7 @@ are no .npz, damaged images, a damaged store) and campaign exports on a full dis
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import subprocess
 import sys
@@ -233,3 +234,16 @@ def test_campaign_exports_on_a_full_disk_leave_the_previous_ones(tmp_path: Path,
         after = snapshot(config.out)
         assert {name: after[name] for name in exports} == exports
         assert not [name for name in after if name.endswith(".tmp")]
+
+
+@pytest.mark.parametrize("which", ["model", "data"])
+def test_a_fifo_as_campaign_model_or_data_is_named_not_opened(which: str, tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture) -> None:
+    fifo = tmp_path / ("model.onnx" if which == "model" else "data.npz")
+    os.mkfifo(fifo)
+    arguments = campaign_arguments("digits" if which == "model" else str(fifo), tmp_path / "out")
+    if which == "model":
+        arguments[1] = str(fifo)
+    status, error = run(arguments, capsys)
+    assert_one_line(status, error, f"{fifo} is a FIFO (named pipe), not a")
+    assert not (tmp_path / "out").exists()

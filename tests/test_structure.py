@@ -90,7 +90,7 @@ def test_the_package_ships_a_type_marker() -> None:
 def test_the_campaign_extra_is_in_the_test_extra_and_not_a_core_dependency() -> None:
     project = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]
     names = {re.split(r"[<>=;\[ ]", requirement)[0].lower() for requirement in project["dependencies"]}
-    assert names == {"numpy", "ml_dtypes", "onnx", "onnxruntime", "protobuf"}  # protobuf: modelio walks the wire format
+    assert names == {"numpy", "ml_dtypes", "onnx", "onnxruntime", "protobuf"}  # protobuf: oppass.modelio uses it
     assert "oppass[campaign]" in project["optional-dependencies"]["test"]
     extra = {re.split(r"[<>=;\[ ]", requirement)[0].lower() for requirement in
              project["optional-dependencies"]["campaign"]}

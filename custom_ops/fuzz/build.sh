@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Builds the two libFuzzer targets with AddressSanitizer and UndefinedBehaviorSanitizer into build/fuzz/:
 # fuzz_parity_check_unpack (the kernel through a fake OrtApi) and fuzz_decoder (the decoder alone), and
-# exhaustive_secded (every single and double flip of SEC-DED words, decoder against reference; -O2, no
-# sanitizers, for speed).
+# exhaustive_secded (every single and double flip of SEC-DED words, decoder against reference), built with
+# the host compiler (HOST_CC, default cc: GCC, like the kernel library, so that its target copies, the
+# AVX-512 syndrome scan included, are the ones checked) at -O2 without sanitizers, for speed.
 # Needs clang with its runtimes (Debian: apt-get install clang libclang-rt-14-dev) and the ORT header
 # that the CMake build caches (ORT_INCLUDE_DIR overrides). Prints the three executables' paths.
 set -euo pipefail
@@ -18,7 +19,7 @@ flags=(-g -O1 -fno-omit-frame-pointer -fsanitize=fuzzer,address,undefined -fno-s
   "$here/../parity_check_unpack.c" "$here/../decoder.c" -lm -o "$root/build/fuzz/fuzz_parity_check_unpack"
 "${CC:-clang}" "${flags[@]}" "$here/fuzz_decoder.c" "$here/reference.c" "$here/../decoder.c" -lm \
   -o "$root/build/fuzz/fuzz_decoder"
-"${CC:-clang}" -O2 "$here/exhaustive_secded.c" "$here/reference.c" "$here/../decoder.c" -lm \
+"${HOST_CC:-cc}" -O2 "$here/exhaustive_secded.c" "$here/reference.c" "$here/../decoder.c" -lm \
   -o "$root/build/fuzz/exhaustive_secded"
 echo "$root/build/fuzz/exhaustive_secded"
 echo "$root/build/fuzz/fuzz_parity_check_unpack"

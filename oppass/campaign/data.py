@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
+from oppass import files
 from oppass.errors import OppassError
 
 if TYPE_CHECKING:
@@ -139,16 +140,16 @@ class ImageFolderDataset:
 
     def __init__(self, root: Path, model_input: ModelInput) -> None:
         classes = sorted(path for path in root.iterdir() if path.is_dir())
-        files = [(image, label) for label, folder in enumerate(classes) for image in sorted(folder.iterdir())
+        found = [(image, label) for label, folder in enumerate(classes) for image in sorted(folder.iterdir())
                  if image.suffix.lower() in IMAGE_SUFFIXES]
-        if not files:
+        if not found:
             raise OppassError(f"{root} holds no images in class sub-folders (expected root/<class>/<image>.jpg)")
         self.crop = _crop_size(model_input)
         self.input_name = model_input.name
         self.dtype = model_input.dtype
         self.batched = model_input.dynamic_batch
-        self.files = [image for image, _ in files]
-        self.labels = np.array([label for _, label in files], dtype=np.int64)
+        self.files = [image for image, _ in found]
+        self.labels = np.array([label for _, label in found], dtype=np.int64)
         self.size = len(self.files)
         self.root = root
         crop = f"{self.crop[0]}x{self.crop[1]}"
@@ -197,7 +198,8 @@ def open_dataset(source: str, inputs: Sequence[ModelInput], batched: bool | None
         if batched is False:
             folder.batched = False
         return folder
-    if path.suffix == ".npz" and path.is_file():
+    if path.suffix == ".npz" and path.exists():
+        files.check_input(path, ".npz file")  # a FIFO or device is said to be one, and never opened
         return _npz_dataset(path, inputs, batched, str(path))
     raise OppassError(f"data {source!r} is neither 'digits', an existing .npz file nor an image folder")
 
@@ -245,8 +247,13 @@ def _npz_dataset(path: Path, inputs: Sequence[ModelInput], batched: bool | None,
     if unused:
         notes.append(f"{path.name}: arrays {', '.join(unused)} are not model inputs: ignored")
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
-    described = ", ".join(f"{key} {list(values.shape)} {values.dtype}" for key, values in
-                          {**samples, **shared}.items())
+    wanted = {i.name: i for i in inputs}
+    described = ", ".join(
+        f"{key} {list(chosen[name].shape)} {chosen[name].dtype}"
+        + (f" for input {name!r}" if key != name else "")
+        + (f" (cast to {wanted[name].dtype})" if chosen[name].dtype != wanted[name].dtype else "")
+        for name, key in keys.items()
+    )
     description = (f"{name}: {count} samples, {'labels ' + repr(label_key) if labels is not None else 'no labels'}; "
                    f"{described}" + (f"; fed unchanged: {', '.join(shared)}" if shared else "")
                    + ("" if batched else "; one run per sample"))

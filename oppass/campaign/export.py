@@ -34,7 +34,8 @@ def setting(config: CampaignConfig, plan: Plan) -> Setting:
     metric = plan.workload.metric
     data = "the digits test split" if config.data == "digits" else Path(config.data).name
     return Setting(Path(config.model).stem, data, plan.data_description, metric.describe(),
-                   metrics.axis_label(metric.name), plan.experiments, plan.workload.batch_size)
+                   metrics.axis_label(metric.name, metric.rtol, metric.atol), plan.experiments,
+                   plan.workload.batch_size)
 
 
 def write_all(

@@ -136,13 +136,13 @@ def describe(name: str, rtol: float = DEFAULT_RTOL, atol: float = DEFAULT_ATOL) 
     }.get(name, f"user metric {name}")
 
 
-def axis_label(name: str) -> str:
+def axis_label(name: str, rtol: float = DEFAULT_RTOL, atol: float = DEFAULT_ATOL) -> str:
     """The y-axis label of accuracy-vs-BER figures under metric `name`."""
     return {
         TOP1: "top-1 accuracy (%)",
         TOP5: "top-5 accuracy (%)",
         GOLDEN: "agreement with fault-free top-1 (%)",
-        ALLCLOSE: "samples within tolerance (%)",
+        ALLCLOSE: f"samples within rtol {rtol:g}, atol {atol:g} (%)",
     }.get(name, f"correct under {name} (%)")
 
 

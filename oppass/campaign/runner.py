@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from oppass import modelio, runtime
+from oppass import files, modelio, runtime
 from oppass.campaign import export
 from oppass.campaign.batch_study import batch_size_study
 from oppass.campaign.config import UNPROTECTED, CampaignConfig, Condition, Variant, campaign_protections, conditions
@@ -84,6 +84,7 @@ def run_campaign(config: CampaignConfig, log: TextIO | None = sys.stderr) -> Cam
     Notes and progress go to `log` (None: silent). On KeyboardInterrupt (Ctrl-C, or a signal the
     caller turns into one) the finished trials stay stored and CampaignInterrupted is raised.
     """
+    _check_out(config.out)
     plan = make_plan(config)
     if log is not None:
         for note in plan.notes:
@@ -110,19 +111,18 @@ def run_campaign(config: CampaignConfig, log: TextIO | None = sys.stderr) -> Cam
         summaries = summarize([record for record in store.trials() if (record.condition_key, record.trial) in keys])
         rows = berzad_rows(summaries)
         table = table2(rows, plan.formats, campaign_protections(config))
-        files = export.write_all(config, plan, store, summaries, rows, table)
+        written = export.write_all(config, plan, store, summaries, rows, table)
     except KeyboardInterrupt:
         stored = len(keys & store.finished())
         raise CampaignInterrupted(stored, len(planned)) from None
     finally:
         store.close()
-    return CampaignResult(config.out, summaries, rows, table, plan.notes, len(pending), seconds, files)
+    return CampaignResult(config.out, summaries, rows, table, plan.notes, len(pending), seconds, written)
 
 
 def open_store(out: Path, identity: dict) -> Store:
     """The store in `out`, created if needed; one-line errors for a file or an unwritable folder."""
-    if out.exists() and not out.is_dir():
-        raise OppassError(f"--out {out} is a file: give a folder (new, or holding this campaign)")
+    _check_out(out)
     try:
         return Store(out, identity)
     except (OSError, sqlite3.Error) as error:
@@ -130,10 +130,14 @@ def open_store(out: Path, identity: dict) -> Store:
         raise OppassError(f"cannot write the campaign to {out}: {reason}") from None
 
 
+def _check_out(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise OppassError(f"--out {out} is a file: give a folder (new, or holding this campaign)")
+
+
 def make_plan(config: CampaignConfig) -> Plan:
     """Checks model and data, fits data, output, metric and formats to them, and lists the conditions."""
-    if not Path(config.model).is_file():
-        raise OppassError(f"no such model file: {config.model}")
+    files.check_input(config.model, "model file")  # missing, or a FIFO, device, folder: said so
     model = modelio.load_model(config.model)
     if read_decode_nodes(model):
         raise OppassError(f"{config.model} is already protected by oppass: give the unprotected model (or "

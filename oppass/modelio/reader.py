@@ -31,7 +31,9 @@ from oppass.modelio import wire
 from oppass.modelio.fields import all_tensors
 
 # What onnx.load_model raises on a file that is not a model: binary, JSON, protobuf text and ONNX text formats.
-_PARSE_ERRORS = (DecodeError, RuntimeWarning, ValueError, json_format.Error, text_format.Error, onnx.parser.ParseError)
+# onnx's text parser lets C++ exceptions out: std::out_of_range as IndexError, others as RuntimeError.
+_PARSE_ERRORS = (DecodeError, RuntimeWarning, ValueError, json_format.Error, text_format.Error, onnx.parser.ParseError,
+                 IndexError, OverflowError, RuntimeError)
 # Main-graph initializers with at least this many bytes of raw data are read from the file one at a time.
 DEFER_THRESHOLD = 1024
 COPY_CHUNK = 16 * 2**20
