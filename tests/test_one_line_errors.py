@@ -24,6 +24,7 @@ from test_file_safety import FullDisk, PatchedOs, snapshot
 
 from oppass import cli, files, modelio, protect
 from oppass.campaign import CampaignConfig, run_campaign
+from oppass.campaign.data import ModelInput, open_dataset
 from oppass.campaign.store import STORE_FILE
 from oppass.errors import OppassError
 
@@ -163,21 +164,21 @@ def damaged_images(folder: Path) -> Path:
 
 DIGITS_INPUTS = np.zeros((4, 1, 8, 8), np.float32)
 DATA_PROBLEMS = {
-    "empty inputs": (npz(inputs=np.zeros((0, 1, 8, 8), np.float32)), "with N >= 1"),
-    "0-d inputs": (npz(inputs=np.float32(1)), "with N >= 1"),
+    "empty inputs": (npz(inputs=np.zeros((0, 1, 8, 8), np.float32)), "holds no samples"),
+    "0-d inputs": (npz(inputs=np.float32(1)), "holds no samples"),
     "object inputs": (npz(inputs=np.array([None, 1], dtype=object)), "Object arrays cannot be loaded"),
-    "string inputs": (npz(inputs=np.array(["a", "b"])), "must be a numeric array"),
-    "complex inputs": (npz(inputs=DIGITS_INPUTS.astype(np.complex64)), "must be a numeric array"),
-    "no inputs": (npz(images=DIGITS_INPUTS), "has no 'inputs' array"),
-    "inputs of the wrong shape": (npz(inputs=np.zeros((4, 3, 5, 5), np.float32)), "cannot run on the data's inputs"),
-    "float labels": (npz(inputs=DIGITS_INPUTS, labels=np.array([0.5, 1, 2, 3])), "one integer per input"),
-    "too few labels": (npz(inputs=DIGITS_INPUTS, labels=np.array([0, 1])), "one integer per input"),
+    "string inputs": (npz(inputs=np.array(["a", "b"])), "cannot take the data's <U1 array: store it as float32"),
+    "complex inputs": (npz(inputs=DIGITS_INPUTS.astype(np.complex64)), "cannot take the data's complex64 array"),
+    "no inputs": (npz(images=DIGITS_INPUTS), "has no array for the model input 'image': it holds images"),
+    "inputs of the wrong shape": (npz(inputs=np.zeros((4, 3, 5, 5), np.float32)), "does not fit the data"),
+    "float labels": (npz(inputs=DIGITS_INPUTS, labels=np.array([0.5, 1, 2, 3])), "must be integers with one entry"),
+    "too few labels": (npz(inputs=DIGITS_INPUTS, labels=np.array([0, 1])), "has no sample axis of 2"),
     "negative label": (npz(inputs=DIGITS_INPUTS, labels=np.array([0, 1, -1, 3])), "class indices (>= 0)"),
     "label beyond the classes": (npz(inputs=DIGITS_INPUTS, labels=np.array([0, 1, 10, 3])), "has 10 classes"),
     "not a zip": (raw_file(b"not a zip"), "not a zip archive"),
     "a truncated npz": (lambda folder: raw_file(npz(inputs=DIGITS_INPUTS)(folder).read_bytes()[:200])(folder),
                         "not a zip archive"),
-    "a damaged image": (damaged_images, "cannot be read"),
+    "images for a one-channel model": (damaged_images, "an image folder feeds [N, 3, H, W]"),
 }
 
 
@@ -188,6 +189,13 @@ def test_campaign_data_problems_are_one_line_errors(case: str, tmp_path: Path, c
     status, error = run(campaign_arguments(str(data), tmp_path / "out"), capsys)
     assert_one_line(status, error, message)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_damaged_image_is_a_one_line_error(tmp_path: Path) -> None:
+    pytest.importorskip("PIL")
+    image_input = ModelInput("image", np.dtype(np.float32), (None, 3, 8, 8))
+    with pytest.raises(OppassError, match="1.png cannot be read .*: remove or replace it"):
+        open_dataset(str(damaged_images(tmp_path)), [image_input]).feeds(np.arange(1))
 
 
 @pytest.mark.parametrize("damage", [b"", b"garbage" * 100, b"SQLite format 3\0" + b"\xff" * 2000])
