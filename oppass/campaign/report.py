@@ -100,9 +100,12 @@ def _definitions(setting: Setting, max_ber: float) -> str:
         "Accuracy": f"{setting.metric}, in % of the samples of a batch; a sample with a NaN or infinite output is "
                     "never correct.",
         "Protection": "none (plain storage); OP per weight: Opportunistic Parity over each weight; OP per N bits: "
-                      "over words of N bits; ECC (72,64): SEC-DED over 64-bit words (12.5 % extra storage).",
+                      "over words of N bits; SEC-DED per N bits: a zero-overhead SEC-DED code over words of N bits, "
+                      "its check bits in the weights' lowest bits (one flip corrected, two zeroed); range check: a "
+                      "weight beyond its tensor's fault-free maximum magnitude is zeroed (\"+ range\": after the "
+                      "code); ECC (72,64): SEC-DED over 64-bit words (12.5 % extra storage).",
         "Even-flip words": "words hit by an even, non-zero number of flips: invisible to a parity check over the "
-                           "word (for plain storage, the word is one weight).",
+                           "word (for plain storage, the word is one weight; for SEC-DED, the code's word).",
         **{f"Outcome: {metrics.OUTCOME_NAMES[name]}": text for name, text in outcomes.items()},
     }
     return _definition_list(items)
