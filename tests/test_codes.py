@@ -137,8 +137,11 @@ def test_secded_rounding_is_nearest_clears_the_stolen_bits_and_keeps_each_class(
     assert codec.subnormal_count(encoded.adjusted) <= codec.subnormal_count(weights)
 
 
-@pytest.mark.parametrize("code", formats.CODES)
-@pytest.mark.parametrize(("fmt", "word_bits"), SECDED_CONFIGS)
+CODE_CONFIGS = [(code, fmt, width) for code in formats.CODES for fmt in formats.FORMATS
+                for width in formats.word_widths(fmt, code)]
+
+
+@pytest.mark.parametrize(("code", "fmt", "word_bits"), CODE_CONFIGS)
 @settings(max_examples=10, deadline=None)
 @given(data=st.data())
 def test_range_check_zeroes_exactly_the_weights_outside_the_bound(code, fmt, word_bits, data):
