@@ -317,6 +317,52 @@ static inline __attribute__((always_inline)) void clear_stolen_bits_with(const u
   }
 }
 
+/* Widens `count` bf16 weights that start at a word boundary to binary32 with SEC-DED's check
+ * bits cleared, in one pass: 8 bytes (4 weights) at a time, each ANDed with its lane of the kept
+ * bits. Inlined with constant `lanes` so that the loop vectorises. */
+static inline __attribute__((always_inline)) void widen_bf16_cleared_with(const uint64_t *kept, const uint8_t *in,
+                                                                         uint8_t *out, size_t count, size_t lanes) {
+  size_t groups = count / 4;
+  for (size_t group = 0; group < groups; group++) {
+    uint64_t x = load_lane(in + LANE_BYTES * group) & kept[group % lanes];
+    uint32_t singles[4];
+    for (unsigned i = 0; i < 4; i++) {
+      uint16_t half = (uint16_t)(x >> (16 * i));
+      singles[i] = (uint32_t)half << 16;
+    }
+    memcpy(out + 16 * group, singles, sizeof singles);
+  }
+  size_t tail = count % 4;
+  if (tail != 0) {
+    uint64_t x = 0;
+    memcpy(&x, in + LANE_BYTES * groups, 2 * tail);
+    x &= kept[groups % lanes];
+    for (unsigned i = 0; i < tail; i++) {
+      uint16_t half = (uint16_t)(x >> (16 * i));
+      uint32_t single = (uint32_t)half << 16;
+      memcpy(out + 16 * groups + 4 * i, &single, sizeof single);
+    }
+  }
+}
+
+TARGET_CLONES static void widen_bf16_cleared(const DecodePlan *plan, const uint8_t *in, uint8_t *out, size_t count) {
+  const uint64_t *kept = plan->secded.kept_bits;
+  switch (plan->lanes) {
+    case 1:
+      widen_bf16_cleared_with(kept, in, out, count, 1);
+      break;
+    case 2:
+      widen_bf16_cleared_with(kept, in, out, count, 2);
+      break;
+    case 4:
+      widen_bf16_cleared_with(kept, in, out, count, 4);
+      break;
+    default:
+      widen_bf16_cleared_with(kept, in, out, count, MAX_LANES);
+      break;
+  }
+}
+
 static void clear_stolen_bits(const DecodePlan *plan, const uint8_t *in, uint8_t *dst, size_t bytes) {
   const uint64_t *kept = plan->secded.kept_bits;
   switch (plan->lanes) {
@@ -347,6 +393,8 @@ static void write_weights(const DecodePlan *plan, const uint8_t *in, uint8_t *ds
     }
   } else if (plan->widen == NULL) {
     clear_stolen_bits(plan, in, dst, bytes);
+  } else if (plan->widen == widen_bf16) {
+    widen_bf16_cleared(plan, in, dst, count);
   } else {
     uint8_t cleared[CHUNK_BYTES];
     clear_stolen_bits(plan, in, cleared, bytes);
