@@ -34,14 +34,16 @@ import math
 import os
 import sys
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import BinaryIO
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, external_data_helper, helper, numpy_helper
 
 from oppass import codec, edit, modelio, tensorio
+from oppass.encoder import ReferenceNeeded, TensorEncoder
 from oppass.errors import OppassError
 from oppass.formats import FLIP_STRATEGIES, FORMATS
 from oppass.reports import TensorReport, TransformReport
@@ -100,11 +102,75 @@ class _Site:
 class _Protected:
     """The nodes, initializers and value_info that replace one weight; `packed` becomes its first initializer."""
 
-    packed: np.ndarray
+    packed: _PackedWeight
     nodes: list[onnx.NodeProto]
     initializers: list[TensorProto]
     value_info: list[onnx.ValueInfoProto]
-    report: TensorReport
+
+
+_WeightSource = modelio.ModelFile | modelio.LazyCopy | None  # where weights not in the tensors are read
+
+
+@dataclass
+class _PackedWeight:
+    """A weight's packed initializer, encoded when its bytes are written (a `modelio.Producer`).
+
+    `write` reads the weight from `source` in chunks, converts and encodes each and writes it
+    before reading the next (`oppass.encoder`), and leaves the weight's `report`.
+    """
+
+    site: _Site
+    options: _Options
+    source: _WeightSource
+    source_format: str
+    target: str
+    word_bits: int
+    axis: int
+    output_type: int
+    shape: tuple[int, ...]
+    packed_dtype: np.dtype
+    packed_shape: tuple[int, int]
+    scales_bytes: int
+    placeholder: TensorProto | None = None
+    report: TensorReport | None = None
+
+    @property
+    def nbytes(self) -> int:
+        return self.packed_dtype.itemsize * math.prod(self.packed_shape)
+
+    def write(self, stream: BinaryIO) -> None:
+        encoder = self._encoder()
+        try:
+            for chunk in _weight_chunks(self.site.tensor, self.source, encoder.chunk_weights):
+                stream.write(encoder.encode(chunk).data)
+        except ReferenceNeeded:  # the codec raises the error, worded as for every other weight
+            self._encoder(reference=True).encode(_weights(self.site.tensor, self.source).reshape(-1))
+            raise RuntimeError(f"the C encoder and the numpy codec disagree on weight {self.site.name!r}") from None
+        stream.write(encoder.tail)
+        figures = encoder.figures()
+        self.report = TensorReport(
+            name=self.site.name,
+            source_format=self.source_format,
+            stored_format=self.target,
+            word_bits=self.word_bits,
+            weights=math.prod(self.shape),
+            bytes_before=FORMATS[self.source_format].dtype.itemsize * math.prod(self.shape),
+            bytes_after=self.nbytes + self.scales_bytes,
+            changed_words=figures.changed_words,
+            max_weight_change=figures.max_weight_change,
+            max_conversion_error=figures.max_conversion_error,
+            subnormals_before=figures.subnormals_before,
+            subnormals_after=figures.subnormals_after,
+            nonfinite_weights=figures.nonfinite_weights,
+        )
+
+    def _encoder(self, *, reference: bool = False) -> TensorEncoder:
+        return TensorEncoder(
+            name=self.site.name, source_format=self.source_format, target_format=self.target,
+            word_bits=self.word_bits, flip=self.options.flip, checked=self.options.check != "none",
+            output_dtype=helper.tensor_dtype_to_np_dtype(self.output_type), shape=self.shape, axis=self.axis,
+            reference=reference,
+        )
 
 
 def transform(
@@ -155,17 +221,65 @@ def transform_with_report(
     else:
         source = model if isinstance(model, modelio.ModelFile) else modelio.read_model(model, defer=True)
         result = source.model
-    if any(node.domain == DOMAIN for graph in modelio.all_graphs(result.graph) for node in graph.node):
-        raise OppassError("model is already protected (it has ai.oppass nodes)")
-    _refuse_duplicate_initializers(result)
-    sites = _find_sites(result, options)
-    if not sites:
-        warnings.warn(f"no weight of {', '.join(options.ops)} was found to protect: the model is written unprotected",
-                      stacklevel=2)
-    reports = _replace_sites(result, sites, options, source)
+    packed_weights = _protect_in_place(result, options, source)
+    for packed in packed_weights:  # one weight's arrays at a time
+        assert packed.placeholder is not None
+        modelio.fill_placeholder(packed.placeholder, packed)
+        packed.site.tensor.ClearField("raw_data")  # its packed form exists; its definition is gone
     if source is not None and source is not model:
         source.load_deferred()  # a model read or copied here is returned whole
-    return result, TransformReport(tuple(reports))
+    return result, _report(packed_weights)
+
+
+def transform_file(
+    model: modelio.ModelFile | str | os.PathLike,
+    output: str | os.PathLike,
+    *,
+    format: str = KEEP_FORMAT,
+    word: str | int = "64",
+    flip: str = "word-lsb",
+    ops: Sequence[str] = ("Conv", "Gemm"),
+    check: str = "runtime",
+    report_faults: bool = False,
+) -> TransformReport:
+    """Protects the model file `model` into the file `output` (options as in `transform`), streaming.
+
+    Each weight is read, encoded and written before the next is read: the packed weights are
+    encoded while the output is written (`modelio.ProducingModelFile`), so memory holds the
+    model's structure and one chunk of one weight (the whole weight for an int8 conversion, or
+    without the C encoder), whatever the model's size. The input is never modified; the output is
+    written atomically, with external data when the input had some or it exceeds 2 GB. A
+    `ModelFile` (read with `defer=True`) is protected in place.
+    """
+    options = _validated_options(format, word, flip, ops, check, report_faults)
+    read = model if isinstance(model, modelio.ModelFile) else modelio.read_model(model, defer=True)
+    modelio.check_destination(output, read)
+    packed_weights = _protect_in_place(read.model, options, read)
+    produced = {packed_name(packed.site.name): packed for packed in packed_weights}
+    source = modelio.ProducingModelFile(read.model, read.path, read.data_files, deferred=True, produced=produced)
+    modelio.save_model(read.model, output, source=source)
+    return _report(packed_weights)
+
+
+def _protect_in_place(
+    model: onnx.ModelProto, options: _Options, source: modelio.ModelFile | modelio.LazyCopy | None
+) -> list[_PackedWeight]:
+    """Replaces the weights of `model` by decode nodes and packed placeholders, to be filled from the result."""
+    if any(node.domain == DOMAIN for graph in modelio.all_graphs(model.graph) for node in graph.node):
+        raise OppassError("model is already protected (it has ai.oppass nodes)")
+    _refuse_duplicate_initializers(model)
+    sites = _find_sites(model, options)
+    if not sites:
+        warnings.warn(f"no weight of {', '.join(options.ops)} was found to protect: the model is written unprotected",
+                      stacklevel=3)
+    return _replace_sites(model, sites, options, source)
+
+
+def _report(packed_weights: list[_PackedWeight]) -> TransformReport:
+    reports = [packed.report for packed in packed_weights]
+    if any(report is None for report in reports):
+        raise OppassError("the protected weights were not all encoded")
+    return TransformReport(tuple(report for report in reports if report is not None))
 
 
 def _refuse_duplicate_initializers(model: onnx.ModelProto) -> None:
@@ -364,21 +478,19 @@ def _default_opset(model: onnx.ModelProto) -> int:
 # ----------------------------------------------------------------------------- protecting one weight
 
 
-def _protect(site: _Site, options: _Options, source: modelio.ModelFile | modelio.LazyCopy | None) -> _Protected:
-    """Encodes one weight and builds its replacement nodes and initializers (except the packed one)."""
-    original = _weights(site.tensor, source)
-    source_format = codec.format_of(original.dtype)
+def _protect(site: _Site, options: _Options, source: _WeightSource) -> _Protected:
+    """The replacement of one weight: its decode node (and DequantizeLinear), and its packed initializer, to encode.
+
+    Only a conversion to int8 reads the weight here (its scales are initializers of their own).
+    """
+    source_format = FORMAT_OF_ONNX_TYPE[site.tensor.data_type]
     target = source_format if options.format == KEEP_FORMAT else options.format
     axis = next(iter(site.axes))
-    stored, scales = codec.to_format(original, target, name=site.name, axis=axis)
+    shape = tuple(int(dim) for dim in site.tensor.dims)
+    scales = None
+    if target != source_format and target == "int8":
+        _, scales = codec.to_format(_weights(site.tensor, source), target, name=site.name, axis=axis)
     width = codec.word_bits(target, options.word)
-    if options.check == "none":
-        packed, changed_words = codec.pack(stored, width), 0
-        changed, changed_values = np.zeros(0, dtype=np.intp), stored.reshape(-1)[:0]
-    else:
-        encoded = codec.encode(stored, width, options.flip, adjusted=False, name=site.name)
-        packed, changed_words = encoded.packed, encoded.changed_words
-        changed, changed_values = encoded.changed, encoded.changed_values
     decode_output = _decode_output(site, options)
     output_type = ONNX_TYPES[target] if scales is not None else site.tensor.data_type  # bf16/fp16 of fp32: FLOAT
     masked_output = _masked_output(site, options)
@@ -389,36 +501,47 @@ def _protect(site: _Site, options: _Options, source: modelio.ModelFile | modelio
         masked_output=masked_output,
         format=target,
         word_bits=width,
-        shape=tuple(stored.shape),
+        shape=shape,
         check=options.check,
         output_type=output_type,
     ))
     nodes, initializers = [decode], []
-    value_info = [helper.make_tensor_value_info(decode_output, output_type, list(stored.shape))]
+    value_info = [helper.make_tensor_value_info(decode_output, output_type, list(shape))]
     if masked_output:
         value_info.append(helper.make_tensor_value_info(masked_output, TensorProto.INT64, []))
     if scales is not None:
         dequantize, quantization = _dequantize(site, decode_output, scales, axis)
         nodes.append(dequantize)
         initializers.extend(quantization)
-        value_info.append(helper.make_tensor_value_info(site.name, TensorProto.FLOAT, list(stored.shape)))
-    bytes_after = packed.nbytes + (scales.nbytes if scales is not None else 0)
-    report = TensorReport(
-        name=site.name,
-        source_format=source_format,
-        stored_format=target,
-        word_bits=width,
-        weights=int(stored.size),
-        bytes_before=int(original.nbytes),
-        bytes_after=int(bytes_after),
-        changed_words=changed_words,
-        max_weight_change=_max_relative_change(stored.reshape(-1)[changed], changed_values),
-        max_conversion_error=None if target == source_format else _conversion_error(original, stored, scales, axis),
-        subnormals_before=codec.subnormal_count(original),
-        subnormals_after=_subnormals_after(stored, changed, changed_values, output_type),
-        nonfinite_weights=codec.nonfinite_count(stored),
+        value_info.append(helper.make_tensor_value_info(site.name, TensorProto.FLOAT, list(shape)))
+    packed = _PackedWeight(
+        site=site, options=options, source=source, source_format=source_format, target=target, word_bits=width,
+        axis=axis, output_type=output_type, shape=shape, packed_dtype=codec.storage_dtype(width),
+        packed_shape=codec.packed_shape(math.prod(shape), target, width),
+        scales_bytes=0 if scales is None else scales.nbytes,
     )
-    return _Protected(packed, nodes, initializers, value_info, report)
+    return _Protected(packed, nodes, initializers, value_info)
+
+
+def _weight_chunks(tensor: TensorProto, source: _WeightSource, chunk_weights: int) -> Iterator[np.ndarray]:
+    """A weight's values, flat, in chunks of `chunk_weights`: read from the file one chunk at a time if still there."""
+    if isinstance(source, modelio.ModelFile) and source.deferred and external_data_helper.uses_external_data(tensor) \
+            and sys.byteorder == "little":
+        dtype = helper.tensor_dtype_to_np_dtype(tensor.data_type)
+        _check_length(tensor, source.stored_length(tensor), dtype)
+        for chunk in source.stored_chunks(tensor, chunk_weights * dtype.itemsize):
+            yield np.frombuffer(chunk, dtype)
+        return
+    values = _weights(tensor, source).reshape(-1)
+    for start in range(0, max(values.size, 1), chunk_weights):
+        yield values[start:start + chunk_weights]
+
+
+def _check_length(tensor: TensorProto, length: int, dtype: np.dtype) -> None:
+    expected = dtype.itemsize * math.prod(tensor.dims)
+    if length != expected:
+        raise OppassError(f"weight {tensor.name!r} has {length} bytes of data, expected "
+                          f"{expected} for {dtype} {list(tensor.dims)}")
 
 
 def _weights(tensor: TensorProto, source: modelio.ModelFile | modelio.LazyCopy | None) -> np.ndarray:
@@ -428,9 +551,7 @@ def _weights(tensor: TensorProto, source: modelio.ModelFile | modelio.LazyCopy |
     raw = source.tensor_bytes(tensor) if source is not None else \
         tensor.raw_data if tensor.HasField("raw_data") else None
     if raw is not None:
-        if len(raw) != dtype.itemsize * math.prod(shape):
-            raise OppassError(f"weight {tensor.name!r} has {len(raw)} bytes of data, expected "
-                              f"{dtype.itemsize * math.prod(shape)} for {dtype} {list(shape)}")
+        _check_length(tensor, len(raw), dtype)
         values = np.frombuffer(raw, dtype)
         return (values.byteswap() if sys.byteorder == "big" else values).reshape(shape)
     return tensorio.to_array(tensor, "weight")
@@ -461,15 +582,6 @@ def _new_names(site: _Site, options: _Options) -> set[str]:
     return names - {site.name}
 
 
-def _add_packed(graph: onnx.GraphProto, name: str, packed: np.ndarray) -> None:
-    """Adds `packed` as an initializer, its bytes copied once into the graph."""
-    tensor = graph.initializer.add()
-    tensor.name = name
-    tensor.data_type = helper.np_dtype_to_tensor_dtype(packed.dtype)
-    tensor.dims.extend(packed.shape)
-    tensor.raw_data = packed.astype(packed.dtype.newbyteorder("<"), copy=False).tobytes()
-
-
 def _dequantize(
     site: _Site, codes_name: str, scales: np.ndarray, axis: int
 ) -> tuple[onnx.NodeProto, list[TensorProto]]:
@@ -486,54 +598,14 @@ def _dequantize(
     return node, [scale, zero_point]
 
 
-def _max_relative_change(before: np.ndarray, after: np.ndarray) -> float:
-    """Max |after - before| / |before| over the finite nonzero `before` values (0.0 if there are none).
-
-    Computed in float32, which holds every stored format exactly; only the division rounds.
-    """
-    before32 = before.astype(np.float32, copy=False)
-    change = after.astype(np.float32, copy=False) - before32
-    with np.errstate(divide="ignore", invalid="ignore"):
-        change = np.divide(np.abs(change, out=change), np.abs(before32), out=change)
-    considered = np.isfinite(before32)
-    considered &= before32 != 0
-    return float(change.max(where=considered, initial=0.0))
-
-
-def _subnormals_after(stored: np.ndarray, changed: np.ndarray, changed_values: np.ndarray, output_type: int) -> int:
-    """Subnormal weights a fault-free decode outputs (in `output_type`): the stored ones, with `changed` replaced."""
-    as_dtype = helper.tensor_dtype_to_np_dtype(output_type)
-    before_change = stored.reshape(-1)[changed]
-    return (codec.subnormal_count(stored, as_dtype) - codec.subnormal_count(before_change, as_dtype)
-            + codec.subnormal_count(changed_values, as_dtype))
-
-
-def _conversion_error(original: np.ndarray, stored: np.ndarray, scales: np.ndarray | None, axis: int) -> float:
-    """Max |converted - original| / max |original|: rounding or quantization error in units of the largest weight."""
-    converted = stored.astype(np.float64)
-    if scales is not None:
-        shape = [1] * stored.ndim
-        shape[axis] = scales.size
-        converted = converted * scales.astype(np.float64).reshape(shape)
-    reference = original.astype(np.float64)
-    finite = np.isfinite(reference)
-    largest = np.abs(reference[finite]).max(initial=0.0)
-    if largest == 0:
-        return 0.0
-    return float(np.abs(converted[finite] - reference[finite]).max(initial=0.0) / largest)
-
-
 # ----------------------------------------------------------------------------- editing the model
 
 
 def _replace_sites(
-    model: onnx.ModelProto, sites: list[_Site], options: _Options, source: modelio.ModelFile | modelio.LazyCopy | None
-) -> list[TensorReport]:
-    """Swaps each site's definition for its replacement, one weight at a time; wires the optional fault counter.
-
-    Each weight's packed initializer is added as soon as it is encoded, so only one weight's
-    arrays are alive at a time; the original definitions go once all are done.
-    """
+    model: onnx.ModelProto, sites: list[_Site], options: _Options, source: _WeightSource
+) -> list[_PackedWeight]:
+    """Swaps each site's definition for its replacement, a placeholder for its packed initializer; wires the
+    optional fault counter. Returns the packed weights, in the order of their placeholders."""
     graph = model.graph
     masked_outputs = [_masked_name(site) for site in sites if options.report_faults]
     tail = _masked_words_sum(masked_outputs) if options.report_faults else []
@@ -543,15 +615,16 @@ def _replace_sites(
     _remove_value_info_everywhere(model, {site.name for site in sites})
     new_nodes: list[onnx.NodeProto] = []
     value_info: list[onnx.ValueInfoProto] = []
-    reports: list[TensorReport] = []
+    packed_weights: list[_PackedWeight] = []
     for site in sites:
         replacement = _protect(site, options, source)
-        _add_packed(graph, packed_name(site.name), replacement.packed)
+        packed = replacement.packed
+        packed.placeholder = modelio.add_placeholder(
+            graph, packed_name(site.name), helper.np_dtype_to_tensor_dtype(packed.packed_dtype), packed.packed_shape)
         graph.initializer.extend(replacement.initializers)
-        site.tensor.ClearField("raw_data")  # its packed form exists; the definition goes below
         new_nodes.extend(replacement.nodes)
         value_info.extend(replacement.value_info)
-        reports.append(replacement.report)
+        packed_weights.append(packed)
     _remove_definitions(sites)
     kept_nodes = list(graph.node)
     del graph.node[:]
@@ -560,7 +633,7 @@ def _replace_sites(
     if options.report_faults:
         graph.output.append(helper.make_tensor_value_info(MASKED_WORDS_OUTPUT, TensorProto.INT64, []))
     _import_domain(model)
-    return reports
+    return packed_weights
 
 
 def _import_domain(model: onnx.ModelProto) -> None:

@@ -14,16 +14,15 @@ from onnx import helper, numpy_helper
 
 from oppass.errors import OppassError
 from oppass.modelio import load_model, save_model
+from oppass.native import LIBRARY_ENV, LIBRARY_NAME, library_path
 from oppass.schema import DOMAIN, DecodeNode, is_decode_node, read_decode_nodes
 
-LIBRARY_ENV = "OPPASS_CUSTOM_OP_LIBRARY"
-LIBRARY_NAME = "liboppass_ops.so"
+__all__ = ["LIBRARY_ENV", "LIBRARY_NAME", "custom_op_library", "load_session", "optimize_for_cpu", "session_options"]
 
 
 def custom_op_library() -> str:
     """Path of the compiled ParityCheckUnpack library ($OPPASS_CUSTOM_OP_LIBRARY overrides)."""
-    override = os.environ.get(LIBRARY_ENV)
-    path = Path(override) if override else Path(__file__).parent / "_lib" / LIBRARY_NAME
+    path = library_path()
     if not path.is_file():
         raise OppassError(f"custom-op library not found at {path}: reinstall oppass (pip install .)")
     return str(path)

@@ -14,6 +14,7 @@ External data is opened relative to the model's folder with onnx's own checks (s
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, NamedTuple
@@ -95,6 +96,27 @@ class ModelFile:
                 if not chunk:
                     raise _changed(stored.path, tensor)
                 target.write(chunk)
+                left -= len(chunk)
+
+    def stored_chunks(self, tensor: onnx.TensorProto, chunk_bytes: int) -> Iterator[memoryview]:
+        """The bytes of an external tensor of this model, in chunks of at most `chunk_bytes`.
+
+        Every chunk is read into the same writable buffer: each is valid until the next is read.
+        """
+        stored = self._open(tensor)
+        with stored.stream as stream:
+            stream.seek(stored.offset)
+            buffer = memoryview(bytearray(max(min(chunk_bytes, stored.length), 1)))
+            left = stored.length
+            while left:
+                chunk = buffer[:min(left, len(buffer))]
+                filled = 0
+                while filled < len(chunk):
+                    got = stream.readinto(chunk[filled:])  # type: ignore[attr-defined]  # an open() file
+                    if not got:
+                        raise _changed(stored.path, tensor)
+                    filled += got
+                yield chunk
                 left -= len(chunk)
 
     def _read(self, tensor: onnx.TensorProto) -> bytes:
