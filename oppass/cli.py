@@ -113,7 +113,7 @@ def add_transform_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_transform(arguments: argparse.Namespace) -> None:
     """Runs `oppass transform`: protects, saves, prints the report and the drift."""
-    from oppass import modelio, runtime
+    from oppass import modelio
     from oppass.protect import transform_file, transform_with_report
 
     # The weights stay in the input file until the save reaches them: each is then read, encoded and
@@ -123,6 +123,8 @@ def run_transform(arguments: argparse.Namespace) -> None:
     options = {"format": arguments.format, "word": arguments.word, "flip": arguments.flip, "ops": arguments.ops,
                "check": arguments.check, "report_faults": arguments.report_faults}
     if arguments.optimize_for_cpu:  # a new model in memory, protected in place and saved on its own
+        from oppass import runtime  # onnxruntime: only when it runs a model
+
         protected, report = transform_with_report(runtime.optimize_for_cpu(read.load_deferred()), inplace=True,
                                                   **options)
         modelio.save_model(protected, arguments.output)

@@ -8,6 +8,8 @@
 - `pretrained_model(name)`: a real pretrained CNN from a PyPI wheel (tools/pretrained_models.py).
 - `quantized_digits_model()`: the bundled digits CNN after onnxruntime `quantize_dynamic`
   (ConvInteger / MatMulInteger with uint8 weights).
+- `transformer(dtype, folding)`: tools/export_transformer.py's GPT-2-shaped transformer exported by
+  torch.onnx.export (fp32, fp16 or bf16 weights; transposes folded or not).
 - `write_matmul_stack(folder, layers, width)`: a transformer-shaped stack of fp32 MatMul weights
   with external data, written tensor by tensor (not cached: it may be gigabytes).
 
@@ -28,6 +30,7 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 EXPORT_SCRIPT = REPO_ROOT / "tools" / "export_cnns.py"
 ARCHITECTURES_SCRIPT = REPO_ROOT / "tools" / "cnn_architectures.py"
+TRANSFORMER_SCRIPT = REPO_ROOT / "tools" / "export_transformer.py"
 PAPER_CNNS = ("resnet50", "mobilenet_v2", "squeezenet1_0")
 EXPORTED = "exported.txt"  # written, with the export's summary, once all of PAPER_CNNS are in its folder
 PRETRAINED_SCRIPT = REPO_ROOT / "tools" / "pretrained_models.py"
@@ -68,6 +71,21 @@ def quantized_digits_model() -> Path:
     """Cached uint8 ConvInteger/MatMulInteger version of oppass/examples/digits_cnn.onnx."""
     digest = _pretrained.file_digest(_pretrained.DIGITS_MODEL)[:12]
     return cached(f"digits_cnn_uint8-{digest}", "digits_cnn_uint8.onnx", _pretrained.quantized_digits_model)
+
+
+def transformer(dtype: str, folding: bool) -> Path:
+    """Cached export of the GPT-2-shaped transformer of tools/export_transformer.py (default sizes)."""
+    digest = hashlib.sha256(TRANSFORMER_SCRIPT.read_bytes()).hexdigest()[:12]
+    name = f"gpt-{dtype}{'' if folding else '-unfolded'}"
+
+    def export(path: Path) -> None:
+        command = [torch_python(), str(TRANSFORMER_SCRIPT), "--out", str(path), "--dtype", dtype]
+        result = subprocess.run(command + ([] if folding else ["--no-folding"]), capture_output=True, text=True,
+                                check=False)
+        if result.returncode != 0:
+            raise RuntimeError(f"exporting {name} failed: {result.stderr.strip().splitlines()[-1:]}")
+
+    return cached(f"{name}-{digest}", f"{name}.onnx", export)
 
 
 def write_matmul_stack(folder: Path, layers: int, width: int, *, seed: int = 0) -> Path:
