@@ -365,7 +365,5 @@ def _quantize_int8(weights: np.ndarray, name: str, axis: int) -> tuple[np.ndarra
     scales[scales == 0] = 1.0  # all-zero channels, and tiny ones whose scale underflows: all their codes are 0
     broadcast_shape = [1] * weights.ndim
     broadcast_shape[axis] = scales.size
-    quantized = weights / scales.reshape(broadcast_shape)
-    np.rint(quantized, out=quantized)  # in place: one float32 copy of the tensor at a time
-    np.clip(quantized, -_INT8_LIMIT, _INT8_LIMIT, out=quantized)
-    return quantized.astype(np.int8), scales
+    quantized = np.rint(weights / scales.reshape(broadcast_shape))
+    return np.clip(quantized, -_INT8_LIMIT, _INT8_LIMIT).astype(np.int8), scales
