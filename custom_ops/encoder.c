@@ -83,15 +83,22 @@ static ALWAYS_INLINE void store_code(uint8_t *at, unsigned bytes, uint32_t code)
   }
 }
 
+/* The binary32 bits of a finite fp16 code's value, exactly. */
+static ALWAYS_INLINE uint32_t fp16_bits(uint32_t code) {
+  uint32_t exponent = (code >> 10) & 0x1Fu;
+  float subnormal = (float)(code & 0x3FFu) * 0x1p-24f; /* exact */
+  uint32_t subnormal_bits;
+  memcpy(&subnormal_bits, &subnormal, sizeof subnormal_bits);
+  uint32_t normal_bits = ((exponent + 112) << 23) | ((code & 0x3FFu) << 13);
+  return (exponent != 0 ? normal_bits : subnormal_bits) | (code & 0x8000u) << 16;
+}
+
 /* The value of a finite fp16 code, exactly, as binary32. */
 static ALWAYS_INLINE float fp16_value(uint32_t code) {
-  uint32_t exponent = (code >> 10) & 0x1Fu;
-  float value = (float)(code & 0x3FFu) * 0x1p-24f; /* a subnormal: exact */
-  if (exponent != 0) {
-    uint32_t single = ((exponent + 112) << 23) | ((code & 0x3FFu) << 13);
-    memcpy(&value, &single, sizeof value);
-  }
-  return (code & 0x8000u) ? -value : value;
+  uint32_t single = fp16_bits(code);
+  float value;
+  memcpy(&value, &single, sizeof value);
+  return value;
 }
 
 /* The value of a finite code, exactly, as binary32 (every format's values are binary32 values). */
@@ -355,7 +362,8 @@ static ALWAYS_INLINE uint32_t round_to_fp16(uint32_t single) {
   bool normal = exponent >= 113; /* normal in fp16, or too large */
   uint32_t rounded = ((exponent - 112) << 10) | ((magnitude >> 13) & 0x3FFu);
   uint32_t rest = magnitude & 0x1FFFu;
-  rounded += rest > 0x1000u || (rest == 0x1000u && (rounded & 1u)); /* a carry moves to the next binade or inf */
+  /* bitwise, not logical, operators: no branch, so that the loop vectorises; a carry moves to the next binade */
+  rounded += (uint32_t)(rest > 0x1000u) | ((uint32_t)(rest == 0x1000u) & rounded & 1u);
   rounded = rounded > 0x7C00u ? 0x7C00u : rounded;
   /* an fp16 subnormal (or the smallest normal after rounding), in units of 2^-24; 0 below half of one */
   uint32_t significand = (magnitude & 0x7FFFFFu) | 0x800000u;
@@ -363,16 +371,20 @@ static ALWAYS_INLINE uint32_t round_to_fp16(uint32_t single) {
   uint32_t small = significand >> shift;
   uint32_t small_rest = significand & ((UINT32_C(1) << shift) - 1);
   uint32_t halfway = UINT32_C(1) << (shift - 1);
-  small += small_rest > halfway || (small_rest == halfway && (small & 1u));
+  small += (uint32_t)(small_rest > halfway) | ((uint32_t)(small_rest == halfway) & small & 1u);
   return sign | (normal ? rounded : small);
 }
 
-TARGET_CLONES static void convert_to(const uint8_t *input, uint8_t *output, uint64_t n_weights, bool to_bf16,
-                                     OppassConversionSummary *summary) {
+/* One conversion loop per target (to_bf16 constant once inlined), integer reductions only, so that each
+ * vectorises. A finite weight and its rounding lie within a factor of two of each other, so their difference
+ * is exact in binary32 (Sterbenz), and the magnitude bits of finite binary32 values order like the values:
+ * both maxima are kept as bits and widened to binary64 once, exactly. */
+static ALWAYS_INLINE void convert_with(const uint8_t *input, uint8_t *output, uint64_t n_weights, bool to_bf16,
+                                       OppassConversionSummary *summary) {
   uint64_t nonfinite = 0;
   uint64_t overflows = 0;
-  double max_difference = 0.0;
-  double max_magnitude = 0.0;
+  uint32_t max_difference = 0;
+  uint32_t max_magnitude = 0;
   uint32_t infinity = to_bf16 ? 0x7F80u : 0x7C00u;
   for (uint64_t i = 0; i < n_weights; i++) {
     uint32_t single;
@@ -380,28 +392,40 @@ TARGET_CLONES static void convert_to(const uint8_t *input, uint8_t *output, uint
     uint32_t half = to_bf16 ? round_to_bf16(single) : round_to_fp16(single);
     uint16_t stored = (uint16_t)half;
     memcpy(output + 2 * i, &stored, sizeof stored);
-    bool finite = (single & 0x7F800000u) != 0x7F800000u;
-    bool overflow = finite && (half & 0x7FFFu) == infinity;
+    uint32_t magnitude = single & 0x7FFFFFFFu;
+    bool finite = magnitude < 0x7F800000u;
+    bool overflow = finite & ((half & 0x7FFFu) == infinity);
     nonfinite += !finite;
     overflows += overflow;
     float value;
     memcpy(&value, &single, sizeof value);
+    uint32_t converted_bits = to_bf16 ? half << 16 : fp16_bits(half);
     float converted;
-    if (to_bf16) {
-      uint32_t widened = half << 16;
-      memcpy(&converted, &widened, sizeof converted);
-    } else {
-      converted = fp16_value(half);
-    }
-    double magnitude = finite ? fabs((double)value) : 0.0;
-    double difference = finite && !overflow ? fabs((double)converted - (double)value) : 0.0;
+    memcpy(&converted, &converted_bits, sizeof converted);
+    float difference = converted - value;
+    uint32_t difference_bits;
+    memcpy(&difference_bits, &difference, sizeof difference_bits);
+    difference_bits = finite & !overflow ? difference_bits & 0x7FFFFFFFu : 0;
+    magnitude = finite ? magnitude : 0;
     max_magnitude = magnitude > max_magnitude ? magnitude : max_magnitude;
-    max_difference = difference > max_difference ? difference : max_difference;
+    max_difference = difference_bits > max_difference ? difference_bits : max_difference;
   }
+  float largest_difference, largest_magnitude;
+  memcpy(&largest_difference, &max_difference, sizeof largest_difference);
+  memcpy(&largest_magnitude, &max_magnitude, sizeof largest_magnitude);
   summary->nonfinite_inputs = nonfinite;
   summary->overflows = overflows;
-  summary->max_difference = max_difference;
-  summary->max_magnitude = max_magnitude;
+  summary->max_difference = (double)largest_difference;
+  summary->max_magnitude = (double)largest_magnitude;
+}
+
+TARGET_CLONES static void convert_to(const uint8_t *input, uint8_t *output, uint64_t n_weights, bool to_bf16,
+                                     OppassConversionSummary *summary) {
+  if (to_bf16) {
+    convert_with(input, output, n_weights, true, summary);
+  } else {
+    convert_with(input, output, n_weights, false, summary);
+  }
 }
 
 int oppass_convert_fp32(const uint8_t *input, uint8_t *output, uint64_t n_weights, const char *format,
