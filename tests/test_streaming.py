@@ -263,7 +263,7 @@ def test_a_model_over_2_gb_is_transformed_in_memory_bounded_by_its_largest_tenso
         packed = np.frombuffer(read.tensor_bytes(packed_tensor), np.uint64).reshape(tuple(packed_tensor.dims))
         weight = next(t for t in original.model.graph.initializer if t.name == name)
         values = np.frombuffer(original.tensor_bytes(weight), np.float32).reshape(tuple(weight.dims))
-        decoded, masked = codec.decode(packed, "fp32", 64, values.shape)
+        decoded = codec.decode(packed, "fp32", 64, values.shape)
         expected = codec.encode(values, 64).adjusted
-        assert masked == 0 and expected is not None
-        np.testing.assert_array_equal(decoded.view(np.uint32), expected.view(np.uint32))
+        assert decoded.masked_words == 0 and expected is not None
+        np.testing.assert_array_equal(decoded.weights.view(np.uint32), expected.view(np.uint32))
