@@ -162,15 +162,15 @@ def damaged_images(folder: Path) -> Path:
 
 DIGITS_INPUTS = np.zeros((4, 1, 8, 8), np.float32)
 DATA_PROBLEMS = {
-    "empty inputs": (npz(inputs=np.zeros((0, 1, 8, 8), np.float32)), "with N >= 1"),
-    "0-d inputs": (npz(inputs=np.float32(1)), "with N >= 1"),
+    "empty inputs": (npz(inputs=np.zeros((0, 1, 8, 8), np.float32)), "holds no samples"),
+    "0-d inputs": (npz(inputs=np.float32(1)), "holds no samples"),
     "object inputs": (npz(inputs=np.array([None, 1], dtype=object)), "Object arrays cannot be loaded"),
-    "string inputs": (npz(inputs=np.array(["a", "b"])), "must be a numeric array"),
-    "complex inputs": (npz(inputs=DIGITS_INPUTS.astype(np.complex64)), "must be a numeric array"),
-    "no inputs": (npz(images=DIGITS_INPUTS), "has no 'inputs' array"),
-    "inputs of the wrong shape": (npz(inputs=np.zeros((4, 3, 5, 5), np.float32)), "cannot run on the data's inputs"),
-    "float labels": (npz(inputs=DIGITS_INPUTS, labels=np.array([0.5, 1, 2, 3])), "one integer per input"),
-    "too few labels": (npz(inputs=DIGITS_INPUTS, labels=np.array([0, 1])), "one integer per input"),
+    "string inputs": (npz(inputs=np.array(["a", "b"])), "cannot take the data's <U1 array"),
+    "complex inputs": (npz(inputs=DIGITS_INPUTS.astype(np.complex64)), "cannot take the data's complex64 array"),
+    "no inputs": (npz(images=DIGITS_INPUTS), "has no array for the model input 'image'"),
+    "inputs of the wrong shape": (npz(inputs=np.zeros((4, 3, 5, 5), np.float32)), "does not fit the data"),
+    "float labels": (npz(inputs=DIGITS_INPUTS, labels=np.array([0.5, 1, 2, 3])), "must be integers with one entry"),
+    "too few labels": (npz(inputs=DIGITS_INPUTS, labels=np.array([0, 1])), "has no sample axis of 2"),
     "negative label": (npz(inputs=DIGITS_INPUTS, labels=np.array([0, 1, -1, 3])), "class indices (>= 0)"),
     "label beyond the classes": (npz(inputs=DIGITS_INPUTS, labels=np.array([0, 1, 10, 3])), "has 10 classes"),
     "not a zip": (raw_file(b"not a zip"), "not a zip archive"),
