@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 from oppass.errors import OppassError
 
 if TYPE_CHECKING:
-    from oppass.protect import transform, transform_with_report
+    from oppass.protect import transform, transform_file, transform_with_report
     from oppass.protected_models import inject, inspect, strip
     from oppass.runtime import custom_op_library, load_session, optimize_for_cpu, session_options
 
@@ -20,6 +20,7 @@ __version__ = "0.1.0"
 # Where each lazily imported public name is defined.
 _LAZY = {
     "transform": "oppass.protect",
+    "transform_file": "oppass.protect",
     "transform_with_report": "oppass.protect",
     "inject": "oppass.protected_models",
     "inspect": "oppass.protected_models",
@@ -39,6 +40,7 @@ __all__ = [
     "session_options",
     "strip",
     "transform",
+    "transform_file",
     "transform_with_report",
 ]
 

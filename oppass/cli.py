@@ -150,35 +150,29 @@ def add_transform_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_transform(arguments: argparse.Namespace) -> None:
     """Runs `oppass transform`: protects, saves, prints the report and the drift."""
-    from oppass import modelio, runtime
-    from oppass.protect import transform_with_report
+    from oppass import modelio
+    from oppass.protect import transform_file, transform_with_report
 
-    # The weights stay in the input file until the pass reads them, one at a time, and the save copies
-    # the unprotected ones straight from it: the model is protected in place, never held twice.
+    # The weights stay in the input file until the save reaches them: each is then read, encoded and
+    # written before the next is read, and the save copies the unprotected ones straight from the input.
     read = modelio.read_model(arguments.input, defer=True)
     modelio.check_destination(arguments.output, read)
-    model: onnx.ModelProto | modelio.ModelFile = read
-    source: modelio.ModelFile | None = read  # where the save copies the weights the pass left alone from
     if arguments.optimize_for_cpu and arguments.check in ("load", "load-custom"):
         raise OppassError(f"--optimize-for-cpu is for --check runtime: with --check {arguments.check} onnxruntime "
                           "optimises the decoded model itself when the session is created")
+    options = {"format": arguments.format, "word": arguments.word, "flip": arguments.flip, "ops": arguments.ops,
+               "check": arguments.check, "report_faults": arguments.report_faults, "code": arguments.code,
+               "range_check": arguments.range_check, "allow_unprotected": arguments.allow_unprotected}
     if arguments.optimize_for_cpu:  # a new model in memory, protected in place and saved on its own
-        model, source = runtime.optimize_for_cpu(read.load_deferred()), None
-    protected, report = transform_with_report(
-        model,
-        format=arguments.format,
-        word=arguments.word,
-        flip=arguments.flip,
-        ops=arguments.ops,
-        check=arguments.check,
-        report_faults=arguments.report_faults,
-        inplace=True,
-        code=arguments.code,
-        range_check=arguments.range_check,
-        allow_unprotected=arguments.allow_unprotected,
-    )
-    modelio.save_model(protected, arguments.output, source=source)
-    del read, model, source, protected  # the drift check reads both files; free the weights before it
+        from oppass import runtime  # onnxruntime: only when it runs a model
+
+        protected, report = transform_with_report(runtime.optimize_for_cpu(read.load_deferred()), inplace=True,
+                                                  **options)
+        modelio.save_model(protected, arguments.output)
+        del protected
+    else:
+        report = transform_file(read, arguments.output, **options)
+    del read  # the drift check reads both files; free the weights before it
     rows = _report_rows(report, arguments.code, arguments.range_check)
     rows.append(("fault-free output drift", "skipped (--no-verify)" if arguments.no_verify
                  else _drift_text(arguments.input, arguments.output)))

@@ -38,19 +38,22 @@ the model, dropping the rest of its metadata.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import os
 import sys
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import BinaryIO
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, external_data_helper, helper, numpy_helper
 
 from oppass import codec, edit, modelio, tensorio
+from oppass.encoder import Figures, ReferenceNeeded, TensorEncoder
 from oppass.errors import OppassError
 from oppass.formats import CODES, FLIP_STRATEGIES, FORMATS, PARITY, SECDED
 from oppass.reports import TensorReport, TransformReport
@@ -84,6 +87,10 @@ PER_AXIS_DEQUANTIZE_OPSET = 13
 # onnxruntime folds no node whose output exceeds this many bytes (its default
 # optimization.constant_folding_max_output_size_in_bytes).
 FOLDING_LIMIT = 2**30
+
+# Bytes per write of a packed weight: on this project's machine (Linux 6, ext4) one 4 MiB write() took
+# 7.5 s per GiB where the same bytes in 256 KiB writes took 0.65 s (tools/bench, large-transform).
+WRITE_SLICE = 256 * 1024
 
 # Weight input index of each op type the pass can protect.
 WEIGHT_INPUT = {"Conv": 1, "ConvTranspose": 1, "ConvInteger": 1, "Gemm": 1, "MatMul": 1, "MatMulInteger": 1}
@@ -130,12 +137,96 @@ class _Site:
 class _Protected:
     """The nodes, initializers and value_info that replace one weight; `packed` becomes its first initializer."""
 
-    packed: np.ndarray
+    packed: _PackedWeight
     decode: DecodeNode
     nodes: list[onnx.NodeProto]
     initializers: list[TensorProto]
     value_info: list[onnx.ValueInfoProto]
-    report: TensorReport
+
+
+_WeightSource = modelio.ModelFile | modelio.LazyCopy | None  # where weights not in the tensors are read
+
+
+@dataclass
+class _PackedWeight:
+    """A weight's packed initializer, encoded when its bytes are written (a `modelio.Producer`).
+
+    `write` reads the weight from `source` in chunks, converts and encodes each and writes it
+    before reading the next (`oppass.encoder`), and leaves the weight's `report`. `range_max` is
+    the range check's bound, measured beforehand by `fault_free_max` (None: no range check, or
+    a weight is NaN or infinite).
+    """
+
+    site: _Site
+    options: _Options
+    source: _WeightSource
+    source_format: str
+    target: str
+    word_bits: int
+    axis: int
+    output_type: int
+    shape: tuple[int, ...]
+    packed_dtype: np.dtype
+    packed_shape: tuple[int, int]
+    scales_bytes: int
+    range_max: float | None = None
+    placeholder: TensorProto | None = None
+    report: TensorReport | None = None
+
+    @property
+    def nbytes(self) -> int:
+        return self.packed_dtype.itemsize * math.prod(self.packed_shape)
+
+    def fault_free_max(self) -> float | None:
+        """The largest |w| a fault-free decode outputs (None when a weight is NaN or infinite), by a first pass
+        that encodes the weight chunk by chunk and keeps none of its bytes."""
+        return self._encode(lambda packed: None, measure_range=True).fault_free_max
+
+    def write(self, stream: BinaryIO) -> None:
+        def write_slices(packed: memoryview) -> None:
+            for start in range(0, len(packed), WRITE_SLICE):
+                stream.write(packed[start:start + WRITE_SLICE])
+
+        figures = self._encode(write_slices, measure_range=False)
+        self.report = TensorReport(
+            name=self.site.name,
+            source_format=self.source_format,
+            stored_format=self.target,
+            word_bits=self.word_bits,
+            code=self.options.code,
+            range_max=self.range_max,
+            weights=math.prod(self.shape),
+            bytes_before=FORMATS[self.source_format].dtype.itemsize * math.prod(self.shape),
+            bytes_after=self.nbytes + self.scales_bytes,
+            changed_words=figures.changed_words,
+            max_weight_change=figures.max_weight_change,
+            max_conversion_error=figures.max_conversion_error,
+            subnormals_before=figures.subnormals_before,
+            subnormals_after=figures.subnormals_after,
+            nonfinite_weights=figures.nonfinite_weights,
+        )
+
+    def _encode(self, sink: Callable[[memoryview], None], *, measure_range: bool) -> Figures:
+        """Reads, encodes and hands `sink` the packed bytes chunk by chunk, the padding last; the figures."""
+        encoder = self._encoder(measure_range=measure_range)
+        try:
+            for chunk in _weight_chunks(self.site.tensor, self.source, encoder.chunk_weights):
+                sink(encoder.encode(chunk).data)
+        except ReferenceNeeded:  # the codec raises the error, worded as for every other weight
+            reference = self._encoder(measure_range=measure_range, reference=True)
+            reference.encode(_weights(self.site.tensor, self.source).reshape(-1))
+            raise RuntimeError(f"the chunked encoder and the numpy codec disagree on weight {self.site.name!r}") \
+                from None
+        sink(memoryview(encoder.tail))
+        return encoder.figures()
+
+    def _encoder(self, *, measure_range: bool, reference: bool = False) -> TensorEncoder:
+        return TensorEncoder(
+            name=self.site.name, source_format=self.source_format, target_format=self.target,
+            word_bits=self.word_bits, code=self.options.code, flip=self.options.flip,
+            checked=self.options.check != "none", output_dtype=helper.tensor_dtype_to_np_dtype(self.output_type),
+            shape=self.shape, axis=self.axis, measure_range=measure_range, reference=reference,
+        )
 
 
 def transform(
@@ -197,24 +288,78 @@ def transform_with_report(
     else:
         source = model if isinstance(model, modelio.ModelFile) else modelio.read_model(model, defer=True)
         result = source.model
-    if any(node.domain == DOMAIN for graph in modelio.all_graphs(result.graph) for node in graph.node):
+    packed_weights = _protect_in_place(result, options, source, allow_unprotected)
+    for packed in packed_weights:  # one weight's arrays at a time
+        assert packed.placeholder is not None
+        modelio.fill_placeholder(packed.placeholder, packed)
+        packed.site.tensor.ClearField("raw_data")  # its packed form exists; its definition is gone
+    if source is not None and source is not model:
+        source.load_deferred()  # a model read or copied here is returned whole
+    return result, _report(packed_weights)
+
+
+def transform_file(
+    model: modelio.ModelFile | str | os.PathLike,
+    output: str | os.PathLike,
+    *,
+    format: str = KEEP_FORMAT,
+    word: str | int = "64",
+    flip: str | None = None,
+    ops: Sequence[str] = ("Conv", "Gemm"),
+    check: str = "runtime",
+    report_faults: bool = False,
+    code: str = PARITY,
+    range_check: bool = False,
+    allow_unprotected: bool = False,
+) -> TransformReport:
+    """Protects the model file `model` into the file `output` (options as in `transform`), streaming.
+
+    Each weight is read, encoded and written before the next is read: the packed weights are
+    encoded while the output is written (`modelio.ProducingModelFile`), so memory holds the
+    model's structure and one chunk of one weight (the whole weight for an int8 conversion),
+    whatever the model's size: the C encoder encodes parity chunks, the numpy codec SEC-DED ones
+    (and parity ones without the C encoder). With `range_check` each weight is encoded twice, a
+    first pass measuring the bound its decode node holds, which is written before the packed bytes.
+    The input is never modified; the output (model and data file) is published atomically, with
+    external data when the input had some or it exceeds 2 GB. A `ModelFile` (read with
+    `defer=True`) is protected in place.
+    """
+    options = _validated_options(format, word, flip, ops, check, report_faults, code, range_check)
+    read = model if isinstance(model, modelio.ModelFile) else modelio.read_model(model, defer=True)
+    modelio.check_destination(output, read)
+    packed_weights = _protect_in_place(read.model, options, read, allow_unprotected)
+    produced = {packed_name(packed.site.name): packed for packed in packed_weights}
+    source = modelio.ProducingModelFile(read.model, read.path, read.data_files, deferred=True, produced=produced)
+    modelio.save_model(read.model, output, source=source)
+    return _report(packed_weights)
+
+
+def _protect_in_place(
+    model: onnx.ModelProto, options: _Options, source: _WeightSource, allow_unprotected: bool
+) -> list[_PackedWeight]:
+    """Replaces the weights of `model` by decode nodes and packed placeholders, to be filled from the result."""
+    if any(node.domain == DOMAIN for graph in modelio.all_graphs(model.graph) for node in graph.node):
         raise OppassError("model is already protected (it has ai.oppass nodes)")
-    if has_standard_decodes(result):
+    if has_standard_decodes(model):
         raise OppassError("model is already protected (it has standard-op load checks)")
     if options.check == STANDARD_OPS_CHECK:
-        _lift_to_standard_decode_opset(result)
-    _refuse_duplicate_initializers(result)
-    sites = _find_sites(result, options)
+        _lift_to_standard_decode_opset(model)
+    _refuse_duplicate_initializers(model)
+    sites = _find_sites(model, options)
     if not sites:
         found = f"no weight of {', '.join(options.ops)} was found to protect"
         if not allow_unprotected:
             raise OppassError(f"{found}: nothing written (use --ops to name other op types, or --allow-unprotected "
                               "to write the model unprotected)")
-        warnings.warn(f"{found}: the model is written unprotected", stacklevel=2)
-    reports = _replace_sites(result, sites, options, source)
-    if source is not None and source is not model:
-        source.load_deferred()  # a model read or copied here is returned whole
-    return result, TransformReport(tuple(reports))
+        warnings.warn(f"{found}: the model is written unprotected", stacklevel=3)
+    return _replace_sites(model, sites, options, source)
+
+
+def _report(packed_weights: list[_PackedWeight]) -> TransformReport:
+    reports = [packed.report for packed in packed_weights]
+    if any(report is None for report in reports):
+        raise OppassError("the protected weights were not all encoded")
+    return TransformReport(tuple(report for report in reports if report is not None))
 
 
 def _lift_to_standard_decode_opset(model: onnx.ModelProto) -> None:
@@ -324,9 +469,11 @@ def _find_sites(model: onnx.ModelProto, options: _Options) -> list[_Site]:
             weight_input = WEIGHT_INPUT.get(op) if op in options.ops else None
             if weight_input is None or len(node.input) <= weight_input:
                 continue
-            site = _site_for(node.input[weight_input], definitions, sites)
-            if site is not None:
-                site.axes.add(_output_channel_axis(node, site))
+            found = _site_for(node.input[weight_input], definitions, sites)
+            if found is not None:
+                site, permutation = found
+                axis = _output_channel_axis(node, site)  # of the weight input, so of the transposed weight if one
+                site.axes.add(axis if permutation is None else permutation[axis])
     usable = [site for site in sites.values() if _usable(site, options, opset)]
     return usable
 
@@ -338,26 +485,52 @@ def _standard_op(node: onnx.NodeProto) -> str | None:
     return RUNTIME_OPS.get((node.domain, node.op_type))
 
 
-def _site_for(name: str, definitions: dict[str, list[_Definition]], sites: dict[str, _Site]) -> _Site | None:
-    """The site of a weight input, following a DequantizeLinear to its quantized tensor; None if not constant."""
+def _site_for(
+    name: str, definitions: dict[str, list[_Definition]], sites: dict[str, _Site]
+) -> tuple[_Site, list[int] | None] | None:
+    """The site of a weight input; None if not constant.
+
+    Follows a DequantizeLinear to its quantized tensor, or a Transpose to the tensor it transposes
+    (exporters write a Linear layer as MatMul of a Transpose of its weight): then also gives the
+    Transpose's permutation, which maps the weight input's axes to the site's.
+    """
     definition = _single_definition(name, definitions)
     if definition is None:
         return None
     producer = definition.node
-    quantized = producer is not None and producer.op_type == "DequantizeLinear" and producer.domain in ("", "ai.onnx")
-    if producer is not None and quantized:
+    quantized = _is_standard(producer, "DequantizeLinear")
+    transposed = _is_standard(producer, "Transpose")
+    if producer is not None and (quantized or transposed) and producer.input:
         name = producer.input[0]
         definition = _single_definition(name, definitions)
         if definition is None:
             return None
-    if name in sites:
-        return sites[name]
-    tensor = _constant_tensor(definition, name)
-    if tensor is None:
+    site = sites.get(name)
+    if site is None:
+        tensor = _constant_tensor(definition, name)
+        if tensor is None:
+            return None
+        site = _Site(name, definition.graph, tensor, definition.node, quantized)
+    permutation = _permutation(producer, len(site.tensor.dims)) if transposed else None
+    if transposed and permutation is None:
         return None
-    site = _Site(name, definition.graph, tensor, definition.node, quantized)
     sites[name] = site
-    return site
+    return site, permutation
+
+
+def _is_standard(node: onnx.NodeProto | None, op_type: str) -> bool:
+    return node is not None and node.op_type == op_type and node.domain in ("", "ai.onnx")
+
+
+def _permutation(transpose: onnx.NodeProto | None, rank: int) -> list[int] | None:
+    """A Transpose node's `perm` (default: the axes reversed); None when it is not a permutation of `rank` axes."""
+    assert transpose is not None
+    attributes = [a for a in transpose.attribute if a.name == "perm"]
+    if not attributes:
+        return list(reversed(range(rank)))
+    permutation = list(attributes[0].ints)
+    valid = attributes[0].type == onnx.AttributeProto.INTS and sorted(permutation) == list(range(rank))
+    return permutation if valid else None
 
 
 def _single_definition(name: str, definitions: dict[str, list[_Definition]]) -> _Definition | None:
@@ -444,22 +617,19 @@ def _default_opset(model: onnx.ModelProto) -> int:
 # ----------------------------------------------------------------------------- protecting one weight
 
 
-def _protect(site: _Site, options: _Options, source: modelio.ModelFile | modelio.LazyCopy | None) -> _Protected:
-    """Encodes one weight and builds its replacement nodes and initializers (except the packed one)."""
-    original = _weights(site.tensor, source)
-    source_format = codec.format_of(original.dtype)
+def _protect(site: _Site, options: _Options, source: _WeightSource) -> _Protected:
+    """The replacement of one weight: its decode node (and DequantizeLinear), and its packed initializer, to encode.
+
+    Only a conversion to int8 reads the weight here (its scales are initializers of their own).
+    """
+    source_format = FORMAT_OF_ONNX_TYPE[site.tensor.data_type]
     target = source_format if options.format == KEEP_FORMAT else options.format
     axis = next(iter(site.axes))
-    stored, scales = codec.to_format(original, target, name=site.name, axis=axis)
+    shape = tuple(int(dim) for dim in site.tensor.dims)
+    scales = None
+    if target != source_format and target == "int8":
+        _, scales = codec.to_format(_weights(site.tensor, source), target, name=site.name, axis=axis)
     width = codec.word_bits(target, options.word, options.code)
-    if options.check == "none" and options.code == PARITY:  # SEC-DED keeps its rounding: the same fault-free decode
-        packed, changed_words = codec.pack(stored, width), 0
-        changed, changed_values = np.zeros(0, dtype=np.intp), stored.reshape(-1)[:0]
-    else:
-        encoded = codec.encode(stored, width, options.flip, code=options.code, adjusted=False, name=site.name)
-        packed, changed_words = encoded.packed, encoded.changed_words
-        changed, changed_values = encoded.changed, encoded.changed_values
-    range_max = _fault_free_max(stored, changed, changed_values) if options.range_check else None
     decode_output = _decode_output(site, options)
     output_type = ONNX_TYPES[target] if scales is not None else site.tensor.data_type  # bf16/fp16 of fp32: FLOAT
     masked_output = _masked_output(site, options)
@@ -472,21 +642,30 @@ def _protect(site: _Site, options: _Options, source: modelio.ModelFile | modelio
         masked_output=masked_output,
         format=target,
         word_bits=width,
-        shape=tuple(stored.shape),
+        shape=shape,
         check="load" if standard_ops else NODE_CHECKS[options.check],
         output_type=output_type,
         code=options.code,
-        range_max=range_max,
+        range_max=None,
         corrected_output=corrected_output,
         standard_ops=standard_ops,
     )
+    packed = _PackedWeight(
+        site=site, options=options, source=source, source_format=source_format, target=target, word_bits=width,
+        axis=axis, output_type=output_type, shape=shape, packed_dtype=codec.storage_dtype(width),
+        packed_shape=codec.packed_shape(math.prod(shape), target, width),
+        scales_bytes=0 if scales is None else scales.nbytes,
+    )
+    if options.range_check:  # the node holds the bound, so it is known before the packed bytes are written
+        packed.range_max = packed.fault_free_max()
+        decode = dataclasses.replace(decode, range_max=packed.range_max)
     if standard_ops:
         chain = standard_decode_chain(decode)
         nodes, initializers = chain.nodes, chain.initializers
-        _warn_if_too_large_to_fold(site.name, packed, decode)
+        _warn_if_too_large_to_fold(site.name, packed.nbytes, decode)
     else:
         nodes, initializers = [make_decode_node(decode)], []
-    value_info = [helper.make_tensor_value_info(decode_output, output_type, list(stored.shape))]
+    value_info = [helper.make_tensor_value_info(decode_output, output_type, list(shape))]
     for count in (masked_output, corrected_output):
         if count:
             value_info.append(helper.make_tensor_value_info(count, TensorProto.INT64, []))
@@ -494,42 +673,45 @@ def _protect(site: _Site, options: _Options, source: modelio.ModelFile | modelio
         dequantize, quantization = _dequantize(site, decode_output, scales, axis)
         nodes.append(dequantize)
         initializers.extend(quantization)
-        value_info.append(helper.make_tensor_value_info(site.name, TensorProto.FLOAT, list(stored.shape)))
-    bytes_after = packed.nbytes + (scales.nbytes if scales is not None else 0)
-    report = TensorReport(
-        name=site.name,
-        source_format=source_format,
-        stored_format=target,
-        word_bits=width,
-        code=options.code,
-        range_max=range_max,
-        weights=int(stored.size),
-        bytes_before=int(original.nbytes),
-        bytes_after=int(bytes_after),
-        changed_words=changed_words,
-        max_weight_change=_max_relative_change(stored.reshape(-1)[changed], changed_values),
-        max_conversion_error=None if target == source_format else _conversion_error(original, stored, scales, axis),
-        subnormals_before=codec.subnormal_count(original),
-        subnormals_after=_subnormals_after(stored, changed, changed_values, output_type),
-        nonfinite_weights=codec.nonfinite_count(stored),
-    )
-    return _Protected(packed, decode, nodes, initializers, value_info, report)
+        value_info.append(helper.make_tensor_value_info(site.name, TensorProto.FLOAT, list(shape)))
+    return _Protected(packed, decode, nodes, initializers, value_info)
 
 
-def _warn_if_too_large_to_fold(name: str, packed: np.ndarray, decode: DecodeNode) -> None:
+def _warn_if_too_large_to_fold(name: str, packed_bytes: int, decode: DecodeNode) -> None:
     """Warns when onnxruntime's default folding limit would leave a standard-op chain to run on every inference.
 
     The chain's largest value is its lane split, (lane bits / weight bits) times the packed
     bytes, or the decoded weights (oppass/standard_decode.py).
     """
     lane_bits = min(decode.word_bits, 64)
-    largest = max(packed.nbytes * (lane_bits // decode.weight_format.bits),
+    largest = max(packed_bytes * (lane_bits // decode.weight_format.bits),
                   decode.weights * helper.tensor_dtype_to_np_dtype(decode.output_type).itemsize)
     if largest > FOLDING_LIMIT:
         warnings.warn(f"weight {name!r} is too large for onnxruntime to fold its load check at session creation "
                       f"({largest:,} bytes in one step, the default limit is {FOLDING_LIMIT:,}): it would be checked "
                       "on every run; use --check load-custom, or raise the session option "
                       "optimization.constant_folding_max_output_size_in_bytes", stacklevel=2)
+
+
+def _weight_chunks(tensor: TensorProto, source: _WeightSource, chunk_weights: int) -> Iterator[np.ndarray]:
+    """A weight's values, flat, in chunks of `chunk_weights`: read from the file one chunk at a time if still there."""
+    if isinstance(source, modelio.ModelFile) and source.deferred and external_data_helper.uses_external_data(tensor) \
+            and sys.byteorder == "little":
+        dtype = helper.tensor_dtype_to_np_dtype(tensor.data_type)
+        _check_length(tensor, source.stored_length(tensor), dtype)
+        for chunk in source.stored_chunks(tensor, chunk_weights * dtype.itemsize):
+            yield np.frombuffer(chunk, dtype)
+        return
+    values = _weights(tensor, source).reshape(-1)
+    for start in range(0, max(values.size, 1), chunk_weights):
+        yield values[start:start + chunk_weights]
+
+
+def _check_length(tensor: TensorProto, length: int, dtype: np.dtype) -> None:
+    expected = dtype.itemsize * math.prod(tensor.dims)
+    if length != expected:
+        raise OppassError(f"weight {tensor.name!r} has {length} bytes of data, expected "
+                          f"{expected} for {dtype} {list(tensor.dims)}")
 
 
 def _weights(tensor: TensorProto, source: modelio.ModelFile | modelio.LazyCopy | None) -> np.ndarray:
@@ -539,9 +721,7 @@ def _weights(tensor: TensorProto, source: modelio.ModelFile | modelio.LazyCopy |
     raw = source.tensor_bytes(tensor) if source is not None else \
         tensor.raw_data if tensor.HasField("raw_data") else None
     if raw is not None:
-        if len(raw) != dtype.itemsize * math.prod(shape):
-            raise OppassError(f"weight {tensor.name!r} has {len(raw)} bytes of data, expected "
-                              f"{dtype.itemsize * math.prod(shape)} for {dtype} {list(shape)}")
+        _check_length(tensor, len(raw), dtype)
         values = np.frombuffer(raw, dtype)
         return (values.byteswap() if sys.byteorder == "big" else values).reshape(shape)
     return tensorio.to_array(tensor, "weight")
@@ -566,14 +746,6 @@ def _corrected_name(site: _Site) -> str:
     return f"{site.name}::op_corrected"
 
 
-def _fault_free_max(stored: np.ndarray, changed: np.ndarray, changed_values: np.ndarray) -> float | None:
-    """The largest |w| a fault-free decode outputs (the stored weights with the encoder's changes); None when a
-    weight is NaN or infinite."""
-    decoded = stored.reshape(-1).copy()
-    decoded[changed] = changed_values
-    return codec.max_magnitude(decoded)
-
-
 def _new_names(site: _Site, options: _Options) -> set[str]:
     """Names of the values and initializers the pass adds for `site` (the weight's own name aside)."""
     names = {packed_name(site.name), _decode_output(site, options)}
@@ -584,15 +756,6 @@ def _new_names(site: _Site, options: _Options) -> set[str]:
     if _decode_output(site, options) != site.name:
         names.update({f"{site.name}::op_scale", f"{site.name}::op_zero_point"})
     return names - {site.name}
-
-
-def _add_packed(graph: onnx.GraphProto, name: str, packed: np.ndarray) -> None:
-    """Adds `packed` as an initializer, its bytes copied once into the graph."""
-    tensor = graph.initializer.add()
-    tensor.name = name
-    tensor.data_type = helper.np_dtype_to_tensor_dtype(packed.dtype)
-    tensor.dims.extend(packed.shape)
-    tensor.raw_data = packed.astype(packed.dtype.newbyteorder("<"), copy=False).tobytes()
 
 
 def _dequantize(
@@ -611,54 +774,14 @@ def _dequantize(
     return node, [scale, zero_point]
 
 
-def _max_relative_change(before: np.ndarray, after: np.ndarray) -> float:
-    """Max |after - before| / |before| over the finite nonzero `before` values (0.0 if there are none).
-
-    Computed in float32, which holds every stored format exactly; only the division rounds.
-    """
-    before32 = before.astype(np.float32, copy=False)
-    change = after.astype(np.float32, copy=False) - before32
-    with np.errstate(divide="ignore", invalid="ignore"):
-        change = np.divide(np.abs(change, out=change), np.abs(before32), out=change)
-    considered = np.isfinite(before32)
-    considered &= before32 != 0
-    return float(change.max(where=considered, initial=0.0))
-
-
-def _subnormals_after(stored: np.ndarray, changed: np.ndarray, changed_values: np.ndarray, output_type: int) -> int:
-    """Subnormal weights a fault-free decode outputs (in `output_type`): the stored ones, with `changed` replaced."""
-    as_dtype = helper.tensor_dtype_to_np_dtype(output_type)
-    before_change = stored.reshape(-1)[changed]
-    return (codec.subnormal_count(stored, as_dtype) - codec.subnormal_count(before_change, as_dtype)
-            + codec.subnormal_count(changed_values, as_dtype))
-
-
-def _conversion_error(original: np.ndarray, stored: np.ndarray, scales: np.ndarray | None, axis: int) -> float:
-    """Max |converted - original| / max |original|: rounding or quantization error in units of the largest weight."""
-    converted = stored.astype(np.float64)
-    if scales is not None:
-        shape = [1] * stored.ndim
-        shape[axis] = scales.size
-        converted = converted * scales.astype(np.float64).reshape(shape)
-    reference = original.astype(np.float64)
-    finite = np.isfinite(reference)
-    largest = np.abs(reference[finite]).max(initial=0.0)
-    if largest == 0:
-        return 0.0
-    return float(np.abs(converted[finite] - reference[finite]).max(initial=0.0) / largest)
-
-
 # ----------------------------------------------------------------------------- editing the model
 
 
 def _replace_sites(
-    model: onnx.ModelProto, sites: list[_Site], options: _Options, source: modelio.ModelFile | modelio.LazyCopy | None
-) -> list[TensorReport]:
-    """Swaps each site's definition for its replacement, one weight at a time; wires the optional fault counter.
-
-    Each weight's packed initializer is added as soon as it is encoded, so only one weight's
-    arrays are alive at a time; the original definitions go once all are done.
-    """
+    model: onnx.ModelProto, sites: list[_Site], options: _Options, source: _WeightSource
+) -> list[_PackedWeight]:
+    """Swaps each site's definition for its replacement, a placeholder for its packed initializer; wires the
+    optional fault counter. Returns the packed weights, in the order of their placeholders."""
     graph = model.graph
     masked_outputs = [_masked_name(site) for site in sites if options.report_faults]
     tail = _count_sum(masked_outputs, MASKED_WORDS_OUTPUT, MASKED_WORDS_SUM) if options.report_faults else []
@@ -671,16 +794,17 @@ def _replace_sites(
     _remove_value_info_everywhere(model, {site.name for site in sites})
     new_nodes: list[onnx.NodeProto] = []
     value_info: list[onnx.ValueInfoProto] = []
-    reports: list[TensorReport] = []
+    packed_weights: list[_PackedWeight] = []
     decodes: list[DecodeNode] = []
     for site in sites:
         replacement = _protect(site, options, source)
-        _add_packed(graph, packed_name(site.name), replacement.packed)
+        packed = replacement.packed
+        packed.placeholder = modelio.add_placeholder(
+            graph, packed_name(site.name), helper.np_dtype_to_tensor_dtype(packed.packed_dtype), packed.packed_shape)
         graph.initializer.extend(replacement.initializers)
-        site.tensor.ClearField("raw_data")  # its packed form exists; the definition goes below
         new_nodes.extend(replacement.nodes)
         value_info.extend(replacement.value_info)
-        reports.append(replacement.report)
+        packed_weights.append(packed)
         decodes.append(replacement.decode)
     _remove_definitions(sites)
     kept_nodes = list(graph.node)
@@ -694,7 +818,7 @@ def _replace_sites(
     _record_standard_decodes(model, [decode for decode in decodes if decode.standard_ops])
     if any(not decode.standard_ops for decode in decodes):
         _import_domain(model)
-    return reports
+    return packed_weights
 
 
 def _record_standard_decodes(model: onnx.ModelProto, decodes: list[DecodeNode]) -> None:

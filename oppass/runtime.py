@@ -16,19 +16,20 @@ from onnxruntime.capi import onnxruntime_pybind11_state as ort_errors
 from oppass import edit, modelio
 from oppass.errors import OppassError
 from oppass.modelio import PROTOBUF_LIMIT, is_protobuf_file, load_model, read_model, save_model
+from oppass.native import LIBRARY_ENV, LIBRARY_NAME, library_path
 from oppass.schema import DOMAIN, MASKED_WORDS_OUTPUT, DecodeNode, is_decode_node, read_decode_nodes
+
+__all__ = ["DOMAIN", "LIBRARY_ENV", "LIBRARY_NAME", "RUN_ERRORS", "custom_op_library", "has_custom_ops",
+           "load_session", "open_session", "optimize_for_cpu", "session_options"]
 
 # What running a session on bad feeds raises: onnxruntime's own errors, and numpy-to-tensor conversions.
 RUN_ERRORS = (ort_errors.Fail, ort_errors.InvalidArgument, ort_errors.InvalidGraph, ort_errors.RuntimeException,
               ort_errors.NotImplemented, RuntimeError, ValueError, TypeError)
-LIBRARY_ENV = "OPPASS_CUSTOM_OP_LIBRARY"
-LIBRARY_NAME = "liboppass_ops.so"
 
 
 def custom_op_library() -> str:
     """Path of the compiled ParityCheckUnpack library ($OPPASS_CUSTOM_OP_LIBRARY overrides)."""
-    override = os.environ.get(LIBRARY_ENV)
-    path = Path(override) if override else Path(__file__).parent / "_lib" / LIBRARY_NAME
+    path = library_path()
     if not path.is_file():
         raise OppassError(f"custom-op library not found at {path}: reinstall oppass (pip install .)")
     return str(path)

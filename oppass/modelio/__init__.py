@@ -10,12 +10,20 @@ in memory what `defer=True` does on disk.
 - `wire`: the protobuf wire format (fields of serialised bytes, on disk or in memory);
 - `fields`: field-by-field copies of messages, the model's tensors and graphs, `LazyCopy`;
 - `reader`: `read_model`, `ModelFile`, and the checks on external data;
-- `writer`: `save_model`, streamed and atomic, with external data when needed.
+- `writer`: `save_model`, streamed and atomic, with external data when needed;
+- `produced`: placeholders whose bytes are produced while the model is saved (`ProducingModelFile`).
 
 Only `reader` and `writer` use onnx's serialisation internals.
 """
 
 from oppass.modelio.fields import LazyCopy, all_graphs, all_tensors, lazy_copy
+from oppass.modelio.produced import (
+    Producer,
+    ProducingModelFile,
+    add_placeholder,
+    fill_placeholder,
+    is_placeholder,
+)
 from oppass.modelio.reader import ModelFile, is_protobuf_file, load_model, read_model
 from oppass.modelio.writer import PROTOBUF_LIMIT, check_destination, save_model
 
@@ -23,9 +31,14 @@ __all__ = [
     "PROTOBUF_LIMIT",
     "LazyCopy",
     "ModelFile",
+    "Producer",
+    "ProducingModelFile",
+    "add_placeholder",
     "all_graphs",
     "all_tensors",
     "check_destination",
+    "fill_placeholder",
+    "is_placeholder",
     "is_protobuf_file",
     "lazy_copy",
     "load_model",
