@@ -54,7 +54,9 @@ def _gap_positions(rng: np.random.Generator, n: int, ber: float) -> np.ndarray:
     chunk = int(expected + 5 * np.sqrt(expected) + 16)
     parts, last = [], -1
     while last < n:
-        part = last + np.cumsum(rng.geometric(ber, size=chunk), dtype=np.int64)
+        # A gap past the end ends the draw: capped at n + 1, the sum cannot overflow int64 (numpy returns
+        # int64's maximum for gaps beyond it, at tiny rates); the positions below n are the same.
+        part = last + np.cumsum(np.minimum(rng.geometric(ber, size=chunk), n + 1), dtype=np.int64)
         parts.append(part)
         last = int(part[-1])
         chunk = max(16, int((n - last) * ber * 1.2) + 16)

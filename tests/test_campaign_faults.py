@@ -347,3 +347,13 @@ def test_protections_fault_models_and_counts_extend_a_campaign_in_place(tmp_path
     grown = rows(tmp_path / "grown", config(tmp_path / "grown", **wider))
     assert len(grown) == 2 * 2 * 2 * 2 and sum("stuck:1" in key for key, _ in grown) == 2 * 2 * 2
     assert {key: row for key, row in grown.items() if "stuck" not in key[0]} == rows(tmp_path / "fresh", fresh)
+
+
+@pytest.mark.parametrize("ber", [1e-300, 5e-324, 1e-19])
+def test_gap_draws_at_rates_whose_gaps_overflow_int64_end(ber: float) -> None:
+    """At tiny rates numpy gives int64's maximum for gaps beyond it: the draw still ends, with few flips."""
+    rng = np.random.default_rng(0)
+    positions = faults.draw_flip_positions(rng, 10**12, ber)
+    assert positions.size <= 1 and ((positions >= 0) & (positions < 10**12)).all()
+    again = faults.draw_flip_positions(np.random.default_rng(0), 10**12, ber)
+    assert np.array_equal(positions, again)
