@@ -84,7 +84,9 @@ def _run(path: Path, check: str, image):  # noqa: ANN001, ANN202
 
     import oppass
 
-    session = oppass.load_session(path) if check == "runtime" else ort.InferenceSession(str(path))
+    # Runtime mode as written (no re-protection at load, which would mask the flip once, at load): checked per run.
+    session = (oppass.load_session(path, optimize_runtime_checks=False) if check == "runtime"
+               else ort.InferenceSession(str(path)))
     feeds = {session.get_inputs()[0].name: image}
     first = session.get_outputs()[0].name
     output, masked = session.run([first, MASKED], feeds)
