@@ -44,7 +44,9 @@ BROKEN_PIPE_STATUS = 141  # 128 + SIGPIPE, as a shell reports it
 SIGNAL_STATUS = 128  # plus the signal's number, as a shell reports a process killed by it
 INTERRUPTING_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 DRIFT_SEED = 0
-ORT_ERRORS_ONLY = 3  # onnxruntime's log severity for the drift check: its warnings (unused initializers) are noise
+# onnxruntime's log severity for the drift check's sessions: fatal only. Its warnings (unused initializers) are
+# noise, and its errors are raised too: the summary reports them in its one line.
+ORT_QUIET = 4
 
 
 @dataclass(frozen=True)
@@ -267,7 +269,7 @@ def output_drift(original: ModelSource, protected: ModelSource) -> Drift:
     from oppass import modelio, runtime
 
     quiet = ort.SessionOptions()
-    quiet.log_severity_level = ORT_ERRORS_ONLY
+    quiet.log_severity_level = ORT_QUIET
     plain = ort.InferenceSession(_session_input(original), quiet)
     feeds = _random_feeds(plain.get_inputs(), np.random.default_rng(DRIFT_SEED))
     names = [output.name for output in plain.get_outputs()]
@@ -278,7 +280,7 @@ def output_drift(original: ModelSource, protected: ModelSource) -> Drift:
     else:  # decode nodes run in the session whatever their check mode: same outputs as load-time folding
         custom = runtime.has_custom_ops(modelio.read_model(protected, defer=True).model)
         options = runtime.session_options(library=custom)
-        options.log_severity_level = ORT_ERRORS_ONLY
+        options.log_severity_level = ORT_QUIET
         guarded = ort.InferenceSession(_session_input(protected), options)
     actual = guarded.run(names, feeds)
     differences, largest = [0.0], [0.0]

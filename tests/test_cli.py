@@ -154,6 +154,27 @@ def test_drift_is_skipped_with_a_note_when_the_model_cannot_run(
     assert summary(capsys.readouterr().out)["fault-free output drift"].startswith("skipped: model could not be run")
 
 
+def test_drift_check_failing_in_onnxruntime_is_one_line_without_its_logs(
+    tmp_path: Path, capfd: pytest.CaptureFixture
+) -> None:
+    """A model that cannot run on the check's random input (a Reshape of its length-1 symbolic axis): the
+    summary says so, and onnxruntime's own error log (written to the process's stderr) stays quiet."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    weight = np.random.default_rng(0).standard_normal([3, 4]).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Reshape", ["x", "rows"], ["y"]), helper.make_node("Gemm", ["y", "w"], ["z"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n"])],
+        [helper.make_tensor_value_info("z", TensorProto.FLOAT, [2, 4])],
+        [numpy_helper.from_array(weight, "w"), numpy_helper.from_array(np.array([2, -1], np.int64), "rows")])
+    source = tmp_path / "reshape.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), source)
+    assert cli.main(["transform", str(source), str(tmp_path / "out.onnx")]) == 0
+    captured = capfd.readouterr()
+    assert summary(captured.out)["fault-free output drift"].startswith("skipped: model could not be run")
+    assert "onnxruntime" not in captured.err, captured.err
+
+
 def test_inspect_lists_the_protected_tensors(protected_file: Path, capsys: pytest.CaptureFixture) -> None:
     assert cli.main(["inspect", str(protected_file)]) == 0
     lines = capsys.readouterr().out.splitlines()
