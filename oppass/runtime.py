@@ -15,9 +15,18 @@ from onnxruntime.capi import onnxruntime_pybind11_state as ort_errors
 
 from oppass import edit, modelio
 from oppass.errors import OppassError
+from oppass.formats import WEIGHT_WORD
 from oppass.modelio import PROTOBUF_LIMIT, is_protobuf_file, load_model, read_model, save_model
 from oppass.native import LIBRARY_ENV, LIBRARY_NAME, library_path
-from oppass.schema import DOMAIN, MASKED_WORDS_OUTPUT, DecodeNode, is_decode_node, read_decode_nodes
+from oppass.protect import KEEP_FORMAT, RUNTIME_OPS, WeightLayout, transform_with_report, weight_readers
+from oppass.schema import (
+    DOMAIN,
+    FORMAT_OF_ONNX_TYPE,
+    MASKED_WORDS_OUTPUT,
+    DecodeNode,
+    is_decode_node,
+    read_decode_nodes,
+)
 
 __all__ = ["DOMAIN", "LIBRARY_ENV", "LIBRARY_NAME", "RUN_ERRORS", "custom_op_library", "has_custom_ops",
            "load_session", "open_session", "optimize_for_cpu", "session_options"]
@@ -67,16 +76,22 @@ def load_session(
     words and corrects single flips (SEC-DED), and their results replace
     them as constant initializers: the consumers then get onnxruntime's weight
     prepacking exactly as in the unprotected model. Runtime-mode nodes are left alone.
-    With `optimize_runtime_checks`, a model whose decode nodes are all runtime-mode, of one
-    format (fp32, or bf16/fp16 decoded to float) and word size, is re-protected for this CPU:
-    its words are checked and decoded once (faulty words masked, with a warning), the plain
-    model is optimised by onnxruntime for this machine (`optimize_for_cpu`: NCHWc layout,
-    fused activations) and the weights of that graph are protected again in runtime mode, in
-    the same format and word size. The session then checks parity on every run while keeping
-    onnxruntime's fast Conv kernels. The re-protected words group the reordered weights
+    With `optimize_runtime_checks`, a model whose decode nodes are all runtime-mode is
+    re-protected for this CPU: its words are checked and decoded once (faulty words masked,
+    with a warning), the plain model is optimised by onnxruntime for this machine
+    (`optimize_for_cpu`: NCHWc layout, fused activations, MatMulInteger fused with its input's
+    quantization) and the weights of that graph are protected again in runtime mode, each in
+    its decode node's format, word size, code and range check (int8 and uint8 weights stay
+    integers: an int8 weight's DequantizeLinear runs after its decode as in the file). The
+    session then checks parity (or SEC-DED) on every run on the re-protected words, while
+    keeping onnxruntime's fast kernels. What it checks on every run is those words: a fault in
+    the file is caught once, at load. The re-protected words group the reordered weights
     differently, so their parity adjustment may change one more LSB per word: outputs are
     as close to the file's as the file's are to the unprotected model's, not bit-identical.
-    Other models (int8, mixed formats, already optimised ones) keep their decode nodes.
+    A model keeps its decode nodes when it has load-mode ones, is already optimised, or has a
+    weight the optimised graph does not read under its name through an op the pass protects
+    (onnxruntime folded it or fused its consumer into an operator such as QLinearConv), or fp32
+    weights that onnxruntime renames in more than one layout.
     Standard-op load checks need nothing: onnxruntime folds them itself, and the library is
     registered only for a model with ParityCheckUnpack nodes. `threads` and `config` are as in
     `session_options`.
@@ -157,34 +172,59 @@ def _with_runtime_checks_for_this_cpu(
     proto: onnx.ModelProto, decodes: list[DecodeNode], threads: int | None
 ) -> onnx.ModelProto | None:
     """The model re-protected in runtime mode on the graph onnxruntime optimises for this CPU (see
-    `load_session`), or None when it does not qualify."""
-    from oppass import protected_models
-    from oppass.protect import KEEP_FORMAT, RUNTIME_OPS, WEIGHT_INPUT, transform
+    `load_session`), or None when it does not qualify.
 
-    layouts = {(decode.format, decode.word_bits, decode.output_type, decode.code, decode.range_max is not None)
-               for decode in decodes}
-    if not decodes or any(decode.check != "runtime" for decode in decodes) or len(layouts) != 1:
-        return None
-    fmt, word_bits, output_type, code, range_check = layouts.pop()
-    if fmt not in ("fp32", "bf16", "fp16") or output_type != TensorProto.FLOAT:
+    Each weight keeps its decode node's layout, found by the weight's name in the optimised graph.
+    onnxruntime renames the fp32 weights it reorders (NCHWc): those take the layout of the fp32-output
+    decodes whose names are gone, which must be one (otherwise the model does not qualify). The
+    model does not qualify either when another weight of the file is not a weight of the optimised
+    graph under its name (onnxruntime folded it, or fused its consumer into an operator the pass
+    does not protect, such as QLinearConv), or when the pass finds more or fewer weights there.
+    """
+    from oppass import protected_models
+
+    if not decodes or any(decode.check != "runtime" for decode in decodes):
         return None
     if any((node.domain, node.op_type) in RUNTIME_OPS for node in proto.graph.node):
         return None  # already optimised (transform --optimize-for-cpu)
-    outputs = {decode.output for decode in decodes}
-    ops = sorted({node.op_type for node in proto.graph.node if node.domain in ("", "ai.onnx")
-                  and node.op_type in WEIGHT_INPUT and set(node.input) & outputs})
+    readers = weight_readers(proto.graph)
+    ops = sorted({op for decode in decodes for op in readers.get(decode.output, ())})
     if not ops:
         return None
+    distinct = list({_decoding(decode): decode for decode in decodes}.values())  # the fold runs these
+    layouts = {decode.output: _layout(decode) for decode in distinct}
     plain = _fold_decode_nodes(proto, decodes, threads, lambda decode: True)
     counts = {name for decode in decodes for name in (decode.masked_output, decode.corrected_output) if name}
     report_faults = any(output.name == MASKED_WORDS_OUTPUT for output in plain.graph.output)
     protected_models.remove_count_sums(plain.graph, counts)
     edit.remove_initializers(plain.graph, counts)
+    optimized = optimize_for_cpu(plain)
+    initializers = {tensor.name for tensor in optimized.graph.initializer}
+    still_read = {name for name, types in weight_readers(optimized.graph).items() if set(types) & set(ops)}
+    named = {name: layout for name, layout in layouts.items() if name in initializers & still_read}
+    missing = [decode for decode in distinct if decode.output not in named]
+    if any(decode.output_type != TensorProto.FLOAT for decode in missing):
+        return None  # an integer or 16-bit weight onnxruntime folded, renamed or fused into an op the pass skips
+    renamed = {layouts[decode.output] for decode in missing}  # fp32 weights onnxruntime reordered (NCHWc)
+    if len(renamed) > 1:
+        return None
+    default = renamed.pop() if renamed else next(iter(layouts.values()))
     with warnings.catch_warnings():  # what the pass says about the plain model was said when it was protected
         warnings.simplefilter("ignore")
-        return transform(optimize_for_cpu(plain), format=KEEP_FORMAT if fmt == "fp32" else fmt, word=word_bits,
-                         ops=ops, check="runtime", report_faults=report_faults, inplace=True, code=code,
-                         range_check=range_check)
+        result, report = transform_with_report(
+            optimized, format=default.format, word=default.word, code=default.code, range_check=default.range_check,
+            ops=ops, check="runtime", report_faults=report_faults, inplace=True, layouts=named)
+    if len(report.tensors) != len(distinct):
+        return None  # weights onnxruntime folded away or made constant
+    return result
+
+
+def _layout(decode: DecodeNode) -> WeightLayout:
+    """The layout the pass stores a decode node's weight in when it protects the decoded tensor again."""
+    kept = FORMAT_OF_ONNX_TYPE.get(decode.output_type) == decode.format  # bf16/fp16 widened to fp32 are converted
+    word = WEIGHT_WORD if decode.word_bits == decode.weight_format.bits else decode.word_bits
+    return WeightLayout(format=KEEP_FORMAT if kept else decode.format, word=word, code=decode.code,
+                        range_check=decode.range_max is not None)
 
 
 def _fold_decode_nodes(

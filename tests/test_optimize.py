@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import model_zoo
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -119,7 +120,99 @@ def test_load_session_masks_a_stored_fault_when_it_reprotects(images: np.ndarray
     assert int(session.run(None, {"image": images})[1]) == 0  # masked at load; the new words are clean
 
 
-@pytest.mark.parametrize("options", [{"format": "int8"}, {"check": "load-custom"}])
+# Models that are not one fp32 layout: int8 converted (decode -> DequantizeLinear), uint8 ConvInteger and
+# MatMulInteger (onnxruntime fuses MatMulInteger into DynamicQuantizeMatMul), and several layouts in one model.
+MIXED = {"fc1.weight": protect.WeightLayout("bf16", 32),
+         "fc2.weight": protect.WeightLayout("int8", 64, code="secded", range_check=True)}
+REPROTECTED = {
+    "int8": (lambda: onnx.load(DIGITS_MODEL), {"format": "int8"}),
+    "uint8": (lambda: onnx.load(model_zoo.quantized_digits_model()), {"ops": ("ConvInteger", "MatMulInteger")}),
+    "mixed": (lambda: onnx.load(DIGITS_MODEL), {"layouts": MIXED}),
+}
+
+
+def protected_file(case: str) -> onnx.ModelProto:
+    """The case's model protected in runtime mode, 64-bit words unless its layouts say otherwise, counting faults."""
+    model, options = REPROTECTED[case]
+    return protect.transform(model(), word=64, report_faults=True, **options)
+
+
+def layout(decode: schema.DecodeNode) -> tuple:
+    return decode.format, decode.word_bits, decode.code, decode.range_max is not None
+
+
+def flip_bit(model: onnx.ModelProto, packed: str, bit: int) -> None:
+    """Flips stored bit `bit` of the packed initializer `packed` in place."""
+    tensor = next(t for t in model.graph.initializer if t.name == packed)
+    words = numpy_helper.to_array(tensor).copy()
+    words.reshape(-1).view(np.uint8)[bit // 8] ^= 1 << bit % 8
+    tensor.CopyFrom(numpy_helper.from_array(words, packed))
+
+
+def parity_packed(model: onnx.ModelProto) -> str:
+    """The packed input of the model's first parity decode node."""
+    return next(d.packed for d in schema.read_decode_nodes(model) if d.code == "parity")
+
+
+@pytest.mark.parametrize("case", list(REPROTECTED))
+def test_load_session_reprotects_each_weight_in_its_own_layout(case: str, images: np.ndarray) -> None:
+    protected = protected_file(case)
+    file_decodes = schema.read_decode_nodes(protected)
+    reprotected = runtime._with_runtime_checks_for_this_cpu(protected, file_decodes, None)
+    assert reprotected is not None
+    decodes = schema.read_decode_nodes(reprotected)
+    decoded = {d.output for d in decodes}
+    weights = decoded | {n.output[0] for n in reprotected.graph.node if n.op_type == "DequantizeLinear"
+                         and n.input[0] in decoded}  # an int8 weight's codes are dequantized after its decode
+    fused = [n for n in reprotected.graph.node if (n.domain, n.op_type) in protect.RUNTIME_OPS]
+    assert any(set(n.input) & weights for n in fused), "no decode node feeds an op onnxruntime optimised"
+    assert len(decodes) == len(file_decodes)
+    assert set(protect.weight_readers(reprotected.graph)) <= decoded  # every weight is protected again
+    by_output = {d.output: d for d in file_decodes}
+    kept = [d for d in decodes if d.output in by_output]
+    assert kept and all(layout(d) == layout(by_output[d.output]) for d in kept)
+    if case == "mixed":
+        assert {layout(d) for d in decodes} == {("fp32", 64, "parity", False), ("bf16", 32, "parity", False),
+                                                ("int8", 64, "secded", True)}
+    logits, masked, corrected = (runtime.load_session(protected).run(None, {"image": images}) + [0])[:3]
+    expected = runtime.load_session(protected, optimize_runtime_checks=False).run(None, {"image": images})[0]
+    np.testing.assert_allclose(logits, expected, rtol=1e-3, atol=1e-3)
+    assert int(masked) == 0 and int(corrected) == 0
+
+
+@pytest.mark.parametrize("case", list(REPROTECTED))
+def test_a_stored_fault_is_masked_at_load_and_a_fault_in_the_new_words_on_run(case: str, images: np.ndarray) -> None:
+    protected = protected_file(case)
+    flip_bit(protected, parity_packed(protected), 6)
+    with pytest.warns(UserWarning, match="1 corrupted weight words were masked at load"):
+        session = runtime.load_session(protected)
+    assert int(session.run(None, {"image": images})[1]) == 0  # masked at load; the new words are clean
+
+    reprotected = runtime._with_runtime_checks_for_this_cpu(protected_file(case),
+                                                            schema.read_decode_nodes(protected_file(case)), None)
+    assert reprotected is not None
+    flip_bit(reprotected, parity_packed(reprotected), 6)
+    session = runtime.open_session(reprotected, runtime.session_options())
+    assert int(session.run(None, {"image": images})[1]) == 1  # checked on every run
+
+
+def test_a_flip_in_reprotected_secded_words_is_corrected_on_run(images: np.ndarray) -> None:
+    protected = protected_file("mixed")
+    reprotected = runtime._with_runtime_checks_for_this_cpu(protected, schema.read_decode_nodes(protected), None)
+    assert reprotected is not None
+    clean = runtime.open_session(reprotected, runtime.session_options()).run(None, {"image": images})
+    secded = next(d.packed for d in schema.read_decode_nodes(reprotected) if d.code == "secded")
+    flip_bit(reprotected, secded, 3)
+    logits, masked, corrected = runtime.open_session(reprotected, runtime.session_options()).run(
+        None, {"image": images})
+    assert (int(masked), int(corrected)) == (0, 1)
+    np.testing.assert_array_equal(logits, clean[0])
+
+
+@pytest.mark.parametrize("options", [
+    {"check": "load-custom"},
+    {"layouts": {"conv2.weight": protect.WeightLayout("bf16", 32)}},  # onnxruntime renames both convs' weights
+])
 def test_load_session_keeps_decode_nodes_it_cannot_reprotect(options: dict) -> None:
     protected = protect.transform(onnx.load(DIGITS_MODEL), **options)
     assert runtime._with_runtime_checks_for_this_cpu(protected, schema.read_decode_nodes(protected), None) is None
