@@ -61,6 +61,11 @@ def session_options(
     return options
 
 
+# Standard ops onnxruntime's CPU optimisation may turn a weight's consumer into (MatMul + Add: Gemm), which
+# `load_session` protects again where the file protected the first.
+FUSED_INTO = {"MatMul": ("Gemm",)}
+
+
 def load_session(
     model: onnx.ModelProto | str | os.PathLike,
     *,
@@ -179,7 +184,9 @@ def _with_runtime_checks_for_this_cpu(
     decodes whose names are gone, which must be one (otherwise the model does not qualify). The
     model does not qualify either when another weight of the file is not a weight of the optimised
     graph under its name (onnxruntime folded it, or fused its consumer into an operator the pass
-    does not protect, such as QLinearConv), or when the pass finds more or fewer weights there.
+    does not protect, such as QLinearConv), when the pass finds fewer weights there, or when every
+    weight keeps its name: onnxruntime rewrote none (int8 weights behind DequantizeLinear, uint8
+    ones of ConvInteger and MatMulInteger), so its graph of the file is the optimised graph already.
     """
     from oppass import protected_models
 
@@ -188,9 +195,10 @@ def _with_runtime_checks_for_this_cpu(
     if any((node.domain, node.op_type) in RUNTIME_OPS for node in proto.graph.node):
         return None  # already optimised (transform --optimize-for-cpu)
     readers = weight_readers(proto.graph)
-    ops = sorted({op for decode in decodes for op in readers.get(decode.output, ())})
-    if not ops:
+    protected_ops = {op for decode in decodes for op in readers.get(decode.output, ())}
+    if not protected_ops:
         return None
+    ops = sorted(protected_ops | {fused for op in protected_ops for fused in FUSED_INTO.get(op, ())})
     distinct = list({_decoding(decode): decode for decode in decodes}.values())  # the fold runs these
     layouts = {decode.output: _layout(decode) for decode in distinct}
     plain = _fold_decode_nodes(proto, decodes, threads, lambda decode: True)
@@ -205,17 +213,17 @@ def _with_runtime_checks_for_this_cpu(
     missing = [decode for decode in distinct if decode.output not in named]
     if any(decode.output_type != TensorProto.FLOAT for decode in missing):
         return None  # an integer or 16-bit weight onnxruntime folded, renamed or fused into an op the pass skips
-    renamed = {layouts[decode.output] for decode in missing}  # fp32 weights onnxruntime reordered (NCHWc)
-    if len(renamed) > 1:
-        return None
+    renamed = {layouts[decode.output] for decode in missing}  # fp32 weights onnxruntime rewrote (NCHWc, folds)
+    if len(renamed) != 1:
+        return None  # none: the file's graph is onnxruntime's already; several: a renamed weight's layout is unknown
     default = renamed.pop() if renamed else next(iter(layouts.values()))
     with warnings.catch_warnings():  # what the pass says about the plain model was said when it was protected
         warnings.simplefilter("ignore")
         result, report = transform_with_report(
             optimized, format=default.format, word=default.word, code=default.code, range_check=default.range_check,
             ops=ops, check="runtime", report_faults=report_faults, inplace=True, layouts=named)
-    if len(report.tensors) != len(distinct):
-        return None  # weights onnxruntime folded away or made constant
+    if len(report.tensors) < len(distinct):
+        return None  # onnxruntime folded a weight into another (one it made constant is protected too)
     return result
 
 
