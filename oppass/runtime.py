@@ -8,6 +8,7 @@ import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
+import numpy as np
 import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
@@ -180,13 +181,15 @@ def _with_runtime_checks_for_this_cpu(
     `load_session`), or None when it does not qualify.
 
     Each weight keeps its decode node's layout, found by the weight's name in the optimised graph.
-    onnxruntime renames the fp32 weights it reorders (NCHWc): those take the layout of the fp32-output
-    decodes whose names are gone, which must be one (otherwise the model does not qualify). The
-    model does not qualify either when another weight of the file is not a weight of the optimised
-    graph under its name (onnxruntime folded it, or fused its consumer into an operator the pass
-    does not protect, such as QLinearConv), when the pass finds fewer weights there, or when every
-    weight keeps its name: onnxruntime rewrote none (int8 weights behind DequantizeLinear, uint8
-    ones of ConvInteger and MatMulInteger), so its graph of the file is the optimised graph already.
+    onnxruntime renames the fp32 weights it rewrites: those take the layout of the fp32-output
+    decodes whose names are gone when that is one; with several, each is found by its values
+    (NCHWc only reorders and zero-pads a weight), and a weight that matches none (a BatchNorm
+    folded into it) makes the model not qualify. Nor does it qualify when another weight of the
+    file is not a weight of the optimised graph under its name (onnxruntime folded it, or fused
+    its consumer into an operator the pass does not protect, such as QLinearConv), when the pass
+    finds fewer weights there, or when every weight keeps its name: onnxruntime rewrote none
+    (int8 weights behind DequantizeLinear, uint8 ones of ConvInteger and MatMulInteger), so its
+    graph of the file is the optimised graph already.
     """
     from oppass import protected_models
 
@@ -214,9 +217,15 @@ def _with_runtime_checks_for_this_cpu(
     if any(decode.output_type != TensorProto.FLOAT for decode in missing):
         return None  # an integer or 16-bit weight onnxruntime folded, renamed or fused into an op the pass skips
     renamed = {layouts[decode.output] for decode in missing}  # fp32 weights onnxruntime rewrote (NCHWc, folds)
-    if len(renamed) != 1:
-        return None  # none: the file's graph is onnxruntime's already; several: a renamed weight's layout is unknown
-    default = renamed.pop() if renamed else next(iter(layouts.values()))
+    if not renamed:
+        return None  # onnxruntime rewrote no weight: its graph of the file is this one
+    if len(renamed) > 1:
+        reordered = _reordered_layouts(plain, optimized, {d.output: layouts[d.output] for d in missing},
+                                       initializers & still_read - set(named))
+        if reordered is None:
+            return None
+        named |= reordered
+    default = next(iter(renamed))
     with warnings.catch_warnings():  # what the pass says about the plain model was said when it was protected
         warnings.simplefilter("ignore")
         result, report = transform_with_report(
@@ -225,6 +234,28 @@ def _with_runtime_checks_for_this_cpu(
     if len(report.tensors) < len(distinct):
         return None  # onnxruntime folded a weight into another (one it made constant is protected too)
     return result
+
+
+def _reordered_layouts(plain: onnx.ModelProto, optimized: onnx.ModelProto, layouts: Mapping[str, WeightLayout],
+                       names: set[str]) -> dict[str, WeightLayout] | None:
+    """The layouts of the weights `names` of `optimized`, which onnxruntime renamed, found by their values among
+    the weights of `plain` that `layouts` names: NCHWc reorders a weight and pads it with zeros, so its sorted
+    nonzero values are the original's. None when a weight matches none, or weights in two layouts look alike."""
+    tensors = {tensor.name: tensor for tensor in plain.graph.initializer}
+    by_values: dict[bytes, WeightLayout] = {}
+    for name, layout in layouts.items():
+        if by_values.setdefault(_nonzero_values(tensors[name]), layout) != layout:
+            return None
+    found = {tensor.name: by_values.get(_nonzero_values(tensor))
+             for tensor in optimized.graph.initializer if tensor.name in names}
+    return None if any(layout is None for layout in found.values()) else \
+        {name: layout for name, layout in found.items() if layout is not None}
+
+
+def _nonzero_values(tensor: onnx.TensorProto) -> bytes:
+    """A weight's nonzero values, sorted, as bytes (with its element type)."""
+    values = numpy_helper.to_array(tensor).reshape(-1)
+    return bytes([tensor.data_type]) + np.sort(values[values != 0]).tobytes()
 
 
 def _layout(decode: DecodeNode) -> WeightLayout:

@@ -148,6 +148,9 @@ def conv_and_conv_integer() -> onnx.ModelProto:
 
 REPROTECTED = {
     "fp32, bf16, int8": (lambda: onnx.load(DIGITS_MODEL), {"layouts": MIXED}),
+    # both Conv weights reordered, in two layouts: each is found by its values
+    "fp32, bf16 reordered": (lambda: onnx.load(DIGITS_MODEL), {"layouts": {
+        "conv2.weight": protect.WeightLayout("bf16", 32)}}),
     "fp32, uint8": (conv_and_conv_integer, {"ops": ("Conv", "ConvInteger"), "layouts": {
         "u.w": protect.WeightLayout(word="weight")}}),
 }
@@ -212,7 +215,7 @@ def test_load_session_reprotects_each_weight_in_its_own_layout(case: str, images
 
 @pytest.mark.parametrize("case", list(REPROTECTED))
 def test_a_stored_fault_is_masked_at_load_and_a_fault_in_the_new_words_on_run(case: str, images: np.ndarray) -> None:
-    fmt = {"fp32, bf16, int8": "bf16", "fp32, uint8": "uint8"}[case]  # a parity weight onnxruntime keeps by name
+    fmt = {"fp32, bf16, int8": "bf16", "fp32, bf16 reordered": "bf16", "fp32, uint8": "uint8"}[case]
     protected = protected_file(case)
     flip_bit(protected, packed_of(protected, fmt), 6)
     with pytest.warns(UserWarning, match="1 corrupted weight words were masked at load"):
@@ -239,7 +242,6 @@ def test_a_flip_in_reprotected_secded_words_is_corrected_on_run(images: np.ndarr
 
 @pytest.mark.parametrize("model, options", [
     (DIGITS_MODEL, {"check": "load-custom"}),
-    (DIGITS_MODEL, {"layouts": {"conv2.weight": protect.WeightLayout("bf16", 32)}}),  # reordered in two layouts
     # onnxruntime rewrites no weight of these (int8 behind DequantizeLinear, uint8 of ConvInteger and of
     # MatMulInteger, which it fuses into DynamicQuantizeMatMul whatever feeds it): the file's graph is its graph
     (DIGITS_MODEL, {"format": "int8"}),
