@@ -783,6 +783,15 @@ def _decode_output(site: _Site, options: _Options) -> str:
     return f"{site.name}::op_int8" if quantizes else site.name
 
 
+def conversion_dequantizers(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
+    """The DequantizeLinear nodes the pass added after the weights it converted to int8 (`format="int8"`): each
+    reads `<weight>::op_int8` with the initializers `<weight>::op_scale` and `<weight>::op_zero_point` and
+    gives `<weight>`."""
+    return [node for node in graph.node if _is_standard(node, "DequantizeLinear") and len(node.output) == 1
+            and node.name == f"{node.output[0]}::op_dequantize"
+            and list(node.input) == [f"{node.output[0]}::op_{suffix}" for suffix in ("int8", "scale", "zero_point")]]
+
+
 def _masked_output(site: _Site, options: _Options) -> str | None:
     """The decode node's masked-word count output, when the pass reports faults."""
     return _masked_name(site) if options.report_faults else None

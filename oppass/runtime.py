@@ -19,7 +19,14 @@ from oppass.errors import OppassError
 from oppass.formats import WEIGHT_WORD
 from oppass.modelio import PROTOBUF_LIMIT, is_protobuf_file, load_model, read_model, save_model
 from oppass.native import LIBRARY_ENV, LIBRARY_NAME, library_path
-from oppass.protect import KEEP_FORMAT, RUNTIME_OPS, WeightLayout, transform_with_report, weight_readers
+from oppass.protect import (
+    KEEP_FORMAT,
+    RUNTIME_OPS,
+    WeightLayout,
+    conversion_dequantizers,
+    transform_with_report,
+    weight_readers,
+)
 from oppass.schema import (
     DOMAIN,
     FORMAT_OF_ONNX_TYPE,
@@ -87,8 +94,10 @@ def load_session(
     with a warning), the plain model is optimised by onnxruntime for this machine
     (`optimize_for_cpu`: NCHWc layout, fused activations, MatMulInteger fused with its input's
     quantization) and the weights of that graph are protected again in runtime mode, each in
-    its decode node's format, word size, code and range check (int8 and uint8 weights stay
-    integers: an int8 weight's DequantizeLinear runs after its decode as in the file). The
+    its decode node's format, word size, code and range check. A weight the pass converted to
+    int8 (`format="int8"`) is dequantized at load too and re-protected as fp32, in words of at
+    least 32 bits with its code and range check, so onnxruntime runs its fp32 kernels on it (4x
+    the resident words of int8); the model's own int8 (QDQ) and uint8 weights stay integers. The
     session then checks parity (or SEC-DED) on every run on the re-protected words, while
     keeping onnxruntime's fast kernels. What it checks on every run is those words: a fault in
     the file is caught once, at load. The re-protected words group the reordered weights
@@ -203,8 +212,12 @@ def _with_runtime_checks_for_this_cpu(
         return None
     ops = sorted(protected_ops | {fused for op in protected_ops for fused in FUSED_INTO.get(op, ())})
     distinct = list({_decoding(decode): decode for decode in decodes}.values())  # the fold runs these
-    layouts = {decode.output: _layout(decode) for decode in distinct}
+    layouts = {decode.output: _layout(decode) for decode in distinct}  # by the name of each weight in `plain`
+    floats = {decode.output for decode in distinct if decode.output_type == TensorProto.FLOAT}
     plain = _fold_decode_nodes(proto, decodes, threads, lambda decode: True)
+    for codes, weight in _fold_conversion_dequantizers(plain.graph).items():
+        layouts[weight] = _fp32_layout(layouts.pop(codes))
+        floats.add(weight)
     counts = {name for decode in decodes for name in (decode.masked_output, decode.corrected_output) if name}
     report_faults = any(output.name == MASKED_WORDS_OUTPUT for output in plain.graph.output)
     protected_models.remove_count_sums(plain.graph, counts)
@@ -213,14 +226,14 @@ def _with_runtime_checks_for_this_cpu(
     initializers = {tensor.name for tensor in optimized.graph.initializer}
     still_read = {name for name, types in weight_readers(optimized.graph).items() if set(types) & set(ops)}
     named = {name: layout for name, layout in layouts.items() if name in initializers & still_read}
-    missing = [decode for decode in distinct if decode.output not in named]
-    if any(decode.output_type != TensorProto.FLOAT for decode in missing):
+    missing = [name for name in layouts if name not in named]
+    if any(name not in floats for name in missing):
         return None  # an integer or 16-bit weight onnxruntime folded, renamed or fused into an op the pass skips
-    renamed = {layouts[decode.output] for decode in missing}  # fp32 weights onnxruntime rewrote (NCHWc, folds)
+    renamed = {layouts[name] for name in missing}  # fp32 weights onnxruntime rewrote (NCHWc, folds)
     if not renamed:
         return None  # onnxruntime rewrote no weight: its graph of the file is this one
     if len(renamed) > 1:
-        reordered = _reordered_layouts(plain, optimized, {d.output: layouts[d.output] for d in missing},
+        reordered = _reordered_layouts(plain, optimized, {name: layouts[name] for name in missing},
                                        initializers & still_read - set(named))
         if reordered is None:
             return None
@@ -256,6 +269,32 @@ def _nonzero_values(tensor: onnx.TensorProto) -> bytes:
     """A weight's nonzero values, sorted, as bytes (with its element type)."""
     values = numpy_helper.to_array(tensor).reshape(-1)
     return bytes([tensor.data_type]) + np.sort(values[values != 0]).tobytes()
+
+
+def _fold_conversion_dequantizers(graph: onnx.GraphProto) -> dict[str, str]:
+    """Replaces each DequantizeLinear the pass added after an int8 conversion by its fp32 result, computed as
+    onnxruntime's kernel does ((code - zero point) * scale in float32); gives each int8 codes' name the weight's."""
+    initializers = {tensor.name: tensor for tensor in graph.initializer}
+    nodes = conversion_dequantizers(graph)
+    for node in nodes:
+        codes, scale, zero_point = (numpy_helper.to_array(initializers[name]) for name in node.input)
+        axis = next((attribute.i for attribute in node.attribute if attribute.name == "axis"), 1) % codes.ndim
+        shape = [-1 if dim == axis else 1 for dim in range(codes.ndim)]
+        centred = codes.astype(np.int32) - zero_point.astype(np.int32).reshape(shape)
+        weight = centred.astype(np.float32) * scale.astype(np.float32).reshape(shape)
+        graph.initializer.append(numpy_helper.from_array(weight, node.output[0]))
+    names = {node.name for node in nodes}
+    edit.remove_nodes(graph, lambda node: node.name in names)
+    edit.remove_initializers(graph, {name for node in nodes for name in node.input})
+    edit.remove_value_info(graph, {node.input[0] for node in nodes})
+    return {node.input[0]: node.output[0] for node in nodes}
+
+
+def _fp32_layout(layout: WeightLayout) -> WeightLayout:
+    """The layout of an int8 weight's dequantized fp32 values: its code and range check, in words of at least
+    32 bits (an fp32 weight's own size)."""
+    word = 32 if layout.word == WEIGHT_WORD or int(layout.word) < 32 else layout.word
+    return WeightLayout(format=KEEP_FORMAT, word=word, code=layout.code, range_check=layout.range_check)
 
 
 def _layout(decode: DecodeNode) -> WeightLayout:

@@ -121,8 +121,8 @@ def test_load_session_masks_a_stored_fault_when_it_reprotects(images: np.ndarray
 
 
 # Models in several layouts. onnxruntime reorders the fp32 Conv weights (NCHWc, renamed) and keeps the
-# names of the others: bf16 and int8 (decode -> DequantizeLinear, SEC-DED with the range check) Gemm weights,
-# and a uint8 ConvInteger weight beside an fp32 Conv.
+# names of the others: a bf16 Gemm weight, and a uint8 ConvInteger weight beside an fp32 Conv. Weights the pass
+# converted to int8 (decode -> DequantizeLinear; one SEC-DED with the range check) come back as fp32 words.
 MIXED = {"fc1.weight": protect.WeightLayout("bf16", 32),
          "fc2.weight": protect.WeightLayout("int8", 64, code="secded", range_check=True)}
 
@@ -146,13 +146,24 @@ def conv_and_conv_integer() -> onnx.ModelProto:
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
 
 
+FP32, BF16 = ("fp32", 64, "parity", False), ("bf16", 32, "parity", False)
 REPROTECTED = {
+    "int8": (lambda: onnx.load(DIGITS_MODEL), {"format": "int8"}),
     "fp32, bf16, int8": (lambda: onnx.load(DIGITS_MODEL), {"layouts": MIXED}),
     # both Conv weights reordered, in two layouts: each is found by its values
     "fp32, bf16 reordered": (lambda: onnx.load(DIGITS_MODEL), {"layouts": {
         "conv2.weight": protect.WeightLayout("bf16", 32)}}),
     "fp32, uint8": (conv_and_conv_integer, {"ops": ("Conv", "ConvInteger"), "layouts": {
         "u.w": protect.WeightLayout(word="weight")}}),
+}
+
+
+# Per case: the layouts of the re-protected words, a parity format of the file, one of the re-protected words.
+EXPECTED = {
+    "int8": ({FP32}, "int8", ("fp32",)),
+    "fp32, bf16, int8": ({FP32, BF16, ("fp32", 64, "secded", True)}, "bf16", ("fp32", "bf16")),
+    "fp32, bf16 reordered": ({FP32, BF16}, "bf16", ("fp32", "bf16")),
+    "fp32, uint8": ({FP32, ("uint8", 8, "parity", False)}, "uint8", ("fp32", "uint8")),
 }
 
 
@@ -202,10 +213,10 @@ def test_load_session_reprotects_each_weight_in_its_own_layout(case: str, images
     assert set(protect.weight_readers(reprotected.graph)) <= decoded  # every weight is protected again
     reordered = [n for n in reprotected.graph.node if (n.domain, n.op_type) == ("com.microsoft.nchwc", "Conv")]
     assert reordered and all(n.input[1] in decoded for n in reordered), "no decode feeds a reordered Conv"
-    assert {layout(d) for d in decodes} == {layout(d) for d in file_decodes}
+    assert {layout(d) for d in decodes} == EXPECTED[case][0]
     by_output = {d.output: d for d in file_decodes}
-    named = [d for d in decodes if d.output in by_output]  # the others are the reordered fp32 weights
-    assert len(named) == len(decodes) - len(reordered) and all(layout(d) == layout(by_output[d.output]) for d in named)
+    assert all(layout(d) == layout(by_output[d.output]) for d in decodes if d.output in by_output)
+    assert not protect.conversion_dequantizers(reprotected.graph)  # int8 conversions come back as fp32
     inputs = feeds(protected, images)
     results = runtime.load_session(protected).run(None, inputs)
     expected = runtime.load_session(protected, optimize_runtime_checks=False).run(None, inputs)[0]
@@ -215,15 +226,15 @@ def test_load_session_reprotects_each_weight_in_its_own_layout(case: str, images
 
 @pytest.mark.parametrize("case", list(REPROTECTED))
 def test_a_stored_fault_is_masked_at_load_and_a_fault_in_the_new_words_on_run(case: str, images: np.ndarray) -> None:
-    fmt = {"fp32, bf16, int8": "bf16", "fp32, bf16 reordered": "bf16", "fp32, uint8": "uint8"}[case]
+    _, in_file, reprotected_formats = EXPECTED[case]
     protected = protected_file(case)
-    flip_bit(protected, packed_of(protected, fmt), 6)
+    flip_bit(protected, packed_of(protected, in_file), 6)
     with pytest.warns(UserWarning, match="1 corrupted weight words were masked at load"):
         session = runtime.load_session(protected)
     inputs = feeds(protected, images)
     assert int(session.run(None, inputs)[1]) == 0  # masked at load; the new words are clean
 
-    for fault_in in ("fp32", fmt):
+    for fault_in in reprotected_formats:
         reprotected = reprotected_model(protected_file(case))
         flip_bit(reprotected, packed_of(reprotected, fault_in), 6)
         session = runtime.open_session(reprotected, runtime.session_options())
@@ -233,7 +244,7 @@ def test_a_stored_fault_is_masked_at_load_and_a_fault_in_the_new_words_on_run(ca
 def test_a_flip_in_reprotected_secded_words_is_corrected_on_run(images: np.ndarray) -> None:
     reprotected = reprotected_model(protected_file("fp32, bf16, int8"))
     clean = runtime.open_session(reprotected, runtime.session_options()).run(None, {"image": images})
-    flip_bit(reprotected, packed_of(reprotected, "int8", "secded"), 3)
+    flip_bit(reprotected, packed_of(reprotected, "fp32", "secded"), 3)
     logits, masked, corrected = runtime.open_session(reprotected, runtime.session_options()).run(
         None, {"image": images})
     assert (int(masked), int(corrected)) == (0, 1)
@@ -242,9 +253,8 @@ def test_a_flip_in_reprotected_secded_words_is_corrected_on_run(images: np.ndarr
 
 @pytest.mark.parametrize("model, options", [
     (DIGITS_MODEL, {"check": "load-custom"}),
-    # onnxruntime rewrites no weight of these (int8 behind DequantizeLinear, uint8 of ConvInteger and of
-    # MatMulInteger, which it fuses into DynamicQuantizeMatMul whatever feeds it): the file's graph is its graph
-    (DIGITS_MODEL, {"format": "int8"}),
+    # onnxruntime rewrites no weight of it (uint8 of ConvInteger and of MatMulInteger, which it fuses into
+    # DynamicQuantizeMatMul whatever feeds it): the file's graph is its optimised graph
     ("quantized digits", {"ops": ("ConvInteger", "MatMulInteger")}),
 ])
 def test_load_session_keeps_decode_nodes_it_cannot_or_need_not_reprotect(model: Path | str, options: dict) -> None:
