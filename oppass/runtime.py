@@ -103,10 +103,12 @@ def load_session(
     the file is caught once, at load. The re-protected words group the reordered weights
     differently, so their parity adjustment may change one more LSB per word: outputs are
     as close to the file's as the file's are to the unprotected model's, not bit-identical.
-    A model keeps its decode nodes when it has load-mode ones, is already optimised, or has a
-    weight the optimised graph does not read under its name through an op the pass protects
-    (onnxruntime folded it or fused its consumer into an operator such as QLinearConv), or fp32
-    weights that onnxruntime renames in more than one layout.
+    A model keeps its decode nodes when it has load-mode ones, is already optimised, when
+    onnxruntime rewrites none of its weights (uint8 ConvInteger/MatMulInteger models: its graph
+    of the file is then the optimised one), or when a weight cannot be found again: one the
+    optimised graph does not read under its name through an op the pass protects (onnxruntime
+    folded it or fused its consumer into an operator such as QLinearConv), or a renamed fp32
+    weight that matches no weight of the file in a model with several fp32 layouts.
     Standard-op load checks need nothing: onnxruntime folds them itself, and the library is
     registered only for a model with ParityCheckUnpack nodes. `threads` and `config` are as in
     `session_options`.
@@ -197,8 +199,8 @@ def _with_runtime_checks_for_this_cpu(
     file is not a weight of the optimised graph under its name (onnxruntime folded it, or fused
     its consumer into an operator the pass does not protect, such as QLinearConv), when the pass
     finds fewer weights there, or when every weight keeps its name: onnxruntime rewrote none
-    (int8 weights behind DequantizeLinear, uint8 ones of ConvInteger and MatMulInteger), so its
-    graph of the file is the optimised graph already.
+    (the model's own int8 weights behind DequantizeLinear, uint8 ones of ConvInteger and
+    MatMulInteger), so its graph of the file is the optimised graph already.
     """
     from oppass import protected_models
 
@@ -215,7 +217,7 @@ def _with_runtime_checks_for_this_cpu(
     layouts = {decode.output: _layout(decode) for decode in distinct}  # by the name of each weight in `plain`
     floats = {decode.output for decode in distinct if decode.output_type == TensorProto.FLOAT}
     plain = _fold_decode_nodes(proto, decodes, threads, lambda decode: True)
-    for codes, weight in _fold_conversion_dequantizers(plain.graph).items():
+    for codes, weight in _fold_conversion_dequantizers(plain.graph, set(layouts)).items():
         layouts[weight] = _fp32_layout(layouts.pop(codes))
         floats.add(weight)
     counts = {name for decode in decodes for name in (decode.masked_output, decode.corrected_output) if name}
@@ -271,11 +273,13 @@ def _nonzero_values(tensor: onnx.TensorProto) -> bytes:
     return bytes([tensor.data_type]) + np.sort(values[values != 0]).tobytes()
 
 
-def _fold_conversion_dequantizers(graph: onnx.GraphProto) -> dict[str, str]:
-    """Replaces each DequantizeLinear the pass added after an int8 conversion by its fp32 result, computed as
-    onnxruntime's kernel does ((code - zero point) * scale in float32); gives each int8 codes' name the weight's."""
+def _fold_conversion_dequantizers(graph: onnx.GraphProto, decoded: set[str]) -> dict[str, str]:
+    """Replaces each DequantizeLinear the pass added after an int8 conversion of a weight whose codes are in
+    `decoded` by its fp32 result, computed as onnxruntime's kernel does ((code - zero point) * scale in float32);
+    gives each int8 codes' name the weight's."""
     initializers = {tensor.name: tensor for tensor in graph.initializer}
-    nodes = conversion_dequantizers(graph)
+    nodes = [node for node in conversion_dequantizers(graph) if node.input[0] in decoded
+             and all(name in initializers for name in node.input)]
     for node in nodes:
         codes, scale, zero_point = (numpy_helper.to_array(initializers[name]) for name in node.input)
         axis = next((attribute.i for attribute in node.attribute if attribute.name == "axis"), 1) % codes.ndim
