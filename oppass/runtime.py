@@ -213,7 +213,10 @@ def _with_runtime_checks_for_this_cpu(
     if not protected_ops:
         return None
     ops = sorted(protected_ops | {fused for op in protected_ops for fused in FUSED_INTO.get(op, ())})
-    distinct = list({_decoding(decode): decode for decode in decodes}.values())  # the fold runs these
+    first: dict[tuple, DecodeNode] = {}
+    for decode in decodes:
+        first.setdefault(_decoding(decode), decode)
+    distinct = list(first.values())  # the fold runs these, and their outputs name the decoded weights
     layouts = {decode.output: _layout(decode) for decode in distinct}  # by the name of each weight in `plain`
     floats = {decode.output for decode in distinct if decode.output_type == TensorProto.FLOAT}
     plain = _fold_decode_nodes(proto, decodes, threads, lambda decode: True)
