@@ -261,3 +261,8 @@ def test_load_session_keeps_decode_nodes_it_cannot_or_need_not_reprotect(model: 
     source = model_zoo.quantized_digits_model() if model == "quantized digits" else model
     protected = protect.transform(onnx.load(source), **options)
     assert runtime._with_runtime_checks_for_this_cpu(protected, schema.read_decode_nodes(protected), None) is None
+
+
+def test_a_layout_for_a_weight_the_pass_does_not_protect_is_an_error() -> None:
+    with pytest.raises(OppassError, match="layouts name weights the pass does not protect: 'conv1.bias'"):
+        protect.transform(onnx.load(DIGITS_MODEL), layouts={"conv1.bias": protect.WeightLayout("bf16")})
