@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 from oppass.errors import OppassError
 
 if TYPE_CHECKING:
-    from oppass.protect import transform, transform_file, transform_with_report
+    from oppass.protect import WeightLayout, transform, transform_file, transform_with_report
     from oppass.protected_models import inject, inspect, strip
     from oppass.runtime import custom_op_library, load_session, optimize_for_cpu, session_options
 
@@ -22,6 +22,7 @@ _LAZY = {
     "transform": "oppass.protect",
     "transform_file": "oppass.protect",
     "transform_with_report": "oppass.protect",
+    "WeightLayout": "oppass.protect",
     "inject": "oppass.protected_models",
     "inspect": "oppass.protected_models",
     "strip": "oppass.protected_models",
@@ -32,6 +33,7 @@ _LAZY = {
 }
 __all__ = [
     "OppassError",
+    "WeightLayout",
     "custom_op_library",
     "inject",
     "inspect",

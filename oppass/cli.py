@@ -275,8 +275,8 @@ def output_drift(original: ModelSource, protected: ModelSource) -> Drift:
     names = [output.name for output in plain.get_outputs()]
     expected = plain.run(names, feeds)
     del plain
-    if isinstance(protected, onnx.ModelProto):
-        guarded = runtime.load_session(protected)
+    if isinstance(protected, onnx.ModelProto):  # the file's own decode nodes, not a re-protection for this CPU
+        guarded = runtime.load_session(protected, optimize_runtime_checks=False)
     else:  # decode nodes run in the session whatever their check mode: same outputs as load-time folding
         custom = runtime.has_custom_ops(modelio.read_model(protected, defer=True).model)
         options = runtime.session_options(library=custom)

@@ -44,7 +44,7 @@ import math
 import os
 import sys
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
@@ -95,13 +95,27 @@ WRITE_SLICE = 256 * 1024
 # Weight input index of each op type the pass can protect.
 WEIGHT_INPUT = {"Conv": 1, "ConvTranspose": 1, "ConvInteger": 1, "Gemm": 1, "MatMul": 1, "MatMulInteger": 1}
 # onnxruntime's own kernels found in models it has optimised (`runtime.optimize_for_cpu`), and the
-# standard op whose inputs and attributes each takes: its NCHWc-blocked Conv, and Conv and Gemm
-# fused with an activation.
+# standard op whose weight input and output-channel axis each has: its NCHWc-blocked Conv, Conv and
+# Gemm fused with an activation, and MatMulInteger fused with the quantization of its input
+# (DynamicQuantizeMatMul) or with the scaling of its result (MatMulIntegerToFloat).
 RUNTIME_OPS = {
     ("com.microsoft.nchwc", "Conv"): "Conv",
     ("com.microsoft", "FusedConv"): "Conv",
     ("com.microsoft", "FusedGemm"): "Gemm",
+    ("com.microsoft", "DynamicQuantizeMatMul"): "MatMulInteger",
+    ("com.microsoft", "MatMulIntegerToFloat"): "MatMulInteger",
 }
+
+
+@dataclass(frozen=True)
+class WeightLayout:
+    """How one weight is stored, where `transform(layouts=...)` overrides the options for it: its format
+    (KEEP_FORMAT or one to convert fp32 to), word size, code and whether its decode has the range check."""
+
+    format: str = KEEP_FORMAT
+    word: str | int = "64"
+    code: str = PARITY
+    range_check: bool = False
 
 
 @dataclass(frozen=True)
@@ -119,6 +133,11 @@ class _Options:
     def counts_corrections(self) -> bool:
         """Whether the decode nodes report corrected words (SEC-DED with --report-faults)."""
         return self.report_faults and self.code == SECDED
+
+    def laid_out(self, layout: WeightLayout) -> _Options:
+        """These options with `layout`'s format, word size, code and range check (a flip strategy only for parity)."""
+        return _validated_options(layout.format, layout.word, self.flip if layout.code == PARITY else None, self.ops,
+                                  self.check, self.report_faults, layout.code, layout.range_check)
 
 
 @dataclass
@@ -242,6 +261,7 @@ def transform(
     code: str = PARITY,
     range_check: bool = False,
     allow_unprotected: bool = False,
+    layouts: Mapping[str, WeightLayout] | None = None,
 ) -> onnx.ModelProto:
     """A protected copy of `model` (see the module docstring); the input is not modified unless asked.
 
@@ -256,11 +276,13 @@ def transform(
     `code` is `parity` (opportunistic parity; `flip` chooses the weight, default word-lsb) or
     `secded` (SEC-DED inside each word; `flip` must be None). `range_check` adds the range
     check to every decode node. A model with no weight to protect is an error, unless
-    `allow_unprotected` (then it is returned unprotected, with a warning).
+    `allow_unprotected` (then it is returned unprotected, with a warning). `layouts` stores the
+    weights it names (by their tensor's name) in their own layout instead of the options' format,
+    word size, code and range check; a name that is not a weight the pass protects is an error.
     """
     protected, _ = transform_with_report(
         model, format=format, word=word, flip=flip, ops=ops, check=check, report_faults=report_faults,
-        inplace=inplace, code=code, range_check=range_check, allow_unprotected=allow_unprotected,
+        inplace=inplace, code=code, range_check=range_check, allow_unprotected=allow_unprotected, layouts=layouts,
     )
     return protected
 
@@ -278,9 +300,11 @@ def transform_with_report(
     code: str = PARITY,
     range_check: bool = False,
     allow_unprotected: bool = False,
+    layouts: Mapping[str, WeightLayout] | None = None,
 ) -> tuple[onnx.ModelProto, TransformReport]:
     """Like `transform`, also returning what was done to each weight."""
     options = _validated_options(format, word, flip, ops, check, report_faults, code, range_check)
+    site_options = {name: options.laid_out(layout) for name, layout in (layouts or {}).items()}
     source: modelio.ModelFile | modelio.LazyCopy | None  # where weights not in the tensors are read
     if isinstance(model, onnx.ModelProto):
         source = None if inplace else modelio.lazy_copy(model)  # the weights the pass replaces are never copied
@@ -288,7 +312,7 @@ def transform_with_report(
     else:
         source = model if isinstance(model, modelio.ModelFile) else modelio.read_model(model, defer=True)
         result = source.model
-    packed_weights = _protect_in_place(result, options, source, allow_unprotected)
+    packed_weights = _protect_in_place(result, options, source, allow_unprotected, site_options)
     for packed in packed_weights:  # one weight's arrays at a time
         assert packed.placeholder is not None
         modelio.fill_placeholder(packed.placeholder, packed)
@@ -335,9 +359,11 @@ def transform_file(
 
 
 def _protect_in_place(
-    model: onnx.ModelProto, options: _Options, source: _WeightSource, allow_unprotected: bool
+    model: onnx.ModelProto, options: _Options, source: _WeightSource, allow_unprotected: bool,
+    site_options: Mapping[str, _Options] | None = None,
 ) -> list[_PackedWeight]:
-    """Replaces the weights of `model` by decode nodes and packed placeholders, to be filled from the result."""
+    """Replaces the weights of `model` by decode nodes and packed placeholders, to be filled from the result;
+    `site_options` are the options of the weights they name, instead of `options`."""
     if any(node.domain == DOMAIN for graph in modelio.all_graphs(model.graph) for node in graph.node):
         raise OppassError("model is already protected (it has ai.oppass nodes)")
     if has_standard_decodes(model):
@@ -345,14 +371,18 @@ def _protect_in_place(
     if options.check == STANDARD_OPS_CHECK:
         _lift_to_standard_decode_opset(model)
     _refuse_duplicate_initializers(model)
-    sites = _find_sites(model, options)
+    per_site = dict(site_options or {})
+    sites = _find_sites(model, options, per_site)
+    unknown = sorted(set(per_site) - {site.name for site in sites})
+    if unknown:
+        raise OppassError(f"layouts name weights the pass does not protect: {', '.join(map(repr, unknown[:3]))}")
     if not sites:
         found = f"no weight of {', '.join(options.ops)} was found to protect"
         if not allow_unprotected:
             raise OppassError(f"{found}: nothing written (use --ops to name other op types, or --allow-unprotected "
                               "to write the model unprotected)")
         warnings.warn(f"{found}: the model is written unprotected", stacklevel=3)
-    return _replace_sites(model, sites, options, source)
+    return _replace_sites(model, sites, options, source, per_site)
 
 
 def _report(packed_weights: list[_PackedWeight]) -> TransformReport:
@@ -458,8 +488,9 @@ def _definitions(model: onnx.ModelProto) -> dict[str, list[_Definition]]:
     return table
 
 
-def _find_sites(model: onnx.ModelProto, options: _Options) -> list[_Site]:
-    """The weights to protect, each once however many nodes read it, in graph order."""
+def _find_sites(model: onnx.ModelProto, options: _Options, site_options: Mapping[str, _Options]) -> list[_Site]:
+    """The weights to protect, each once however many nodes read it, in graph order (`site_options`: the
+    options of the weights they name)."""
     definitions = _definitions(model)
     opset = _default_opset(model)
     sites: dict[str, _Site] = {}
@@ -474,8 +505,27 @@ def _find_sites(model: onnx.ModelProto, options: _Options) -> list[_Site]:
                 site, permutation = found
                 axis = _output_channel_axis(node, site)  # of the weight input, so of the transposed weight if one
                 site.axes.add(axis if permutation is None else permutation[axis])
-    usable = [site for site in sites.values() if _usable(site, options, opset)]
+    usable = [site for site in sites.values() if _usable(site, site_options.get(site.name, options), opset)]
     return usable
+
+
+def weight_readers(graph: onnx.GraphProto) -> dict[str, set[str]]:
+    """Every name read as a weight in `graph` (not its subgraphs), each with the op types of WEIGHT_INPUT that
+    read it (onnxruntime's own as RUNTIME_OPS names them): a node's weight input, or the input of the
+    DequantizeLinear or Transpose that produces it, which the pass follows to the weight."""
+    producers = {output: node for node in graph.node for output in node.output if output}
+    readers: dict[str, set[str]] = {}
+    for node in graph.node:
+        op = _standard_op(node)
+        if op not in WEIGHT_INPUT or len(node.input) <= WEIGHT_INPUT[op]:
+            continue
+        name = node.input[WEIGHT_INPUT[op]]
+        producer = producers.get(name)
+        if producer is not None and producer.input and any(_is_standard(producer, followed)
+                                                           for followed in ("DequantizeLinear", "Transpose")):
+            name = producer.input[0]
+        readers.setdefault(name, set()).add(op)
+    return readers
 
 
 def _standard_op(node: onnx.NodeProto) -> str | None:
@@ -733,6 +783,15 @@ def _decode_output(site: _Site, options: _Options) -> str:
     return f"{site.name}::op_int8" if quantizes else site.name
 
 
+def conversion_dequantizers(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
+    """The DequantizeLinear nodes the pass added after the weights it converted to int8 (`format="int8"`): each
+    reads `<weight>::op_int8` with the initializers `<weight>::op_scale` and `<weight>::op_zero_point` and
+    gives `<weight>`."""
+    return [node for node in graph.node if _is_standard(node, "DequantizeLinear") and len(node.output) == 1
+            and node.name == f"{node.output[0]}::op_dequantize"
+            and list(node.input) == [f"{node.output[0]}::op_{suffix}" for suffix in ("int8", "scale", "zero_point")]]
+
+
 def _masked_output(site: _Site, options: _Options) -> str | None:
     """The decode node's masked-word count output, when the pass reports faults."""
     return _masked_name(site) if options.report_faults else None
@@ -778,16 +837,20 @@ def _dequantize(
 
 
 def _replace_sites(
-    model: onnx.ModelProto, sites: list[_Site], options: _Options, source: _WeightSource
+    model: onnx.ModelProto, sites: list[_Site], options: _Options, source: _WeightSource,
+    site_options: Mapping[str, _Options],
 ) -> list[_PackedWeight]:
     """Swaps each site's definition for its replacement, a placeholder for its packed initializer; wires the
-    optional fault counter. Returns the packed weights, in the order of their placeholders."""
+    optional fault counters. Returns the packed weights, in the order of their placeholders."""
     graph = model.graph
+    options_of = {site.name: site_options.get(site.name, options) for site in sites}
     masked_outputs = [_masked_name(site) for site in sites if options.report_faults]
     tail = _count_sum(masked_outputs, MASKED_WORDS_OUTPUT, MASKED_WORDS_SUM) if options.report_faults else []
-    if options.counts_corrections:
-        tail += _count_sum([_corrected_name(site) for site in sites], CORRECTED_WORDS_OUTPUT, CORRECTED_WORDS_SUM)
-    new_names = {name for site in sites for name in _new_names(site, options)}
+    correcting = [_corrected_name(site) for site in sites if options_of[site.name].counts_corrections]
+    counts_corrections = options.counts_corrections or bool(correcting)
+    if counts_corrections:
+        tail += _count_sum(correcting, CORRECTED_WORDS_OUTPUT, CORRECTED_WORDS_SUM)
+    new_names = {name for site in sites for name in _new_names(site, options_of[site.name])}
     new_names.update(output for node in tail for output in node.output)
     standard_prefixes = tuple(chain_prefix(site.name) for site in sites) if options.check == STANDARD_OPS_CHECK else ()
     _reject_taken_names(model, new_names - {site.name for site in sites}, standard_prefixes)
@@ -797,7 +860,7 @@ def _replace_sites(
     packed_weights: list[_PackedWeight] = []
     decodes: list[DecodeNode] = []
     for site in sites:
-        replacement = _protect(site, options, source)
+        replacement = _protect(site, options_of[site.name], source)
         packed = replacement.packed
         packed.placeholder = modelio.add_placeholder(
             graph, packed_name(site.name), helper.np_dtype_to_tensor_dtype(packed.packed_dtype), packed.packed_shape)
@@ -813,7 +876,7 @@ def _replace_sites(
     graph.value_info.extend(value_info)
     if options.report_faults:
         graph.output.append(helper.make_tensor_value_info(MASKED_WORDS_OUTPUT, TensorProto.INT64, []))
-    if options.counts_corrections:
+    if counts_corrections:
         graph.output.append(helper.make_tensor_value_info(CORRECTED_WORDS_OUTPUT, TensorProto.INT64, []))
     _record_standard_decodes(model, [decode for decode in decodes if decode.standard_ops])
     if any(not decode.standard_ops for decode in decodes):

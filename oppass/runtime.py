@@ -8,6 +8,7 @@ import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
+import numpy as np
 import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
@@ -15,9 +16,25 @@ from onnxruntime.capi import onnxruntime_pybind11_state as ort_errors
 
 from oppass import edit, modelio
 from oppass.errors import OppassError
+from oppass.formats import WEIGHT_WORD
 from oppass.modelio import PROTOBUF_LIMIT, is_protobuf_file, load_model, read_model, save_model
 from oppass.native import LIBRARY_ENV, LIBRARY_NAME, library_path
-from oppass.schema import DOMAIN, MASKED_WORDS_OUTPUT, DecodeNode, is_decode_node, read_decode_nodes
+from oppass.protect import (
+    KEEP_FORMAT,
+    RUNTIME_OPS,
+    WeightLayout,
+    conversion_dequantizers,
+    transform_with_report,
+    weight_readers,
+)
+from oppass.schema import (
+    DOMAIN,
+    FORMAT_OF_ONNX_TYPE,
+    MASKED_WORDS_OUTPUT,
+    DecodeNode,
+    is_decode_node,
+    read_decode_nodes,
+)
 
 __all__ = ["DOMAIN", "LIBRARY_ENV", "LIBRARY_NAME", "RUN_ERRORS", "custom_op_library", "has_custom_ops",
            "load_session", "open_session", "optimize_for_cpu", "session_options"]
@@ -52,6 +69,11 @@ def session_options(
     return options
 
 
+# Standard ops onnxruntime's CPU optimisation may turn a weight's consumer into (MatMul + Add: Gemm), which
+# `load_session` protects again where the file protected the first.
+FUSED_INTO = {"MatMul": ("Gemm",)}
+
+
 def load_session(
     model: onnx.ModelProto | str | os.PathLike,
     *,
@@ -67,16 +89,26 @@ def load_session(
     words and corrects single flips (SEC-DED), and their results replace
     them as constant initializers: the consumers then get onnxruntime's weight
     prepacking exactly as in the unprotected model. Runtime-mode nodes are left alone.
-    With `optimize_runtime_checks`, a model whose decode nodes are all runtime-mode, of one
-    format (fp32, or bf16/fp16 decoded to float) and word size, is re-protected for this CPU:
-    its words are checked and decoded once (faulty words masked, with a warning), the plain
-    model is optimised by onnxruntime for this machine (`optimize_for_cpu`: NCHWc layout,
-    fused activations) and the weights of that graph are protected again in runtime mode, in
-    the same format and word size. The session then checks parity on every run while keeping
-    onnxruntime's fast Conv kernels. The re-protected words group the reordered weights
+    With `optimize_runtime_checks`, a model whose decode nodes are all runtime-mode is
+    re-protected for this CPU: its words are checked and decoded once (faulty words masked,
+    with a warning), the plain model is optimised by onnxruntime for this machine
+    (`optimize_for_cpu`: NCHWc layout, fused activations, MatMulInteger fused with its input's
+    quantization) and the weights of that graph are protected again in runtime mode, each in
+    its decode node's format, word size, code and range check. A weight the pass converted to
+    int8 (`format="int8"`) is dequantized at load too and re-protected as fp32, in words of at
+    least 32 bits with its code and range check, so onnxruntime runs its fp32 kernels on it (4x
+    the resident words of int8); the model's own int8 (QDQ) and uint8 weights stay integers. The
+    session then checks parity (or SEC-DED) on every run on the re-protected words, while
+    keeping onnxruntime's fast kernels. What it checks on every run is those words: a fault in
+    the file is caught once, at load. The re-protected words group the reordered weights
     differently, so their parity adjustment may change one more LSB per word: outputs are
     as close to the file's as the file's are to the unprotected model's, not bit-identical.
-    Other models (int8, mixed formats, already optimised ones) keep their decode nodes.
+    A model keeps its decode nodes when it has load-mode ones, is already optimised, when
+    onnxruntime rewrites none of its weights (uint8 ConvInteger/MatMulInteger models: its graph
+    of the file is then the optimised one), or when a weight cannot be found again: one the
+    optimised graph does not read under its name through an op the pass protects (onnxruntime
+    folded it or fused its consumer into an operator such as QLinearConv), or a renamed fp32
+    weight that matches no weight of the file in a model with several fp32 layouts.
     Standard-op load checks need nothing: onnxruntime folds them itself, and the library is
     registered only for a model with ParityCheckUnpack nodes. `threads` and `config` are as in
     `session_options`.
@@ -157,34 +189,127 @@ def _with_runtime_checks_for_this_cpu(
     proto: onnx.ModelProto, decodes: list[DecodeNode], threads: int | None
 ) -> onnx.ModelProto | None:
     """The model re-protected in runtime mode on the graph onnxruntime optimises for this CPU (see
-    `load_session`), or None when it does not qualify."""
-    from oppass import protected_models
-    from oppass.protect import KEEP_FORMAT, RUNTIME_OPS, WEIGHT_INPUT, transform
+    `load_session`), or None when it does not qualify.
 
-    layouts = {(decode.format, decode.word_bits, decode.output_type, decode.code, decode.range_max is not None)
-               for decode in decodes}
-    if not decodes or any(decode.check != "runtime" for decode in decodes) or len(layouts) != 1:
-        return None
-    fmt, word_bits, output_type, code, range_check = layouts.pop()
-    if fmt not in ("fp32", "bf16", "fp16") or output_type != TensorProto.FLOAT:
+    Each weight keeps its decode node's layout, found by the weight's name in the optimised graph.
+    onnxruntime renames the fp32 weights it rewrites: those take the layout of the fp32-output
+    decodes whose names are gone when that is one; with several, each is found by its values
+    (NCHWc only reorders and zero-pads a weight), and a weight that matches none (a BatchNorm
+    folded into it) makes the model not qualify. Nor does it qualify when another weight of the
+    file is not a weight of the optimised graph under its name (onnxruntime folded it, or fused
+    its consumer into an operator the pass does not protect, such as QLinearConv), when the pass
+    finds fewer weights there, or when every weight keeps its name: onnxruntime rewrote none
+    (the model's own int8 weights behind DequantizeLinear, uint8 ones of ConvInteger and
+    MatMulInteger), so its graph of the file is the optimised graph already.
+    """
+    from oppass import protected_models
+
+    if not decodes or any(decode.check != "runtime" for decode in decodes):
         return None
     if any((node.domain, node.op_type) in RUNTIME_OPS for node in proto.graph.node):
         return None  # already optimised (transform --optimize-for-cpu)
-    outputs = {decode.output for decode in decodes}
-    ops = sorted({node.op_type for node in proto.graph.node if node.domain in ("", "ai.onnx")
-                  and node.op_type in WEIGHT_INPUT and set(node.input) & outputs})
-    if not ops:
+    readers = weight_readers(proto.graph)
+    protected_ops = {op for decode in decodes for op in readers.get(decode.output, ())}
+    if not protected_ops:
         return None
+    ops = sorted(protected_ops | {fused for op in protected_ops for fused in FUSED_INTO.get(op, ())})
+    first: dict[tuple, DecodeNode] = {}
+    for decode in decodes:
+        first.setdefault(_decoding(decode), decode)
+    distinct = list(first.values())  # the fold runs these, and their outputs name the decoded weights
+    layouts = {decode.output: _layout(decode) for decode in distinct}  # by the name of each weight in `plain`
+    floats = {decode.output for decode in distinct if decode.output_type == TensorProto.FLOAT}
     plain = _fold_decode_nodes(proto, decodes, threads, lambda decode: True)
+    for codes, weight in _fold_conversion_dequantizers(plain.graph, set(layouts)).items():
+        layouts[weight] = _fp32_layout(layouts.pop(codes))
+        floats.add(weight)
     counts = {name for decode in decodes for name in (decode.masked_output, decode.corrected_output) if name}
     report_faults = any(output.name == MASKED_WORDS_OUTPUT for output in plain.graph.output)
     protected_models.remove_count_sums(plain.graph, counts)
     edit.remove_initializers(plain.graph, counts)
+    optimized = optimize_for_cpu(plain)
+    initializers = {tensor.name for tensor in optimized.graph.initializer}
+    still_read = {name for name, types in weight_readers(optimized.graph).items() if set(types) & set(ops)}
+    named = {name: layout for name, layout in layouts.items() if name in initializers & still_read}
+    missing = [name for name in layouts if name not in named]
+    if any(name not in floats for name in missing):
+        return None  # an integer or 16-bit weight onnxruntime folded, renamed or fused into an op the pass skips
+    renamed = {layouts[name] for name in missing}  # fp32 weights onnxruntime rewrote (NCHWc, folds)
+    if not renamed:
+        return None  # onnxruntime rewrote no weight: its graph of the file is this one
+    if len(renamed) > 1:
+        reordered = _reordered_layouts(plain, optimized, {name: layouts[name] for name in missing},
+                                       initializers & still_read - set(named))
+        if reordered is None:
+            return None
+        named |= reordered
+    default = next(iter(renamed))
     with warnings.catch_warnings():  # what the pass says about the plain model was said when it was protected
         warnings.simplefilter("ignore")
-        return transform(optimize_for_cpu(plain), format=KEEP_FORMAT if fmt == "fp32" else fmt, word=word_bits,
-                         ops=ops, check="runtime", report_faults=report_faults, inplace=True, code=code,
-                         range_check=range_check)
+        result, report = transform_with_report(
+            optimized, format=default.format, word=default.word, code=default.code, range_check=default.range_check,
+            ops=ops, check="runtime", report_faults=report_faults, inplace=True, layouts=named)
+    if len(report.tensors) < len(distinct):
+        return None  # onnxruntime folded a weight into another (one it made constant is protected too)
+    return result
+
+
+def _reordered_layouts(plain: onnx.ModelProto, optimized: onnx.ModelProto, layouts: Mapping[str, WeightLayout],
+                       names: set[str]) -> dict[str, WeightLayout] | None:
+    """The layouts of the weights `names` of `optimized`, which onnxruntime renamed, found by their values among
+    the weights of `plain` that `layouts` names: NCHWc reorders a weight and pads it with zeros, so its sorted
+    nonzero values are the original's. None when a weight matches none, or weights in two layouts look alike."""
+    tensors = {tensor.name: tensor for tensor in plain.graph.initializer}
+    by_values: dict[bytes, WeightLayout] = {}
+    for name, layout in layouts.items():
+        if by_values.setdefault(_nonzero_values(tensors[name]), layout) != layout:
+            return None
+    found = {tensor.name: by_values.get(_nonzero_values(tensor))
+             for tensor in optimized.graph.initializer if tensor.name in names}
+    return None if any(layout is None for layout in found.values()) else \
+        {name: layout for name, layout in found.items() if layout is not None}
+
+
+def _nonzero_values(tensor: onnx.TensorProto) -> bytes:
+    """A weight's nonzero values, sorted, as bytes (with its element type)."""
+    values = numpy_helper.to_array(tensor).reshape(-1)
+    return bytes([tensor.data_type]) + np.sort(values[values != 0]).tobytes()
+
+
+def _fold_conversion_dequantizers(graph: onnx.GraphProto, decoded: set[str]) -> dict[str, str]:
+    """Replaces each DequantizeLinear the pass added after an int8 conversion of a weight whose codes are in
+    `decoded` by its fp32 result, computed as onnxruntime's kernel does ((code - zero point) * scale in float32);
+    gives each int8 codes' name the weight's."""
+    initializers = {tensor.name: tensor for tensor in graph.initializer}
+    nodes = [node for node in conversion_dequantizers(graph) if node.input[0] in decoded
+             and all(name in initializers for name in node.input)]
+    for node in nodes:
+        codes, scale, zero_point = (numpy_helper.to_array(initializers[name]) for name in node.input)
+        axis = next((attribute.i for attribute in node.attribute if attribute.name == "axis"), 1) % codes.ndim
+        shape = [-1 if dim == axis else 1 for dim in range(codes.ndim)]
+        centred = codes.astype(np.int32) - zero_point.astype(np.int32).reshape(shape)
+        weight = centred.astype(np.float32) * scale.astype(np.float32).reshape(shape)
+        graph.initializer.append(numpy_helper.from_array(weight, node.output[0]))
+    names = {node.name for node in nodes}
+    edit.remove_nodes(graph, lambda node: node.name in names)
+    edit.remove_initializers(graph, {name for node in nodes for name in node.input})
+    edit.remove_value_info(graph, {node.input[0] for node in nodes})
+    return {node.input[0]: node.output[0] for node in nodes}
+
+
+def _fp32_layout(layout: WeightLayout) -> WeightLayout:
+    """The layout of an int8 weight's dequantized fp32 values: its code and range check, in words of at least
+    32 bits (an fp32 weight's own size)."""
+    word = 32 if layout.word == WEIGHT_WORD or int(layout.word) < 32 else layout.word
+    return WeightLayout(format=KEEP_FORMAT, word=word, code=layout.code, range_check=layout.range_check)
+
+
+def _layout(decode: DecodeNode) -> WeightLayout:
+    """The layout the pass stores a decode node's weight in when it protects the decoded tensor again."""
+    kept = FORMAT_OF_ONNX_TYPE.get(decode.output_type) == decode.format  # bf16/fp16 widened to fp32 are converted
+    word = WEIGHT_WORD if decode.word_bits == decode.weight_format.bits else decode.word_bits
+    return WeightLayout(format=KEEP_FORMAT if kept else decode.format, word=word, code=decode.code,
+                        range_check=decode.range_max is not None)
 
 
 def _fold_decode_nodes(

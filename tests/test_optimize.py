@@ -9,11 +9,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import model_zoo
 import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from onnx import numpy_helper
+from onnx import TensorProto, helper, numpy_helper
 
 from oppass import protect, protected_models, runtime, schema
 from oppass.errors import OppassError
@@ -119,7 +120,149 @@ def test_load_session_masks_a_stored_fault_when_it_reprotects(images: np.ndarray
     assert int(session.run(None, {"image": images})[1]) == 0  # masked at load; the new words are clean
 
 
-@pytest.mark.parametrize("options", [{"format": "int8"}, {"check": "load-custom"}])
-def test_load_session_keeps_decode_nodes_it_cannot_reprotect(options: dict) -> None:
-    protected = protect.transform(onnx.load(DIGITS_MODEL), **options)
+# Models in several layouts. onnxruntime reorders the fp32 Conv weights (NCHWc, renamed) and keeps the
+# names of the others: a bf16 Gemm weight, and a uint8 ConvInteger weight beside an fp32 Conv. Weights the pass
+# converted to int8 (decode -> DequantizeLinear; one SEC-DED with the range check) come back as fp32 words.
+MIXED = {"fc1.weight": protect.WeightLayout("bf16", 32),
+         "fc2.weight": protect.WeightLayout("int8", 64, code="secded", range_check=True)}
+
+
+def conv_and_conv_integer() -> onnx.ModelProto:
+    """Y = Conv(x, f.w) + ConvInteger(DynamicQuantizeLinear(x), u.w) * scale(x): an fp32 and a uint8 weight."""
+    rng = np.random.default_rng(11)
+    nodes = [
+        helper.make_node("Conv", ["x", "f.w"], ["a"], pads=[1, 1, 1, 1]),
+        helper.make_node("DynamicQuantizeLinear", ["x"], ["xq", "xs", "xz"]),
+        helper.make_node("ConvInteger", ["xq", "u.w", "xz", "u.z"], ["acc"], pads=[1, 1, 1, 1]),
+        helper.make_node("Cast", ["acc"], ["accf"], to=TensorProto.FLOAT),
+        helper.make_node("Mul", ["accf", "xs"], ["b"]),
+        helper.make_node("Add", ["a", "b"], ["y"]),
+    ]
+    initializers = [numpy_helper.from_array(rng.standard_normal([16, 16, 3, 3]).astype(np.float32), "f.w"),
+                    numpy_helper.from_array(rng.integers(0, 256, [16, 16, 3, 3]).astype(np.uint8), "u.w"),
+                    numpy_helper.from_array(np.array(128, dtype=np.uint8), "u.z")]
+    graph = helper.make_graph(nodes, "mixed", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 16, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], initializers)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+FP32, BF16 = ("fp32", 64, "parity", False), ("bf16", 32, "parity", False)
+REPROTECTED = {
+    "int8": (lambda: onnx.load(DIGITS_MODEL), {"format": "int8"}),
+    "fp32, bf16, int8": (lambda: onnx.load(DIGITS_MODEL), {"layouts": MIXED}),
+    # both Conv weights reordered, in two layouts: each is found by its values
+    "fp32, bf16 reordered": (lambda: onnx.load(DIGITS_MODEL), {"layouts": {
+        "conv2.weight": protect.WeightLayout("bf16", 32)}}),
+    "fp32, uint8": (conv_and_conv_integer, {"ops": ("Conv", "ConvInteger"), "layouts": {
+        "u.w": protect.WeightLayout(word="weight")}}),
+}
+
+
+# Per case: the layouts of the re-protected words, a parity format of the file, one of the re-protected words.
+EXPECTED = {
+    "int8": ({FP32}, "int8", ("fp32",)),
+    "fp32, bf16, int8": ({FP32, BF16, ("fp32", 64, "secded", True)}, "bf16", ("fp32", "bf16")),
+    "fp32, bf16 reordered": ({FP32, BF16}, "bf16", ("fp32", "bf16")),
+    "fp32, uint8": ({FP32, ("uint8", 8, "parity", False)}, "uint8", ("fp32", "uint8")),
+}
+
+
+def protected_file(case: str) -> onnx.ModelProto:
+    """The case's model protected in runtime mode, 64-bit words unless its layouts say otherwise, counting faults."""
+    model, options = REPROTECTED[case]
+    return protect.transform(model(), word=64, report_faults=True, **options)
+
+
+def feeds(model: onnx.ModelProto, images: np.ndarray) -> dict[str, np.ndarray]:
+    if model.graph.input[0].name == "image":
+        return {"image": images}
+    return {"x": np.random.default_rng(12).standard_normal([2, 16, 8, 8]).astype(np.float32)}
+
+
+def reprotected_model(protected: onnx.ModelProto) -> onnx.ModelProto:
+    reprotected = runtime._with_runtime_checks_for_this_cpu(protected, schema.read_decode_nodes(protected), None)
+    assert reprotected is not None
+    return reprotected
+
+
+def layout(decode: schema.DecodeNode) -> tuple:
+    return decode.format, decode.word_bits, decode.code, decode.range_max is not None
+
+
+def flip_bit(model: onnx.ModelProto, packed: str, bit: int) -> None:
+    """Flips stored bit `bit` of the packed initializer `packed` in place."""
+    tensor = next(t for t in model.graph.initializer if t.name == packed)
+    words = numpy_helper.to_array(tensor).copy()
+    words.reshape(-1).view(np.uint8)[bit // 8] ^= 1 << bit % 8
+    tensor.CopyFrom(numpy_helper.from_array(words, packed))
+
+
+def packed_of(model: onnx.ModelProto, fmt: str, code: str = "parity") -> str:
+    """The packed input of the model's first decode node of format `fmt` and code `code`."""
+    return next(d.packed for d in schema.read_decode_nodes(model) if (d.format, d.code) == (fmt, code))
+
+
+@pytest.mark.parametrize("case", list(REPROTECTED))
+def test_load_session_reprotects_each_weight_in_its_own_layout(case: str, images: np.ndarray) -> None:
+    protected = protected_file(case)
+    file_decodes = schema.read_decode_nodes(protected)
+    reprotected = reprotected_model(protected)
+    decodes = schema.read_decode_nodes(reprotected)
+    decoded = {d.output for d in decodes}
+    assert len(decodes) == len(file_decodes)
+    assert set(protect.weight_readers(reprotected.graph)) <= decoded  # every weight is protected again
+    reordered = [n for n in reprotected.graph.node if (n.domain, n.op_type) == ("com.microsoft.nchwc", "Conv")]
+    assert reordered and all(n.input[1] in decoded for n in reordered), "no decode feeds a reordered Conv"
+    assert {layout(d) for d in decodes} == EXPECTED[case][0]
+    by_output = {d.output: d for d in file_decodes}
+    assert all(layout(d) == layout(by_output[d.output]) for d in decodes if d.output in by_output)
+    assert not protect.conversion_dequantizers(reprotected.graph)  # int8 conversions come back as fp32
+    inputs = feeds(protected, images)
+    results = runtime.load_session(protected).run(None, inputs)
+    expected = runtime.load_session(protected, optimize_runtime_checks=False).run(None, inputs)[0]
+    np.testing.assert_allclose(results[0], expected, rtol=1e-3, atol=1e-3 * np.abs(expected).max())
+    assert [int(count) for count in results[1:]] == [0] * (len(results) - 1)
+
+
+@pytest.mark.parametrize("case", list(REPROTECTED))
+def test_a_stored_fault_is_masked_at_load_and_a_fault_in_the_new_words_on_run(case: str, images: np.ndarray) -> None:
+    _, in_file, reprotected_formats = EXPECTED[case]
+    protected = protected_file(case)
+    flip_bit(protected, packed_of(protected, in_file), 6)
+    with pytest.warns(UserWarning, match="1 corrupted weight words were masked at load"):
+        session = runtime.load_session(protected)
+    inputs = feeds(protected, images)
+    assert int(session.run(None, inputs)[1]) == 0  # masked at load; the new words are clean
+
+    for fault_in in reprotected_formats:
+        reprotected = reprotected_model(protected_file(case))
+        flip_bit(reprotected, packed_of(reprotected, fault_in), 6)
+        session = runtime.open_session(reprotected, runtime.session_options())
+        assert int(session.run(None, inputs)[1]) == 1, fault_in  # checked on every run
+
+
+def test_a_flip_in_reprotected_secded_words_is_corrected_on_run(images: np.ndarray) -> None:
+    reprotected = reprotected_model(protected_file("fp32, bf16, int8"))
+    clean = runtime.open_session(reprotected, runtime.session_options()).run(None, {"image": images})
+    flip_bit(reprotected, packed_of(reprotected, "fp32", "secded"), 3)
+    logits, masked, corrected = runtime.open_session(reprotected, runtime.session_options()).run(
+        None, {"image": images})
+    assert (int(masked), int(corrected)) == (0, 1)
+    np.testing.assert_array_equal(logits, clean[0])
+
+
+@pytest.mark.parametrize("model, options", [
+    (DIGITS_MODEL, {"check": "load-custom"}),
+    # onnxruntime rewrites no weight of it (uint8 of ConvInteger and of MatMulInteger, which it fuses into
+    # DynamicQuantizeMatMul whatever feeds it): the file's graph is its optimised graph
+    ("quantized digits", {"ops": ("ConvInteger", "MatMulInteger")}),
+])
+def test_load_session_keeps_decode_nodes_it_cannot_or_need_not_reprotect(model: Path | str, options: dict) -> None:
+    source = model_zoo.quantized_digits_model() if model == "quantized digits" else model
+    protected = protect.transform(onnx.load(source), **options)
     assert runtime._with_runtime_checks_for_this_cpu(protected, schema.read_decode_nodes(protected), None) is None
+
+
+def test_a_layout_for_a_weight_the_pass_does_not_protect_is_an_error() -> None:
+    with pytest.raises(OppassError, match="layouts name weights the pass does not protect: 'conv1.bias'"):
+        protect.transform(onnx.load(DIGITS_MODEL), layouts={"conv1.bias": protect.WeightLayout("bf16")})
