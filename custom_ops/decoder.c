@@ -294,7 +294,7 @@ DecodePlan plan_decode(const WeightFormat *format, unsigned word_bits, OnnxType 
                                 : plan.weight_bytes == 2            ? SECDED_OUT_16
                                 : output_type == ONNX_TYPE_INT8     ? SECDED_OUT_INT8
                                                                     : SECDED_OUT_UINT8;
-    plan.secded_vector = secded_avx512_plan(&plan.secded, word_bits, output);
+    plan.secded_vector = secded_avx512_plan(&plan.secded, word_bits, output, n_weights * plan.output_bytes);
   }
   return plan;
 }

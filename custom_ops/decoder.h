@@ -126,6 +126,7 @@ typedef enum {
 typedef struct {
   bool on;                     /* decode through secded_avx512_decode */
   SecdedVectorOutput output;
+  bool stream;                 /* the output is large: non-temporal stores */
   unsigned stages;             /* log2(V) VPERMT2B stages of the transpose; 0 (V = 1): one VPERMB */
   uint8_t transpose[3][2][64]; /* stage s: index vectors of its low and high outputs (V = 1: [0][0]) */
   uint64_t matrices[8][2][8];  /* final vector f: syndrome bits 0..7, 8..9 */

@@ -114,11 +114,13 @@ static void build_transpose(SecdedVectorPlan *vp, ByteLabel labels[8][64], unsig
   }
 }
 
-SecdedVectorPlan secded_avx512_plan(const SecdedCode *code, unsigned word_bits, SecdedVectorOutput output) {
+SecdedVectorPlan secded_avx512_plan(const SecdedCode *code, unsigned word_bits, SecdedVectorOutput output,
+                                    size_t output_bytes) {
   SecdedVectorPlan vp;
   memset(&vp, 0, sizeof vp);
   vp.on = true;
   vp.output = output;
+  vp.stream = output_bytes >= SECDED_STREAM_BYTES;
   unsigned vectors = word_bits / 64;
   unsigned word_bytes = word_bits / 8;
   ByteLabel labels[8][64];
@@ -151,9 +153,18 @@ SecdedVectorPlan secded_avx512_plan(const SecdedCode *code, unsigned word_bits, 
 
 #define ALWAYS_INLINE inline __attribute__((always_inline))
 
+/* Stores v at out: a non-temporal store (out 64-byte aligned) when `stream`. */
+AVX512_TARGET static ALWAYS_INLINE void store(uint8_t *out, __m512i v, bool stream) {
+  if (stream) {
+    _mm512_stream_si512((void *)out, v);
+  } else {
+    _mm512_storeu_si512(out, v);
+  }
+}
+
 /* Writes the output elements of the 64 packed bytes x (check bits cleared by `kept`) at out. */
 AVX512_TARGET static ALWAYS_INLINE void write_vector(__m512i x, uint8_t *out, SecdedVectorOutput output, __m512i kept,
-                                                     bool range, __m512i limit) {
+                                                     bool range, __m512i limit, bool stream) {
   __m512i y = _mm512_and_si512(x, kept);
   switch (output) {
     case SECDED_OUT_32:
@@ -191,19 +202,19 @@ AVX512_TARGET static ALWAYS_INLINE void write_vector(__m512i x, uint8_t *out, Se
           __m512i magnitude = _mm512_and_si512(singles[i], _mm512_set1_epi32(0x7FFFFFFF));
           singles[i] = _mm512_maskz_mov_epi32(_mm512_cmple_epu32_mask(magnitude, limit), singles[i]);
         }
-        _mm512_storeu_si512(out + 64 * i, singles[i]);
+        store(out + 64 * i, singles[i], stream);
       }
       return;
     }
   }
-  _mm512_storeu_si512(out, y);
+  store(out, y, stream);
 }
 
 /* Writes the weights of the SECDED_BLOCK_BYTES of words at `in` to `out` and returns true when
  * every word's syndrome is 0. Inlined with constant `vectors` (V) and `output`. */
 AVX512_TARGET static ALWAYS_INLINE bool decode_block(const SecdedVectorPlan *vp, const uint8_t *in, uint8_t *out,
                                                      unsigned vectors, SecdedVectorOutput output, bool range,
-                                                     __m512i limit) {
+                                                     __m512i limit, bool stream) {
   const __m512i kept = _mm512_loadu_si512(vp->kept);
   unsigned widening = output == SECDED_OUT_BF16_TO_32 ? 2 : 1;
   __m512i dirty = _mm512_setzero_si512();
@@ -212,7 +223,7 @@ AVX512_TARGET static ALWAYS_INLINE bool decode_block(const SecdedVectorPlan *vp,
     for (unsigned v = 0; v < vectors; v++) {
       size_t offset = 64 * ((size_t)group * vectors + v);
       x[v] = _mm512_loadu_si512(in + offset);
-      write_vector(x[v], out + widening * offset, output, kept, range, limit);
+      write_vector(x[v], out + widening * offset, output, kept, range, limit, stream);
     }
     /* transpose (build_transpose): qword j of vector f = byte position 8 f + j of the 8 words */
     if (vectors == 1) {
@@ -265,14 +276,20 @@ AVX512_TARGET static ALWAYS_INLINE DecodeCounts decode_with(const DecodePlan *pl
   __m512i limit = output == SECDED_OUT_16                                ? _mm512_set1_epi16((short)plan->range_limit)
                   : output == SECDED_OUT_INT8 || output == SECDED_OUT_UINT8 ? _mm512_set1_epi8((char)plan->range_limit)
                                                                           : _mm512_set1_epi32((int)plan->range_limit);
+  /* large outputs bypass the caches (no read for ownership), where the blocks' stores are aligned */
+  bool streaming = vp->stream && ((uintptr_t)(out + first_word * word_out_bytes) & 63) == 0;
   DecodeCounts counts = {0, 0};
   size_t word = first_word;
   for (; word < vector_end && vector_end - word >= words_per_block; word += words_per_block) {
-    if (!decode_block(vp, stream + word * word_bytes, out + word * word_out_bytes, vectors, output, range, limit)) {
+    if (!decode_block(vp, stream + word * word_bytes, out + word * word_out_bytes, vectors, output, range, limit,
+                      streaming)) {
       DecodeCounts block = fallback(plan, stream, out, word, word + words_per_block);
       counts.masked += block.masked;
       counts.corrected += block.corrected;
     }
+  }
+  if (streaming) {
+    _mm_sfence(); /* the non-temporal stores are seen before whatever follows */
   }
   if (word < end_word) {
     DecodeCounts rest = fallback(plan, stream, out, word, end_word);

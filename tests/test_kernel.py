@@ -958,6 +958,20 @@ def test_secded_random_large_tensors_match_codec_in_parallel(layout: tuple[str, 
     assert corrected is not None and corrected > 0
 
 
+@pytest.mark.usefixtures("secded_decoder")
+def test_secded_output_of_16_mib_and_more_matches_codec() -> None:
+    """An output of 16 MiB and more, which the one-pass decode writes with non-temporal stores, faults in it."""
+    weights = codec.to_format(np.random.default_rng(16).standard_normal((16 << 20) // 4 + 9, np.float32), "bf16")[0]
+    packed = codec.encode(weights, 128, code="secded").packed.copy()
+    random_faults(np.random.default_rng(17), packed, 60)
+    attributes = code_attributes("bf16", 128, [weights.size], "runtime", TensorProto.FLOAT, "secded",
+                                 max_magnitude(weights))
+    decoded, masked, corrected = decode_code_with_kernel(packed, attributes)
+    expected, expected_masked, expected_corrected = code_codec_expectation(packed, attributes)
+    np.testing.assert_array_equal(decoded, expected)
+    assert (masked, corrected) == (expected_masked, expected_corrected)
+
+
 @pytest.mark.parametrize("layout", [layout for layout in LAYOUTS if layout[1] == 64], ids=layout_id)
 @pytest.mark.parametrize("check", CHECKS)
 def test_parity_with_range_check_matches_codec(layout: tuple[str, int, int], check: str) -> None:
