@@ -5,6 +5,8 @@
 
 #include "decoder.h"
 
+#include "secded_avx512.h"
+
 #include <string.h>
 #if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__) && !defined(__clang__)
 #include <immintrin.h>
@@ -285,6 +287,15 @@ DecodePlan plan_decode(const WeightFormat *format, unsigned word_bits, OnnxType 
 #endif
   plan.range_check = checked && range_check;
   plan.range_limit = plan.range_check ? range_limit(output_type, range_max) : 0;
+  /* one pass with AVX-512 for checked SEC-DED words of 64 bits and more, but fp16 -> fp32 */
+  if (plan.check == WORD_CHECK_SECDED && word_bits >= 64 && plan.widen != widen_fp16 && secded_avx512_usable()) {
+    SecdedVectorOutput output = plan.widen == widen_bf16            ? SECDED_OUT_BF16_TO_32
+                                : plan.weight_bytes == 4            ? SECDED_OUT_32
+                                : plan.weight_bytes == 2            ? SECDED_OUT_16
+                                : output_type == ONNX_TYPE_INT8     ? SECDED_OUT_INT8
+                                                                    : SECDED_OUT_UINT8;
+    plan.secded_vector = secded_avx512_plan(&plan.secded, word_bits, output, n_weights * plan.output_bytes);
+  }
   return plan;
 }
 
@@ -874,5 +885,8 @@ TARGET_CLONES static DecodeCounts decode_range(const DecodePlan *plan, const uin
 
 DecodeCounts decode_words(const DecodePlan *plan, const uint8_t *stream, uint8_t *out, size_t first_word,
                           size_t end_word) {
+  if (plan->secded_vector.on) {
+    return secded_avx512_decode(plan, stream, out, first_word, end_word, decode_range);
+  }
   return decode_range(plan, stream, out, first_word, end_word);
 }

@@ -109,6 +109,30 @@ typedef struct {
   bool vector_popcount;                           /* the CPU has vector popcounts (x86-64 AVX-512) */
 } SecdedCode;
 
+/* How the one-pass SEC-DED decode (secded_avx512.c) makes an output element from a stored weight. */
+typedef enum {
+  SECDED_OUT_32,         /* fp32 as stored */
+  SECDED_OUT_16,         /* bf16 or fp16 as stored */
+  SECDED_OUT_INT8,       /* int8 as stored */
+  SECDED_OUT_UINT8,      /* uint8 as stored */
+  SECDED_OUT_BF16_TO_32, /* bf16 widened to binary32 */
+} SecdedVectorOutput;
+
+/* The tables of the one-pass SEC-DED decode of one word size (W >= 64), built at plan time. A
+ * group is 8 words: V = W / 64 vectors of 64 bytes. The transpose takes a group to V vectors in
+ * which qword j of vector f holds byte position 8 * f + j of words 0..7 (byte w: word w), so that
+ * one GF2P8AFFINEQB with matrices[f][0] (qword j: the 8x8 bit matrix of that byte position) gives
+ * each byte's share of syndrome bits 0..7, and one with matrices[f][1] its share of bits 8 and 9. */
+typedef struct {
+  bool on;                     /* decode through secded_avx512_decode */
+  SecdedVectorOutput output;
+  bool stream;                 /* the output is large: non-temporal stores */
+  unsigned stages;             /* log2(V) VPERMT2B stages of the transpose; 0 (V = 1): one VPERMB */
+  uint8_t transpose[3][2][64]; /* stage s: index vectors of its low and high outputs (V = 1: [0][0]) */
+  uint64_t matrices[8][2][8];  /* final vector f: syndrome bits 0..7, 8..9 */
+  uint64_t kept[8];            /* the word bits that are not check bits, over 64 bytes */
+} SecdedVectorPlan;
+
 /* Converts `count` stored weights to output elements (both unaligned byte buffers). */
 typedef void (*WidenFn)(const uint8_t *in, uint8_t *out, size_t count);
 
@@ -126,6 +150,7 @@ typedef struct {
   OnnxType packed_type;    /* element type of the packed input */
   OnnxType output_type;
   SecdedCode secded;       /* on: the words carry SEC-DED check bits (whatever `check`) */
+  SecdedVectorPlan secded_vector; /* on: check = SECDED decodes in one AVX-512 pass */
   bool range_check;        /* zero each decoded weight whose magnitude code exceeds range_limit */
   uint32_t range_limit;    /* largest magnitude (floats: code without sign; integers: |value|) kept */
 } DecodePlan;

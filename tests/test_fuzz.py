@@ -11,6 +11,7 @@ its runtimes (.ci/run); elsewhere the tests are skipped when clang is missing.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -18,6 +19,10 @@ from pathlib import Path
 import pytest
 
 FUZZ = Path(__file__).resolve().parents[1] / "custom_ops" / "fuzz"
+CPU_INFO = Path("/proc/cpuinfo")
+# The CPU runs the decoder's one-pass SEC-DED decode (custom_ops/secded_avx512.c).
+ONE_PASS_CPU = CPU_INFO.is_file() and {"avx512f", "avx512bw", "avx512vl", "avx512vbmi", "gfni"} <= set(
+    CPU_INFO.read_text().split())
 TARGETS = ("parity_check_unpack", "decoder")
 SECONDS = 10  # per target
 
@@ -38,6 +43,8 @@ def test_every_single_flip_corrected_and_double_masked(fuzzers: dict[str, Path])
     result = subprocess.run([str(fuzzers["exhaustive_secded"])], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "every single flip corrected, every double masked" in result.stdout
+    one_pass = re.search(r"\((\d+) through the one-pass AVX-512 decode\)", result.stdout)
+    assert one_pass is not None and (int(one_pass.group(1)) > 0) == ONE_PASS_CPU
 
 
 # libFuzzer's memory limit reads the process's peak RSS, which Linux carries over from the parent when a

@@ -819,6 +819,13 @@ def test_corruption_after_session_creation(check: str, masks_late_fault: bool) -
 # ----------------------------------------------------------------------------- (5) SEC-DED and the range check
 
 
+@pytest.fixture(params=["one-pass", "word-by-word"])
+def secded_decoder(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each SEC-DED decoder of the kernel: the one-pass AVX-512 decode (on CPUs that have it: otherwise the
+    portable one again) and the portable one, which OPPASS_DECODER_AVX512=0 (read when a kernel is planned) picks."""
+    monkeypatch.setenv("OPPASS_DECODER_AVX512", "1" if request.param == "one-pass" else "0")
+
+
 def code_model(packed: np.ndarray, attributes: dict[str, object], outputs: Sequence[str] = CODE_OUTPUTS) -> bytes:
     """One decode node with `attributes` (code, range_max among them) and `outputs`, all graph outputs."""
     node = helper.make_node("ParityCheckUnpack", [PACKED], list(outputs), domain=schema.DOMAIN, name=NODE_NAME)
@@ -880,6 +887,7 @@ CODE_VECTOR_RUNS = [
 
 @pytest.mark.parametrize("check", CHECKS)
 @pytest.mark.parametrize(("case", "output_type"), CODE_VECTOR_RUNS)
+@pytest.mark.usefixtures("secded_decoder")
 def test_code_vectors_in_every_output_type_and_check(case: dict, output_type: int, check: str) -> None:
     """Runtime and load: the decode after the faults; none: the faulty words unpacked, stolen bits cleared."""
     fmt = case["format"]
@@ -913,6 +921,7 @@ def max_magnitude(weights: np.ndarray) -> float:
 @pytest.mark.parametrize("layout", SECDED_LAYOUTS, ids=layout_id)
 @pytest.mark.parametrize("check", CHECKS)
 @pytest.mark.parametrize("range_check", [False, True], ids=["no-range", "range"])
+@pytest.mark.usefixtures("secded_decoder")
 def test_secded_random_small_tensors_match_codec(layout: tuple[str, int, int], check: str, range_check: bool) -> None:
     fmt, width, output_type = layout
     rng = np.random.default_rng([width, output_type, len(fmt), CHECKS.index(check), range_check])
@@ -932,6 +941,7 @@ def test_secded_random_small_tensors_match_codec(layout: tuple[str, int, int], c
 
 @pytest.mark.parametrize("faults", [5, 3000], ids=["sparse-faults", "dense-faults"])
 @pytest.mark.parametrize("layout", SECDED_LAYOUTS, ids=layout_id)
+@pytest.mark.usefixtures("secded_decoder")
 def test_secded_random_large_tensors_match_codec_in_parallel(layout: tuple[str, int, int], faults: int) -> None:
     """Several parallel tasks; sparse faults leave most 256-byte scan blocks clean, dense ones hit most."""
     fmt, width, output_type = layout
@@ -946,6 +956,20 @@ def test_secded_random_large_tensors_match_codec_in_parallel(layout: tuple[str, 
     np.testing.assert_array_equal(decoded, expected)
     assert (masked, corrected) == (expected_masked, expected_corrected)
     assert corrected is not None and corrected > 0
+
+
+@pytest.mark.usefixtures("secded_decoder")
+def test_secded_output_of_16_mib_and_more_matches_codec() -> None:
+    """An output of 16 MiB and more, which the one-pass decode writes with non-temporal stores, faults in it."""
+    weights = codec.to_format(np.random.default_rng(16).standard_normal((16 << 20) // 4 + 9, np.float32), "bf16")[0]
+    packed = codec.encode(weights, 128, code="secded").packed.copy()
+    random_faults(np.random.default_rng(17), packed, 60)
+    attributes = code_attributes("bf16", 128, [weights.size], "runtime", TensorProto.FLOAT, "secded",
+                                 max_magnitude(weights))
+    decoded, masked, corrected = decode_code_with_kernel(packed, attributes)
+    expected, expected_masked, expected_corrected = code_codec_expectation(packed, attributes)
+    np.testing.assert_array_equal(decoded, expected)
+    assert (masked, corrected) == (expected_masked, expected_corrected)
 
 
 @pytest.mark.parametrize("layout", [layout for layout in LAYOUTS if layout[1] == 64], ids=layout_id)
@@ -963,6 +987,7 @@ def test_parity_with_range_check_matches_codec(layout: tuple[str, int, int], che
     assert masked == expected_masked and corrected is None
 
 
+@pytest.mark.usefixtures("secded_decoder")
 def test_secded_counts_outputs_are_optional() -> None:
     """Output 1 omitted ("") with output 2 kept, and output 2 alone dropped: the other count is still right."""
     weights = codec.to_format(np.linspace(-2, 2, 40, dtype=np.float32), "fp32")[0]

@@ -1,13 +1,14 @@
 /*
  * Exhaustive SEC-DED check of the decoder (decoder.h) against the reference (reference.h): for
- * every format and word size where SEC-DED fits, a stream of one 256-byte scan block and one
- * padded word more, made codewords by reference_secded_encode (random data, and all-zero and
+ * every format and word size where SEC-DED fits, a stream of one scan block (256 bytes; 512 for the
+ * one-pass AVX-512 decode of W >= 64) and one padded word more, made codewords by reference_secded_encode (random data, and all-zero and
  * all-one data), is decoded with every single flip (each must be corrected: the decode equals the
  * fault-free one bit for bit, one corrected word) and, for the random data, every double flip in
  * its first and last words (each must mask its word: zeros, one masked word, the other words kept), in every
  * output type, with and without the range check; each decode with a single flip, and every 7th
- * with a double flip, must also equal reference_decode's. Exits 1 on the first
- * disagreement, naming it; prints what it checked otherwise.
+ * with a double flip, must also equal reference_decode's. All of it twice: with the one-pass
+ * AVX-512 decode where the CPU has it, and with it turned off (OPPASS_DECODER_AVX512=0). Exits 1
+ * on the first disagreement, naming it; prints what it checked otherwise.
  *
  * Built with the fuzz targets (build.sh); run by tests/test_fuzz.py.
  */
@@ -17,6 +18,7 @@
 #include <string.h>
 
 #include "../decoder.h"
+#include "../secded_avx512.h"
 #include "reference.h"
 
 #define FAIL(...)                             \
@@ -26,9 +28,11 @@
     exit(1);                                  \
   } while (0)
 
-/* Words of a stream: a block of the decoder's block scan (256 bytes) and one word more, which ends
- * in padding; single flips go everywhere, double flips into the first and the last word. */
-#define STREAM_BYTES (256 + MAX_WORD_BITS / 8)
+/* Words of a stream: a block of the decoder's block scan (256 bytes, or SECDED_BLOCK_BYTES for the
+ * one-pass decode) and one word more, which ends in padding; single flips go everywhere, double
+ * flips into the first and the last word. */
+#define SCAN_BLOCK_BYTES 256
+#define STREAM_BYTES (SECDED_BLOCK_BYTES + MAX_WORD_BITS / 8)
 
 static uint64_t splitmix(uint64_t *state) {
   uint64_t z = (*state += 0x9E3779B97F4A7C15u);
@@ -43,6 +47,7 @@ typedef struct {
   OnnxType output_type;
   bool range;
   float range_max;
+  size_t block_bytes; /* of the scan the stream is made for */
   size_t n_weights;
   DecodePlan plan;
   ReferenceFormat reference;
@@ -66,7 +71,7 @@ static DecodeCounts decode_both(const Setup *setup, const uint8_t *stream, uint8
 
 static void check_layout(Setup *setup, uint64_t *seed, size_t *decodes) {
   size_t word_bytes = setup->word_bits / 8;
-  size_t words = 256 / word_bytes + 1;
+  size_t words = setup->block_bytes / word_bytes + 1;
   size_t stream_bytes = words * word_bytes;
   uint8_t stream[STREAM_BYTES];
   uint8_t faulty[STREAM_BYTES];
@@ -140,23 +145,30 @@ int main(void) {
   uint64_t seed = 12;
   size_t decodes = 0;
   size_t layouts = 0;
-  for (size_t f = 0; f < WEIGHT_FORMAT_COUNT; f++) {
-    const WeightFormat *format = &WEIGHT_FORMATS[f];
-    for (unsigned width = 8; width <= MAX_WORD_BITS; width *= 2) {
-      if (!word_bits_allowed(format, width) || !secded_fits(format, width)) {
-        continue;
-      }
-      OnnxType output_types[2] = {format->own_type, ONNX_TYPE_FLOAT};
-      for (int widened = 0; widened <= (int)format->widens_to_float; widened++) {
-        for (int range = 0; range < 2; range++) {
-          Setup setup = {format, width, output_types[widened], range == 1, 0.75f, 0, {0}, {0}, 0};
-          check_layout(&setup, &seed, &decodes);
-          layouts++;
+  size_t one_pass = 0;
+  for (int path = 0; path < 2; path++) {
+    setenv("OPPASS_DECODER_AVX512", path == 0 ? "1" : "0", 1); /* read by plan_decode */
+    for (size_t f = 0; f < WEIGHT_FORMAT_COUNT; f++) {
+      const WeightFormat *format = &WEIGHT_FORMATS[f];
+      for (unsigned width = 8; width <= MAX_WORD_BITS; width *= 2) {
+        if (!word_bits_allowed(format, width) || !secded_fits(format, width)) {
+          continue;
+        }
+        OnnxType output_types[2] = {format->own_type, ONNX_TYPE_FLOAT};
+        for (int widened = 0; widened <= (int)format->widens_to_float; widened++) {
+          for (int range = 0; range < 2; range++) {
+            size_t block_bytes = path == 0 && width >= 64 ? SECDED_BLOCK_BYTES : SCAN_BLOCK_BYTES;
+            Setup setup = {format, width, output_types[widened], range == 1, 0.75f, block_bytes, 0, {0}, {0}, 0};
+            check_layout(&setup, &seed, &decodes);
+            layouts++;
+            one_pass += setup.plan.secded_vector.on;
+          }
         }
       }
     }
   }
-  printf("exhaustive SEC-DED: %zu layouts, %zu decodes agree (every single flip corrected, every double masked)\n",
-         layouts, decodes);
+  printf("exhaustive SEC-DED: %zu layouts (%zu through the one-pass AVX-512 decode), %zu decodes agree (every "
+         "single flip corrected, every double masked)\n",
+         layouts, one_pass, decodes);
   return 0;
 }
