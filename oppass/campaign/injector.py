@@ -27,6 +27,7 @@ from oppass.formats import FORMATS, LANE_BITS
 
 # A dense mask costs ~0.05 ns per stored bit, sparse flips ~30 ns each (sorting included): dense above 1 in 512.
 DENSE_BITS = 512
+PACKED_BITS = 16
 _BIT_MASKS = np.left_shift(1, np.arange(8)).astype(np.uint8)
 ROW_BITS = 64  # the memory word of plain and OP storage, for multi-bit upsets
 
@@ -84,7 +85,13 @@ def _dense(flips: int, n_bits: int) -> bool:
 
 
 def _bit_mask(positions: np.ndarray, n_bits: int) -> np.ndarray:
-    """Little-endian packed uint8 mask of `n_bits` bits (a multiple of 8) with `positions` set."""
+    """Little-endian packed uint8 mask of `n_bits` bits (a multiple of 8) with the distinct `positions` set:
+    each flip's bit added to its byte (distinct bits: adding is or-ing), or, above one flip per PACKED_BITS bits,
+    a boolean mask packed (the cheaper way there, measured)."""
+    if positions.size * PACKED_BITS <= n_bits:
+        mask = np.zeros(n_bits // 8, dtype=np.uint8)
+        np.add.at(mask, positions >> 3, _BIT_MASKS[positions & 7])
+        return mask
     bits = np.zeros(n_bits, dtype=bool)
     bits[positions] = True
     return np.packbits(bits, bitorder="little")
@@ -159,6 +166,11 @@ class StoredBits:
         clean = self.weights.pristine[offsets[starts]]
         faulty = clean ^ np.bitwise_or.reduceat(_BIT_MASKS[bits & 7], starts) if starts.size else clean
         return Injection(positions.size, 0, offsets[starts], faulty, clean)
+
+    def stream_mask(self, injection: Injection) -> np.ndarray | None:
+        """The flips of a dense `injection` as a little-endian uint8 mask of the stream (zero past its end), where
+        the stream's bits are the block's (no buffer padded); None otherwise."""
+        return injection.change if injection.index is None and not self.bit_shifts.any() else None
 
     def inject(self, injection: Injection) -> None:
         """Writes the faulty bytes into the live block."""
