@@ -21,7 +21,7 @@ from oppass.campaign.config import CampaignConfig, ber_grid, conditions
 from oppass.campaign.injector import BitPosition, EccProtected, PackedWeights, RestorationError, StoredBits
 from oppass.campaign.records import TrialRecord
 from oppass.campaign.scheduler import CHUNK_TRIALS, tasks
-from oppass.campaign.seeds import batch_indices, stable_words, trial_rng
+from oppass.campaign.seeds import TrialStreams, batch_indices, stable_words, trial_rng
 from oppass.campaign.store import Store, column_type
 from oppass.errors import OppassError
 
@@ -240,6 +240,17 @@ def test_stored_bits_flips_exactly_the_drawn_bits_and_restores(ber: float, dense
     target.restore(injection)
     assert np.array_equal(stream_bits(weights.buffers), before)
     weights.verify()
+
+
+def test_trial_streams_give_each_trial_the_generator_trial_rng_seeds() -> None:
+    streams = TrialStreams()
+    for seed in (0, 7, 2**32 - 1, 2**32, 2**70 + 3):
+        for key in ("ber/fp32/W=32/ber=1e-06", "bit/bf16/none/ber=0.1/bit=3"):
+            for trial in (0, 1, 19, 2**31, 2**32, 2**40 + 1):
+                expected = trial_rng(seed, key, trial)
+                rng = streams.rng(seed, key, trial)
+                assert rng.bit_generator.state == expected.bit_generator.state
+                assert np.array_equal(rng.standard_exponential(8), expected.standard_exponential(8))
 
 
 @pytest.mark.parametrize("sampler", faults.SAMPLERS)

@@ -48,7 +48,7 @@ from oppass.campaign.injector import (
 )
 from oppass.campaign.metrics import Metric
 from oppass.campaign.records import TrialRecord
-from oppass.campaign.seeds import batch_indices, trial_rng
+from oppass.campaign.seeds import TrialStreams, batch_indices
 from oppass.campaign.store import FORMAT_VERSION
 from oppass.errors import OppassError
 from oppass.formats import FORMATS
@@ -283,6 +283,7 @@ class WorkerCache:
         return session.experiments[experiment]
 
 
+_NO_FLIPS = Injection(0, 0, None, np.empty(0, dtype=np.uint8), np.empty(0, dtype=np.uint8))
 _CACHES: dict[Workload, WorkerCache] = {}
 _CACHES_LOCK = threading.Lock()
 
@@ -330,19 +331,21 @@ def run_trials(workload: Workload, pairs: Sequence[tuple[Condition, int]]) -> li
     return records
 
 
-def _draw(workload: Workload, session: VariantSession, condition: Condition, trial: int,
+def _draw(workload: Workload, session: VariantSession, streams: TrialStreams, condition: Condition, trial: int,
           target: FaultTarget) -> tuple[Injection, int | None]:
     """Trial `trial` of `condition`: its faults drawn from its own stream (store format 1: one stream per
     condition; 2: one per draw key, shared by protections over the same stored bits) and prepared, with the
     words they hit an even number of times (None for ECC)."""
     key = condition.key if workload.store_format == 1 else condition.draw_key
     space = session.space(condition, target)
-    positions = faultmodels.parse(condition.fault).positions(trial_rng(workload.seed, key, trial), space,
+    positions = faultmodels.parse(condition.fault).positions(streams.rng(workload.seed, key, trial), space,
                                                               condition.ber, condition.count, workload.sampler)
+    word_bits = session.word_bits_of(target)
+    if positions.size == 0:  # never injected
+        return _NO_FLIPS, None if word_bits is None else 0
     if isinstance(space, Subspace):
         positions = space.to_target(positions)
     injection = target.prepare(positions)
-    word_bits = session.word_bits_of(target)
     if word_bits is None:
         return injection, None
     mask = target.stream_mask(injection) if isinstance(target, StoredBits) else None
@@ -358,9 +361,10 @@ def _run_burst(
 ) -> list[TrialRecord]:
     clock = time.perf_counter
     injections, even, own = [], [], []
+    streams = TrialStreams()
     for (condition, trial), target in zip(pairs, targets, strict=True):
         started = clock()
-        injection, words = _draw(cache.workload, session, condition, trial, target)
+        injection, words = _draw(cache.workload, session, streams, condition, trial, target)
         injections.append(injection)
         even.append(words)
         own.append(clock() - started)
@@ -440,6 +444,10 @@ def even_flip_words(positions: np.ndarray, word_bits: int, mask: np.ndarray | No
         hits = np.bitwise_count(mask.view(_WORD_DTYPES[word_bits]))
         return int(np.count_nonzero(hits)) - int(np.count_nonzero(hits & 1))
     words = positions // word_bits
-    first = np.flatnonzero(np.r_[True, words[1:] != words[:-1]])
-    hits = np.diff(np.r_[first, words.size])
+    ends = np.empty(words.size + 1, dtype=np.int64)  # -1, then the last flip of each word hit
+    ends[0] = -1
+    last = np.flatnonzero(words[1:] != words[:-1])
+    ends[1 : last.size + 1] = last
+    ends[last.size + 1] = words.size - 1
+    hits = np.diff(ends[: last.size + 2])
     return int(np.count_nonzero(hits % 2 == 0))
