@@ -23,7 +23,7 @@ import numpy as np
 
 from oppass import codec, faults
 from oppass.campaign import ecc
-from oppass.formats import FORMATS, LANE_BITS
+from oppass.formats import FORMATS, LANE_BITS, SECDED
 
 # A dense mask costs ~0.05 ns per stored bit, sparse flips ~30 ns each (sorting included): dense above 1 in 512.
 DENSE_BITS = 512
@@ -46,6 +46,7 @@ class Injection:
     index: np.ndarray | None
     change: np.ndarray
     clean: np.ndarray
+    corrected: int | None = None  # words SEC-DED corrected (None: the target has no SEC-DED)
 
 
 class FaultTarget(Protocol):
@@ -262,7 +263,8 @@ class EccProtected:
         decoded, status = ecc.decode(self.data[words] ^ data_errors, self.check[words] ^ check_errors)
         detected = status == ecc.DETECTED
         stored = np.where(detected, np.uint64(0), decoded)
-        return Injection(positions.size, int(np.count_nonzero(detected)), words, stored, self.data[words])
+        return Injection(positions.size, int(np.count_nonzero(detected)), words, stored, self.data[words],
+                         int(np.count_nonzero(status == ecc.CORRECTED)))
 
     def inject(self, injection: Injection) -> None:
         """Writes the decoded touched words into the live block."""
@@ -343,11 +345,14 @@ class NumpyDecoded:
         received = self.lanes[touched]
         np.bitwise_xor.at(received, (slot, lane), np.left_shift(1, shift).astype(received.dtype))
         shape = (touched.size * self.per_word,)
+        corrected = None
         if self.code is None:
             masked, weights = 0, codec.unpack(received, self.fmt, self.word_bits, shape)
         else:
             decoded = codec.decode(received, self.fmt, self.word_bits, shape, code=self.code)
             masked, weights = decoded.masked_words, decoded.weights
+            if self.code == SECDED:
+                corrected = decoded.corrected_words
         values = weights.reshape(touched.size, self.per_word)
         tensor = np.searchsorted(self.word_ends, touched, side="right")
         if self.range_max is not None:
@@ -358,7 +363,7 @@ class NumpyDecoded:
         real = weight < self.weight_counts[tensor][:, None]  # the last word's padding has no weight
         index = (self.code_starts[tensor][:, None] + weight)[real]
         change = values.view(self.codes.dtype)[real]
-        return Injection(positions.size, masked, index, change, self.pristine[index])
+        return Injection(positions.size, masked, index, change, self.pristine[index], corrected)
 
     def inject(self, injection: Injection) -> None:
         """Writes the decoded weights into the live block."""

@@ -51,7 +51,7 @@ from oppass.campaign.records import TrialRecord
 from oppass.campaign.seeds import TrialStreams, batch_indices
 from oppass.campaign.store import FORMAT_VERSION
 from oppass.errors import OppassError
-from oppass.formats import FORMATS
+from oppass.formats import FORMATS, SECDED
 from oppass.protect import transform
 from oppass.schema import MASKED_WORDS_OUTPUT, read_decode_nodes
 
@@ -284,6 +284,7 @@ class WorkerCache:
 
 
 _NO_FLIPS = Injection(0, 0, None, np.empty(0, dtype=np.uint8), np.empty(0, dtype=np.uint8))
+_NO_FLIPS_CORRECTED = replace(_NO_FLIPS, corrected=0)
 _CACHES: dict[Workload, WorkerCache] = {}
 _CACHES_LOCK = threading.Lock()
 
@@ -342,7 +343,8 @@ def _draw(workload: Workload, session: VariantSession, streams: TrialStreams, co
                                                               condition.ber, condition.count, workload.sampler)
     word_bits = session.word_bits_of(target)
     if positions.size == 0:  # never injected
-        return _NO_FLIPS, None if word_bits is None else 0
+        corrects = isinstance(target, EccProtected) or (isinstance(target, NumpyDecoded) and target.code == SECDED)
+        return _NO_FLIPS_CORRECTED if corrects else _NO_FLIPS, None if word_bits is None else 0
     if isinstance(space, Subspace):
         positions = space.to_target(positions)
     injection = target.prepare(positions)
@@ -416,6 +418,7 @@ def _run_burst(
             outcome=scores[i].outcome,
             inject_seconds=own[i],
             inference_seconds=inference[i],
+            corrected_words=injection.corrected,
         )
         for i, ((condition, trial), injection, experiment) in enumerate(
             zip(pairs, injections, experiments, strict=True)
