@@ -72,7 +72,8 @@ def _geometric_gaps(rng: np.random.Generator, p: float, size: int, cap: int) -> 
 
     Below p = 1/3 numpy's geometric is ceil(-E / log1p(-p)) per draw, E its standard exponential
     (with int64's maximum beyond it, where the cap applies); vectorised here, it costs half as much.
-    Capped at n + 1, a gap past the end ends the draw and the running sum cannot overflow int64.
+    Capped at n + 1, a gap past the end ends the draw and the running sum cannot overflow int64. A test
+    compares it with `rng.geometric`, so a numpy that draws otherwise is caught.
     """
     if p >= _GEOMETRIC_SEARCH:
         return np.minimum(rng.geometric(p, size=size), cap)

@@ -27,6 +27,8 @@ from oppass.formats import FORMATS, LANE_BITS, SECDED
 
 # A dense mask costs ~0.05 ns per stored bit, sparse flips ~30 ns each (sorting included): dense above 1 in 512.
 DENSE_BITS = 512
+# A dense mask is built byte by byte below 1 flip in 16 bits, as a packed boolean mask above (measured on
+# 1.2 M bits: 36 against 90 us at 12 k flips, 620 against 440 us at 122 k).
 PACKED_BITS = 16
 _BIT_MASKS = np.left_shift(1, np.arange(8)).astype(np.uint8)
 ROW_BITS = 64  # the memory word of plain and OP storage, for multi-bit upsets
