@@ -13,6 +13,7 @@ in time and memory proportional to the flips). `distinct_positions` draws an exa
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -22,6 +23,8 @@ from oppass.errors import OppassError
 SAMPLER_CHOICE = 1
 SAMPLER_GAPS = 2
 SAMPLERS = (SAMPLER_CHOICE, SAMPLER_GAPS)
+# numpy's geometric sampler searches its CDF from this p on and inverts an exponential below it.
+_GEOMETRIC_SEARCH = 0.333333333333333333333333
 
 
 def draw_flip_positions(rng: np.random.Generator, n_bits: int, ber: float, *, sort: bool = True,
@@ -54,14 +57,32 @@ def _gap_positions(rng: np.random.Generator, n: int, ber: float) -> np.ndarray:
     chunk = int(expected + 5 * np.sqrt(expected) + 16)
     parts, last = [], -1
     while last < n:
-        # A gap past the end ends the draw: capped at n + 1, the sum cannot overflow int64 (numpy returns
-        # int64's maximum for gaps beyond it, at tiny rates); the positions below n are the same.
-        part = last + np.cumsum(np.minimum(rng.geometric(ber, size=chunk), n + 1), dtype=np.int64)
+        part = _geometric_gaps(rng, ber, chunk, n + 1)
+        part[0] += last
+        np.cumsum(part, out=part)
         parts.append(part)
         last = int(part[-1])
         chunk = max(16, int((n - last) * ber * 1.2) + 16)
     positions = np.concatenate(parts) if len(parts) > 1 else parts[0]
     return positions[: np.searchsorted(positions, n)]
+
+
+def _geometric_gaps(rng: np.random.Generator, p: float, size: int, cap: int) -> np.ndarray:
+    """`np.minimum(rng.geometric(p, size), cap)` as int64, the same values from the same stream.
+
+    Below p = 1/3 numpy's geometric is ceil(-E / log1p(-p)) per draw, E its standard exponential
+    (with int64's maximum beyond it, where the cap applies); vectorised here, it costs half as much.
+    Capped at n + 1, a gap past the end ends the draw and the running sum cannot overflow int64. A test
+    compares it with `rng.geometric`, so a numpy that draws otherwise is caught.
+    """
+    if p >= _GEOMETRIC_SEARCH:
+        return np.minimum(rng.geometric(p, size=size), cap)
+    gaps = rng.standard_exponential(size=size)
+    with np.errstate(over="ignore"):  # inf at tiny p: capped below
+        np.divide(gaps, -math.log1p(-p), out=gaps)  # libm's log1p, as numpy's C code calls it
+    np.ceil(gaps, out=gaps)
+    np.minimum(gaps, cap, out=gaps)
+    return gaps.astype(np.int64)
 
 
 def distinct_positions(rng: np.random.Generator, n: int, count: int) -> np.ndarray:

@@ -21,7 +21,7 @@ from oppass.campaign.config import CampaignConfig, ber_grid, conditions
 from oppass.campaign.injector import BitPosition, EccProtected, PackedWeights, RestorationError, StoredBits
 from oppass.campaign.records import TrialRecord
 from oppass.campaign.scheduler import CHUNK_TRIALS, tasks
-from oppass.campaign.seeds import batch_indices, stable_words, trial_rng
+from oppass.campaign.seeds import TrialStreams, batch_indices, stable_words, trial_rng
 from oppass.campaign.store import Store, column_type
 from oppass.errors import OppassError
 
@@ -223,10 +223,12 @@ def test_packed_weights_hold_the_arrays_on_8_byte_boundaries() -> None:
 
 
 @pytest.mark.parametrize("ber", [0.0, 0.05, 0.5])
-@pytest.mark.parametrize("dense_bits", [0, 10**9])  # never dense, always dense
-def test_stored_bits_flips_exactly_the_drawn_bits_and_restores(ber: float, dense_bits: int,
+@pytest.mark.parametrize(("dense_bits", "packed_bits"), [(0, 16), (10**9, 1), (10**9, 10**9)])  # never dense,
+def test_stored_bits_flips_exactly_the_drawn_bits_and_restores(ber: float, dense_bits: int, packed_bits: int,
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    # ... always dense with the mask added byte by byte, always dense with a boolean mask packed
     monkeypatch.setattr(injector, "DENSE_BITS", dense_bits)
+    monkeypatch.setattr(injector, "PACKED_BITS", packed_bits)
     weights = PackedWeights(sample_buffers())
     target = StoredBits(weights)
     before = stream_bits(weights.buffers)
@@ -238,6 +240,17 @@ def test_stored_bits_flips_exactly_the_drawn_bits_and_restores(ber: float, dense
     target.restore(injection)
     assert np.array_equal(stream_bits(weights.buffers), before)
     weights.verify()
+
+
+def test_trial_streams_give_each_trial_the_generator_trial_rng_seeds() -> None:
+    streams = TrialStreams()
+    for seed in (0, 7, 2**32 - 1, 2**32, 2**70 + 3):
+        for key in ("ber/fp32/W=32/ber=1e-06", "bit/bf16/none/ber=0.1/bit=3"):
+            for trial in (0, 1, 19, 2**31, 2**32, 2**40 + 1):
+                expected = trial_rng(seed, key, trial)
+                rng = streams.rng(seed, key, trial)
+                assert rng.bit_generator.state == expected.bit_generator.state
+                assert np.array_equal(rng.standard_exponential(8), expected.standard_exponential(8))
 
 
 @pytest.mark.parametrize("sampler", faults.SAMPLERS)
@@ -290,6 +303,30 @@ def test_sampler_memory_grows_with_flips_not_bits() -> None:
     tracemalloc.stop()
     assert 150_000 < positions.size < 250_000 and np.all(np.diff(positions) > 0)
     assert peak < 20 * positions.nbytes  # the choice sampler would hold a permutation of 8 GB
+
+
+def geometric_gap_positions(rng: np.random.Generator, n: int, ber: float) -> np.ndarray:
+    """Store format 2's gap sampler as first written, with numpy's own geometric draws."""
+    expected = n * ber
+    chunk = int(expected + 5 * np.sqrt(expected) + 16)
+    parts, last = [], -1
+    while last < n:
+        parts.append(last + np.cumsum(np.minimum(rng.geometric(ber, size=chunk), n + 1), dtype=np.int64))
+        last = int(parts[-1][-1])
+        chunk = max(16, int((n - last) * ber * 1.2) + 16)
+    positions = np.concatenate(parts)
+    return positions[: np.searchsorted(positions, n)]
+
+
+@pytest.mark.parametrize(("n", "ber"), [
+    (n, ber) for n in (1, 1000, 1_221_120, 10**12)
+    for ber in (1e-300, 1e-12, 3.3e-7, 1e-3, 0.0774, 0.1, 0.3333, 0.34, 0.9) if n * ber <= 1e6  # <= 1e6 flips
+])
+def test_the_gap_sampler_is_numpys_geometric(n: int, ber: float) -> None:
+    # Below p = 1/3 the sampler inverts numpy's exponential draws itself: the same positions, bit for bit.
+    for seed in range(5):
+        drawn = faults.draw_flip_positions(np.random.default_rng(seed), n, ber)
+        assert np.array_equal(drawn, geometric_gap_positions(np.random.default_rng(seed), n, ber))
 
 
 def test_the_choice_sampler_is_numpys_choice() -> None:

@@ -294,6 +294,23 @@ def test_flip_count_campaign_restricted_to_a_layer(tmp_path: Path, custom_op_lib
         run_campaign(config(tmp_path / "other", layers=("fc9.w",)))
 
 
+def test_secded_trials_store_the_words_they_corrected(tmp_path: Path, custom_op_library: str) -> None:
+    # One flip: one word corrected. Two: two words corrected, or one word with both, zeroed (detected).
+    cfg = config(tmp_path, protections=("none", "64", "secded:64", "ecc"), flip_counts=(1, 2), experiments=6)
+    result = run_campaign(cfg)
+    trials = stored_trials(tmp_path, cfg)
+    assert len(trials) == 4 * 2 * 6
+    for trial in trials:
+        if trial.protection in ("none", "64"):
+            assert trial.corrected_words is None
+        else:
+            assert trial.corrected_words is not None
+            assert trial.corrected_words + 2 * trial.masked_words == trial.flips
+    assert {t.corrected_words for t in trials if t.flips == 1 and t.protection == "secded:64"} == {1}
+    means = {(s.protection, s.flips_mean): s.corrected_words_mean for s in result.summaries}
+    assert means[("secded:64", 1.0)] == means[("ecc", 1.0)] == 1.0 and means[("64", 1.0)] is None
+
+
 def test_command_line_options_of_protections_and_faults(tmp_path: Path) -> None:
     parser = argparse.ArgumentParser()
     campaign_cli.add_arguments(parser)

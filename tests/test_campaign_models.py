@@ -12,6 +12,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from oppass import faults
 from oppass.campaign import CampaignConfig, run_campaign
 from oppass.campaign.data import ModelInput, open_dataset
 from oppass.campaign.metrics import NO_FAULT, NONFINITE, SDC, Metric
@@ -152,6 +153,16 @@ def test_even_flip_words_counts_words_hit_an_even_number_of_times() -> None:
     assert even_flip_words(positions, 8) == 1  # bytes: only byte 8000 has two flips (byte 16 has three)
     assert even_flip_words(positions, 1) == 0
     assert even_flip_words(np.empty(0, dtype=np.int64), 64) == 0
+
+
+@pytest.mark.parametrize("word_bits", [8, 16, 32, 64])
+def test_even_flip_words_from_a_mask_counts_as_from_the_positions(word_bits: int) -> None:
+    for ber in (0.01, 0.2):
+        positions = faults.draw_flip_positions(np.random.default_rng(4), 64_000, ber)
+        bits = np.zeros(64_000 + 64, dtype=bool)  # zero past the stream
+        bits[positions] = True
+        mask = np.packbits(bits, bitorder="little")
+        assert even_flip_words(positions, word_bits, mask) == even_flip_words(positions, word_bits) > 0
 
 
 def test_extending_a_campaign_runs_only_new_trials_and_equals_a_fresh_run(tmp_path: Path) -> None:

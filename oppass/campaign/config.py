@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -92,14 +93,14 @@ class Condition:
     count: int | None = None
     layers: tuple[str, ...] = ()
 
-    @property
+    @functools.cached_property  # asked per trial
     def key(self) -> str:
         """The condition's name in the store, e.g. `ber/fp32/64/ber=1e-06` (`/bit=3` in the bit study), with the
         fault model after the protection unless it is independent flips, `flips=K` for a flip count, and
         `/layers=A,B` when restricted."""
         return f"{self.study}/{self.format}/{self.protection}/{self._fault_key}"
 
-    @property
+    @functools.cached_property  # asked per trial
     def draw_key(self) -> str:
         """The name of the condition's fault draws: the same for protections over the same stored bits (store
         format 2), so that they see the same faults (the bit study keeps one draw per condition)."""
@@ -107,7 +108,7 @@ class Condition:
             return self.key
         return f"{self.study}/{self.format}/{protection.parse(self.protection).storage(self.format)}/{self._fault_key}"
 
-    @property
+    @functools.cached_property  # asked per trial
     def _fault_key(self) -> str:
         fault = "" if self.fault == faultmodels.FLIP else f"{self.fault}/"
         axis = f"ber={self.ber:.6g}" if self.count is None else f"flips={self.count}"
@@ -115,7 +116,7 @@ class Condition:
         layers = f"/layers={','.join(self.layers)}" if self.layers else ""
         return f"{fault}{axis}{bit}{layers}"
 
-    @property
+    @functools.cached_property  # asked per trial
     def variant(self) -> Variant:
         """The model build the condition runs on (plain storage for the bit study)."""
         word = UNPROTECTED if self.study == BIT_STUDY else protection.parse(self.protection).variant_word

@@ -12,8 +12,8 @@ position), `allclose` (every output within `rtol`/`atol` of the fault-free one, 
     def metric(outputs: np.ndarray, reference: np.ndarray, labels: np.ndarray | None) -> np.ndarray
 
 taking one batch's faulty and fault-free outputs (`[samples, ...]`) and its labels (or None),
-and returning one bool per sample (True: correct). It is called once per trial, and once on
-the fault-free outputs (outputs = reference) for the fault-free accuracy.
+and returning one bool per sample (True: correct). It is called once per trial that flips
+bits, and on the fault-free outputs (outputs = reference) for the fault-free accuracy and scores.
 """
 
 from __future__ import annotations
@@ -90,13 +90,14 @@ class Metric:
         """
         runs = outputs.shape[0]
         finite = finite_samples(outputs)
-        verdicts = self._verdicts(outputs, reference, labels)
-        if self.name in CLASSIFYING:
-            corrupted = ~_all_positions(top1(outputs, self.class_axis) == top1(reference, self.class_axis), runs)
-        elif self.name == ALLCLOSE:
-            corrupted = ~verdicts
+        if self.name in CLASSIFYING:  # each top-1 taken once: argmax along a short class axis is slow
+            predicted = top1(outputs, self.class_axis)
+            agree = _all_positions(predicted == top1(reference, self.class_axis), runs)
+            verdicts = agree if self.name == GOLDEN else self._verdicts(outputs, reference, labels, predicted)
+            corrupted = ~agree
         else:
-            corrupted = reference_correct & ~verdicts
+            verdicts = self._verdicts(outputs, reference, labels)
+            corrupted = ~verdicts if self.name == ALLCLOSE else reference_correct & ~verdicts
         correct = np.count_nonzero(verdicts & finite, axis=1)
         sdc = np.count_nonzero(corrupted & finite, axis=1)
         nonfinite = np.count_nonzero(~finite, axis=1)
@@ -106,7 +107,9 @@ class Metric:
                                      np.where(sdc > 0, SDC, np.where(equal, MASKED, TOLERATED))))
         return Scores(correct, sdc, nonfinite, outcomes.tolist())
 
-    def _verdicts(self, outputs: np.ndarray, reference: np.ndarray, labels: np.ndarray | None) -> np.ndarray:
+    def _verdicts(self, outputs: np.ndarray, reference: np.ndarray, labels: np.ndarray | None,
+                  predicted: np.ndarray | None = None) -> np.ndarray:
+        """Bool [runs, samples]: correct under the metric; `predicted` is top1(outputs) if already taken."""
         runs = outputs.shape[0]
         if self.name == ALLCLOSE:
             return _all_positions(np.isclose(outputs, reference, rtol=self.rtol, atol=self.atol), runs)
@@ -116,7 +119,8 @@ class Metric:
             if labels is None:
                 raise OppassError(f"metric {self.name} needs labels")
             if self.name == TOP1:
-                return _all_positions(top1(outputs, self.class_axis) == labels, runs)
+                return _all_positions((top1(outputs, self.class_axis) if predicted is None else predicted) == labels,
+                                      runs)
             best = np.take(np.argpartition(-outputs, TOP5_CLASSES - 1, axis=self.class_axis), range(TOP5_CLASSES),
                            axis=self.class_axis)
             hits = (best == np.expand_dims(labels, self.class_axis)).any(axis=self.class_axis)
@@ -162,6 +166,8 @@ def finite_samples(outputs: np.ndarray) -> np.ndarray:
 
 def _all_positions(hits: np.ndarray, runs: int) -> np.ndarray:
     """[runs, samples, positions...] -> [runs, samples]: true at every position."""
+    if hits.ndim == 2:
+        return hits
     samples = hits.shape[1] if hits.ndim > 1 else 1
     return np.asarray(hits.reshape(runs, samples, -1).all(axis=2))
 

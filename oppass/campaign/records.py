@@ -29,3 +29,6 @@ class TrialRecord:
     outcome: str
     inject_seconds: float
     inference_seconds: float
+    # Words SEC-DED corrected (a bit flipped back: the code's, or ECC (72,64)'s); None without SEC-DED, and in
+    # trials stored before the column came (store column added by migration, NULL there).
+    corrected_words: int | None = None

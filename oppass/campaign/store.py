@@ -12,7 +12,8 @@ trials were drawn: a store without one is format 1 (flip positions by numpy's `c
 random stream per condition); FORMAT_VERSION 2 draws them in O(flips) and shares a trial's
 draw between protections over the same stored bits (docs/METHODS.md). A store resumes with
 the draws of its own format, so its trials stay those of the code that made it, and so do the
-trials a grid extension adds to it.
+trials a grid extension adds to it. Columns added later (`corrected_words`) are added to an
+older store when it is opened, NULL in the rows it held.
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ STORE_FILE = "campaign.sqlite"
 FORMAT_VERSION = 2
 _UNVERSIONED = 1  # stores written before format versions existed
 _TRIAL_FIELDS = [field.name for field in dataclasses.fields(TrialRecord)]
+# Columns added since stores were first written: an older store gets them on opening, NULL in its rows.
+_ADDED_COLUMNS = ("corrected_words",)
 _ROW = operator.attrgetter(*_TRIAL_FIELDS)
 _SQL_TYPES = {int: "INTEGER", float: "REAL", str: "TEXT"}
 
@@ -110,6 +113,10 @@ class Store:
             self.connection.execute(
                 f"CREATE TABLE IF NOT EXISTS trials ({columns}, PRIMARY KEY (condition_key, trial))"
             )
+            present = {row[1] for row in self.connection.execute("PRAGMA table_info(trials)")}
+            for name in _ADDED_COLUMNS:
+                if name not in present:
+                    self.connection.execute(f"ALTER TABLE trials ADD COLUMN {name} {column_type(hints[name])}")
             self.connection.execute(
                 "CREATE TABLE IF NOT EXISTS batch_study (format TEXT, batch_size INTEGER, batches INTEGER,"
                 " min_accuracy REAL, max_accuracy REAL, mean_accuracy REAL, PRIMARY KEY (format, batch_size))"
@@ -124,7 +131,8 @@ class Store:
         try:
             tables = {name for (name,) in connection.execute("SELECT name FROM sqlite_master WHERE type='table'")}
             if tables:
-                connection.execute(f"SELECT {', '.join(_TRIAL_FIELDS)} FROM trials LIMIT 1").fetchall()
+                original = [name for name in _TRIAL_FIELDS if name not in _ADDED_COLUMNS]
+                connection.execute(f"SELECT {', '.join(original)} FROM trials LIMIT 1").fetchall()
                 (stored,) = connection.execute("SELECT value FROM meta WHERE key = 'identity'").fetchone()
                 json.loads(stored)
         except (sqlite3.DatabaseError, json.JSONDecodeError, TypeError) as error:

@@ -45,6 +45,7 @@ class ConditionSummary:
     nonfinite: int
     inference_seconds_mean: float
     inject_seconds_mean: float
+    corrected_words_mean: float | None = None  # over the trials that recorded it
 
 
 @dataclass(frozen=True)
@@ -102,6 +103,7 @@ def _summarize_condition(group: list[TrialRecord]) -> ConditionSummary:
     accuracy_interval = stats.t_interval(accuracy)
     drop_interval = stats.t_interval(fault_free - accuracy)
     outcomes = [r.outcome for r in group]
+    corrected = [r.corrected_words for r in group if r.corrected_words is not None]
     return ConditionSummary(
         condition_key=first.condition_key,
         study=first.study,
@@ -131,6 +133,7 @@ def _summarize_condition(group: list[TrialRecord]) -> ConditionSummary:
         nonfinite=outcomes.count(metrics.NONFINITE),
         inference_seconds_mean=float(np.mean([r.inference_seconds for r in group])),
         inject_seconds_mean=float(np.mean([r.inject_seconds for r in group])),
+        corrected_words_mean=None if not corrected else float(np.mean(corrected)),
     )
 
 

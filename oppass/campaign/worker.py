@@ -9,10 +9,11 @@ and flips them back; the session is never rebuilt.
 A task (trials of one model variant) runs in bursts: draw and prepare every trial's flips,
 then inject, run and restore trial by trial, then score all outputs at once, so that the
 work between two inferences is a few numpy calls. A trial's `inference_seconds` is its
-`session.run`; its `inject_seconds` is the rest of its work (its inject and restore, and an
-even share of the burst's seeding, drawing and scoring), not the one-off cache fills.
-A trial whose draw flips nothing runs no inference: its outputs are the fault-free ones (exact,
-as its weights are), with `inference_seconds` 0.
+`session.run`; its `inject_seconds` is the rest of its own work (seeding, drawing and preparing
+its flips, its inject and restore) plus an even share of the burst's scoring, not the one-off
+cache fills. A trial whose draw flips nothing runs no inference and is not scored: its outputs
+and scores are the fault-free ones (exact, as its weights are; scored once per experiment),
+with `inference_seconds` 0.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import os
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -47,16 +48,18 @@ from oppass.campaign.injector import (
 )
 from oppass.campaign.metrics import Metric
 from oppass.campaign.records import TrialRecord
-from oppass.campaign.seeds import batch_indices, trial_rng
+from oppass.campaign.seeds import TrialStreams, batch_indices
 from oppass.campaign.store import FORMAT_VERSION
 from oppass.errors import OppassError
-from oppass.formats import FORMATS
+from oppass.formats import FORMATS, SECDED
 from oppass.protect import transform
 from oppass.schema import MASKED_WORDS_OUTPUT, read_decode_nodes
 
 # Sessions run on one intra-op thread everywhere, so outputs do not depend on the scheduler.
 SESSION_THREADS = 1
 ORT_ERRORS_ONLY = 3
+# Words whose flips are counted from a dense mask, by size in bits.
+_WORD_DTYPES: dict[int, np.dtype] = {8: np.dtype("u1"), 16: np.dtype("<u2"), 32: np.dtype("<u4"), 64: np.dtype("<u8")}
 # Memory for the prepared flips and outputs of the trials of a burst (estimated: 24 bytes per expected flip).
 BURST_BYTES = 64 * 2**20
 _FLIP_BYTES = 24
@@ -83,6 +86,16 @@ class Workload:
 
 
 @dataclass(frozen=True)
+class TrialScore:
+    """One trial's scores: correct samples, silently corrupted (finite) samples, non-finite samples, outcome."""
+
+    correct: int
+    sdc: int
+    nonfinite: int
+    outcome: str
+
+
+@dataclass(frozen=True)
 class Experiment:
     """The data batch of one experiment and a variant's fault-free outputs on it (sample axis first)."""
 
@@ -91,6 +104,7 @@ class Experiment:
     outputs: np.ndarray
     correct_samples: np.ndarray
     samples: int
+    fault_free_scores: TrialScore  # those of a trial without flips
 
     @property
     def correct(self) -> int:
@@ -263,10 +277,14 @@ class WorkerCache:
             outputs = session.run(feeds)[0]
             correct = self.workload.metric.correct(outputs[None], outputs[None], None if labels is None else
                                                    labels[None])[0]
-            session.experiments[experiment] = Experiment(feeds, labels, outputs, correct, len(outputs))
+            unscored = Experiment(feeds, labels, outputs, correct, len(outputs), TrialScore(0, 0, 0, ""))
+            (scores,) = _score(self.workload.metric, [outputs], [unscored], [0])
+            session.experiments[experiment] = replace(unscored, fault_free_scores=scores)
         return session.experiments[experiment]
 
 
+_NO_FLIPS = Injection(0, 0, None, np.empty(0, dtype=np.uint8), np.empty(0, dtype=np.uint8))
+_NO_FLIPS_CORRECTED = replace(_NO_FLIPS, corrected=0)
 _CACHES: dict[Workload, WorkerCache] = {}
 _CACHES_LOCK = threading.Lock()
 
@@ -314,20 +332,26 @@ def run_trials(workload: Workload, pairs: Sequence[tuple[Condition, int]]) -> li
     return records
 
 
-def _draw(workload: Workload, session: VariantSession, condition: Condition, trial: int,
+def _draw(workload: Workload, session: VariantSession, streams: TrialStreams, condition: Condition, trial: int,
           target: FaultTarget) -> tuple[Injection, int | None]:
     """Trial `trial` of `condition`: its faults drawn from its own stream (store format 1: one stream per
     condition; 2: one per draw key, shared by protections over the same stored bits) and prepared, with the
     words they hit an even number of times (None for ECC)."""
     key = condition.key if workload.store_format == 1 else condition.draw_key
     space = session.space(condition, target)
-    model = faultmodels.parse(condition.fault)
-    positions = model.positions(trial_rng(workload.seed, key, trial), space, condition.ber, condition.count,
-                                workload.sampler)
+    positions = faultmodels.parse(condition.fault).positions(streams.rng(workload.seed, key, trial), space,
+                                                              condition.ber, condition.count, workload.sampler)
+    word_bits = session.word_bits_of(target)
+    if positions.size == 0:  # never injected
+        corrects = isinstance(target, EccProtected) or (isinstance(target, NumpyDecoded) and target.code == SECDED)
+        return _NO_FLIPS_CORRECTED if corrects else _NO_FLIPS, None if word_bits is None else 0
     if isinstance(space, Subspace):
         positions = space.to_target(positions)
-    word_bits = session.word_bits_of(target)
-    return target.prepare(positions), None if word_bits is None else even_flip_words(positions, word_bits)
+    injection = target.prepare(positions)
+    if word_bits is None:
+        return injection, None
+    mask = target.stream_mask(injection) if isinstance(target, StoredBits) else None
+    return injection, even_flip_words(positions, word_bits, mask)
 
 
 def _run_burst(
@@ -338,39 +362,40 @@ def _run_burst(
     experiments: Sequence[Experiment],
 ) -> list[TrialRecord]:
     clock = time.perf_counter
-    started = clock()
-    drawn = [_draw(cache.workload, session, condition, trial, target)
-             for (condition, trial), target in zip(pairs, targets, strict=True)]
-    injections = [injection for injection, _ in drawn]
-    even = [words for _, words in drawn]
-    shared = clock() - started
-    outputs, decoder_masked, inference, own = [], [], [], []
-    for experiment, target, injection in zip(experiments, targets, injections, strict=True):
+    injections, even, own = [], [], []
+    streams = TrialStreams()
+    for (condition, trial), target in zip(pairs, targets, strict=True):
         started = clock()
+        injection, words = _draw(cache.workload, session, streams, condition, trial, target)
+        injections.append(injection)
+        even.append(words)
+        own.append(clock() - started)
+    inference = [0.0] * len(pairs)
+    outputs: dict[int, np.ndarray] = {}
+    decoder_masked = [0] * len(pairs)
+    for i, (experiment, target, injection) in enumerate(zip(experiments, targets, injections, strict=True)):
         if injection.flips == 0:
-            outputs.append(experiment.outputs)
-            decoder_masked.append(0)
-            inference.append(0.0)
-            own.append(clock() - started)
-            continue
+            continue  # its weights are the fault-free ones: so are its outputs and scores
+        started = clock()
         target.inject(injection)
         try:
             inference_started = clock()
-            logits, masked = session.run(experiment.feeds)
-            inference.append(clock() - inference_started)
+            outputs[i], decoder_masked[i] = session.run(experiment.feeds)
+            inference[i] = clock() - inference_started
         finally:
             target.restore(injection)
-        outputs.append(logits)
-        decoder_masked.append(masked)
-        own.append(clock() - started - inference[-1])
-    started = clock()
-    known = [e.labels for e in experiments if e.labels is not None]  # all or none: one data set
-    labels = np.stack(known) if known else None
-    scores = cache.workload.metric.score(
-        np.stack(outputs), np.stack([e.outputs for e in experiments]), labels,
-        np.stack([e.correct_samples for e in experiments]), np.array([i.flips for i in injections]),
-    )
-    shared = (shared + clock() - started) / len(pairs)
+        own[i] += clock() - started - inference[i]
+    scores = [experiment.fault_free_scores for experiment in experiments]
+    if outputs:
+        started = clock()
+        run = list(outputs)
+        faulty = _score(cache.workload.metric, [outputs[i] for i in run], [experiments[i] for i in run],
+                        [injections[i].flips for i in run])
+        for i, score in zip(run, faulty, strict=True):
+            scores[i] = score
+        shared = (clock() - started) / len(run)
+        for i in run:
+            own[i] += shared
     spaces = [session.space(condition, target) for (condition, _), target in zip(pairs, targets, strict=True)]
     return [
         TrialRecord(
@@ -386,27 +411,46 @@ def _run_burst(
             even_flip_words=even[i],
             masked_words=decoder_masked[i] + injection.masked,
             samples=experiment.samples,
-            correct=int(scores.correct[i]),
+            correct=scores[i].correct,
             fault_free_correct=experiment.correct,
-            sdc_samples=int(scores.sdc[i]),
-            nonfinite_samples=int(scores.nonfinite[i]),
-            outcome=scores.outcomes[i],
-            inject_seconds=own[i] + shared,
+            sdc_samples=scores[i].sdc,
+            nonfinite_samples=scores[i].nonfinite,
+            outcome=scores[i].outcome,
+            inject_seconds=own[i],
             inference_seconds=inference[i],
+            corrected_words=injection.corrected,
         )
-        for i, ((condition, trial), target, injection, experiment) in enumerate(
-            zip(pairs, targets, injections, experiments, strict=True)
+        for i, ((condition, trial), injection, experiment) in enumerate(
+            zip(pairs, injections, experiments, strict=True)
         )
     ]
 
 
+def _score(metric: Metric, outputs: Sequence[np.ndarray], experiments: Sequence[Experiment],
+           flips: Sequence[int]) -> list[TrialScore]:
+    """The scores of runs `outputs` on the batches of `experiments` (one call for all of them)."""
+    known = [e.labels for e in experiments if e.labels is not None]  # all or none: one data set
+    scores = metric.score(np.stack(outputs), np.stack([e.outputs for e in experiments]),
+                          np.stack(known) if known else None, np.stack([e.correct_samples for e in experiments]),
+                          np.asarray(flips))
+    return [TrialScore(int(scores.correct[i]), int(scores.sdc[i]), int(scores.nonfinite[i]), scores.outcomes[i])
+            for i in range(len(outputs))]
 
-def even_flip_words(positions: np.ndarray, word_bits: int) -> int:
+
+def even_flip_words(positions: np.ndarray, word_bits: int, mask: np.ndarray | None = None) -> int:
     """Words of `word_bits` bits that the sorted distinct flipped bits `positions` hit an even, non-zero number
-    of times: the errors a parity check over such words cannot see."""
-    if positions.size == 0:
+    of times: the errors a parity check over such words cannot see. `mask`, when given, holds the same flips as
+    a little-endian uint8 bit mask (zero past the stream): words of 8 to 64 bits are then counted from it."""
+    if positions.size == 0 or word_bits == 1:
         return 0
+    if mask is not None and word_bits in _WORD_DTYPES:
+        hits = np.bitwise_count(mask.view(_WORD_DTYPES[word_bits]))
+        return int(np.count_nonzero(hits)) - int(np.count_nonzero(hits & 1))
     words = positions // word_bits
-    first = np.flatnonzero(np.r_[True, words[1:] != words[:-1]])
-    hits = np.diff(np.r_[first, words.size])
+    ends = np.empty(words.size + 1, dtype=np.int64)  # -1, then the last flip of each word hit
+    ends[0] = -1
+    last = np.flatnonzero(words[1:] != words[:-1])
+    ends[1 : last.size + 1] = last
+    ends[last.size + 1] = words.size - 1
+    hits = np.diff(ends[: last.size + 2])
     return int(np.count_nonzero(hits % 2 == 0))
