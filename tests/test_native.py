@@ -234,10 +234,14 @@ def encode_tensor(weights: np.ndarray, target: str, word: str, flip: str | None,
     source = codec.format_of(weights.dtype)
     width = codec.word_bits(target, word, code)
     output = formats.FORMATS[target].output_dtypes[-1 if target in ("bf16", "fp16") else 0]
-    tensor = encoder.TensorEncoder(name="w", source_format=source, target_format=target, word_bits=width, code=code,
-                                   flip=flip, checked=checked, output_dtype=output, shape=weights.shape, axis=0,
-                                   measure_range=measure_range, reference=reference)
     flat = weights.reshape(-1)
+    axis = flat.size % weights.ndim  # varied with the shape: runs of one or more weights per channel
+    scales = None
+    if target == "int8" and source != "int8":  # measured chunk by chunk, as the pass measures them
+        scales = codec.int8_scales((flat[start:start + 5] for start in range(0, flat.size, 5)), weights.shape, axis)
+    tensor = encoder.TensorEncoder(name="w", source_format=source, target_format=target, word_bits=width, code=code,
+                                   flip=flip, checked=checked, output_dtype=output, shape=weights.shape, axis=axis,
+                                   scales=scales, measure_range=measure_range, reference=reference)
     parts = [encoder_output.tobytes() for encoder_output in
              (tensor.encode(flat[start:start + tensor.chunk_weights].copy())
               for start in range(0, max(flat.size, 1), tensor.chunk_weights))]
