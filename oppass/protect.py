@@ -316,10 +316,11 @@ def transform_file(
 
     Each weight is read, encoded and written before the next is read: the packed weights are
     encoded while the output is written (`modelio.ProducingModelFile`), so memory holds the
-    model's structure and one chunk of one weight (the whole weight for an int8 conversion),
-    whatever the model's size: the C encoder encodes parity chunks, the numpy codec SEC-DED ones
-    (and parity ones without the C encoder). With `range_check` each weight is encoded twice, a
-    first pass measuring the bound its decode node holds, which is written before the packed bytes.
+    model's structure and one chunk of one weight, whatever the model's size: the C encoder
+    encodes parity chunks, the numpy codec SEC-DED ones (and parity ones without the C encoder).
+    With `range_check` each weight is encoded twice, a first pass measuring the bound its decode
+    node holds, which is written before the packed bytes; an int8 conversion reads each weight
+    twice, a first pass measuring its per-channel scales.
     The input is never modified; the output (model and data file) is published atomically, with
     external data when the input had some or it exceeds 2 GB. A `ModelFile` (read with
     `defer=True`) is protected in place.
