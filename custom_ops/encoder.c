@@ -12,7 +12,7 @@
 #include "decoder.h"
 
 #if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__) && !defined(__clang__)
-#define TARGET_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+#define TARGET_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define TARGET_CLONES
 #endif
@@ -38,10 +38,12 @@ static const WeightFormat *format_named(const char *name) {
   return name == NULL ? NULL : find_weight_format(name, strlen(name));
 }
 
-static CodeFields code_fields(const WeightFormat *format) {
-  CodeFields fields = {.bytes = format->bits / 8};
+/* The code fields of the format whose own type is `own_type`: constants once inlined with a constant type. */
+static ALWAYS_INLINE CodeFields fields_of_type(unsigned own_type) {
+  CodeFields fields = {.bytes = own_type == ONNX_TYPE_FLOAT ? 4
+                                : own_type == ONNX_TYPE_BFLOAT16 || own_type == ONNX_TYPE_FLOAT16 ? 2 : 1};
   unsigned exponent_bits = 0;
-  switch (format->own_type) {
+  switch (own_type) {
     case ONNX_TYPE_FLOAT: fields.mantissa_bits = 23; exponent_bits = 8; break;
     case ONNX_TYPE_BFLOAT16: fields.mantissa_bits = 7; exponent_bits = 8; break;
     case ONNX_TYPE_FLOAT16: fields.mantissa_bits = 10; exponent_bits = 5; break;
@@ -50,12 +52,16 @@ static CodeFields code_fields(const WeightFormat *format) {
   }
   fields.is_float = exponent_bits != 0;
   if (fields.is_float) {
-    fields.sign_bit = UINT32_C(1) << (format->bits - 1);
+    fields.sign_bit = UINT32_C(1) << (8 * fields.bytes - 1);
     fields.magnitude_mask = fields.sign_bit - 1;
     fields.mantissa_mask = (UINT32_C(1) << fields.mantissa_bits) - 1;
     fields.infinity = ((UINT32_C(1) << exponent_bits) - 1) << fields.mantissa_bits;
   }
   return fields;
+}
+
+static CodeFields code_fields(const WeightFormat *format) {
+  return fields_of_type(format->own_type);
 }
 
 static ALWAYS_INLINE uint32_t load_code(const uint8_t *at, unsigned bytes) {
@@ -83,14 +89,20 @@ static ALWAYS_INLINE void store_code(uint8_t *at, unsigned bytes, uint32_t code)
   }
 }
 
+/* All ones where `condition`, else 0: selects written as masks, so that the loops have no control flow. */
+static ALWAYS_INLINE uint32_t mask_if(bool condition) {
+  return -(uint32_t)condition;
+}
+
 /* The binary32 bits of a finite fp16 code's value, exactly. */
 static ALWAYS_INLINE uint32_t fp16_bits(uint32_t code) {
   uint32_t exponent = (code >> 10) & 0x1Fu;
-  float subnormal = (float)(code & 0x3FFu) * 0x1p-24f; /* exact */
+  float subnormal = (float)(int32_t)(code & 0x3FFu) * 0x1p-24f; /* exact; a signed conversion vectorises */
   uint32_t subnormal_bits;
   memcpy(&subnormal_bits, &subnormal, sizeof subnormal_bits);
   uint32_t normal_bits = ((exponent + 112) << 23) | ((code & 0x3FFu) << 13);
-  return (exponent != 0 ? normal_bits : subnormal_bits) | (code & 0x8000u) << 16;
+  uint32_t normal = mask_if(exponent != 0);
+  return (normal_bits & normal) | (subnormal_bits & ~normal) | (code & 0x8000u) << 16;
 }
 
 /* The value of a finite fp16 code, exactly, as binary32. */
@@ -232,6 +244,23 @@ static ALWAYS_INLINE void adjust_word(ParityEncoding *encoding, uint8_t *word, u
   }
 }
 
+/* The last word of a chunk that ends inside a word (a tensor's last: the rest of it is zero padding). */
+static ALWAYS_INLINE void encode_partial_word(ParityEncoding *encoding, uint8_t *weights, uint64_t n_weights,
+                                              unsigned bytes, size_t per_word) {
+  uint64_t whole_words = n_weights / per_word;
+  size_t tail = (size_t)(n_weights - whole_words * per_word);
+  if (tail != 0) {
+    uint8_t *word = weights + whole_words * per_word * bytes;
+    uint32_t folded = 0;
+    for (size_t i = 0; i < tail; i++) {
+      folded ^= load_code(word + i * bytes, bytes);
+    }
+    if (__builtin_parity(folded)) {
+      adjust_word(encoding, word, whole_words, per_word, tail, bytes);
+    }
+  }
+}
+
 /* Every word of the chunk; inlined per (bytes, per_word) so that the word loops unroll. The parities of
  * 64 words are taken at once, then only the odd ones are visited. */
 static ALWAYS_INLINE void encode_chunk_with(ParityEncoding *encoding, uint8_t *weights, uint64_t n_weights,
@@ -250,17 +279,148 @@ static ALWAYS_INLINE void encode_chunk_with(ParityEncoding *encoding, uint8_t *w
       adjust_word(encoding, base + i * word_bytes, block + i, per_word, per_word, bytes);
     }
   }
-  size_t tail = (size_t)(n_weights - whole_words * per_word);
-  if (tail != 0) {
-    uint8_t *word = weights + whole_words * word_bytes;
-    uint32_t folded = 0;
-    for (size_t i = 0; i < tail; i++) {
-      folded ^= load_code(word + i * bytes, bytes);
+  encode_partial_word(encoding, weights, n_weights, bytes, per_word);
+}
+
+/* ---------------------------------------------------------------- word-lsb without the changed indices
+ *
+ * The default strategy changes an odd word's first weight's LSB unless the word holds a zero (whose sign
+ * bit is flipped instead) or its first weight is not finite. The words without those cases are done in
+ * one loop of 64-bit lane operations and masks, no branch, so that it vectorises: the parity is a tree
+ * of XOR folds, a zero is found by adding the magnitude mask to each field (bit b - 1 of a field is set
+ * iff its magnitude is not 0), and the flip is an XOR with the word's parity. The odd words with those
+ * cases, and a tensor's last word when it is partial, go through adjust_word as in encode_chunk_with. */
+
+/* Words per block of the word-lsb loop: its flags of words left to adjust_word fit one array. */
+#define LSB_BLOCK 64u
+
+/* `field` repeated in every field of `bytes` bytes of a 64-bit lane. */
+static ALWAYS_INLINE uint64_t repeated(uint64_t field, unsigned bytes) {
+  return field * (bytes == 4 ? UINT64_C(0x0000000100000001) : bytes == 2 ? UINT64_C(0x0001000100010001)
+                                                                         : UINT64_C(0x0101010101010101));
+}
+
+/* The XOR of a lane's bits, in bit 0. */
+static ALWAYS_INLINE uint64_t lane_parity(uint64_t lane) {
+  lane ^= lane >> 32;
+  lane ^= lane >> 16;
+  lane ^= lane >> 8;
+  lane ^= lane >> 4;
+  lane ^= lane >> 2;
+  lane ^= lane >> 1;
+  return lane & 1u;
+}
+
+/* |value(code ^ 1) - value(code)| / |value(code)| as binary32 bits, as adjust_word computes it (the binary32
+ * value of a finite code of `bytes` bytes: code_value, with the format fixed for the loop). */
+static ALWAYS_INLINE uint32_t lsb_change_bits(uint32_t code, const CodeFields *fields, unsigned bytes) {
+  float before, after;
+  if (!fields->is_float) {
+    before = fields->is_signed ? (float)(int8_t)code : (float)(int32_t)code;
+    after = fields->is_signed ? (float)(int8_t)(code ^ 1u) : (float)(int32_t)(code ^ 1u);
+  } else if (bytes == 4) {
+    uint32_t flipped = code ^ 1u;
+    memcpy(&before, &code, sizeof before);
+    memcpy(&after, &flipped, sizeof after);
+  } else if (fields->mantissa_bits == 7) {
+    uint32_t single = code << 16, flipped = (code ^ 1u) << 16;
+    memcpy(&before, &single, sizeof before);
+    memcpy(&after, &flipped, sizeof after);
+  } else {
+    before = fp16_value(code);
+    after = fp16_value(code ^ 1u);
+  }
+  float change = fabsf(after - before) / fabsf(before);
+  uint32_t bits;
+  memcpy(&bits, &change, sizeof bits);
+  return bits;
+}
+
+/* One block of `count` whole words: the simple odd words made even in place, the others flagged in
+ * `others`; returns the words changed, and raises *max_change (binary32 bits) to their largest change. */
+static ALWAYS_INLINE uint32_t lsb_block(uint8_t *base, uint32_t count, unsigned own_type, size_t per_word,
+                                        uint8_t *others, uint32_t *max_change) {
+  const CodeFields constant_fields = fields_of_type(own_type);
+  const CodeFields *fields = &constant_fields;
+  unsigned bytes = fields->bytes;
+  size_t word_bytes = per_word * bytes;
+  size_t lanes = word_bytes < 8 ? 1 : word_bytes / 8;
+  uint64_t magnitudes = fields->is_float ? repeated(fields->magnitude_mask, bytes) : 0;
+  uint64_t signs = fields->is_float ? repeated(fields->sign_bit, bytes) : 0;
+  if (word_bytes < 8) { /* the fields past the word's */
+    uint64_t word_mask = (UINT64_C(1) << (8 * word_bytes)) - 1;
+    magnitudes &= word_mask;
+    signs &= word_mask;
+  }
+  uint32_t code_mask = bytes == 4 ? UINT32_MAX : (UINT32_C(1) << (8 * bytes)) - 1;
+  uint32_t changed = 0;
+  uint32_t largest = *max_change;
+  for (uint32_t i = 0; i < count; i++) {
+    uint8_t *word = base + (size_t)i * word_bytes;
+    uint64_t first_lane = word_bytes < 8 ? load_code(word, (unsigned)word_bytes) : 0;
+    uint64_t folded = 0;
+    uint64_t nonzero = signs;
+    for (size_t lane = 0; lane < lanes; lane++) {
+      uint64_t bits = first_lane;
+      if (word_bytes >= 8) {
+        memcpy(&bits, word + 8 * lane, sizeof bits);
+      }
+      first_lane = lane == 0 ? bits : first_lane;
+      folded ^= bits;
+      nonzero &= ((bits & magnitudes) + magnitudes) & signs;
     }
-    if (__builtin_parity(folded)) {
-      adjust_word(encoding, word, whole_words, per_word, tail, bytes);
+    uint32_t code = (uint32_t)first_lane & code_mask;
+    uint64_t odd = lane_parity(folded);
+    uint64_t simple = 1;
+    uint32_t considered = mask_if(code != 0);
+    if (fields->is_float) { /* no zero in the word, and a finite first weight */
+      simple = (uint64_t)(nonzero == signs) & (uint64_t)((code & fields->magnitude_mask) < fields->infinity);
+      considered = UINT32_MAX;
+    }
+    uint64_t flip = odd & simple;
+    first_lane ^= flip;
+    if (word_bytes < 8) {
+      store_code(word, (unsigned)word_bytes, (uint32_t)first_lane);
+    } else {
+      memcpy(word, &first_lane, sizeof first_lane);
+    }
+    others[i] = (uint8_t)(odd & ~simple);
+    changed += (uint32_t)flip;
+    uint32_t change = lsb_change_bits(code, fields, bytes) & considered & -(uint32_t)flip;
+    largest = change > largest ? change : largest;
+  }
+  *max_change = largest;
+  return changed;
+}
+
+/* encode_chunk_with for word-lsb when the changed indices are not asked for. */
+static ALWAYS_INLINE void encode_lsb_with(ParityEncoding *encoding, uint8_t *weights, uint64_t n_weights,
+                                          unsigned own_type, size_t per_word) {
+  unsigned bytes = fields_of_type(own_type).bytes;
+  uint64_t whole_words = n_weights / per_word;
+  size_t word_bytes = per_word * bytes;
+  OppassParitySummary *summary = encoding->summary;
+  uint32_t max_change = 0;
+  uint8_t others[LSB_BLOCK];
+  for (uint64_t block = 0; block < whole_words; block += LSB_BLOCK) {
+    uint32_t count = whole_words - block < LSB_BLOCK ? (uint32_t)(whole_words - block) : LSB_BLOCK;
+    uint8_t *base = weights + block * word_bytes;
+    summary->changed_words += lsb_block(base, count, own_type, per_word, others, &max_change);
+    uint64_t any = 0;
+    for (uint32_t i = 0; i < count; i++) {
+      any |= others[i];
+    }
+    for (uint32_t i = 0; any != 0 && i < count; i++) {
+      if (others[i]) {
+        adjust_word(encoding, base + (size_t)i * word_bytes, block + i, per_word, per_word, bytes);
+      }
     }
   }
+  float fast_change;
+  memcpy(&fast_change, &max_change, sizeof fast_change);
+  summary->max_relative_change = fast_change > summary->max_relative_change ? fast_change
+                                                                            : summary->max_relative_change;
+  encode_partial_word(encoding, weights, n_weights, bytes, per_word);
 }
 
 #define ENCODE_CASE(bytes, per_word)                                            \
@@ -277,6 +437,27 @@ TARGET_CLONES static void encode_chunk(ParityEncoding *encoding, uint8_t *weight
     ENCODE_CASE(1, 1); ENCODE_CASE(1, 2); ENCODE_CASE(1, 4); ENCODE_CASE(1, 8); ENCODE_CASE(1, 16);
     ENCODE_CASE(1, 32); ENCODE_CASE(1, 64);
     default: return; /* no other (b, N) pair passes word_bits_allowed */
+  }
+}
+
+#define LSB_CASE(own_type, per_word)                                            \
+  case (own_type) * 1000 + (per_word):                                          \
+    encode_lsb_with(encoding, weights, n_weights, (own_type), (per_word));      \
+    return
+#define LSB_CASES(own_type)                                                     \
+  LSB_CASE(own_type, 1); LSB_CASE(own_type, 2); LSB_CASE(own_type, 4); LSB_CASE(own_type, 8); \
+  LSB_CASE(own_type, 16)
+
+/* encode_chunk for word-lsb without the changed indices, inlined per (format, N). */
+TARGET_CLONES static void encode_lsb_chunk(ParityEncoding *encoding, uint8_t *weights, uint64_t n_weights,
+                                           unsigned own_type, size_t per_word) {
+  switch (own_type * 1000 + per_word) {
+    LSB_CASES(ONNX_TYPE_FLOAT);
+    LSB_CASES(ONNX_TYPE_BFLOAT16); LSB_CASE(ONNX_TYPE_BFLOAT16, 32);
+    LSB_CASES(ONNX_TYPE_FLOAT16); LSB_CASE(ONNX_TYPE_FLOAT16, 32);
+    LSB_CASES(ONNX_TYPE_INT8); LSB_CASE(ONNX_TYPE_INT8, 32); LSB_CASE(ONNX_TYPE_INT8, 64);
+    LSB_CASES(ONNX_TYPE_UINT8); LSB_CASE(ONNX_TYPE_UINT8, 32); LSB_CASE(ONNX_TYPE_UINT8, 64);
+    default: encode_chunk(encoding, weights, n_weights, per_word); return;
   }
 }
 
@@ -298,7 +479,12 @@ int oppass_encode_parity(uint8_t *weights, uint64_t n_weights, const char *forma
   }
   encoding.flip = (FlipStrategy)strategy;
   memset(summary, 0, sizeof *summary);
-  encode_chunk(&encoding, weights, n_weights, (size_t)(word_bits / weight_format->bits));
+  size_t per_word = (size_t)(word_bits / weight_format->bits);
+  if (encoding.flip == FLIP_WORD_LSB && changed == NULL) {
+    encode_lsb_chunk(&encoding, weights, n_weights, weight_format->own_type, per_word);
+  } else {
+    encode_chunk(&encoding, weights, n_weights, per_word);
+  }
   return 0;
 }
 
@@ -354,49 +540,53 @@ static ALWAYS_INLINE uint32_t round_to_bf16(uint32_t single) {
 }
 
 /* Binary32 bits -> fp16 bits, to nearest, ties to even (a finite input); 0x7C00 (infinity) on overflow.
- * Both roundings are computed and one is chosen, so that the loop vectorises. */
+ * Both roundings (normal: the bf16 rounding's add-and-shift one binade down; subnormal: the same with the
+ * shift the exponent asks for) are computed and one is chosen by a mask, so that the loop vectorises. */
 static ALWAYS_INLINE uint32_t round_to_fp16(uint32_t single) {
   uint32_t sign = (single >> 16) & 0x8000u;
   uint32_t magnitude = single & 0x7FFFFFFFu;
   uint32_t exponent = magnitude >> 23;
-  bool normal = exponent >= 113; /* normal in fp16, or too large */
-  uint32_t rounded = ((exponent - 112) << 10) | ((magnitude >> 13) & 0x3FFu);
-  uint32_t rest = magnitude & 0x1FFFu;
-  /* bitwise, not logical, operators: no branch, so that the loop vectorises; a carry moves to the next binade */
-  rounded += (uint32_t)(rest > 0x1000u) | ((uint32_t)(rest == 0x1000u) & rounded & 1u);
-  rounded = rounded > 0x7C00u ? 0x7C00u : rounded;
-  /* an fp16 subnormal (or the smallest normal after rounding), in units of 2^-24; 0 below half of one */
+  uint32_t normal = mask_if(exponent >= 113); /* normal in fp16, or too large */
+  /* rebiased by 127 - 15 = 112 binades; a carry moves to the next binade, and past the largest to infinity */
+  uint32_t rounded = (magnitude - (UINT32_C(112) << 23) + 0xFFFu + ((magnitude >> 13) & 1u)) >> 13;
+  uint32_t overflow = mask_if(rounded > 0x7C00u);
+  rounded = (rounded & ~overflow) | (0x7C00u & overflow);
+  /* an fp16 subnormal (or the smallest normal after rounding), in units of 2^-24; 0 below half of one.
+   * The shift is clamped to [14, 25] (14 for the normal inputs, whose result this one is not) */
   uint32_t significand = (magnitude & 0x7FFFFFu) | 0x800000u;
-  uint32_t shift = normal ? 25 : (126 - exponent < 25 ? 126 - exponent : 25);
-  uint32_t small = significand >> shift;
-  uint32_t small_rest = significand & ((UINT32_C(1) << shift) - 1);
-  uint32_t halfway = UINT32_C(1) << (shift - 1);
-  small += (uint32_t)(small_rest > halfway) | ((uint32_t)(small_rest == halfway) & small & 1u);
-  return sign | (normal ? rounded : small);
+  uint32_t below = 126u - (exponent < 112u ? exponent : 112u);
+  uint32_t shift = below < 25u ? below : 25u;
+  uint32_t small = (significand + (UINT32_C(1) << (shift - 1u)) - 1u + ((significand >> shift) & 1u)) >> shift;
+  return sign | (rounded & normal) | (small & ~normal);
 }
 
-/* One conversion loop per target (to_bf16 constant once inlined), integer reductions only, so that each
- * vectorises. A finite weight and its rounding lie within a factor of two of each other, so their difference
- * is exact in binary32 (Sterbenz), and the magnitude bits of finite binary32 values order like the values:
- * both maxima are kept as bits and widened to binary64 once, exactly. */
-static ALWAYS_INLINE void convert_with(const uint8_t *input, uint8_t *output, uint64_t n_weights, bool to_bf16,
-                                       OppassConversionSummary *summary) {
-  uint64_t nonfinite = 0;
-  uint64_t overflows = 0;
-  uint32_t max_difference = 0;
-  uint32_t max_magnitude = 0;
+/* Weights per block of the conversion loop: its counters are 32-bit, added to the summary's per block. */
+#define CONVERSION_BLOCK 4096u
+
+/* One block of the conversion loop per target (to_bf16 constant once inlined): 32-bit integer operations,
+ * selects written as masks and integer reductions only, so that it vectorises. A finite weight and its
+ * rounding lie within a factor of two of each other, so their difference is exact in binary32
+ * (Sterbenz), and the magnitude bits of finite binary32 values order like the values: both maxima are
+ * kept as bits. */
+static ALWAYS_INLINE void convert_block(const uint8_t *input, uint8_t *output, uint32_t count, bool to_bf16,
+                                        uint32_t *nonfinite_count, uint32_t *overflow_count,
+                                        uint32_t *max_difference, uint32_t *max_magnitude) {
+  uint32_t nonfinite = 0;
+  uint32_t overflows = 0;
+  uint32_t largest_difference = *max_difference;
+  uint32_t largest_magnitude = *max_magnitude;
   uint32_t infinity = to_bf16 ? 0x7F80u : 0x7C00u;
-  for (uint64_t i = 0; i < n_weights; i++) {
+  for (uint32_t i = 0; i < count; i++) {
     uint32_t single;
-    memcpy(&single, input + 4 * i, sizeof single);
+    memcpy(&single, input + 4 * (size_t)i, sizeof single);
     uint32_t half = to_bf16 ? round_to_bf16(single) : round_to_fp16(single);
     uint16_t stored = (uint16_t)half;
-    memcpy(output + 2 * i, &stored, sizeof stored);
+    memcpy(output + 2 * (size_t)i, &stored, sizeof stored);
     uint32_t magnitude = single & 0x7FFFFFFFu;
-    bool finite = magnitude < 0x7F800000u;
-    bool overflow = finite & ((half & 0x7FFFu) == infinity);
-    nonfinite += !finite;
-    overflows += overflow;
+    uint32_t finite = mask_if(magnitude < 0x7F800000u);
+    uint32_t overflow = finite & mask_if((half & 0x7FFFu) == infinity);
+    nonfinite += ~finite & 1u;
+    overflows += overflow & 1u;
     float value;
     memcpy(&value, &single, sizeof value);
     uint32_t converted_bits = to_bf16 ? half << 16 : fp16_bits(half);
@@ -405,10 +595,30 @@ static ALWAYS_INLINE void convert_with(const uint8_t *input, uint8_t *output, ui
     float difference = converted - value;
     uint32_t difference_bits;
     memcpy(&difference_bits, &difference, sizeof difference_bits);
-    difference_bits = finite & !overflow ? difference_bits & 0x7FFFFFFFu : 0;
-    magnitude = finite ? magnitude : 0;
-    max_magnitude = magnitude > max_magnitude ? magnitude : max_magnitude;
-    max_difference = difference_bits > max_difference ? difference_bits : max_difference;
+    difference_bits &= 0x7FFFFFFFu & finite & ~overflow;
+    magnitude &= finite;
+    largest_magnitude = magnitude > largest_magnitude ? magnitude : largest_magnitude;
+    largest_difference = difference_bits > largest_difference ? difference_bits : largest_difference;
+  }
+  *nonfinite_count = nonfinite;
+  *overflow_count = overflows;
+  *max_difference = largest_difference;
+  *max_magnitude = largest_magnitude;
+}
+
+static ALWAYS_INLINE void convert_with(const uint8_t *input, uint8_t *output, uint64_t n_weights, bool to_bf16,
+                                       OppassConversionSummary *summary) {
+  uint64_t nonfinite = 0;
+  uint64_t overflows = 0;
+  uint32_t max_difference = 0;
+  uint32_t max_magnitude = 0;
+  for (uint64_t start = 0; start < n_weights; start += CONVERSION_BLOCK) {
+    uint32_t count = n_weights - start < CONVERSION_BLOCK ? (uint32_t)(n_weights - start) : CONVERSION_BLOCK;
+    uint32_t block_nonfinite, block_overflows;
+    convert_block(input + 4 * start, output + 2 * start, count, to_bf16, &block_nonfinite, &block_overflows,
+                  &max_difference, &max_magnitude);
+    nonfinite += block_nonfinite;
+    overflows += block_overflows;
   }
   float largest_difference, largest_magnitude;
   memcpy(&largest_difference, &max_difference, sizeof largest_difference);

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -35,6 +35,8 @@ from oppass.formats import (
 )
 
 _INT8_LIMIT = 127
+# Weights per slice of the per-weight scales `quantize_int8` gathers.
+_QUANTIZE_SLICE = 2**20
 
 
 @dataclass(frozen=True)
@@ -614,15 +616,82 @@ def _round_float(weights: np.ndarray, target: WeightFormat, name: str) -> np.nda
 
 def _quantize_int8(weights: np.ndarray, name: str, axis: int) -> tuple[np.ndarray, np.ndarray]:
     """Symmetric per-channel int8 quantization along `axis`; returns the codes and float32 scales."""
-    if weights.ndim == 0 or not -weights.ndim <= axis < weights.ndim:
-        raise OppassError(f"cannot quantize {name}: axis {axis} is out of range for shape {list(weights.shape)}")
-    if not np.isfinite(weights).all():
-        raise OppassError(f"cannot quantize {name} to int8: it contains NaN or infinity")
-    other_axes = tuple(other for other in range(weights.ndim) if other != axis % weights.ndim)
-    channel_max = np.max(np.abs(weights), axis=other_axes, initial=0.0)
+    flat = weights.reshape(-1)
+    scales = int8_scales([flat], weights.shape, axis, name)
+    return quantize_int8(flat, scales, weights.shape, axis).reshape(weights.shape), scales
+
+
+def int8_scales(chunks: Iterable[np.ndarray], shape: Sequence[int], axis: int, name: str = "tensor") -> np.ndarray:
+    """The float32 scales of symmetric int8 quantization along `axis`, max |w| / 127 per channel (1 where that is 0).
+
+    `chunks` are the fp32 weights of a tensor of `shape`, flat in C order, in consecutive pieces
+    (read one at a time: the memory is a chunk's); NaN or infinity is an error naming `name`.
+    """
+    channels, inner = channel_layout(shape, axis, name)
+    channel_max = np.zeros(channels, np.float32)
+    start = 0
+    for chunk in chunks:
+        if not np.isfinite(chunk).all():
+            raise OppassError(f"cannot quantize {name} to int8: it contains NaN or infinity")
+        _raise_channel_max(channel_max, np.abs(chunk), start, inner)
+        start += chunk.size
     scales = (channel_max / np.float32(_INT8_LIMIT)).astype(np.float32)
     scales[scales == 0] = 1.0  # all-zero channels, and tiny ones whose scale underflows: all their codes are 0
-    broadcast_shape = [1] * weights.ndim
-    broadcast_shape[axis] = scales.size
-    quantized = np.rint(weights / scales.reshape(broadcast_shape))
-    return np.clip(quantized, -_INT8_LIMIT, _INT8_LIMIT).astype(np.int8), scales
+    return scales
+
+
+def quantize_int8(chunk: np.ndarray, scales: np.ndarray, shape: Sequence[int], axis: int, start: int = 0) -> np.ndarray:
+    """The int8 codes of the flat fp32 weights `chunk`, at flat index `start` of a tensor of `shape`, with `scales`."""
+    channels, inner = channel_layout(shape, axis)
+    codes = np.empty(chunk.size, np.int8)
+    for first in range(0, chunk.size, _QUANTIZE_SLICE):  # the per-weight scales, one slice at a time
+        end = min(first + _QUANTIZE_SLICE, chunk.size)
+        weight_scales = scales[np.arange(start + first, start + end) // inner % channels]
+        quantized = np.rint(chunk[first:end] / weight_scales)
+        codes[first:end] = np.clip(quantized, -_INT8_LIMIT, _INT8_LIMIT)
+    return codes
+
+
+def channel_layout(shape: Sequence[int], axis: int, name: str = "tensor") -> tuple[int, int]:
+    """(channels, weights per run of one channel) of a C-order tensor of `shape` read along `axis`."""
+    ndim = len(shape)
+    if ndim == 0 or not -ndim <= axis < ndim:
+        raise OppassError(f"cannot quantize {name}: axis {axis} is out of range for shape {list(shape)}")
+    return int(shape[axis]), int(np.prod(shape[axis % ndim + 1:], dtype=np.int64))
+
+
+def _raise_channel_max(channel_max: np.ndarray, magnitudes: np.ndarray, start: int, inner: int) -> None:
+    """Raises `channel_max` to the largest of `magnitudes` (flat weights from flat index `start`) in each channel.
+
+    The weights form runs of `inner` of one channel each, channels in turn: the whole runs are
+    reduced as a matrix, the partial ones at both ends on their own.
+    """
+    if not magnitudes.size:
+        return
+    end = start + magnitudes.size
+    first_run, last_run = -(-start // inner), end // inner
+    if first_run > last_run:  # inside one run
+        _raise_periodic(channel_max, magnitudes.max(initial=0.0, keepdims=True), start // inner)
+        return
+    head, tail = first_run * inner - start, end - last_run * inner
+    if head:
+        _raise_periodic(channel_max, magnitudes[:head].max(keepdims=True), first_run - 1)
+    runs = magnitudes[head:magnitudes.size - tail]
+    if runs.size:
+        _raise_periodic(channel_max, runs.reshape(-1, inner).max(axis=1), first_run)
+    if tail:
+        _raise_periodic(channel_max, magnitudes[magnitudes.size - tail:].max(keepdims=True), last_run)
+
+
+def _raise_periodic(channel_max: np.ndarray, run_max: np.ndarray, first_run: int) -> None:
+    """Raises channel_max[(first_run + i) % channels] to run_max[i], whole periods reduced as a matrix."""
+    channels = channel_max.size
+    offset = first_run % channels
+    head = min(channels - offset, run_max.size)
+    np.maximum(channel_max[offset:offset + head], run_max[:head], out=channel_max[offset:offset + head])
+    rest = run_max[head:]
+    periods = rest.size // channels
+    if periods:
+        np.maximum(channel_max, rest[:periods * channels].reshape(periods, channels).max(axis=0), out=channel_max)
+    tail = rest[periods * channels:]
+    np.maximum(channel_max[:tail.size], tail, out=channel_max[:tail.size])

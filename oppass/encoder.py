@@ -6,8 +6,9 @@ packed tensor's little-endian bytes (docs/FORMAT.md). A chunk is CHUNK_WEIGHTS w
 encoder (`oppass.native`, parity only) every step is C (rounding to bf16/fp16, parity adjustment,
 counts); for SEC-DED, or without it, the numpy codec encodes each chunk (the codes work word by word
 and chunks start on word boundaries), so the memory used is one chunk whatever the tensor's size.
-Only a conversion to int8 (whose per-channel scales need the whole tensor) and `reference=True`
-encode the tensor as one chunk. All give the same bytes and figures (tests/test_native.py); where a
+A conversion to int8 quantizes each chunk with the tensor's per-channel scales, which the caller
+measures first in a pass of its own (`codec.int8_scales`, chunk by chunk). Only `reference=True`
+encodes the tensor as one chunk. All give the same bytes and figures (tests/test_native.py); where a
 chunk meets what only the whole tensor words exactly (an error: a word of infinities, a weight out
 of range, counted over the tensor) the encoder raises `ReferenceNeeded` and the tensor goes through
 the codec whole, which raises the error.
@@ -55,23 +56,27 @@ class TensorEncoder:
     `code` is parity (`flip` chooses the weight, None: the default strategy) or SEC-DED (`flip`
     None). `checked=False` packs parity words without the adjustment (check mode "none"; SEC-DED
     always sets its check bits). `output_dtype` is what a fault-free decode outputs (subnormals are
-    counted in it); `axis` is the int8 conversion's channel axis. `measure_range` also measures
+    counted in it); `axis` is the int8 conversion's channel axis and `scales` its scales
+    (`codec.int8_scales`; needed unless `reference`). `measure_range` also measures
     the fault-free decode's largest magnitude (`Figures.fault_free_max`, the range check's bound).
     `reference=True` uses the numpy codec on the whole tensor whatever is available.
     """
 
     def __init__(self, *, name: str, source_format: str, target_format: str, word_bits: int,
                  code: str = PARITY, flip: str | None = None, checked: bool, output_dtype: npt.DTypeLike,
-                 shape: tuple[int, ...], axis: int = 0, measure_range: bool = False,
-                 reference: bool = False) -> None:
+                 shape: tuple[int, ...], axis: int = 0, scales: np.ndarray | None = None,
+                 measure_range: bool = False, reference: bool = False) -> None:
         self.name, self.source, self.target = name, source_format, target_format
         self.word_bits, self.code, self.checked = word_bits, code, checked or code == SECDED
         self.flip = FLIP_STRATEGIES[0] if flip is None else flip  # parity's; SEC-DED has none
         self.shape, self.axis, self.output_dtype = shape, axis, np.dtype(output_dtype)
         self.measure_range = measure_range
         self.n_weights = codec.element_count(shape)
-        converts_to_int8 = target_format != source_format and target_format == "int8"
-        self.whole = reference or converts_to_int8
+        self.quantizes = target_format != source_format and target_format == "int8"
+        if self.quantizes and scales is None and not reference:
+            raise ValueError("a chunked conversion to int8 needs the tensor's scales")
+        self.scales = scales
+        self.whole = reference
         self.native = not self.whole and code == PARITY and native.available()
         self.chunk_weights = max(self.n_weights, 1) if self.whole else CHUNK_WEIGHTS
         self._before_threshold = _subnormal_threshold(source_format, FORMATS[source_format].dtype)
@@ -135,7 +140,9 @@ class TensorEncoder:
 
     def _encode_native(self, original: np.ndarray) -> np.ndarray:
         self._subnormals_before += native.count_weights(original, self.source, self._before_threshold)[0]
-        if self.target != self.source:
+        if self.quantizes:
+            stored = self._quantize(original)
+        elif self.target != self.source:
             stored = self._chunk_buffer(original.size)
             conversion = native.convert_fp32(original, stored, self.target)
             if conversion.overflows:
@@ -161,6 +168,16 @@ class TensorEncoder:
         self._measure_range(stored)  # the adjusted weights: what a fault-free decode outputs
         return stored
 
+    def _quantize(self, original: np.ndarray) -> np.ndarray:
+        """The int8 codes of the chunk just counted in `_seen`, its conversion figures added to the tensor's."""
+        assert self.scales is not None
+        start = self._seen - original.size
+        stored = codec.quantize_int8(original, self.scales, self.shape, self.axis, start)
+        difference, largest = conversion_extremes(original, stored, self.scales, self.axis, self.shape, start)
+        self._largest_difference = max(self._largest_difference, difference)
+        self._largest_weight = max(self._largest_weight, largest)
+        return stored
+
     def _chunk_buffer(self, size: int) -> np.ndarray:
         if self._buffer is None:
             self._buffer = np.empty(min(self.chunk_weights, self.n_weights), FORMATS[self.target].dtype)
@@ -171,7 +188,10 @@ class TensorEncoder:
     def _encode_reference(self, original: np.ndarray) -> np.ndarray:
         """Encodes a chunk (the whole tensor when `whole`) with the codec, adding its figures to the tensor's."""
         weights = original.reshape(self.shape) if self.whole else original
-        stored, scales = codec.to_format(weights, self.target, name=self.name, axis=self.axis)
+        if self.quantizes and not self.whole:
+            stored, scales = self._quantize(original), None  # its figures added by _quantize
+        else:
+            stored, scales = codec.to_format(weights, self.target, name=self.name, axis=self.axis)
         if self.checked:
             flip = None if self.code == SECDED else self.flip
             encoded = codec.encode(stored, self.word_bits, flip, code=self.code, adjusted=False, name=self.name)
@@ -183,8 +203,8 @@ class TensorEncoder:
         output_dtype = self.output_dtype
         before_change = stored.reshape(-1)[changed]
         self._max_weight_change = max(self._max_weight_change, max_relative_change(before_change, changed_values))
-        if self.target != self.source:
-            difference, largest = conversion_extremes(weights, stored, scales, self.axis)
+        if self.target != self.source and (self.whole or not self.quantizes):
+            difference, largest = conversion_extremes(weights, stored, scales, self.axis, self.shape)
             self._largest_difference = max(self._largest_difference, difference)
             self._largest_weight = max(self._largest_weight, largest)
         self._subnormals_before += codec.subnormal_count(weights)
@@ -226,26 +246,26 @@ def max_relative_change(before: np.ndarray, after: np.ndarray) -> float:
     return float(change.max(where=considered, initial=0.0))
 
 
-def conversion_extremes(original: np.ndarray, stored: np.ndarray, scales: np.ndarray | None,
-                        axis: int) -> tuple[float, float]:
+def conversion_extremes(original: np.ndarray, stored: np.ndarray, scales: np.ndarray | None, axis: int,
+                        shape: tuple[int, ...], start: int = 0) -> tuple[float, float]:
     """(max |converted - original|, max |original|) over the finite originals, in float64 slices: the tensor's
     conversion error is their ratio, the rounding or quantization error in units of the largest weight.
 
+    `original` and `stored` are the weights from flat index `start` of a tensor of `shape`;
     `scales` (int8) are per index of `axis`. Each slice of STATISTIC_SLICE weights is widened
     on its own, so the float64 copies stay a fixed size whatever the tensor's.
     """
     flat_original, flat_stored = original.reshape(-1), stored.reshape(-1)
-    inner = int(np.prod(original.shape[axis % original.ndim + 1:], dtype=np.int64)) if original.ndim else 1
-    channels = original.shape[axis % original.ndim] if original.ndim else 1
+    channels, inner = codec.channel_layout(shape, axis) if scales is not None else (1, 1)
     scales64 = None if scales is None else scales.astype(np.float64).reshape(-1)
     largest = difference = 0.0
-    for start in range(0, flat_original.size, STATISTIC_SLICE):
-        end = min(start + STATISTIC_SLICE, flat_original.size)
+    for first in range(0, flat_original.size, STATISTIC_SLICE):
+        end = min(first + STATISTIC_SLICE, flat_original.size)
         with np.errstate(invalid="ignore"):  # signalling NaNs, which are not considered
-            reference = flat_original[start:end].astype(np.float64)
-        converted = flat_stored[start:end].astype(np.float64)
+            reference = flat_original[first:end].astype(np.float64)
+        converted = flat_stored[first:end].astype(np.float64)
         if scales64 is not None:
-            converted *= scales64[np.arange(start, end) // inner % channels]
+            converted *= scales64[np.arange(start + first, start + end) // inner % channels]
         finite = np.isfinite(reference)
         largest = max(largest, float(np.abs(reference[finite]).max(initial=0.0)))
         difference = max(difference, float(np.abs(converted[finite] - reference[finite]).max(initial=0.0)))

@@ -53,7 +53,7 @@ import onnx
 from onnx import TensorProto, external_data_helper, helper, numpy_helper
 
 from oppass import codec, edit, modelio, tensorio
-from oppass.encoder import Figures, ReferenceNeeded, TensorEncoder
+from oppass.encoder import CHUNK_WEIGHTS, Figures, ReferenceNeeded, TensorEncoder
 from oppass.errors import OppassError
 from oppass.formats import CODES, FLIP_STRATEGIES, FORMATS, PARITY, SECDED
 from oppass.reports import TensorReport, TransformReport
@@ -187,7 +187,7 @@ class _PackedWeight:
     shape: tuple[int, ...]
     packed_dtype: np.dtype
     packed_shape: tuple[int, int]
-    scales_bytes: int
+    scales: np.ndarray | None
     range_max: float | None = None
     placeholder: TensorProto | None = None
     report: TensorReport | None = None
@@ -216,7 +216,7 @@ class _PackedWeight:
             range_max=self.range_max,
             weights=math.prod(self.shape),
             bytes_before=FORMATS[self.source_format].dtype.itemsize * math.prod(self.shape),
-            bytes_after=self.nbytes + self.scales_bytes,
+            bytes_after=self.nbytes + (0 if self.scales is None else self.scales.nbytes),
             changed_words=figures.changed_words,
             max_weight_change=figures.max_weight_change,
             max_conversion_error=figures.max_conversion_error,
@@ -244,7 +244,7 @@ class _PackedWeight:
             name=self.site.name, source_format=self.source_format, target_format=self.target,
             word_bits=self.word_bits, code=self.options.code, flip=self.options.flip,
             checked=self.options.check != "none", output_dtype=helper.tensor_dtype_to_np_dtype(self.output_type),
-            shape=self.shape, axis=self.axis, measure_range=measure_range, reference=reference,
+            shape=self.shape, axis=self.axis, scales=self.scales, measure_range=measure_range, reference=reference,
         )
 
 
@@ -340,10 +340,11 @@ def transform_file(
 
     Each weight is read, encoded and written before the next is read: the packed weights are
     encoded while the output is written (`modelio.ProducingModelFile`), so memory holds the
-    model's structure and one chunk of one weight (the whole weight for an int8 conversion),
-    whatever the model's size: the C encoder encodes parity chunks, the numpy codec SEC-DED ones
-    (and parity ones without the C encoder). With `range_check` each weight is encoded twice, a
-    first pass measuring the bound its decode node holds, which is written before the packed bytes.
+    model's structure and one chunk of one weight, whatever the model's size: the C encoder
+    encodes parity chunks, the numpy codec SEC-DED ones (and parity ones without the C encoder).
+    With `range_check` each weight is encoded twice, a first pass measuring the bound its decode
+    node holds, which is written before the packed bytes; an int8 conversion reads each weight
+    twice, a first pass measuring its per-channel scales.
     The input is never modified; the output (model and data file) is published atomically, with
     external data when the input had some or it exceeds 2 GB. A `ModelFile` (read with
     `defer=True`) is protected in place.
@@ -670,7 +671,7 @@ def _default_opset(model: onnx.ModelProto) -> int:
 def _protect(site: _Site, options: _Options, source: _WeightSource) -> _Protected:
     """The replacement of one weight: its decode node (and DequantizeLinear), and its packed initializer, to encode.
 
-    Only a conversion to int8 reads the weight here (its scales are initializers of their own).
+    Only a conversion to int8 reads the weight here, chunk by chunk: its scales, initializers of their own.
     """
     source_format = FORMAT_OF_ONNX_TYPE[site.tensor.data_type]
     target = source_format if options.format == KEEP_FORMAT else options.format
@@ -678,7 +679,7 @@ def _protect(site: _Site, options: _Options, source: _WeightSource) -> _Protecte
     shape = tuple(int(dim) for dim in site.tensor.dims)
     scales = None
     if target != source_format and target == "int8":
-        _, scales = codec.to_format(_weights(site.tensor, source), target, name=site.name, axis=axis)
+        scales = codec.int8_scales(_weight_chunks(site.tensor, source, CHUNK_WEIGHTS), shape, axis, site.name)
     width = codec.word_bits(target, options.word, options.code)
     decode_output = _decode_output(site, options)
     output_type = ONNX_TYPES[target] if scales is not None else site.tensor.data_type  # bf16/fp16 of fp32: FLOAT
@@ -704,7 +705,7 @@ def _protect(site: _Site, options: _Options, source: _WeightSource) -> _Protecte
         site=site, options=options, source=source, source_format=source_format, target=target, word_bits=width,
         axis=axis, output_type=output_type, shape=shape, packed_dtype=codec.storage_dtype(width),
         packed_shape=codec.packed_shape(math.prod(shape), target, width),
-        scales_bytes=0 if scales is None else scales.nbytes,
+        scales=scales,
     )
     if options.range_check:  # the node holds the bound, so it is known before the packed bytes are written
         packed.range_max = packed.fault_free_max()

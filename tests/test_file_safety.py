@@ -156,7 +156,7 @@ def test_a_full_disk_at_any_byte_leaves_the_old_pair(free: int, tmp_path: Path,
     output, save = pair(tmp_path / "out", sources)
     before = snapshot(output.parent)
     FullDisk.free[0] = free
-    monkeypatch.setattr(files, "os", PatchedOs(fdopen=lambda descriptor, mode: FullDisk(descriptor, "wb")))
+    monkeypatch.setattr(files, "os", PatchedOs(fdopen=lambda descriptor, mode, buffering: FullDisk(descriptor, "wb")))
     try:
         save()
     except OppassError as error:
@@ -486,3 +486,22 @@ def test_the_temporary_name_of_a_long_output_fits(tmp_path: Path) -> None:
     destination = tmp_path / ("é" * 120 + ".onnx")  # 245 bytes
     temporary = files.write_temporary(destination, lambda stream: stream.write(b"x"))
     assert len(os.fsencode(temporary.name)) <= files.NAME_MAX and temporary.read_bytes() == b"x"
+
+
+def test_a_file_written_with_early_writeback_is_published_whole(tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    requests: list[tuple[int, int, int]] = []
+    start_writeback = files._sync_file_range()
+
+    def recording(descriptor: int, offset: int, length: int, flags: int) -> int:
+        requests.append((offset, length, flags))
+        return 0 if start_writeback is None else start_writeback(descriptor, offset, length, flags)
+
+    monkeypatch.setattr(files, "WRITEBACK_BYTES", 4096)
+    monkeypatch.setattr(files, "_sync_file_range", lambda: recording)
+    pieces = [bytes([number]) * 3000 for number in range(50)]
+    destination = tmp_path / "out.bin"
+    files.write_atomically(destination, lambda stream: [stream.write(piece) for piece in pieces])
+    assert destination.read_bytes() == b"".join(pieces)
+    assert requests == [(0, 0, 2)] * (50 * 3000 // 6000)  # every second piece passes 4096 bytes
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.bin"]

@@ -111,6 +111,34 @@ def test_c_encoder_is_bit_identical_to_the_codec(fmt, word, flip, data):
     assert largest == encoder.max_relative_change(before, reference.changed_values)
 
 
+@pytest.mark.parametrize(("fmt", "word"), [(fmt, word) for fmt, word, flip in CONFIGS if flip == "word-lsb"])
+@SETTINGS
+@given(data=st.data())
+def test_word_lsb_fast_path_is_bit_identical_to_the_general_path_and_the_codec(fmt, word, data):
+    """Without the changed indices word-lsb takes its own loop; with them, the general one."""
+    word_bits = codec.word_bits(fmt, word)
+    per_word = word_bits // formats.FORMATS[fmt].bits
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1)))
+    plain = rng.integers(0, 2 ** formats.FORMATS[fmt].bits, data.draw(st.integers(0, 300 * per_word)))
+    special = rng.random(plain.size) < data.draw(st.sampled_from([0.0, 0.001, 0.02, 0.3]))
+    plain[special] = rng.choice(SPECIAL_CODES[fmt], int(special.sum()))
+    codes = np.concatenate([data.draw(weight_codes(fmt, word_bits)), plain]).astype(formats.FORMATS[fmt].code_dtype)
+    general = weights_of(codes.copy(), fmt)
+    general_summary = native.encode_parity(general, fmt, word_bits, "word-lsb",
+                                           np.zeros(max(-(-codes.size // per_word), 1), np.int64))
+    fast = weights_of(codes.copy(), fmt)
+    assert native.encode_parity(fast, fmt, word_bits, "word-lsb") == general_summary
+    np.testing.assert_array_equal(fast.view(codes.dtype), general.view(codes.dtype))
+    try:
+        reference = codec.encode(weights_of(codes, fmt), word_bits, "word-lsb")
+    except OppassError:
+        assert general_summary.stuck_words > 0
+        return
+    assert reference.adjusted is not None
+    np.testing.assert_array_equal(fast.view(codes.dtype), reference.adjusted.view(codes.dtype))
+    assert general_summary.changed_words == reference.changed_words
+
+
 @pytest.mark.parametrize(("fmt", "judged"), [(fmt, judged) for fmt in formats.FORMATS
                                              for judged in formats.FORMATS[fmt].output_dtypes])
 @SETTINGS
@@ -132,6 +160,12 @@ def boundary_fp32_codes(target: str) -> np.ndarray:
                           (1 << (kept_bits - 1)) - 1, 3 << (kept_bits - 1), 0x7FFFFF, 0x7FE000, 0x400000],
                          dtype=np.uint32)
     codes = (exponents[:, None] | mantissas[None, :]).reshape(-1)
+    # fp16 subnormals drop 14 to 25 bits of the significand: the points around each of those halves
+    shifts = np.arange(13, 25, dtype=np.uint32)
+    low = ((np.uint32(1) << shifts)[:, None] * np.array([0, 1, 1, 1, 3], np.uint32)
+           + np.array([0, 0, -1, 1, 0], np.int64).astype(np.uint32))
+    halves = (exponents[:, None] | (low.reshape(-1) & 0x7FFFFF)[None, :]).reshape(-1)
+    codes = np.concatenate([codes, halves])
     return np.concatenate([codes, codes | 0x80000000])
 
 
@@ -200,10 +234,14 @@ def encode_tensor(weights: np.ndarray, target: str, word: str, flip: str | None,
     source = codec.format_of(weights.dtype)
     width = codec.word_bits(target, word, code)
     output = formats.FORMATS[target].output_dtypes[-1 if target in ("bf16", "fp16") else 0]
-    tensor = encoder.TensorEncoder(name="w", source_format=source, target_format=target, word_bits=width, code=code,
-                                   flip=flip, checked=checked, output_dtype=output, shape=weights.shape, axis=0,
-                                   measure_range=measure_range, reference=reference)
     flat = weights.reshape(-1)
+    axis = flat.size % weights.ndim  # varied with the shape: runs of one or more weights per channel
+    scales = None
+    if target == "int8" and source != "int8":  # measured chunk by chunk, as the pass measures them
+        scales = codec.int8_scales((flat[start:start + 5] for start in range(0, flat.size, 5)), weights.shape, axis)
+    tensor = encoder.TensorEncoder(name="w", source_format=source, target_format=target, word_bits=width, code=code,
+                                   flip=flip, checked=checked, output_dtype=output, shape=weights.shape, axis=axis,
+                                   scales=scales, measure_range=measure_range, reference=reference)
     parts = [encoder_output.tobytes() for encoder_output in
              (tensor.encode(flat[start:start + tensor.chunk_weights].copy())
               for start in range(0, max(flat.size, 1), tensor.chunk_weights))]

@@ -236,7 +236,7 @@ def test_campaign_exports_on_a_full_disk_leave_the_previous_ones(tmp_path: Path,
     for free in (0, 100, 5000):
         FullDisk.free[0] = free
         with monkeypatch.context() as patch:
-            patch.setattr(files, "os", PatchedOs(fdopen=lambda descriptor, mode: FullDisk(descriptor, "wb")))
+            patch.setattr(files, "os", PatchedOs(fdopen=lambda descriptor, mode, buffering: FullDisk(descriptor, "wb")))
             with pytest.raises(OppassError, match="no space left on device"):
                 run_campaign(config)
         after = snapshot(config.out)
