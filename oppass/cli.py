@@ -380,13 +380,11 @@ def add_inject_arguments(parser: argparse.ArgumentParser) -> None:
 def run_inject(arguments: argparse.Namespace) -> None:
     """Runs `oppass inject`: flips bits of the packed weights and saves the result."""
     from oppass import modelio
-    from oppass.protected_models import inject
+    from oppass.protected_models import inject_file
 
-    source = modelio.read_model(arguments.input)
+    source = modelio.read_model(arguments.input, defer=True)
     modelio.check_destination(arguments.output, source)
-    faulty, flips = inject(source.model, arguments.ber, arguments.seed)
-    modelio.save_model(faulty, arguments.output, source=source)
-    print(f"{flips} bits flipped")
+    print(f"{inject_file(source, arguments.output, arguments.ber, arguments.seed)} bits flipped")
 
 
 def add_strip_arguments(parser: argparse.ArgumentParser) -> None:
@@ -399,11 +397,11 @@ def add_strip_arguments(parser: argparse.ArgumentParser) -> None:
 def run_strip(arguments: argparse.Namespace) -> None:
     """Runs `oppass strip`: saves the model with its decoded weights back as initializers."""
     from oppass import modelio
-    from oppass.protected_models import strip
+    from oppass.protected_models import strip_file
 
-    source = modelio.read_model(arguments.input)
+    source = modelio.read_model(arguments.input, defer=True)
     modelio.check_destination(arguments.output, source)
-    modelio.save_model(strip(source.model), arguments.output, source=source)
+    strip_file(source, arguments.output)
 
 
 # ----------------------------------------------------------------------------- output helpers

@@ -13,7 +13,8 @@ in time and memory proportional to the flips). `distinct_positions` draws an exa
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -29,39 +30,103 @@ def draw_flip_positions(rng: np.random.Generator, n_bits: int, ber: float, *, so
     """Distinct int64 bit positions in [0, n_bits), each bit in with probability `ber` independently (so
     Binomial(n_bits, ber) of them, every set of a size equally likely), drawn by `sampler`; sorted unless
     `sort` is False (the same set either way: sorting draws nothing from `rng`; SAMPLER_GAPS is always sorted)."""
-    if n_bits < 0:
-        raise OppassError(f"number of bits must be non-negative, got {n_bits}")
-    if not 0.0 <= ber <= 1.0:
-        raise OppassError(f"bit error rate must be between 0 and 1, got {ber}")
+    _check_rate(n_bits, ber)
     if sampler not in SAMPLERS:
         raise OppassError(f"unknown flip sampler {sampler}: expected one of {', '.join(map(str, SAMPLERS))}")
     if sampler == SAMPLER_GAPS:
-        return _gap_positions(rng, n_bits, ber)
+        parts = [part for _, _, part in _gap_chunks(rng, n_bits, ber)]
+        return np.concatenate(parts) if len(parts) > 1 else parts[0] if parts else np.empty(0, dtype=np.int64)
     count = int(rng.binomial(n_bits, ber))
     positions = rng.choice(n_bits, size=count, replace=False) if count else np.empty(0, dtype=np.int64)
     positions = positions.astype(np.int64, copy=False)
     return np.sort(positions) if sort else positions
 
 
-def _gap_positions(rng: np.random.Generator, n: int, ber: float) -> np.ndarray:
-    """Bits of [0, n) each kept with probability `ber`: the first at Geometric(ber) - 1, each next one a
-    Geometric(ber) gap further; gaps drawn in chunks of the expected count plus 5 standard deviations."""
+class SegmentFlips:
+    """The bits `draw_flip_positions(rng, n_bits, ber)` draws over the concatenated bit stream of segments of
+    `sizes` bytes, flipped in one segment at a time, in any order, holding at most `chunk` positions whatever
+    the rate (a whole draw at BER 0.5 holds 8 bytes per bit of the stream).
+
+    A first pass draws the stream chunk by chunk, counts each segment's flips (`counts`) and notes the
+    generator's state where each segment's draws start; `flip` draws a segment's again from there.
+    """
+
+    def __init__(self, rng: np.random.Generator, sizes: Sequence[int], ber: float, chunk: int = 2**20) -> None:
+        self._ber, self._chunk, self._kind = ber, chunk, type(rng.bit_generator)
+        offsets = np.cumsum([0, *sizes], dtype=np.int64)[:-1].tolist()
+        self._bounds = [(8 * start, 8 * (start + int(size))) for start, size in zip(offsets, sizes, strict=True)]
+        self._n = 8 * int(sum(sizes))
+        _check_rate(self._n, ber)
+        self._starts: list[tuple[Mapping[str, Any], int, int] | None] = [None] * len(self._bounds)
+        self.counts = [0] * len(self._bounds)
+        edges = np.array([bound for pair in self._bounds for bound in pair], dtype=np.int64)
+        state = rng.bit_generator.state
+        for last, expected, part in _gap_chunks(rng, self._n, ber, chunk):
+            if part.size:
+                found = np.searchsorted(part, edges).reshape(-1, 2)
+                for index in np.flatnonzero(found[:, 1] > found[:, 0]).tolist():
+                    self.counts[index] += int(found[index, 1] - found[index, 0])
+                    if self._starts[index] is None:
+                        self._starts[index] = (state, last, expected)
+            state = rng.bit_generator.state
+
+    @property
+    def count(self) -> int:
+        """Flips over all segments."""
+        return sum(self.counts)
+
+    def flip(self, index: int, buffer: np.ndarray) -> None:
+        """Flips segment `index`'s bits in `buffer` (that segment's bytes, in place)."""
+        start, end = self._bounds[index]
+        if _byte_view(buffer).size * 8 != end - start:
+            raise OppassError(f"segment {index} has {(end - start) // 8} bytes, got a buffer of {buffer.nbytes}")
+        resume = self._starts[index]
+        if resume is None:
+            return
+        state, last, expected = resume
+        rng = np.random.Generator(self._kind())
+        rng.bit_generator.state = state
+        for _, _, part in _gap_chunks(rng, self._n, self._ber, self._chunk, last, expected):
+            low, high = np.searchsorted(part, (start, end))
+            flip_bits([buffer], part[low:high] - start)
+            if high < part.size:
+                return
+
+
+def _check_rate(n_bits: int, ber: float) -> None:
+    if n_bits < 0:
+        raise OppassError(f"number of bits must be non-negative, got {n_bits}")
+    if not 0.0 <= ber <= 1.0:
+        raise OppassError(f"bit error rate must be between 0 and 1, got {ber}")
+
+
+def _gap_chunks(rng: np.random.Generator, n: int, ber: float, limit: int | None = None, last: int = -1,
+                expected: int | None = None) -> Iterator[tuple[int, int, np.ndarray]]:
+    """Bits of [0, n) each kept with probability `ber`, ascending, in chunks of at most `limit` positions: the
+    first at Geometric(ber) - 1, each next one a Geometric(ber) gap further; gaps drawn in chunks of the expected
+    count plus 5 standard deviations. Each gap is one draw, in order, so the limit changes no position.
+
+    Yields (last, expected, positions): the position before the chunk and the unlimited chunk size it was drawn
+    with, from which the draw resumes (`last`, `expected`) with `rng` in the state it had before the chunk.
+    """
     if n == 0 or ber == 0.0:
-        return np.empty(0, dtype=np.int64)
+        return
+    if expected is None:
+        expected = int(n * ber + 5 * np.sqrt(n * ber) + 16)
     if ber == 1.0:
-        return np.arange(n, dtype=np.int64)
-    expected = n * ber
-    chunk = int(expected + 5 * np.sqrt(expected) + 16)
-    parts, last = [], -1
+        while last < n - 1:
+            part = np.arange(last + 1, n if limit is None else min(last + 1 + limit, n), dtype=np.int64)
+            yield last, expected, part
+            last = int(part[-1])
+        return
     while last < n:
         # A gap past the end ends the draw: capped at n + 1, the sum cannot overflow int64 (numpy returns
         # int64's maximum for gaps beyond it, at tiny rates); the positions below n are the same.
-        part = last + np.cumsum(np.minimum(rng.geometric(ber, size=chunk), n + 1), dtype=np.int64)
-        parts.append(part)
-        last = int(part[-1])
-        chunk = max(16, int((n - last) * ber * 1.2) + 16)
-    positions = np.concatenate(parts) if len(parts) > 1 else parts[0]
-    return positions[: np.searchsorted(positions, n)]
+        size = expected if limit is None else min(expected, limit)
+        part = last + np.cumsum(np.minimum(rng.geometric(ber, size=size), n + 1), dtype=np.int64)
+        before, last = last, int(part[-1])
+        yield before, expected, part[: np.searchsorted(part, n)] if last >= n else part
+        expected = max(16, int((n - last) * ber * 1.2) + 16)
 
 
 def distinct_positions(rng: np.random.Generator, n: int, count: int) -> np.ndarray:
