@@ -51,7 +51,7 @@ class SegmentFlips:
     generator's state where each segment's draws start; `flip` draws a segment's again from there.
     """
 
-    def __init__(self, rng: np.random.Generator, sizes: Sequence[int], ber: float, chunk: int = 2**20) -> None:
+    def __init__(self, rng: np.random.Generator, sizes: Sequence[int], ber: float, chunk: int = 2**18) -> None:
         self._ber, self._chunk, self._kind = ber, chunk, type(rng.bit_generator)
         offsets = np.cumsum([0, *sizes], dtype=np.int64)[:-1].tolist()
         self._bounds = [(8 * start, 8 * (start + int(size))) for start, size in zip(offsets, sizes, strict=True)]
