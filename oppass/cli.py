@@ -345,7 +345,7 @@ def run_inspect(arguments: argparse.Namespace) -> None:
     from oppass.protected_models import folded_checks, inspect
     from oppass.schema import escape
 
-    model = modelio.load_model(arguments.model)
+    model = modelio.read_model(arguments.model, defer=True).model  # attributes and dims: the weights stay on disk
     tensors, folded = inspect(model), folded_checks(model)
     if folded:
         first = escape(folded[0])

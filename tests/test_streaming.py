@@ -379,3 +379,12 @@ def test_load_session_holds_few_copies_of_a_weight(check: str, tmp_path: Path, c
 
     # It held 9-10x: the file's model, its decoding model and session, a copy of the folded model, its tensors.
     assert peak < 7 * 48 * 2**20, f"load_session peaked {peak / 2**20:.0f} MiB above the imports for 48 MiB"
+
+
+def test_inspect_reads_no_weight(tmp_path: Path, custom_op_library: str) -> None:
+    protected = _one_weight_file(tmp_path, 48, "fp32")
+
+    peak = _peak_above_imports("inspect", str(protected))
+
+    # Loading the model read every packed byte, twice over (the file's bytes, then the proto's): 2x the weight.
+    assert peak < 16 * 2**20, f"inspect peaked {peak / 2**20:.0f} MiB above the imports for a 48 MiB weight"
