@@ -105,6 +105,7 @@ def _strip_graph(result: onnx.ModelProto) -> None:
 
 def inject(model: onnx.ModelProto | str | os.PathLike, ber: float, seed: int) -> tuple[onnx.ModelProto, int]:
     """A copy of a protected model with random bit flips in its packed weights, and the number of flips."""
+    _check_seed(seed)
     result = _working_copy(model)
     names, initializers = _packed_names(result), _initializers(result)
     buffers = [tensorio.to_array(initializers[name], "packed tensor").copy() for name in names]
@@ -118,6 +119,7 @@ def inject(model: onnx.ModelProto | str | os.PathLike, ber: float, seed: int) ->
 def inject_file(source: modelio.ModelFile, output: str | os.PathLike, ber: float, seed: int) -> int:
     """`inject` of a model read with `defer=True`, saved to `output`; the number of flips. Each packed tensor is
     read, flipped and written as the save reaches it (memory: about one packed tensor, whatever the rate)."""
+    _check_seed(seed)
     names, initializers = _packed_names(source.model), _initializers(source.model)
     tensors = [_detached(initializers[name]) for name in names]
     flips = _flips([_nbytes(tensor.data_type, tensor.dims, tensor.name) for tensor in tensors], ber, seed)
@@ -138,10 +140,13 @@ def _packed_names(model: onnx.ModelProto) -> list[str]:
     return list(dict.fromkeys(decode.packed for decode in decodes))
 
 
-def _flips(sizes: list[int], ber: float, seed: int) -> faults.SegmentFlips:
-    """The flips of `inject` over packed tensors of `sizes` bytes."""
+def _check_seed(seed: int) -> None:
     if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or seed < 0:
         raise OppassError(f"the seed must be a non-negative integer, got {seed!r}")
+
+
+def _flips(sizes: list[int], ber: float, seed: int) -> faults.SegmentFlips:
+    """The flips of `inject` over packed tensors of `sizes` bytes."""
     return faults.SegmentFlips(np.random.default_rng(seed), sizes, ber)
 
 
