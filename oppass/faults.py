@@ -47,8 +47,9 @@ class SegmentFlips:
     `sizes` bytes, flipped in one segment at a time, in any order, holding at most `chunk` positions whatever
     the rate (a whole draw at BER 0.5 holds 8 bytes per bit of the stream).
 
-    A first pass draws the stream chunk by chunk, counts each segment's flips (`counts`) and notes the
-    generator's state where each segment's draws start; `flip` draws a segment's again from there.
+    The stream is drawn once, chunk by chunk, as the segments ask for it; each chunk drawn is noted (each
+    segment's flip count, `counts`, and the generator's state where its draws start), so a segment whose
+    draws were passed (asked for out of order) is drawn again from there.
     """
 
     def __init__(self, rng: np.random.Generator, sizes: Sequence[int], ber: float, chunk: int = 2**18) -> None:
@@ -57,37 +58,37 @@ class SegmentFlips:
         self._bounds = [(8 * start, 8 * (start + int(size))) for start, size in zip(offsets, sizes, strict=True)]
         self._n = 8 * int(sum(sizes))
         _check_rate(self._n, ber)
-        self._starts: list[tuple[Mapping[str, Any], int, int] | None] = [None] * len(self._bounds)
+        self._starts: list[tuple[int, Mapping[str, Any], int, int] | None] = [None] * len(self._bounds)
         self.counts = [0] * len(self._bounds)
-        edges = np.array([bound for pair in self._bounds for bound in pair], dtype=np.int64)
-        state = rng.bit_generator.state
-        for last, expected, part in _gap_chunks(rng, self._n, ber, chunk):
-            if part.size:
-                found = np.searchsorted(part, edges).reshape(-1, 2)
-                for index in np.flatnonzero(found[:, 1] > found[:, 0]).tolist():
-                    self.counts[index] += int(found[index, 1] - found[index, 0])
-                    if self._starts[index] is None:
-                        self._starts[index] = (state, last, expected)
-            state = rng.bit_generator.state
+        self._frontier = self._drawn(rng)
+        self._current: tuple[int, np.ndarray] | None = None  # the last chunk drawn, and its number
 
     @property
     def count(self) -> int:
-        """Flips over all segments."""
+        """Flips over all segments (the rest of the stream drawn if no segment asked for it)."""
+        while self._advance():
+            pass
         return sum(self.counts)
 
     def flip(self, index: int, buffer: np.ndarray) -> None:
         """Flips segment `index`'s bits in `buffer` (that segment's bytes, in place)."""
         start, end = self._bounds[index]
-        if _byte_view(buffer).size * 8 != end - start:
-            raise OppassError(f"segment {index} has {(end - start) // 8} bytes, got a buffer of {buffer.nbytes}")
-        resume = self._starts[index]
-        if resume is None:
-            return
-        state, last, expected = resume
-        rng = np.random.Generator(self._kind())
-        rng.bit_generator.state = state
         view = _byte_view(buffer)
-        for _, _, part in _gap_chunks(rng, self._n, self._ber, self._chunk, last, expected):
+        if view.size * 8 != end - start:
+            raise OppassError(f"segment {index} has {(end - start) // 8} bytes, got a buffer of {buffer.nbytes}")
+        while self._starts[index] is None:  # the stream not drawn up to the segment's first flip yet
+            if self._current is not None and self._current[1].size and self._current[1][-1] >= end:
+                return  # drawn past it: no flip in this segment
+            if not self._advance():
+                return
+        number, state, last, expected = self._starts[index]  # type: ignore[misc]  # the loop above set it
+        if self._current is not None and number == self._current[0]:
+            parts = self._from_frontier()
+        else:
+            rng = np.random.Generator(self._kind())
+            rng.bit_generator.state = state
+            parts = (part for _, _, part in _gap_chunks(rng, self._n, self._ber, self._chunk, last, expected))
+        for part in parts:
             low, high = np.searchsorted(part, (start, end))
             if high > low:  # ascending distinct positions: one XOR per byte, no ufunc.at
                 inside = part[low:high] - start
@@ -96,6 +97,35 @@ class SegmentFlips:
                 view[stream_bytes[firsts]] ^= np.bitwise_or.reduceat(np.left_shift(1, inside & 7).astype(np.uint8),
                                                                      firsts)
             if high < part.size:
+                return
+
+    def _drawn(self, rng: np.random.Generator) -> Iterator[tuple[int, np.ndarray]]:
+        """The stream's chunks, numbered, each noted as it is drawn."""
+        edges = np.array([bound for pair in self._bounds for bound in pair], dtype=np.int64)
+        state = rng.bit_generator.state
+        for number, (last, expected, part) in enumerate(_gap_chunks(rng, self._n, self._ber, self._chunk)):
+            if part.size:
+                found = np.searchsorted(part, edges).reshape(-1, 2)
+                for index in np.flatnonzero(found[:, 1] > found[:, 0]).tolist():
+                    self.counts[index] += int(found[index, 1] - found[index, 0])
+                    if self._starts[index] is None:
+                        self._starts[index] = (number, state, last, expected)
+            yield number, part
+            state = rng.bit_generator.state
+
+    def _advance(self) -> bool:
+        """Draws the next chunk of the stream; False at its end."""
+        drawn = next(self._frontier, None)
+        if drawn is None:
+            return False
+        self._current = drawn
+        return True
+
+    def _from_frontier(self) -> Iterator[np.ndarray]:
+        """The last chunk drawn, then each next one as it is drawn."""
+        while self._current is not None:
+            yield self._current[1]
+            if not self._advance():
                 return
 
 
