@@ -347,7 +347,7 @@ def run_inspect(arguments: argparse.Namespace) -> None:
     from oppass.protected_models import folded_checks, inspect
     from oppass.schema import escape
 
-    model = modelio.load_model(arguments.model)
+    model = modelio.read_model(arguments.model, defer=True).model  # attributes and dims: the weights stay on disk
     tensors, folded = inspect(model), folded_checks(model)
     if folded:
         first = escape(folded[0])
@@ -382,13 +382,11 @@ def add_inject_arguments(parser: argparse.ArgumentParser) -> None:
 def run_inject(arguments: argparse.Namespace) -> None:
     """Runs `oppass inject`: flips bits of the packed weights and saves the result."""
     from oppass import modelio
-    from oppass.protected_models import inject
+    from oppass.protected_models import inject_file
 
-    source = modelio.read_model(arguments.input)
+    source = modelio.read_model(arguments.input, defer=True)
     modelio.check_destination(arguments.output, source)
-    faulty, flips = inject(source.model, arguments.ber, arguments.seed)
-    modelio.save_model(faulty, arguments.output, source=source)
-    print(f"{flips} bits flipped")
+    print(f"{inject_file(source, arguments.output, arguments.ber, arguments.seed)} bits flipped")
 
 
 def add_strip_arguments(parser: argparse.ArgumentParser) -> None:
@@ -401,11 +399,11 @@ def add_strip_arguments(parser: argparse.ArgumentParser) -> None:
 def run_strip(arguments: argparse.Namespace) -> None:
     """Runs `oppass strip`: saves the model with its decoded weights back as initializers."""
     from oppass import modelio
-    from oppass.protected_models import strip
+    from oppass.protected_models import strip_file
 
-    source = modelio.read_model(arguments.input)
+    source = modelio.read_model(arguments.input, defer=True)
     modelio.check_destination(arguments.output, source)
-    modelio.save_model(strip(source.model), arguments.output, source=source)
+    strip_file(source, arguments.output)
 
 
 # ----------------------------------------------------------------------------- output helpers

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -228,6 +228,20 @@ def unpack(packed: np.ndarray, fmt: str, word_bits: int, shape: Sequence[int], c
     if code == SECDED:
         matrix &= _secded_layout(fmt, word_bits).keep
     return _weights_from_codes(matrix.reshape(-1), fmt, shape)
+
+
+def unpack_chunks(packed: np.ndarray, fmt: str, word_bits: int, shape: Sequence[int], code: str = PARITY,
+                  chunk_words: int = 2**18) -> Iterator[np.ndarray]:
+    """`unpack(...).reshape(-1)` in consecutive pieces of at most `chunk_words` words' weights: a chunk's memory."""
+    n_weights = element_count(shape)
+    expected_shape = packed_shape(n_weights, fmt, word_bits)
+    packed = np.asarray(packed)
+    if packed.shape != expected_shape:
+        raise OppassError(f"packed tensor has shape {list(packed.shape)}, expected {list(expected_shape)}")
+    per_word = _weights_per_word(fmt, word_bits)
+    for start in range(0, expected_shape[0], chunk_words):
+        rows = packed[start:start + chunk_words]
+        yield unpack(rows, fmt, word_bits, (min(n_weights - start * per_word, rows.shape[0] * per_word),), code)
 
 
 def decode(

@@ -14,7 +14,8 @@ in time and memory proportional to the flips). `distinct_positions` draws an exa
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -32,39 +33,140 @@ def draw_flip_positions(rng: np.random.Generator, n_bits: int, ber: float, *, so
     """Distinct int64 bit positions in [0, n_bits), each bit in with probability `ber` independently (so
     Binomial(n_bits, ber) of them, every set of a size equally likely), drawn by `sampler`; sorted unless
     `sort` is False (the same set either way: sorting draws nothing from `rng`; SAMPLER_GAPS is always sorted)."""
-    if n_bits < 0:
-        raise OppassError(f"number of bits must be non-negative, got {n_bits}")
-    if not 0.0 <= ber <= 1.0:
-        raise OppassError(f"bit error rate must be between 0 and 1, got {ber}")
+    _check_rate(n_bits, ber)
     if sampler not in SAMPLERS:
         raise OppassError(f"unknown flip sampler {sampler}: expected one of {', '.join(map(str, SAMPLERS))}")
     if sampler == SAMPLER_GAPS:
-        return _gap_positions(rng, n_bits, ber)
+        parts = [part for _, _, part in _gap_chunks(rng, n_bits, ber)]
+        return np.concatenate(parts) if len(parts) > 1 else parts[0] if parts else np.empty(0, dtype=np.int64)
     count = int(rng.binomial(n_bits, ber))
     positions = rng.choice(n_bits, size=count, replace=False) if count else np.empty(0, dtype=np.int64)
     positions = positions.astype(np.int64, copy=False)
     return np.sort(positions) if sort else positions
 
 
-def _gap_positions(rng: np.random.Generator, n: int, ber: float) -> np.ndarray:
-    """Bits of [0, n) each kept with probability `ber`: the first at Geometric(ber) - 1, each next one a
-    Geometric(ber) gap further; gaps drawn in chunks of the expected count plus 5 standard deviations."""
+class SegmentFlips:
+    """The bits `draw_flip_positions(rng, n_bits, ber)` draws over the concatenated bit stream of segments of
+    `sizes` bytes, flipped in one segment at a time, in any order, holding at most `chunk` positions whatever
+    the rate (a whole draw at BER 0.5 holds 8 bytes per bit of the stream).
+
+    The stream is drawn once, chunk by chunk, as the segments ask for it; each chunk drawn is noted (each
+    segment's flip count, `counts`, and the generator's state where its draws start), so a segment whose
+    draws were passed (asked for out of order) is drawn again from there.
+    """
+
+    def __init__(self, rng: np.random.Generator, sizes: Sequence[int], ber: float, chunk: int = 2**18) -> None:
+        self._ber, self._chunk, self._kind = ber, chunk, type(rng.bit_generator)
+        offsets = np.cumsum([0, *sizes], dtype=np.int64)[:-1].tolist()
+        self._bounds = [(8 * start, 8 * (start + int(size))) for start, size in zip(offsets, sizes, strict=True)]
+        self._n = 8 * int(sum(sizes))
+        _check_rate(self._n, ber)
+        self._starts: list[tuple[int, Mapping[str, Any], int, int] | None] = [None] * len(self._bounds)
+        self.counts = [0] * len(self._bounds)
+        self._frontier = self._drawn(rng)
+        self._current: tuple[int, np.ndarray] | None = None  # the last chunk drawn, and its number
+
+    @property
+    def count(self) -> int:
+        """Flips over all segments (the rest of the stream drawn if no segment asked for it)."""
+        while self._advance():
+            pass
+        return sum(self.counts)
+
+    def flip(self, index: int, buffer: np.ndarray) -> None:
+        """Flips segment `index`'s bits in `buffer` (that segment's bytes, in place)."""
+        start, end = self._bounds[index]
+        view = _byte_view(buffer)
+        if view.size * 8 != end - start:
+            raise OppassError(f"segment {index} has {(end - start) // 8} bytes, got a buffer of {buffer.nbytes}")
+        while self._starts[index] is None:  # the stream not drawn up to the segment's first flip yet
+            if self._current is not None and self._current[1].size and self._current[1][-1] >= end:
+                return  # drawn past it: no flip in this segment
+            if not self._advance():
+                return
+        number, state, last, expected = self._starts[index]  # type: ignore[misc]  # the loop above set it
+        if self._current is not None and number == self._current[0]:
+            parts = self._from_frontier()
+        else:
+            rng = np.random.Generator(self._kind())
+            rng.bit_generator.state = state
+            parts = (part for _, _, part in _gap_chunks(rng, self._n, self._ber, self._chunk, last, expected))
+        for part in parts:
+            low, high = np.searchsorted(part, (start, end))
+            if high > low:  # ascending distinct positions: one XOR per byte, no ufunc.at
+                inside = part[low:high] - start
+                stream_bytes = inside >> 3
+                firsts = np.flatnonzero(np.diff(stream_bytes, prepend=-1))
+                view[stream_bytes[firsts]] ^= np.bitwise_or.reduceat(np.left_shift(1, inside & 7).astype(np.uint8),
+                                                                     firsts)
+            if high < part.size:
+                return
+
+    def _drawn(self, rng: np.random.Generator) -> Iterator[tuple[int, np.ndarray]]:
+        """The stream's chunks, numbered, each noted as it is drawn."""
+        edges = np.array([bound for pair in self._bounds for bound in pair], dtype=np.int64)
+        state = rng.bit_generator.state
+        for number, (last, expected, part) in enumerate(_gap_chunks(rng, self._n, self._ber, self._chunk)):
+            if part.size:
+                found = np.searchsorted(part, edges).reshape(-1, 2)
+                for index in np.flatnonzero(found[:, 1] > found[:, 0]).tolist():
+                    self.counts[index] += int(found[index, 1] - found[index, 0])
+                    if self._starts[index] is None:
+                        self._starts[index] = (number, state, last, expected)
+            yield number, part
+            state = rng.bit_generator.state
+
+    def _advance(self) -> bool:
+        """Draws the next chunk of the stream; False at its end."""
+        drawn = next(self._frontier, None)
+        if drawn is None:
+            return False
+        self._current = drawn
+        return True
+
+    def _from_frontier(self) -> Iterator[np.ndarray]:
+        """The last chunk drawn, then each next one as it is drawn."""
+        while self._current is not None:
+            yield self._current[1]
+            if not self._advance():
+                return
+
+
+def _check_rate(n_bits: int, ber: float) -> None:
+    if n_bits < 0:
+        raise OppassError(f"number of bits must be non-negative, got {n_bits}")
+    if not 0.0 <= ber <= 1.0:
+        raise OppassError(f"bit error rate must be between 0 and 1, got {ber}")
+
+
+def _gap_chunks(rng: np.random.Generator, n: int, ber: float, limit: int | None = None, last: int = -1,
+                expected: int | None = None) -> Iterator[tuple[int, int, np.ndarray]]:
+    """Bits of [0, n) each kept with probability `ber`, ascending, in chunks of at most `limit` positions: the
+    first at Geometric(ber) - 1, each next one a Geometric(ber) gap further; gaps drawn in chunks of the expected
+    count plus 5 standard deviations. Each gap is one draw, in order, so the limit changes no position.
+
+    Yields (last, expected, positions): the position before the chunk and the unlimited chunk size it was drawn
+    with, from which the draw resumes (`last`, `expected`) with `rng` in the state it had before the chunk.
+    """
     if n == 0 or ber == 0.0:
-        return np.empty(0, dtype=np.int64)
+        return
+    if expected is None:
+        expected = int(n * ber + 5 * np.sqrt(n * ber) + 16)
     if ber == 1.0:
-        return np.arange(n, dtype=np.int64)
-    expected = n * ber
-    chunk = int(expected + 5 * np.sqrt(expected) + 16)
-    parts, last = [], -1
+        while last < n - 1:
+            part = np.arange(last + 1, n if limit is None else min(last + 1 + limit, n), dtype=np.int64)
+            yield last, expected, part
+            last = int(part[-1])
+        return
     while last < n:
-        part = _geometric_gaps(rng, ber, chunk, n + 1)
+        # A gap past the end ends the draw: capped at n + 1, the sum cannot overflow int64 (numpy returns
+        # int64's maximum for gaps beyond it, at tiny rates); the positions below n are the same.
+        part = _geometric_gaps(rng, ber, expected if limit is None else min(expected, limit), n + 1)
         part[0] += last
         np.cumsum(part, out=part)
-        parts.append(part)
-        last = int(part[-1])
-        chunk = max(16, int((n - last) * ber * 1.2) + 16)
-    positions = np.concatenate(parts) if len(parts) > 1 else parts[0]
-    return positions[: np.searchsorted(positions, n)]
+        before, last = last, int(part[-1])
+        yield before, expected, part[: np.searchsorted(part, n)] if last >= n else part
+        expected = max(16, int((n - last) * ber * 1.2) + 16)
 
 
 def _geometric_gaps(rng: np.random.Generator, p: float, size: int, cap: int) -> np.ndarray:

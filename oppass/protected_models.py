@@ -8,12 +8,16 @@ are read through `schema.read_standard_decodes`, which validates them the same w
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import math
 import os
+from collections.abc import Sequence
+from typing import BinaryIO
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper
+from onnx import TensorProto, external_data_helper, helper
 
 from oppass import codec, edit, faults, modelio, tensorio
 from oppass.errors import OppassError
@@ -54,44 +58,164 @@ def strip(model: onnx.ModelProto | str | os.PathLike) -> onnx.ModelProto:
     """A plain copy of a protected model: decoded (unchecked) weights back as initializers (SEC-DED: with their
     stolen bits cleared, as a fault-free decode gives them)."""
     result = _working_copy(model)
-    standard = read_standard_decodes(result)
-    decodes = [*read_decode_nodes(result), *standard.decodes]
+    initializers = _initializers(result)
+    decoded = [_decoded_initializer(decode, initializers[decode.packed]) for decode in _stripped_decodes(result)]
+    _strip_graph(result)
+    result.graph.initializer.extend(decoded)
+    return result
+
+
+def strip_file(source: modelio.ModelFile, output: str | os.PathLike) -> None:
+    """`strip` of a model read with `defer=True`, saved to `output`: each weight is decoded, chunk by chunk, as
+    the save writes it (memory: a chunk of one weight, not the model)."""
+    initializers = _initializers(source.model)
+    packed = {decode.output: (decode, _detached(initializers[decode.packed]))
+              for decode in _stripped_decodes(source.model)}
+    _strip_graph(source.model)
+    produced: dict[str, modelio.Producer] = {}
+    for name, (decode, tensor) in packed.items():
+        modelio.add_placeholder(source.model.graph, name, decode.output_type, decode.shape)
+        produced[name] = _Unpacked(source, tensor, decode)
+    modelio.save_model(source.model, output, source=_producing(source, produced))
+
+
+def _stripped_decodes(model: onnx.ModelProto) -> list[DecodeNode]:
+    decodes = [*read_decode_nodes(model), *read_standard_decodes(model).decodes]
     if not decodes:
         raise OppassError("model is not protected (it has no ParityCheckUnpack nodes or standard-op load checks)")
+    return decodes
+
+
+def _strip_graph(result: onnx.ModelProto) -> None:
+    """Removes the decode nodes, standard-op chains, packed tensors, count sums, domain import and metadata."""
+    standard = read_standard_decodes(result)
+    decodes = [*read_decode_nodes(result), *standard.decodes]
     graph = result.graph
-    initializers = _initializers(result)
-    decoded = [_decoded_initializer(decode, initializers[decode.packed]) for decode in decodes]
     counts = {name for decode in decodes for name in (decode.masked_output, decode.corrected_output) if name}
     remove_count_sums(graph, counts)
     edit.remove_nodes(graph, lambda node: node.domain == DOMAIN or node.name in standard.nodes)
     edit.remove_initializers(graph, {decode.packed for decode in decodes} | standard.constants)
-    graph.initializer.extend(decoded)
     for index in reversed(range(len(result.opset_import))):
         if result.opset_import[index].domain == DOMAIN:
             del result.opset_import[index]
     for index in reversed(range(len(result.metadata_props))):
         if result.metadata_props[index].key == STANDARD_DECODES_KEY:
             del result.metadata_props[index]
-    return result
 
 
 def inject(model: onnx.ModelProto | str | os.PathLike, ber: float, seed: int) -> tuple[onnx.ModelProto, int]:
     """A copy of a protected model with random bit flips in its packed weights, and the number of flips."""
-    if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or seed < 0:
-        raise OppassError(f"the seed must be a non-negative integer, got {seed!r}")
+    _check_seed(seed)
     result = _working_copy(model)
-    decodes = _all_decodes(result)
+    names, initializers = _packed_names(result), _initializers(result)
+    buffers = [tensorio.to_array(initializers[name], "packed tensor").copy() for name in names]
+    flips = _flips([buffer.nbytes for buffer in buffers], ber, seed)
+    for index, (name, buffer) in enumerate(zip(names, buffers, strict=True)):
+        flips.flip(index, buffer)
+        initializers[name].CopyFrom(edit.named_array(buffer, name))
+    return result, flips.count
+
+
+def inject_file(source: modelio.ModelFile, output: str | os.PathLike, ber: float, seed: int) -> int:
+    """`inject` of a model read with `defer=True`, saved to `output`; the number of flips. Each packed tensor is
+    read, flipped and written as the save reaches it (memory: about one packed tensor, whatever the rate)."""
+    _check_seed(seed)
+    names, initializers = _packed_names(source.model), _initializers(source.model)
+    tensors = [_detached(initializers[name]) for name in names]
+    flips = _flips([_nbytes(tensor.data_type, tensor.dims, tensor.name) for tensor in tensors], ber, seed)
+    edit.remove_initializers(source.model.graph, set(names))
+    produced: dict[str, modelio.Producer] = {}
+    for index, tensor in enumerate(tensors):
+        modelio.add_placeholder(source.model.graph, tensor.name, tensor.data_type, tuple(tensor.dims))
+        produced[tensor.name] = _Flipped(source, tensor, flips, index)
+    modelio.save_model(source.model, output, source=_producing(source, produced))
+    return flips.count
+
+
+def _packed_names(model: onnx.ModelProto) -> list[str]:
+    """The packed tensors of a protected model, each once, in the order of its decode nodes."""
+    decodes = _all_decodes(model)
     if not decodes:
         raise OppassError("model is not protected: there are no packed weights to inject faults into")
-    initializers = _initializers(result)
-    names = list(dict.fromkeys(decode.packed for decode in decodes))
-    buffers = [tensorio.to_array(initializers[name], "packed tensor").copy() for name in names]
-    n_bits = sum(buffer.nbytes for buffer in buffers) * 8
-    positions = faults.draw_flip_positions(np.random.default_rng(seed), n_bits, ber)
-    faults.flip_bits(buffers, positions)
-    for name, buffer in zip(names, buffers, strict=True):
-        initializers[name].CopyFrom(edit.named_array(buffer, name))
-    return result, int(positions.size)
+    return list(dict.fromkeys(decode.packed for decode in decodes))
+
+
+def _check_seed(seed: int) -> None:
+    if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or seed < 0:
+        raise OppassError(f"the seed must be a non-negative integer, got {seed!r}")
+
+
+def _flips(sizes: list[int], ber: float, seed: int) -> faults.SegmentFlips:
+    """The flips of `inject` over packed tensors of `sizes` bytes."""
+    return faults.SegmentFlips(np.random.default_rng(seed), sizes, ber)
+
+
+def _nbytes(data_type: int, dims: Sequence[int], name: str) -> int:
+    """Bytes of a tensor of this type and shape."""
+    try:
+        dtype = helper.tensor_dtype_to_np_dtype(data_type)
+    except KeyError:
+        raise OppassError(f"tensor {name!r} has unknown data type {data_type}") from None
+    return math.prod(dims) * dtype.itemsize
+
+
+def _detached(tensor: TensorProto) -> TensorProto:
+    copy = TensorProto()
+    copy.CopyFrom(tensor)
+    return copy
+
+
+def _producing(source: modelio.ModelFile, produced: dict[str, modelio.Producer]) -> modelio.ProducingModelFile:
+    return modelio.ProducingModelFile(source.model, source.path, source.data_files, deferred=True, produced=produced)
+
+
+def _stored_array(source: modelio.ModelFile, tensor: TensorProto) -> np.ndarray:
+    """A packed tensor's values (read-only), from the files if they are still there."""
+    stored = source.tensor_bytes(tensor) if external_data_helper.uses_external_data(tensor) else None
+    return tensorio.to_array(tensor, "packed tensor", stored)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Flipped:
+    """Producer of a packed tensor with its flips."""
+
+    source: modelio.ModelFile
+    tensor: TensorProto
+    flips: faults.SegmentFlips
+    index: int
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the packed tensor."""
+        return _nbytes(self.tensor.data_type, self.tensor.dims, self.tensor.name)
+
+    def write(self, stream: BinaryIO) -> None:
+        """Writes the flipped words."""
+        words = _stored_array(self.source, self.tensor).copy()
+        self.flips.flip(self.index, words)
+        stream.write(words.reshape(-1).view(np.uint8).data)  # little-endian: `_stored_array` reads it so
+
+
+@dataclasses.dataclass(frozen=True)
+class _Unpacked:
+    """Producer of the weights a decode node holds, unpacked without a check, written a chunk at a time."""
+
+    source: modelio.ModelFile
+    packed: TensorProto
+    decode: DecodeNode
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the decoded weights."""
+        return _nbytes(self.decode.output_type, self.decode.shape, self.decode.output)
+
+    def write(self, stream: BinaryIO) -> None:
+        """Writes the weights, a chunk of words at a time."""
+        words = _stored_array(self.source, self.packed)
+        output_dtype = helper.tensor_dtype_to_np_dtype(self.decode.output_type).newbyteorder("<")
+        d = self.decode
+        for chunk in codec.unpack_chunks(words, d.format, d.word_bits, d.shape, d.code):
+            stream.write(np.ascontiguousarray(chunk.astype(output_dtype, copy=False)).reshape(-1).view(np.uint8).data)
 
 
 def _working_copy(model: onnx.ModelProto | str | os.PathLike) -> onnx.ModelProto:

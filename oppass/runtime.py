@@ -18,6 +18,7 @@ from oppass import edit, modelio
 from oppass.errors import OppassError
 from oppass.formats import WEIGHT_WORD
 from oppass.modelio import PROTOBUF_LIMIT, is_protobuf_file, load_model, read_model, save_model
+from oppass.modelio.fields import copy_without
 from oppass.native import LIBRARY_ENV, LIBRARY_NAME, library_path
 from oppass.protect import (
     KEEP_FORMAT,
@@ -120,14 +121,15 @@ def load_session(
         if not folds and not (optimize_runtime_checks and any(decode.check == "runtime" for decode in decodes)):
             return _session_from_file(Path(model), session_options(threads, config, library=has_custom_ops(skeleton)))
         model = load_model(model)
-    proto = model
-    decodes = read_decode_nodes(proto)
-    optimized = _with_runtime_checks_for_this_cpu(proto, decodes, threads) if optimize_runtime_checks else None
+    decodes = read_decode_nodes(model)
+    # `model` is rebound, so that a model read here is freed once rewritten: one copy of the weights at a time
+    optimized = _with_runtime_checks_for_this_cpu(model, decodes, threads) if optimize_runtime_checks else None
     if optimized is not None:
-        proto = optimized
+        model = optimized
     elif fold_load_checks and any(decode.check == "load" for decode in decodes):
-        proto = _fold_decode_nodes(proto, decodes, threads, lambda decode: decode.check == "load")
-    return open_session(proto, session_options(threads, config, library=has_custom_ops(proto)))
+        model = _fold_decode_nodes(model, decodes, threads, lambda decode: decode.check == "load")
+    del optimized
+    return open_session(model, session_options(threads, config, library=has_custom_ops(model)))
 
 
 def has_custom_ops(model: onnx.ModelProto) -> bool:
@@ -344,6 +346,7 @@ def _fold_decode_nodes(
     )
     session = open_session(decoder, session_options(threads))
     decoded = dict(zip(outputs, session.run(outputs, {}), strict=True))
+    del session, decoder  # onnxruntime's copies of the packed tensors, and the decoding model's own
     masked = sum(int(decoded[decode.masked_output]) for decode in runs if decode.masked_output is not None)
     if masked:
         warnings.warn(f"oppass: {masked} corrupted weight words were masked at load", stacklevel=3)
@@ -351,8 +354,8 @@ def _fold_decode_nodes(
     if corrected:
         warnings.warn(f"oppass: {corrected} weight words with a flipped bit were corrected at load", stacklevel=3)
 
-    folded = onnx.ModelProto()
-    folded.CopyFrom(proto)
+    folded = copy_without(proto, ("graph",))  # without copying the packed tensors it drops
+    folded.graph.CopyFrom(copy_without(proto.graph, ("initializer",)))
     graph = folded.graph
     for i, _ in reversed(folding):
         del graph.node[i]
@@ -374,10 +377,9 @@ def _fold_decode_nodes(
                 if name in renamed:
                     node.input[index] = renamed[name]
     still_used = {name for subgraph in graphs for node in subgraph.node for name in node.input}
-    kept = [t for t in graph.initializer if t.name not in packed_names or t.name in still_used]
-    del graph.initializer[:]
-    graph.initializer.extend(kept)
-    graph.initializer.extend(numpy_helper.from_array(value, name) for name, value in decoded.items())
+    graph.initializer.extend(t for t in proto.graph.initializer if t.name not in packed_names or t.name in still_used)
+    for name in list(decoded):  # one decoded weight at a time as a tensor: each array freed once copied
+        graph.initializer.add().CopyFrom(numpy_helper.from_array(decoded.pop(name), name))
     return folded
 
 

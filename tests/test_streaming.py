@@ -21,7 +21,7 @@ from conftest import ALL_MODEL_FIXTURES, make_model, model_ops, weights
 from model_zoo import write_matmul_stack
 from onnx import helper
 
-from oppass import codec, encoder, modelio, native, protected_models
+from oppass import cli, codec, encoder, faults, modelio, native, protected_models
 from oppass.errors import OppassError
 from oppass.protect import packed_name, transform_file, transform_with_report
 
@@ -267,3 +267,124 @@ def test_a_model_over_2_gb_is_transformed_in_memory_bounded_by_its_largest_tenso
         expected = codec.encode(values, 64).adjusted
         assert decoded.masked_words == 0 and expected is not None
         np.testing.assert_array_equal(decoded.weights.view(np.uint32), expected.view(np.uint32))
+
+
+# ----------------------------------------------------------------------------- streamed strip and inject
+
+
+def _tensors(path: Path) -> dict[str, bytes]:
+    model = modelio.load_model(path)
+    return {tensor.name: tensor.SerializeToString() for tensor in model.graph.initializer}
+
+
+@pytest.mark.parametrize("options", OPTIONS, ids=lambda options: ",".join(map(str, options.values())) or "default")
+@pytest.mark.parametrize("ber", [1e-3, 0.5])
+def test_cli_strip_and_inject_stream_what_the_library_computes(
+    options: dict, ber: float, tmp_path: Path, custom_op_library: str
+) -> None:
+    source, protected = tmp_path / "model.onnx", tmp_path / "protected.onnx"
+    onnx.save_model(large_gemm_model(), source)
+    transform_file(source, protected, **options)
+    before = protected.read_bytes()
+    stripped, faulty = tmp_path / "stripped.onnx", tmp_path / "faulty.onnx"
+
+    assert cli.main(["strip", str(protected), str(stripped)]) == 0
+    assert cli.main(["inject", str(protected), str(faulty), "--ber", str(ber), "--seed", "3"]) == 0
+
+    expected_faulty, flips = protected_models.inject(protected, ber, 3)
+    assert flips > 0
+    expected = {tensor.name: tensor.SerializeToString() for tensor in expected_faulty.graph.initializer}
+    assert _tensors(faulty) == expected
+    assert _tensors(stripped) == {tensor.name: tensor.SerializeToString()
+                                  for tensor in protected_models.strip(protected).graph.initializer}
+    assert protected.read_bytes() == before
+
+
+def test_segment_flips_are_the_positions_drawn_over_the_whole_stream() -> None:
+    sizes = [10, 3000, 1, 0, 500]
+    for ber, chunk in ((0.5, 7), (0.5, 2**20), (1e-3, 1), (1.0, 100), (0.0, 5)):
+        expected = [np.random.default_rng(3).integers(0, 255, size=size, dtype=np.uint8) for size in sizes]
+        flipped = [buffer.copy() for buffer in expected]
+        positions = faults.draw_flip_positions(np.random.default_rng(9), 8 * sum(sizes), ber)
+        faults.flip_bits(expected, positions)
+        flips = faults.SegmentFlips(np.random.default_rng(9), sizes, ber, chunk)
+        for index in (2, 0, 4, 1, 3):  # any order
+            flips.flip(index, flipped[index])
+        assert all(np.array_equal(a, b) for a, b in zip(expected, flipped, strict=True)), (ber, chunk)
+        assert flips.count == positions.size
+
+
+def _one_weight_file(folder: Path, mebibytes: int, fmt: str, check: str = "runtime") -> Path:
+    """A protected Gemm of one weight of `mebibytes` MiB of fp32 values, in `fmt` and `check` mode, with external
+    data."""
+    side = 1024
+    plain = folder / "plain.onnx"
+    weight = np.random.default_rng(0).standard_normal((mebibytes * 2**20 // (4 * side), side), dtype=np.float32)
+    graph = helper.make_graph([helper.make_node("Gemm", ["x", "w"], ["y"], transB=1)], "g",
+                              [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, side])],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, weight.shape[0]])],
+                              [onnx.numpy_helper.from_array(weight, "w")])
+    onnx.save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), plain,
+                    save_as_external_data=True, location="plain.onnx.data")
+    protected = folder / "protected.onnx"
+    transform_file(plain, protected, format=fmt, check=check)
+    return protected
+
+
+SESSION_SCRIPT = PEAK_SCRIPT.replace("from oppass import cli\nstatus = cli.main(sys.argv[1:])", """
+import numpy as np
+from oppass import runtime
+if sys.argv[1:]:
+    runtime.load_session(sys.argv[1]).run(None, {"x": np.ones((1, 1024), np.float32)})
+status = 0""")
+
+
+def _peak_above_imports(*arguments: str, script: str = PEAK_SCRIPT) -> int:
+    """VmHWM of `oppass ARGUMENTS` (or of `script`) in a fresh interpreter, less that of one that only imported
+    what it imports."""
+    peaks = []
+    baseline = script.replace("status = cli.main(sys.argv[1:])", "status = 0")  # the same imports, no work
+    for job, job_arguments in ((script, arguments), (baseline, ())):
+        result = subprocess.run([sys.executable, "-P", "-c", job, *job_arguments], capture_output=True, text=True,
+                                check=False)
+        assert result.returncode == 0, result.stderr
+        peaks.append(int(result.stdout.split("peak")[-1]))
+    return peaks[0] - peaks[1]
+
+
+@pytest.mark.parametrize("fmt", ["fp32", "bf16"])
+def test_strip_decodes_a_weight_chunk_by_chunk(fmt: str, tmp_path: Path, custom_op_library: str) -> None:
+    protected = _one_weight_file(tmp_path, 48, fmt)
+
+    peak = _peak_above_imports("strip", str(protected), str(tmp_path / "plain-again.onnx"))
+
+    # The whole-model strip held 5-6x the weight (the model, its copy, the decoded weights and their protos).
+    assert peak < 3 * 48 * 2**20, f"strip peaked {peak / 2**20:.0f} MiB above the imports for a 48 MiB weight"
+
+
+def test_inject_at_a_high_rate_holds_a_chunk_of_positions(tmp_path: Path, custom_op_library: str) -> None:
+    protected = _one_weight_file(tmp_path, 32, "fp32")
+
+    peak = _peak_above_imports("inject", str(protected), str(tmp_path / "faulty.onnx"), "--ber", "0.5", "--seed", "1")
+
+    # Drawing all 2^27 positions at once took 8 bytes per position (1 GiB) and as much again for the gaps.
+    assert peak < 4 * 32 * 2**20, f"inject --ber 0.5 peaked {peak / 2**20:.0f} MiB above the imports for 32 MiB"
+
+
+@pytest.mark.parametrize("check", ["runtime", "load-custom"])
+def test_load_session_holds_few_copies_of_a_weight(check: str, tmp_path: Path, custom_op_library: str) -> None:
+    protected = _one_weight_file(tmp_path, 48, "fp32", check)
+
+    peak = _peak_above_imports(str(protected), script=SESSION_SCRIPT)
+
+    # It held 9-10x: the file's model, its decoding model and session, a copy of the folded model, its tensors.
+    assert peak < 7 * 48 * 2**20, f"load_session peaked {peak / 2**20:.0f} MiB above the imports for 48 MiB"
+
+
+def test_inspect_reads_no_weight(tmp_path: Path, custom_op_library: str) -> None:
+    protected = _one_weight_file(tmp_path, 48, "fp32")
+
+    peak = _peak_above_imports("inspect", str(protected))
+
+    # Loading the model read every packed byte, twice over (the file's bytes, then the proto's): 2x the weight.
+    assert peak < 16 * 2**20, f"inspect peaked {peak / 2**20:.0f} MiB above the imports for a 48 MiB weight"
