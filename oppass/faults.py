@@ -93,12 +93,7 @@ class SegmentFlips:
             parts = (part for _, _, part in _gap_chunks(rng, self._n, self._ber, self._chunk, last, expected))
         for part in parts:
             low, high = np.searchsorted(part, (start, end))
-            if high > low:  # ascending distinct positions: one XOR per byte, no ufunc.at
-                inside = part[low:high] - start
-                stream_bytes = inside >> 3
-                firsts = np.flatnonzero(np.diff(stream_bytes, prepend=-1))
-                view[stream_bytes[firsts]] ^= np.bitwise_or.reduceat(np.left_shift(1, inside & 7).astype(np.uint8),
-                                                                     firsts)
+            flip_bits([view], part[low:high] - start)
             if high < part.size:
                 return
 
@@ -239,20 +234,26 @@ def first_occurrences(values: np.ndarray) -> np.ndarray:
 
 
 def flip_bits(buffers: Sequence[np.ndarray], positions: np.ndarray) -> None:
-    """Inverts the given bits of the concatenated little-endian bit stream of `buffers`, in place."""
+    """Inverts the given bits of the concatenated little-endian bit stream of `buffers`, in place (a position
+    given twice is inverted twice). The bits of each byte are combined first, so every byte is XORed once."""
     byte_views = [_byte_view(buffer) for buffer in buffers]
     sizes = np.array([view.size for view in byte_views], dtype=np.int64)
     ends = np.cumsum(sizes)
     positions = np.asarray(positions, dtype=np.int64)
+    if positions.size > 1 and not (positions[1:] >= positions[:-1]).all():
+        positions = np.sort(positions)
     total_bits = int(ends[-1]) * 8 if sizes.size else 0
-    if positions.size and (positions.min() < 0 or positions.max() >= total_bits):
-        raise OppassError(f"bit positions must lie in [0, {total_bits}), got {positions.min()}..{positions.max()}")
-    stream_bytes = positions // 8
-    masks = np.left_shift(1, positions % 8).astype(np.uint8)
-    owners = np.searchsorted(ends, stream_bytes, side="right")
+    if positions.size and (positions[0] < 0 or positions[-1] >= total_bits):
+        raise OppassError(f"bit positions must lie in [0, {total_bits}), got {positions[0]}..{positions[-1]}")
+    stream_bytes = positions >> 3
+    firsts = np.flatnonzero(np.diff(stream_bytes, prepend=-1))
+    touched = stream_bytes[firsts]
+    masks = np.bitwise_xor.reduceat(np.left_shift(1, positions & 7).astype(np.uint8), firsts) if firsts.size \
+        else np.empty(0, np.uint8)
+    bounds = np.searchsorted(touched, np.concatenate([[0], ends]))
     for index, view in enumerate(byte_views):
-        mine = owners == index
-        np.bitwise_xor.at(view, stream_bytes[mine] - (ends[index] - sizes[index]), masks[mine])
+        low, high = bounds[index], bounds[index + 1]
+        view[touched[low:high] - (ends[index] - sizes[index])] ^= masks[low:high]
 
 
 def _byte_view(buffer: np.ndarray) -> np.ndarray:

@@ -385,6 +385,20 @@ def test_flip_bits_follows_the_little_endian_stream() -> None:
     assert stream == sum(1 << int(p) for p in positions)
 
 
+@pytest.mark.parametrize("seed", range(20))
+def test_flip_bits_inverts_each_position_given_as_often_as_given(seed: int) -> None:
+    """Random buffers and positions with repeats (a position given twice is inverted twice) against a bit array."""
+    rng = np.random.default_rng(seed)
+    buffers = [rng.integers(0, 256, int(size), dtype=np.uint8) for size in rng.integers(0, 40, size=4)]
+    if not any(buffer.size for buffer in buffers):
+        buffers.append(np.zeros(1, np.uint8))
+    bits = np.unpackbits(np.concatenate(buffers), bitorder="little")
+    positions = rng.integers(0, bits.size, size=int(rng.integers(0, 80)))
+    np.bitwise_xor.at(bits, positions, 1)
+    faults.flip_bits(buffers, positions)
+    assert np.array_equal(np.concatenate(buffers), np.packbits(bits, bitorder="little"))
+
+
 @pytest.mark.parametrize("ber", [-0.1, 1.5])
 def test_bad_bit_error_rate_is_an_error(ber: float) -> None:
     with pytest.raises(OppassError, match="bit error rate"):
