@@ -20,6 +20,7 @@
 #include <string.h>
 
 #include "decoder.h"
+#include "load_decodes.h"
 
 #define OP_NAME "ParityCheckUnpack"
 /* The operator's only version, declared as its start and end version. onnxruntime (seen with 1.32)
@@ -68,9 +69,7 @@ typedef struct {
   int64_t *shape; /* decoded tensor dims (NULL for a scalar) */
   size_t rank;
   DecodePlan plan;
-  uint8_t *load_decoded; /* check = load: the weights decoded at kernel creation */
-  int64_t load_masked;
-  int64_t load_corrected;
+  LoadDecode *loaded; /* check = load: the weights decoded at kernel creation, shared with equal nodes */
 } Kernel;
 
 typedef struct {
@@ -609,12 +608,12 @@ static OrtStatus *decode_at_load(Kernel *kernel, const OrtKernelInfo *info) {
   }
   const uint8_t *stream = NULL;
   RETURN_IF_ERROR(packed_stream(kernel, packed, &stream));
-  size_t bytes = kernel->plan.n_weights * kernel->plan.output_bytes;
-  kernel->load_decoded = malloc(bytes != 0 ? bytes : 1);
-  if (kernel->load_decoded == NULL) {
-    return node_error(kernel, ORT_FAIL, "out of memory for %zu decoded bytes", bytes);
+  kernel->loaded = load_decode_acquire(&kernel->plan, stream);
+  if (kernel->loaded == NULL) {
+    return node_error(kernel, ORT_FAIL, "out of memory for %zu decoded bytes",
+                      kernel->plan.n_weights * kernel->plan.output_bytes);
   }
-  return decode_all(kernel, NULL, stream, kernel->load_decoded, &kernel->load_masked, &kernel->load_corrected);
+  return NULL;
 }
 
 /* ---------------------------------------------------------------- kernel callbacks */
@@ -625,7 +624,7 @@ static void ORT_API_CALL destroy_kernel(void *opaque) {
     return;
   }
   free(kernel->shape);
-  free(kernel->load_decoded);
+  load_decode_release(kernel->loaded);
   free(kernel);
 }
 
@@ -703,12 +702,13 @@ static OrtStatus *ORT_API_CALL compute_kernel(void *opaque, OrtKernelContext *co
   int64_t masked = 0;
   int64_t corrected = 0;
   if (kernel->check == CHECK_LOAD) {
+    LoadedWeights loaded = load_decode_weights(kernel->loaded);
     size_t bytes = kernel->plan.n_weights * kernel->plan.output_bytes;
     if (bytes != 0) {
-      memcpy(out, kernel->load_decoded, bytes);
+      memcpy(out, loaded.weights, bytes);
     }
-    masked = kernel->load_masked;
-    corrected = kernel->load_corrected;
+    masked = loaded.masked;
+    corrected = loaded.corrected;
   } else {
     RETURN_IF_ERROR(decode_all(kernel, context, stream, out, &masked, &corrected));
   }

@@ -1,12 +1,15 @@
 """Sessions and inspection without needless copies (issue 14.7, 14.8).
 
 `inspect` reads attributes and dims only, never a weight's bytes; N load-mode decode nodes that
-decode one packed tensor with the same attributes are decoded once; `load_session` and the
-campaign open models beyond one protobuf's 2 GB (here: with the limit lowered) by path.
+decode one packed tensor with the same attributes are decoded once, by `load_session` and by the
+kernel in a plain onnxruntime session; `load_session` and the campaign open models beyond one
+protobuf's 2 GB (here: with the limit lowered) by path.
 """
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +17,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 from conftest import cnn, make_model, weights
-from onnx import helper
+from onnx import helper, numpy_helper
 
 from oppass import modelio, protect, protected_models, runtime
 
@@ -77,6 +80,98 @@ def test_load_mode_decode_nodes_sharing_a_packed_tensor_are_decoded_once(copies:
     actual = runtime.load_session(model).run(None, {"x": x})
     for value, wanted in zip(actual, expected, strict=True):  # constant weights: onnxruntime's prepacked Conv
         np.testing.assert_allclose(value, wanted, rtol=1e-5, atol=1e-6)
+
+
+def shared_gemm_decodes(copies: int, rows: int, columns: int, fmt: str = "fp32") -> onnx.ModelProto:
+    """`copies` load-custom decodes of one packed [rows, columns] weight (with int8's DequantizeLinear), each
+    feeding its own Gemm of x [1, rows]; output y sums every Gemm."""
+    node = helper.make_node("Gemm", ["x", "w"], ["y"])
+    model = protect.transform(make_model([node], {"w": weights([rows, columns], 2)},
+                                         inputs=[helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT,
+                                                                               [1, rows])],
+                                         output_shape=[1, columns]), check="load-custom", format=fmt)
+    graph = model.graph
+    templates = list(graph.node)
+    made = {output for template in templates for output in template.output if output}
+    del graph.node[:]
+    for index in range(copies):
+        for template in templates:
+            copy = graph.node.add()
+            copy.CopyFrom(template)
+            copy.name = f"{template.name}{index}"
+            renamed = [f"{name}{index}" if name in made else name for name in template.input]
+            del copy.input[:]
+            copy.input.extend(renamed)
+            del copy.output[:]
+            copy.output.extend(f"{name}{index}" if name else "" for name in template.output)
+    graph.node.append(helper.make_node("Sum", [f"y{index}" for index in range(copies)], ["y"]))
+    return model
+
+
+PLAIN_SESSION_PEAK = """
+import sys
+import numpy as np
+import onnxruntime as ort
+options = ort.SessionOptions()
+options.register_custom_ops_library(sys.argv[2])
+session = ort.InferenceSession(sys.argv[1], options)
+session.run(None, {"x": np.ones((1, int(sys.argv[3])), np.float32)})
+print("peak", next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmHWM:")))
+"""
+
+
+def test_a_plain_session_decodes_a_packed_tensor_shared_by_many_load_nodes_once(tmp_path: Path,
+                                                                                 library: str) -> None:
+    rows, columns = 1024, 4096  # 16 MiB of fp32 weights
+    peaks = {}
+    for copies in (1, 16):
+        path = tmp_path / f"shared{copies}.onnx"
+        modelio.save_model(shared_gemm_decodes(copies, rows, columns), path)
+        result = subprocess.run([sys.executable, "-P", "-c", PLAIN_SESSION_PEAK, str(path), library, str(rows)],
+                                capture_output=True, text=True, check=False)
+        assert result.returncode == 0, result.stderr
+        peaks[copies] = int(result.stdout.split("peak")[-1])
+    weight_bytes = rows * columns * 4
+    # One decoded copy per node held 15 more weights (240 MiB); shared, the 15 nodes add run-time outputs only.
+    assert peaks[16] - peaks[1] < 3 * weight_bytes, \
+        f"16 nodes peaked {(peaks[16] - peaks[1]) / 2**20:.0f} MiB above one for a 16 MiB weight"
+
+
+@pytest.mark.parametrize("fmt", ["fp32", "bf16", "int8"])
+def test_shared_load_decodes_follow_the_bytes_of_the_packed_buffer(fmt: str, library: str) -> None:
+    """Two sessions given one packed buffer (add_initializer) decode it as it is when each is created, as the
+    numpy codec decodes it (the stripped model, run with unpacked weights as the decoded ones are)."""
+    rows, columns = 64, 48
+    model = shared_gemm_decodes(3, rows, columns, fmt)
+    decode = protected_models.read_decode_nodes(model)[0]
+    packed = next(t for t in model.graph.initializer if t.name == decode.packed)
+    stored = numpy_helper.to_array(packed).copy()
+    held = ort.OrtValue.ortvalue_from_numpy(stored)  # shares `stored`'s memory; replaces the model's copy
+    x = np.random.default_rng(3).standard_normal([1, rows]).astype(np.float32)
+
+    def session_output() -> tuple[np.ndarray, ort.InferenceSession]:
+        options = runtime.session_options()
+        options.add_initializer(packed.name, held)
+        session = ort.InferenceSession(model.SerializeToString(), options)
+        return session.run(None, {"x": x})[0], session
+
+    def codec_output(words: np.ndarray) -> np.ndarray:
+        faulty = onnx.ModelProto()
+        faulty.CopyFrom(model)
+        next(t for t in faulty.graph.initializer if t.name == packed.name).CopyFrom(
+            numpy_helper.from_array(words, packed.name))
+        stripped = protected_models.strip(faulty)
+        options = runtime.session_options(library=False, config={"session.disable_prepacking": "1"})
+        return ort.InferenceSession(stripped.SerializeToString(), options).run(None, {"x": x})[0]
+
+    clean, first = session_output()
+    np.testing.assert_array_equal(clean, codec_output(stored))
+    stored.view(np.uint8)[5] ^= 0x10  # one flip in word 0 of the shared buffer, while `first` lives
+    faulty, second = session_output()
+    np.testing.assert_array_equal(faulty, codec_output(stored))
+    assert not np.array_equal(faulty, clean), "the flipped word was not masked anew"
+    np.testing.assert_array_equal(first.run(None, {"x": x})[0], clean)  # as decoded when it was created
+    del first, second
 
 
 @pytest.mark.parametrize("check", ["runtime", "load"])

@@ -16,7 +16,7 @@ fi
 mkdir -p "$root/build/fuzz"
 flags=(-g -O1 -fno-omit-frame-pointer -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined)
 "${CC:-clang}" "${flags[@]}" -I "$include" "$here/fuzz_parity_check_unpack.c" "$here/reference.c" \
-  "$here/../parity_check_unpack.c" "$here/../decoder.c" "$here/../secded_avx512.c" -lm -o "$root/build/fuzz/fuzz_parity_check_unpack"
+  "$here/../parity_check_unpack.c" "$here/../load_decodes.c" "$here/../decoder.c" "$here/../secded_avx512.c" -lm -o "$root/build/fuzz/fuzz_parity_check_unpack"
 "${CC:-clang}" "${flags[@]}" "$here/fuzz_decoder.c" "$here/reference.c" "$here/../decoder.c" "$here/../secded_avx512.c" -lm \
   -o "$root/build/fuzz/fuzz_decoder"
 "${HOST_CC:-cc}" -O2 "$here/exhaustive_secded.c" "$here/reference.c" "$here/../decoder.c" "$here/../secded_avx512.c" -lm \
