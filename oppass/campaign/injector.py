@@ -134,6 +134,8 @@ class StoredBits:
         self.bit_shifts = (weights.starts - (stream_ends - weights.sizes)) * 8
         self.n_bits = int(self.stream_bit_ends[-1]) if weights.sizes.size else 0
         self.row_bits = ROW_BITS
+        # A mask of the stream is one of the block when no buffer is padded (the stream, then, is the block).
+        self.takes_masks = not self.bit_shifts.any()
 
     def bits(self, positions: np.ndarray) -> np.ndarray:
         """The fault-free values of stream bits `positions`."""
@@ -169,6 +171,11 @@ class StoredBits:
         clean = self.weights.pristine[offsets[starts]]
         faulty = clean ^ np.bitwise_or.reduceat(_BIT_MASKS[bits & 7], starts) if starts.size else clean
         return Injection(positions.size, 0, offsets[starts], faulty, clean)
+
+    def prepare_mask(self, mask: np.ndarray) -> Injection:
+        """The injection flipping the set bits of `mask` (little-endian uint64 words of the stream, zero past it),
+        where `takes_masks`: the dense injection `prepare` makes of the same bits."""
+        return Injection(int(np.bitwise_count(mask).sum()), 0, None, mask.view(np.uint8), self.weights.pristine)
 
     def stream_mask(self, injection: Injection) -> np.ndarray | None:
         """The flips of a dense `injection` as a little-endian uint8 mask of the stream (zero past its end), where

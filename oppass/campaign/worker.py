@@ -81,8 +81,8 @@ class Workload:
 
     @property
     def sampler(self) -> int:
-        """How flip positions are drawn for this campaign's store (oppass.faults)."""
-        return faults.SAMPLER_CHOICE if self.store_format == 1 else faults.SAMPLER_GAPS
+        """How flip positions are drawn for this campaign's store (oppass.faults): store format N, sampler N."""
+        return {1: faults.SAMPLER_CHOICE, 2: faults.SAMPLER_GAPS}.get(self.store_format, faults.SAMPLER_WORDS)
 
 
 @dataclass(frozen=True)
@@ -335,13 +335,19 @@ def run_trials(workload: Workload, pairs: Sequence[tuple[Condition, int]]) -> li
 def _draw(workload: Workload, session: VariantSession, streams: TrialStreams, condition: Condition, trial: int,
           target: FaultTarget) -> tuple[Injection, int | None]:
     """Trial `trial` of `condition`: its faults drawn from its own stream (store format 1: one stream per
-    condition; 2: one per draw key, shared by protections over the same stored bits) and prepared, with the
-    words they hit an even number of times (None for ECC)."""
+    condition; 2 and 3: one per draw key, shared by protections over the same stored bits) and prepared, with the
+    words they hit an even number of times (None for ECC). Flips drawn as a mask are injected from it, when
+    the target takes masks, with the same result as from their positions."""
     key = condition.key if workload.store_format == 1 else condition.draw_key
     space = session.space(condition, target)
-    positions = faultmodels.parse(condition.fault).positions(streams.rng(workload.seed, key, trial), space,
-                                                              condition.ber, condition.count, workload.sampler)
+    model, rng = faultmodels.parse(condition.fault), streams.rng(workload.seed, key, trial)
     word_bits = session.word_bits_of(target)
+    if (isinstance(space, StoredBits) and space.takes_masks and word_bits is not None
+            and _counted_from_mask(word_bits, space.n_bits // 8)
+            and model.draws_mask(space, condition.ber, condition.count, workload.sampler)):
+        injection = space.prepare_mask(faults.draw_flip_mask(rng, space.n_bits, condition.ber))
+        return injection, _even_mask_words(injection.change, word_bits) if injection.flips else 0
+    positions = model.positions(rng, space, condition.ber, condition.count, workload.sampler)
     if positions.size == 0:  # never injected
         corrects = isinstance(target, EccProtected) or (isinstance(target, NumpyDecoded) and target.code == SECDED)
         return _NO_FLIPS_CORRECTED if corrects else _NO_FLIPS, None if word_bits is None else 0
@@ -440,12 +446,11 @@ def _score(metric: Metric, outputs: Sequence[np.ndarray], experiments: Sequence[
 def even_flip_words(positions: np.ndarray, word_bits: int, mask: np.ndarray | None = None) -> int:
     """Words of `word_bits` bits that the sorted distinct flipped bits `positions` hit an even, non-zero number
     of times: the errors a parity check over such words cannot see. `mask`, when given, holds the same flips as
-    a little-endian uint8 bit mask (zero past the stream): words of 8 to 64 bits are then counted from it."""
+    a little-endian uint8 bit mask (zero past the stream): words are then counted from it where they can be."""
     if positions.size == 0 or word_bits == 1:
         return 0
-    if mask is not None and word_bits in _WORD_DTYPES:
-        hits = np.bitwise_count(mask.view(_WORD_DTYPES[word_bits]))
-        return int(np.count_nonzero(hits)) - int(np.count_nonzero(hits & 1))
+    if mask is not None and _counted_from_mask(word_bits, mask.size):
+        return _even_mask_words(mask, word_bits)
     words = positions // word_bits
     ends = np.empty(words.size + 1, dtype=np.int64)  # -1, then the last flip of each word hit
     ends[0] = -1
@@ -454,3 +459,19 @@ def even_flip_words(positions: np.ndarray, word_bits: int, mask: np.ndarray | No
     ends[last.size + 1] = words.size - 1
     hits = np.diff(ends[: last.size + 2])
     return int(np.count_nonzero(hits % 2 == 0))
+
+
+def _counted_from_mask(word_bits: int, mask_bytes: int) -> bool:
+    """Whether `_even_mask_words` counts words of `word_bits` bits in a mask of `mask_bytes` bytes."""
+    if word_bits % 8 or not (word_bits in _WORD_DTYPES or word_bits % 64 == 0):
+        return False
+    return mask_bytes % (word_bits // 8) == 0
+
+
+def _even_mask_words(mask: np.ndarray, word_bits: int) -> int:
+    """Words of `word_bits` bits with an even, non-zero number of bits set in the little-endian uint8 `mask`."""
+    if word_bits in _WORD_DTYPES:
+        hits = np.bitwise_count(mask.view(_WORD_DTYPES[word_bits]))
+    else:
+        hits = np.bitwise_count(mask.view("<u8")).reshape(-1, word_bits // 64).sum(axis=1, dtype=np.int64)
+    return int(np.count_nonzero(hits)) - int(np.count_nonzero(hits & 1))
