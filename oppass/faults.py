@@ -305,6 +305,8 @@ def _merged(ordered: np.ndarray, values: np.ndarray) -> np.ndarray:
 
 def distinct_sorted(values: np.ndarray) -> np.ndarray:
     """The distinct values, ascending (a sort and a mask: numpy 2's hash-based `np.unique` is 100x slower here)."""
+    if values.size < 2:
+        return values.copy()
     ordered = np.sort(values)
     keep = np.empty(ordered.size, dtype=bool)
     keep[:1] = True

@@ -46,7 +46,7 @@ from oppass.campaign.injector import (
     StoredBits,
     Subspace,
 )
-from oppass.campaign.metrics import Metric
+from oppass.campaign.metrics import CLASSIFYING, Metric, top1
 from oppass.campaign.records import TrialRecord
 from oppass.campaign.seeds import TrialStreams, batch_indices
 from oppass.campaign.store import FORMAT_VERSION
@@ -105,6 +105,7 @@ class Experiment:
     correct_samples: np.ndarray
     samples: int
     fault_free_scores: TrialScore  # those of a trial without flips
+    fault_free_top1: np.ndarray | None  # the top-1 of `outputs` under a classifying metric, taken once
 
     @property
     def correct(self) -> int:
@@ -277,7 +278,9 @@ class WorkerCache:
             outputs = session.run(feeds)[0]
             correct = self.workload.metric.correct(outputs[None], outputs[None], None if labels is None else
                                                    labels[None])[0]
-            unscored = Experiment(feeds, labels, outputs, correct, len(outputs), TrialScore(0, 0, 0, ""))
+            metric = self.workload.metric
+            predicted = top1(outputs, metric.class_axis) if metric.name in CLASSIFYING else None
+            unscored = Experiment(feeds, labels, outputs, correct, len(outputs), TrialScore(0, 0, 0, ""), predicted)
             (scores,) = _score(self.workload.metric, [outputs], [unscored], [0])
             session.experiments[experiment] = replace(unscored, fault_free_scores=scores)
         return session.experiments[experiment]
@@ -436,9 +439,10 @@ def _score(metric: Metric, outputs: Sequence[np.ndarray], experiments: Sequence[
            flips: Sequence[int]) -> list[TrialScore]:
     """The scores of runs `outputs` on the batches of `experiments` (one call for all of them)."""
     known = [e.labels for e in experiments if e.labels is not None]  # all or none: one data set
+    predicted = [e.fault_free_top1 for e in experiments if e.fault_free_top1 is not None]  # all or none: one metric
     scores = metric.score(np.stack(outputs), np.stack([e.outputs for e in experiments]),
                           np.stack(known) if known else None, np.stack([e.correct_samples for e in experiments]),
-                          np.asarray(flips))
+                          np.asarray(flips), np.stack(predicted) if predicted else None)
     return [TrialScore(int(scores.correct[i]), int(scores.sdc[i]), int(scores.nonfinite[i]), scores.outcomes[i])
             for i in range(len(outputs))]
 
@@ -447,14 +451,17 @@ def even_flip_words(positions: np.ndarray, word_bits: int, mask: np.ndarray | No
     """Words of `word_bits` bits that the sorted distinct flipped bits `positions` hit an even, non-zero number
     of times: the errors a parity check over such words cannot see. `mask`, when given, holds the same flips as
     a little-endian uint8 bit mask (zero past the stream): words are then counted from it where they can be."""
-    if positions.size == 0 or word_bits == 1:
+    if positions.size < 2 or word_bits == 1:  # a word hit twice needs two flips
         return 0
     if mask is not None and _counted_from_mask(word_bits, mask.size):
         return _even_mask_words(mask, word_bits)
     words = positions // word_bits
+    changes = words[1:] != words[:-1]
+    if changes.all():  # every word hit once
+        return 0
     ends = np.empty(words.size + 1, dtype=np.int64)  # -1, then the last flip of each word hit
     ends[0] = -1
-    last = np.flatnonzero(words[1:] != words[:-1])
+    last = np.flatnonzero(changes)
     ends[1 : last.size + 1] = last
     ends[last.size + 1] = words.size - 1
     hits = np.diff(ends[: last.size + 2])
