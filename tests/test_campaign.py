@@ -506,7 +506,7 @@ def test_a_mask_injection_is_the_dense_injection_of_its_positions() -> None:
     assert target.takes_masks
     mask = faults.draw_flip_mask(np.random.default_rng(2), target.n_bits, 0.2)
     positions = faults.draw_flip_positions(np.random.default_rng(2), target.n_bits, 0.2, sampler=faults.SAMPLER_WORDS)
-    from_mask, from_positions = target.prepare_mask(mask), target.prepare(positions)
+    from_mask, from_positions = target.prepare_mask(mask.view(np.uint8), positions.size), target.prepare(positions)
     assert from_mask.flips == from_positions.flips == positions.size and from_mask.index is from_positions.index is None
     assert np.array_equal(from_mask.change, from_positions.change)
     target.inject(from_mask)

@@ -176,10 +176,10 @@ class StoredBits:
         faulty = clean ^ np.bitwise_or.reduceat(_BIT_MASKS[bits & 7], starts)
         return Injection(positions.size, 0, offsets[starts], faulty, clean)
 
-    def prepare_mask(self, mask: np.ndarray) -> Injection:
-        """The injection flipping the set bits of `mask` (little-endian uint64 words of the stream, zero past it),
-        where `takes_masks`: the dense injection `prepare` makes of the same bits."""
-        return Injection(int(np.bitwise_count(mask).sum()), 0, None, mask.view(np.uint8), self.weights.pristine)
+    def prepare_mask(self, mask: np.ndarray, flips: int) -> Injection:
+        """The injection flipping the `flips` set bits of `mask` (a little-endian uint8 mask of the stream, zero past
+        it, as long as the block), where `takes_masks`: the dense injection `prepare` makes of the same bits."""
+        return Injection(flips, 0, None, mask, self.weights.pristine)
 
     def stream_mask(self, injection: Injection) -> np.ndarray | None:
         """The flips of a dense `injection` as a little-endian uint8 mask of the stream (zero past its end), where

@@ -348,8 +348,9 @@ def _draw(workload: Workload, session: VariantSession, streams: TrialStreams, co
     if (isinstance(space, StoredBits) and space.takes_masks and word_bits is not None
             and _counted_from_mask(word_bits, space.n_bits // 8)
             and model.draws_mask(space, condition.ber, condition.count, workload.sampler)):
-        injection = space.prepare_mask(faults.draw_flip_mask(rng, space.n_bits, condition.ber))
-        return injection, _even_mask_words(injection.change, word_bits) if injection.flips else 0
+        drawn = faults.draw_flip_mask(rng, space.n_bits, condition.ber).view(np.uint8)
+        hits = _mask_word_hits(drawn, word_bits)
+        return space.prepare_mask(drawn, int(hits.sum())), _even_words(hits)
     positions = model.positions(rng, space, condition.ber, condition.count, workload.sampler)
     if positions.size == 0:  # never injected
         corrects = isinstance(target, EccProtected) or (isinstance(target, NumpyDecoded) and target.code == SECDED)
@@ -454,7 +455,7 @@ def even_flip_words(positions: np.ndarray, word_bits: int, mask: np.ndarray | No
     if positions.size < 2 or word_bits == 1:  # a word hit twice needs two flips
         return 0
     if mask is not None and _counted_from_mask(word_bits, mask.size):
-        return _even_mask_words(mask, word_bits)
+        return _even_words(_mask_word_hits(mask, word_bits))
     words = positions // word_bits
     changes = words[1:] != words[:-1]
     if changes.all():  # every word hit once
@@ -469,16 +470,19 @@ def even_flip_words(positions: np.ndarray, word_bits: int, mask: np.ndarray | No
 
 
 def _counted_from_mask(word_bits: int, mask_bytes: int) -> bool:
-    """Whether `_even_mask_words` counts words of `word_bits` bits in a mask of `mask_bytes` bytes."""
+    """Whether `_mask_word_hits` counts words of `word_bits` bits in a mask of `mask_bytes` bytes."""
     if word_bits % 8 or not (word_bits in _WORD_DTYPES or word_bits % 64 == 0):
         return False
     return mask_bytes % (word_bits // 8) == 0
 
 
-def _even_mask_words(mask: np.ndarray, word_bits: int) -> int:
-    """Words of `word_bits` bits with an even, non-zero number of bits set in the little-endian uint8 `mask`."""
+def _mask_word_hits(mask: np.ndarray, word_bits: int) -> np.ndarray:
+    """The bits set in each word of `word_bits` bits of the little-endian uint8 `mask`."""
     if word_bits in _WORD_DTYPES:
-        hits = np.bitwise_count(mask.view(_WORD_DTYPES[word_bits]))
-    else:
-        hits = np.bitwise_count(mask.view("<u8")).reshape(-1, word_bits // 64).sum(axis=1, dtype=np.int64)
+        return np.bitwise_count(mask.view(_WORD_DTYPES[word_bits]))
+    return np.bitwise_count(mask.view("<u8")).reshape(-1, word_bits // 64).sum(axis=1, dtype=np.int64)
+
+
+def _even_words(hits: np.ndarray) -> int:
+    """How many of the words hit `hits` times were hit an even, non-zero number of times."""
     return int(np.count_nonzero(hits)) - int(np.count_nonzero(hits & 1))
