@@ -448,3 +448,94 @@ def test_a_nullable_float_field_stores_nulls(tmp_path: Path) -> None:
     connection.execute("INSERT INTO rows VALUES (?, ?)", ("a", None))
     assert connection.execute("SELECT value FROM rows").fetchall() == [(None,)]
     connection.close()
+
+
+# Store format 3's sampler in each of its regimes: (bits, BER) with few flips (a count, then positions), geometric
+# gaps between them, and a mask of random words (from faults.WORD_RATE on, above faults.FEW_FLIPS expected flips).
+WORD_REGIMES = [(4_000, 0.01), (100_000, 0.01), (20_000, 0.1), (3_000, 0.6), (20_000, 1 / 3)]
+
+
+@pytest.mark.parametrize(("n", "ber"), WORD_REGIMES)
+def test_word_sampler_counts_are_binomial_and_positions_uniform(n: int, ber: float) -> None:
+    from scipy import stats as scipy_stats
+
+    rng = np.random.default_rng(12)
+    draws = [faults.draw_flip_positions(rng, n, ber, sampler=faults.SAMPLER_WORDS) for _ in range(1500)]
+    assert faults.uses_mask(n, ber) == (ber >= faults.WORD_RATE and n * ber > faults.FEW_FLIPS)
+    for row in draws:
+        assert row.dtype == np.int64 and np.all(np.diff(row) > 0) and (row.size == 0 or (row[0] >= 0 and row[-1] < n))
+    # Flips per trial against Binomial(n, ber): chi-square over bins of at least 5 expected trials each.
+    counts = np.array([row.size for row in draws])
+    edges = np.unique(scipy_stats.binom.ppf(np.linspace(0, 1, 21)[1:-1], n, ber)).astype(int)
+    observed = np.bincount(np.searchsorted(edges, counts, side="left"), minlength=edges.size + 1)
+    probabilities = np.diff(np.concatenate([[0.0], scipy_stats.binom.cdf(edges, n, ber), [1.0]]))
+    assert scipy_stats.chisquare(observed, probabilities * len(draws)).pvalue > 1e-3
+    # Positions uniform over [0, n): chi-square over 50 equal bins.
+    everything = np.concatenate(draws)
+    assert scipy_stats.chisquare(np.bincount(everything * 50 // n, minlength=50)).pvalue > 1e-3
+    # Bits independent inside each 64-bit word: flips per whole word against Binomial(64, ber).
+    words = np.concatenate([np.bincount(row >> 6, minlength=n // 64)[: n // 64] for row in draws])
+    expected = scipy_stats.binom.pmf(np.arange(65), 64, ber) * words.size
+    keep = expected >= 5
+    observed = np.bincount(words, minlength=65)
+    assert observed[~keep].sum() <= expected[~keep].sum() * 3 + 10
+    assert scipy_stats.chisquare(observed[keep], expected[keep] * observed[keep].sum() / expected[keep].sum()
+                                 ).pvalue > 1e-3
+    # Neighbours independent: both of two adjacent bits flip with probability ber^2.
+    pairs = sum(int(np.count_nonzero(np.diff(row) == 1)) for row in draws)
+    mean = len(draws) * (n - 1) * ber**2
+    assert abs(pairs - mean) < 5 * math.sqrt(mean)
+
+
+@pytest.mark.parametrize("ber", [1 / 32, 0.1, 1 / 3, 0.5, 0.999, 1.0])
+@pytest.mark.parametrize("n", [9_000, 64 * 1000, 64 * faults.WORD_BLOCK * 2 + 37])
+def test_the_word_mask_holds_the_positions_drawn_alike(n: int, ber: float) -> None:
+    assert faults.uses_mask(n, ber)
+    positions = faults.draw_flip_positions(np.random.default_rng(8), n, ber, sampler=faults.SAMPLER_WORDS)
+    mask = faults.draw_flip_mask(np.random.default_rng(8), n, ber)
+    assert mask.dtype == np.uint64 and mask.size == -(-n // 64)
+    assert np.array_equal(np.flatnonzero(np.unpackbits(mask.view(np.uint8), bitorder="little")), positions)
+    with pytest.raises(OppassError, match="flip masks are drawn from BER"):
+        faults.draw_flip_mask(np.random.default_rng(8), n, faults.WORD_RATE / 2)
+
+
+def test_a_mask_injection_is_the_dense_injection_of_its_positions() -> None:
+    rng = np.random.default_rng(4)
+    weights = PackedWeights([rng.integers(0, 2**32, size=size, dtype=np.uint32) for size in (96, 1000, 8)])
+    target = StoredBits(weights)
+    assert target.takes_masks
+    mask = faults.draw_flip_mask(np.random.default_rng(2), target.n_bits, 0.2)
+    positions = faults.draw_flip_positions(np.random.default_rng(2), target.n_bits, 0.2, sampler=faults.SAMPLER_WORDS)
+    from_mask, from_positions = target.prepare_mask(mask.view(np.uint8), positions.size), target.prepare(positions)
+    assert from_mask.flips == from_positions.flips == positions.size and from_mask.index is from_positions.index is None
+    assert np.array_equal(from_mask.change, from_positions.change)
+    target.inject(from_mask)
+    assert np.array_equal(np.flatnonzero(np.unpackbits(weights.block ^ weights.pristine, bitorder="little")), positions)
+    target.restore(from_mask)
+    weights.verify()
+    assert StoredBits(PackedWeights([np.zeros(3, dtype=np.uint32)])).takes_masks  # padded at the end only
+    assert not StoredBits(PackedWeights([np.zeros(3, dtype=np.uint32)] * 2)).takes_masks  # the second one shifted
+
+
+MEMORY_CHILD = """
+import resource, sys
+import numpy as np
+from oppass import faults
+n, what = int(sys.argv[1]), sys.argv[2]
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+rng = np.random.default_rng(0)
+drawn = faults.draw_flip_mask(rng, n, 0.5) if what == "mask" else faults.draw_flip_positions(
+    rng, n, 0.5, sampler=faults.SAMPLER_WORDS)
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024, drawn.nbytes)
+"""
+
+
+@pytest.mark.parametrize(("n", "what"), [(2**32, "mask"), (2**26, "positions")])
+def test_the_word_sampler_holds_its_draw_and_blocks_only(n: int, what: str) -> None:
+    # At BER 0.5: a mask of 4 Gbit (512 MiB; the gap sampler would hold 16 GiB of positions, choice 32 GiB), and
+    # 32 M positions (256 MiB) drawn block by block; the child's peak RSS growth, with generous room for the blocks.
+    child = subprocess.run([sys.executable, "-c", MEMORY_CHILD, str(n), what], capture_output=True, text=True,
+                           check=True, env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)})
+    peak, held = map(int, child.stdout.split())
+    assert held == (n // 8 if what == "mask" else 8 * (held // 8)) and held > 0
+    assert peak < (1.25 if what == "mask" else 2.5) * held + 64 * 2**20

@@ -116,11 +116,60 @@ def test_a_format_1_store_resumes_to_the_trials_of_its_sampler(tmp_path: Path, c
     reopened.close()
 
 
+def sampler_campaign(out: Path) -> CampaignConfig:
+    """A campaign over every regime of the samplers of formats 2 and 3 (few flips, gaps, mask from 1e-1), with ECC
+    and the bit study (whose targets take positions), small enough for a unit test."""
+    return CampaignConfig(
+        model=REPO_ROOT / "oppass" / "examples" / "digits_cnn.onnx", data="digits", out=out,
+        formats=("fp32", "int8"), protections=("none", "64"), ecc=True, bit_positions=True,
+        ber_min=1e-4, ber_max=1e-1, points_per_decade=1, experiments=2, batch_size=50, metric="top1",
+        scheduler="serial", seed=5,
+    )
+
+
+def versioned_store(out: Path, version: int, rows: list[list]) -> None:
+    """A store of `sampler_campaign` in store format `version`, holding `rows` of its expected table (timings 0)."""
+    Store(out, make_plan(sampler_campaign(out)).identity).close()
+    connection = sqlite3.connect(out / STORE_FILE)
+    with connection:
+        connection.execute("UPDATE meta SET value = ? WHERE key = 'format_version'", (str(version),))
+        values = [[0.0 if isinstance(cell, str) else cell[1] for cell in row] for row in rows]
+        if values:
+            connection.executemany(f"INSERT INTO trials VALUES ({', '.join('?' * len(values[0]))})", values)
+    connection.close()
+
+
+def expected_of_format(version: int) -> Path:
+    """The expected trials of `sampler_campaign` in store format `version` (2: written by the format-2 code)."""
+    return EXPECTED.with_name(f"sampler_trials_format{version}.json")
+
+
+@pytest.mark.parametrize("version", [2, 3])
+def test_a_store_resumes_to_the_trials_of_its_format(tmp_path: Path, version: int, custom_op_library: str) -> None:
+    expected = json.loads(expected_of_format(version).read_text())
+    versioned_store(tmp_path, version, expected["rows"][::2])  # every other trial stored, the rest to resume
+    run_campaign(sampler_campaign(tmp_path))
+    table = stored_table(tmp_path)
+    assert table["columns"] == expected["columns"]
+    assert len(table["rows"]) == len(expected["rows"]) == 2 * 3 * 4 * 2 + (32 + 8) * 4 * 2
+    for got, wanted in zip(table["rows"], expected["rows"], strict=True):
+        assert got == wanted
+    reopened = Store(tmp_path, make_plan(sampler_campaign(tmp_path)).identity)
+    assert reopened.format_version == version
+    reopened.close()
+
+
+def test_formats_2_and_3_draw_other_trials() -> None:
+    rows = [{(row[0][1], row[1][1]): row[8][1] for row in json.loads(expected_of_format(version).read_text())["rows"]}
+            for version in (2, 3)]
+    assert rows[0].keys() == rows[1].keys() and sum(rows[0][key] != rows[1][key] for key in rows[0]) > 10  # flips
+
+
 def test_a_new_store_draws_with_the_current_format(tmp_path: Path, custom_op_library: str) -> None:
     config = dataclasses.replace(fixed_campaign(tmp_path), formats=("fp32",), bit_positions=False, ecc=False)
     run_campaign(config)
     store = Store(tmp_path, make_plan(config).identity)
-    assert store.format_version == FORMAT_VERSION == 2
+    assert store.format_version == FORMAT_VERSION == 3
     masked = {(r.condition_key, r.trial): r.masked_words for r in store.trials()}
     store.close()
     old = {(row[0][1], row[1][1]): row[9][1] for row in json.loads(EXPECTED.read_text())["rows"]}
@@ -131,7 +180,7 @@ def test_a_new_store_draws_with_the_current_format(tmp_path: Path, custom_op_lib
 def test_a_store_of_a_newer_or_unreadable_format_is_refused_in_one_line(tmp_path: Path) -> None:
     identity = {"model_sha256": "0" * 64, "seed": 0}
     Store(tmp_path, identity).close()
-    for version, message in (("3", "store format 3, newer than this oppass reads"), ("two", "is damaged")):
+    for version, message in (("4", "store format 4, newer than this oppass reads"), ("two", "is damaged")):
         connection = sqlite3.connect(tmp_path / STORE_FILE)
         with connection:
             connection.execute("UPDATE meta SET value = ? WHERE key = 'format_version'", (version,))
@@ -140,12 +189,21 @@ def test_a_store_of_a_newer_or_unreadable_format_is_refused_in_one_line(tmp_path
             Store(tmp_path, identity)
 
 
-if __name__ == "__main__":  # writes the expected table (run only on the reference code), in a format-1 store
+def write_expected(path: Path, table: dict) -> None:
+    """Writes `table` (sql, columns, rows) as the expected-table JSON, one row a line."""
+    rows = ",\n".join(json.dumps(row) for row in table["rows"])
+    path.write_text(f'{{"sql": {json.dumps(table["sql"])},\n"columns": {json.dumps(table["columns"])},\n'
+                    f'"rows": [\n{rows}\n]}}\n')
+
+
+if __name__ == "__main__" and len(sys.argv) > 2:  # `FOLDER VERSION`: the sampler campaign's expected trials
+    folder, version = Path(sys.argv[1]), int(sys.argv[2])
+    versioned_store(folder, version, [])
+    run_campaign(sampler_campaign(folder))
+    write_expected(expected_of_format(version), stored_table(folder))
+elif __name__ == "__main__":  # writes the expected table (run only on the reference code), in a format-1 store
     folder = Path(sys.argv[1])
     format_1_store(folder, [])
     sql = stored_table(folder)["sql"]  # the table as then written, before the column ADDED
     run_campaign(fixed_campaign(folder))
-    table = {"sql": sql, **without_added(stored_table(folder))}
-    rows = ",\n".join(json.dumps(row) for row in table["rows"])
-    EXPECTED.write_text(f'{{"sql": {json.dumps(table["sql"])},\n"columns": {json.dumps(table["columns"])},\n'
-                        f'"rows": [\n{rows}\n]}}\n')
+    write_expected(EXPECTED, {"sql": sql, **without_added(stored_table(folder))})

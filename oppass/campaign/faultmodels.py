@@ -63,6 +63,11 @@ class FaultModel:
         value = int(self.parameter) if self.kind != ASYMMETRIC else f"{self.parameter:g}"
         return f"{self.kind}:{value}"
 
+    def draws_mask(self, space: FaultSpace, ber: float, count: int | None, sampler: int) -> bool:
+        """Whether the positions this model draws are `faults.draw_flip_mask`'s set bits, drawn alike."""
+        return (self.kind == FLIP and count is None and sampler == faults.SAMPLER_WORDS
+                and faults.uses_mask(space.n_bits, ber))
+
     def positions(self, rng: np.random.Generator, space: FaultSpace, ber: float, count: int | None,
                   sampler: int) -> np.ndarray:
         """Sorted distinct positions of the bits a trial's faults change: at rate `ber`, or `count` faults."""

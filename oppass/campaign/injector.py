@@ -134,6 +134,8 @@ class StoredBits:
         self.bit_shifts = (weights.starts - (stream_ends - weights.sizes)) * 8
         self.n_bits = int(self.stream_bit_ends[-1]) if weights.sizes.size else 0
         self.row_bits = ROW_BITS
+        # A mask of the stream is one of the block when no buffer is padded (the stream, then, is the block).
+        self.takes_masks = not self.bit_shifts.any()
 
     def bits(self, positions: np.ndarray) -> np.ndarray:
         """The fault-free values of stream bits `positions`."""
@@ -150,7 +152,7 @@ class StoredBits:
         return np.stack([ends - self.weights.sizes[list(tensors)] * 8, ends], axis=1)
 
     def _block_bits(self, positions: np.ndarray) -> np.ndarray:
-        if not self.bit_shifts.any():
+        if self.takes_masks:  # no buffer padded: stream bits are block bits
             return positions
         return positions + self.bit_shifts[np.searchsorted(self.stream_bit_ends, positions, side="right")]
 
@@ -160,6 +162,10 @@ class StoredBits:
         if _dense(positions.size, self.n_bits):
             mask = _bit_mask(bits, self.weights.block.size * 8)
             return Injection(positions.size, 0, None, mask, self.weights.pristine)
+        if bits.size < 2:  # one flip: its byte (the general way below, in fewer calls)
+            offsets = bits >> 3
+            clean = self.weights.pristine[offsets]
+            return Injection(positions.size, 0, offsets, clean ^ _BIT_MASKS[bits & 7], clean)
         bits = np.sort(bits)
         offsets = bits >> 3
         first = np.empty(bits.size, dtype=bool)  # the first flip of each touched byte
@@ -167,13 +173,18 @@ class StoredBits:
         np.not_equal(offsets[1:], offsets[:-1], out=first[1:])
         starts = np.flatnonzero(first)
         clean = self.weights.pristine[offsets[starts]]
-        faulty = clean ^ np.bitwise_or.reduceat(_BIT_MASKS[bits & 7], starts) if starts.size else clean
+        faulty = clean ^ np.bitwise_or.reduceat(_BIT_MASKS[bits & 7], starts)
         return Injection(positions.size, 0, offsets[starts], faulty, clean)
+
+    def prepare_mask(self, mask: np.ndarray, flips: int) -> Injection:
+        """The injection flipping the `flips` set bits of `mask` (a little-endian uint8 mask of the stream, zero past
+        it, as long as the block), where `takes_masks`: the dense injection `prepare` makes of the same bits."""
+        return Injection(flips, 0, None, mask, self.weights.pristine)
 
     def stream_mask(self, injection: Injection) -> np.ndarray | None:
         """The flips of a dense `injection` as a little-endian uint8 mask of the stream (zero past its end), where
         the stream's bits are the block's (no buffer padded); None otherwise."""
-        return injection.change if injection.index is None and not self.bit_shifts.any() else None
+        return injection.change if injection.index is None and self.takes_masks else None
 
     def inject(self, injection: Injection) -> None:
         """Writes the faulty bytes into the live block."""

@@ -80,19 +80,22 @@ class Metric:
         labels: np.ndarray | None,
         reference_correct: np.ndarray,
         flips: np.ndarray,
+        reference_top1: np.ndarray | None = None,
     ) -> Scores:
         """Scores faulty runs stacked [runs, samples, ...] against the fault-free `reference` of their batches.
 
         The outcome is NO_FAULT when no bit flipped, else NONFINITE if some output is NaN/inf, SDC if
         some finite sample is corrupted (top-1 changed at some position for the classifying metrics,
         outside tolerance for allclose, correct fault-free but not now for a user metric), MASKED if
-        the outputs equal the fault-free ones bit for bit, TOLERATED otherwise.
+        the outputs equal the fault-free ones bit for bit, TOLERATED otherwise. `reference_top1` is
+        `top1(reference, class_axis)` when already taken.
         """
         runs = outputs.shape[0]
         finite = finite_samples(outputs)
         if self.name in CLASSIFYING:  # each top-1 taken once: argmax along a short class axis is slow
             predicted = top1(outputs, self.class_axis)
-            agree = _all_positions(predicted == top1(reference, self.class_axis), runs)
+            expected = top1(reference, self.class_axis) if reference_top1 is None else reference_top1
+            agree = _all_positions(predicted == expected, runs)
             verdicts = agree if self.name == GOLDEN else self._verdicts(outputs, reference, labels, predicted)
             corrupted = ~agree
         else:

@@ -9,8 +9,9 @@ error, while another grid (more formats, protections, BERs or experiments) only 
 
 The store's format version (`meta` key `format_version`, written on creation) says how its
 trials were drawn: a store without one is format 1 (flip positions by numpy's `choice`, one
-random stream per condition); FORMAT_VERSION 2 draws them in O(flips) and shares a trial's
-draw between protections over the same stored bits (docs/METHODS.md). A store resumes with
+random stream per condition); format 2 draws them in O(flips) (geometric gaps) and shares a
+trial's draw between protections over the same stored bits; FORMAT_VERSION 3 shares them so and
+draws them with cheaper streams (oppass.faults.SAMPLER_WORDS; docs/METHODS.md). A store resumes with
 the draws of its own format, so its trials stay those of the code that made it, and so do the
 trials a grid extension adds to it. Columns added later (`corrected_words`) are added to an
 older store when it is opened, NULL in the rows it held.
@@ -31,7 +32,7 @@ from oppass.campaign.records import TrialRecord
 from oppass.errors import OppassError
 
 STORE_FILE = "campaign.sqlite"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 _UNVERSIONED = 1  # stores written before format versions existed
 _TRIAL_FIELDS = [field.name for field in dataclasses.fields(TrialRecord)]
 # Columns added since stores were first written: an older store gets them on opening, NULL in its rows.

@@ -46,7 +46,7 @@ from oppass.campaign.injector import (
     StoredBits,
     Subspace,
 )
-from oppass.campaign.metrics import Metric
+from oppass.campaign.metrics import CLASSIFYING, Metric, top1
 from oppass.campaign.records import TrialRecord
 from oppass.campaign.seeds import TrialStreams, batch_indices
 from oppass.campaign.store import FORMAT_VERSION
@@ -81,8 +81,8 @@ class Workload:
 
     @property
     def sampler(self) -> int:
-        """How flip positions are drawn for this campaign's store (oppass.faults)."""
-        return faults.SAMPLER_CHOICE if self.store_format == 1 else faults.SAMPLER_GAPS
+        """How flip positions are drawn for this campaign's store (oppass.faults): store format N, sampler N."""
+        return {1: faults.SAMPLER_CHOICE, 2: faults.SAMPLER_GAPS}.get(self.store_format, faults.SAMPLER_WORDS)
 
 
 @dataclass(frozen=True)
@@ -105,6 +105,7 @@ class Experiment:
     correct_samples: np.ndarray
     samples: int
     fault_free_scores: TrialScore  # those of a trial without flips
+    fault_free_top1: np.ndarray | None  # the top-1 of `outputs` under a classifying metric, taken once
 
     @property
     def correct(self) -> int:
@@ -277,7 +278,9 @@ class WorkerCache:
             outputs = session.run(feeds)[0]
             correct = self.workload.metric.correct(outputs[None], outputs[None], None if labels is None else
                                                    labels[None])[0]
-            unscored = Experiment(feeds, labels, outputs, correct, len(outputs), TrialScore(0, 0, 0, ""))
+            metric = self.workload.metric
+            predicted = top1(outputs, metric.class_axis) if metric.name in CLASSIFYING else None
+            unscored = Experiment(feeds, labels, outputs, correct, len(outputs), TrialScore(0, 0, 0, ""), predicted)
             (scores,) = _score(self.workload.metric, [outputs], [unscored], [0])
             session.experiments[experiment] = replace(unscored, fault_free_scores=scores)
         return session.experiments[experiment]
@@ -335,13 +338,20 @@ def run_trials(workload: Workload, pairs: Sequence[tuple[Condition, int]]) -> li
 def _draw(workload: Workload, session: VariantSession, streams: TrialStreams, condition: Condition, trial: int,
           target: FaultTarget) -> tuple[Injection, int | None]:
     """Trial `trial` of `condition`: its faults drawn from its own stream (store format 1: one stream per
-    condition; 2: one per draw key, shared by protections over the same stored bits) and prepared, with the
-    words they hit an even number of times (None for ECC)."""
+    condition; 2 and 3: one per draw key, shared by protections over the same stored bits) and prepared, with the
+    words they hit an even number of times (None for ECC). Flips drawn as a mask are injected from it, when
+    the target takes masks, with the same result as from their positions."""
     key = condition.key if workload.store_format == 1 else condition.draw_key
     space = session.space(condition, target)
-    positions = faultmodels.parse(condition.fault).positions(streams.rng(workload.seed, key, trial), space,
-                                                              condition.ber, condition.count, workload.sampler)
+    model, rng = faultmodels.parse(condition.fault), streams.rng(workload.seed, key, trial)
     word_bits = session.word_bits_of(target)
+    if (isinstance(space, StoredBits) and space.takes_masks and word_bits is not None
+            and _counted_from_mask(word_bits, space.n_bits // 8)
+            and model.draws_mask(space, condition.ber, condition.count, workload.sampler)):
+        drawn = faults.draw_flip_mask(rng, space.n_bits, condition.ber).view(np.uint8)
+        hits = _mask_word_hits(drawn, word_bits)
+        return space.prepare_mask(drawn, int(hits.sum())), _even_words(hits)
+    positions = model.positions(rng, space, condition.ber, condition.count, workload.sampler)
     if positions.size == 0:  # never injected
         corrects = isinstance(target, EccProtected) or (isinstance(target, NumpyDecoded) and target.code == SECDED)
         return _NO_FLIPS_CORRECTED if corrects else _NO_FLIPS, None if word_bits is None else 0
@@ -430,9 +440,10 @@ def _score(metric: Metric, outputs: Sequence[np.ndarray], experiments: Sequence[
            flips: Sequence[int]) -> list[TrialScore]:
     """The scores of runs `outputs` on the batches of `experiments` (one call for all of them)."""
     known = [e.labels for e in experiments if e.labels is not None]  # all or none: one data set
+    predicted = [e.fault_free_top1 for e in experiments if e.fault_free_top1 is not None]  # all or none: one metric
     scores = metric.score(np.stack(outputs), np.stack([e.outputs for e in experiments]),
                           np.stack(known) if known else None, np.stack([e.correct_samples for e in experiments]),
-                          np.asarray(flips))
+                          np.asarray(flips), np.stack(predicted) if predicted else None)
     return [TrialScore(int(scores.correct[i]), int(scores.sdc[i]), int(scores.nonfinite[i]), scores.outcomes[i])
             for i in range(len(outputs))]
 
@@ -440,17 +451,38 @@ def _score(metric: Metric, outputs: Sequence[np.ndarray], experiments: Sequence[
 def even_flip_words(positions: np.ndarray, word_bits: int, mask: np.ndarray | None = None) -> int:
     """Words of `word_bits` bits that the sorted distinct flipped bits `positions` hit an even, non-zero number
     of times: the errors a parity check over such words cannot see. `mask`, when given, holds the same flips as
-    a little-endian uint8 bit mask (zero past the stream): words of 8 to 64 bits are then counted from it."""
-    if positions.size == 0 or word_bits == 1:
+    a little-endian uint8 bit mask (zero past the stream): words are then counted from it where they can be."""
+    if positions.size < 2 or word_bits == 1:  # a word hit twice needs two flips
         return 0
-    if mask is not None and word_bits in _WORD_DTYPES:
-        hits = np.bitwise_count(mask.view(_WORD_DTYPES[word_bits]))
-        return int(np.count_nonzero(hits)) - int(np.count_nonzero(hits & 1))
+    if mask is not None and _counted_from_mask(word_bits, mask.size):
+        return _even_words(_mask_word_hits(mask, word_bits))
     words = positions // word_bits
+    changes = words[1:] != words[:-1]
+    if changes.all():  # every word hit once
+        return 0
     ends = np.empty(words.size + 1, dtype=np.int64)  # -1, then the last flip of each word hit
     ends[0] = -1
-    last = np.flatnonzero(words[1:] != words[:-1])
+    last = np.flatnonzero(changes)
     ends[1 : last.size + 1] = last
     ends[last.size + 1] = words.size - 1
     hits = np.diff(ends[: last.size + 2])
     return int(np.count_nonzero(hits % 2 == 0))
+
+
+def _counted_from_mask(word_bits: int, mask_bytes: int) -> bool:
+    """Whether `_mask_word_hits` counts words of `word_bits` bits in a mask of `mask_bytes` bytes."""
+    if word_bits % 8 or not (word_bits in _WORD_DTYPES or word_bits % 64 == 0):
+        return False
+    return mask_bytes % (word_bits // 8) == 0
+
+
+def _mask_word_hits(mask: np.ndarray, word_bits: int) -> np.ndarray:
+    """The bits set in each word of `word_bits` bits of the little-endian uint8 `mask`."""
+    if word_bits in _WORD_DTYPES:
+        return np.bitwise_count(mask.view(_WORD_DTYPES[word_bits]))
+    return np.bitwise_count(mask.view("<u8")).reshape(-1, word_bits // 64).sum(axis=1, dtype=np.int64)
+
+
+def _even_words(hits: np.ndarray) -> int:
+    """How many of the words hit `hits` times were hit an even, non-zero number of times."""
+    return int(np.count_nonzero(hits)) - int(np.count_nonzero(hits & 1))
