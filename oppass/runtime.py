@@ -41,7 +41,7 @@ from oppass.schema import (
 )
 
 __all__ = ["DOMAIN", "LIBRARY_ENV", "LIBRARY_NAME", "RUN_ERRORS", "custom_op_library", "has_custom_ops",
-           "load_session", "open_session", "optimize_for_cpu", "session_options"]
+           "load_session", "open_session", "optimize_for_cpu", "session_from_file", "session_options"]
 
 # What running a session on bad feeds raises: onnxruntime's own errors, and numpy-to-tensor conversions.
 RUN_ERRORS = (ort_errors.Fail, ort_errors.InvalidArgument, ort_errors.InvalidGraph, ort_errors.RuntimeException,
@@ -134,7 +134,7 @@ def load_session(
             path = _Fold(source, decodes, threads, lambda decode: decode.check == "load").save(folder / "folded.onnx")
         opened = source if path is None else read_model(path, defer=True)
         options = session_options(threads, config, library=has_custom_ops(opened.model))
-        return _session_from_file(opened.path, options)  # onnxruntime maps the data files: they may go after
+        return session_from_file(opened.path, options)  # onnxruntime maps the data files: they may go after
 
 
 def has_custom_ops(model: onnx.ModelProto) -> bool:
@@ -153,8 +153,9 @@ def open_session(model: onnx.ModelProto, options: ort.SessionOptions | None = No
         return _session(str(path), options, providers)
 
 
-def _session_from_file(path: Path, options: ort.SessionOptions) -> ort.InferenceSession:
-    """A session opened by path (external data next to it); a text-format model through its proto."""
+def session_from_file(path: str | os.PathLike, options: ort.SessionOptions) -> ort.InferenceSession:
+    """A session of the model file `path`, opened by path (onnxruntime maps its external data); a text-format
+    model through its proto."""
     if not is_protobuf_file(path):
         return open_session(load_model(path), options)
     return _session(str(path), options, None)
