@@ -417,6 +417,10 @@ def test_inspect_reads_no_weight(tmp_path: Path, custom_op_library: str) -> None
     assert peak < 16 * 2**20, f"inspect peaked {peak / 2**20:.0f} MiB above the imports for a 48 MiB weight"
 
 
+CAMPAIGN_SCRIPT = PEAK_SCRIPT.replace("from oppass import cli\n",
+                                      "from oppass import cli\nfrom oppass.campaign import runner\n")
+
+
 def test_a_campaign_trial_holds_few_copies_of_the_weight(tmp_path: Path, custom_op_library: str) -> None:
     _one_weight_file(tmp_path, 48, "fp32")  # writes plain.onnx, the campaign's input, too
     np.savez(tmp_path / "inputs.npz", inputs=np.ones((1, 1, 1024), np.float32))
@@ -425,8 +429,7 @@ def test_a_campaign_trial_holds_few_copies_of_the_weight(tmp_path: Path, custom_
                                "--out", str(tmp_path / "campaign"), "--formats", "fp32", "--protect", "parity:64",
                                "--ber", "1e-3:1e-3", "--points-per-decade", "1", "--exps", "1", "--batch", "1",
                                "--scheduler", "serial", "--metric", "golden",
-                               script=PEAK_SCRIPT.replace("from oppass import cli\n",
-                                                          "from oppass import cli\nfrom oppass.campaign import runner\n"))
+                               script=CAMPAIGN_SCRIPT)
 
     # 8.3x before: the worker's copy of the model, the variant's bytes serialised and parsed by onnxruntime, the
     # planning session's copies. Now about 5x: the variant's proto, its packed buffers and their pristine copy.
