@@ -335,6 +335,7 @@ def transform_file(
     code: str = PARITY,
     range_check: bool = False,
     allow_unprotected: bool = False,
+    layouts: Mapping[str, WeightLayout] | None = None,
 ) -> TransformReport:
     """Protects the model file `model` into the file `output` (options as in `transform`), streaming.
 
@@ -347,12 +348,13 @@ def transform_file(
     twice, a first pass measuring its per-channel scales.
     The input is never modified; the output (model and data file) is published atomically, with
     external data when the input had some or it exceeds 2 GB. A `ModelFile` (read with
-    `defer=True`) is protected in place.
+    `defer=True`) is protected in place. `layouts` as in `transform`.
     """
     options = _validated_options(format, word, flip, ops, check, report_faults, code, range_check)
+    site_options = {name: options.laid_out(layout) for name, layout in (layouts or {}).items()}
     read = model if isinstance(model, modelio.ModelFile) else modelio.read_model(model, defer=True)
     modelio.check_destination(output, read)
-    packed_weights = _protect_in_place(read.model, options, read, allow_unprotected)
+    packed_weights = _protect_in_place(read.model, options, read, allow_unprotected, site_options)
     produced = {packed_name(packed.site.name): packed for packed in packed_weights}
     source = modelio.ProducingModelFile(read.model, read.path, read.data_files, deferred=True, produced=produced)
     modelio.save_model(read.model, output, source=source)

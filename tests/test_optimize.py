@@ -7,6 +7,7 @@ exactly what the optimised model gives with OP-adjusted weights.
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 import model_zoo
@@ -16,11 +17,21 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from oppass import protect, protected_models, runtime, schema
+from oppass import modelio, protect, protected_models, runtime, schema
 from oppass.errors import OppassError
 
 EXAMPLES = Path(protect.__file__).parent / "examples"
 DIGITS_MODEL = EXAMPLES / "digits_cnn.onnx"
+
+
+def reprotect(protected: onnx.ModelProto) -> onnx.ModelProto | None:
+    """load_session's re-protection of `protected` for this CPU, loaded (None where it does not qualify)."""
+    with tempfile.TemporaryDirectory() as name:
+        folder = Path(name)
+        modelio.save_model(protected, folder / "protected.onnx")
+        source = modelio.read_model(folder / "protected.onnx", defer=True)
+        path = runtime._with_runtime_checks_for_this_cpu(source, schema.read_decode_nodes(source.model), None, folder)
+        return None if path is None else modelio.load_model(path)
 
 
 @pytest.fixture(scope="module")
@@ -94,8 +105,7 @@ def test_a_protected_model_is_refused(optimized: onnx.ModelProto) -> None:
 
 def test_load_session_reprotects_a_runtime_model_on_the_graph_optimised_for_this_cpu(images: np.ndarray) -> None:
     protected = protect.transform(onnx.load(DIGITS_MODEL), report_faults=True)
-    decodes = schema.read_decode_nodes(protected)
-    reprotected = runtime._with_runtime_checks_for_this_cpu(protected, decodes, None)
+    reprotected = reprotect(protected)
     assert reprotected is not None
     consumers = weight_consumers(reprotected)
     assert any(n.domain != "" for n in consumers), "onnxruntime rewrote no Conv or Gemm: nothing new is tested"
@@ -180,7 +190,7 @@ def feeds(model: onnx.ModelProto, images: np.ndarray) -> dict[str, np.ndarray]:
 
 
 def reprotected_model(protected: onnx.ModelProto) -> onnx.ModelProto:
-    reprotected = runtime._with_runtime_checks_for_this_cpu(protected, schema.read_decode_nodes(protected), None)
+    reprotected = reprotect(protected)
     assert reprotected is not None
     return reprotected
 
@@ -260,7 +270,7 @@ def test_a_flip_in_reprotected_secded_words_is_corrected_on_run(images: np.ndarr
 def test_load_session_keeps_decode_nodes_it_cannot_or_need_not_reprotect(model: Path | str, options: dict) -> None:
     source = model_zoo.quantized_digits_model() if model == "quantized digits" else model
     protected = protect.transform(onnx.load(source), **options)
-    assert runtime._with_runtime_checks_for_this_cpu(protected, schema.read_decode_nodes(protected), None) is None
+    assert reprotect(protected) is None
 
 
 def test_a_layout_for_a_weight_the_pass_does_not_protect_is_an_error() -> None:

@@ -67,13 +67,15 @@ def shared_decodes(copies: int) -> onnx.ModelProto:
 
 
 @pytest.mark.parametrize("copies", [1, 2, 16])
-def test_load_mode_decode_nodes_sharing_a_packed_tensor_are_decoded_once(copies: int,
-                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+def test_load_mode_decode_nodes_sharing_a_packed_tensor_are_decoded_once(copies: int, tmp_path: Path) -> None:
     model = shared_decodes(copies)
-    decodes = protected_models.read_decode_nodes(model)
+    modelio.save_model(model, tmp_path / "shared.onnx")
+    source = modelio.read_model(tmp_path / "shared.onnx", defer=True)
+    decodes = protected_models.read_decode_nodes(source.model)
     assert len(decodes) == copies + 1
-    folded = runtime._fold_decode_nodes(model, decodes, None, lambda decode: decode.check == "load")
-    assert [t.name for t in folded.graph.initializer] == [decodes[0].output]
+    folded = runtime._Fold(source, decodes, None, lambda decode: decode.check == "load")
+    assert [t.name for t in folded.model.graph.initializer] == [decodes[0].output]
+    assert len(folded.runs) == 1
     x = np.random.default_rng(0).standard_normal([1, 3, 6, 6]).astype(np.float32)
     plain = ort.InferenceSession(model.SerializeToString(), runtime.session_options())
     expected = plain.run(None, {"x": x})

@@ -147,7 +147,7 @@ def make_plan(config: CampaignConfig) -> Plan:
     notes = list(dataset.notes)
     options = ort.SessionOptions()
     options.log_severity_level = ORT_ERRORS_ONLY
-    session = runtime.open_session(model, options)
+    session = runtime.session_from_file(config.model, options)  # by path: onnxruntime maps the weights
     output = _output_name(config.output, [o.name for o in session.get_outputs()])
     probe, dataset = _probe(session, output, dataset, config.data, inputs, notes)
     batch_size = config.batch_size

@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import math
 import os
+import tempfile
 import threading
 import time
 from collections.abc import Sequence
@@ -30,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnxruntime as ort
-from onnx import numpy_helper
+from onnx import helper, numpy_helper
 
 from oppass import codec, faults, modelio, runtime
 from oppass.campaign import faultmodels, protection
@@ -52,6 +54,7 @@ from oppass.campaign.seeds import TrialStreams, batch_indices
 from oppass.campaign.store import FORMAT_VERSION
 from oppass.errors import OppassError
 from oppass.formats import FORMATS, SECDED
+from oppass.modelio.fields import point_to
 from oppass.protect import transform
 from oppass.schema import MASKED_WORDS_OUTPUT, read_decode_nodes
 
@@ -122,11 +125,15 @@ class VariantSession:
 
     def __init__(self, model: onnx.ModelProto, output: str, batched: bool,
                  stored_code: tuple[str, str] | None = None) -> None:
+        """`model`'s packed tensors are moved into the buffers (the proto keeps their dims, not their bytes)."""
         decoders = read_decode_nodes(model)
         if not decoders:
             raise OppassError("the model has no Conv/Gemm weight initializers to inject faults into")
         initializers = {tensor.name: tensor for tensor in model.graph.initializer}
-        arrays = [numpy_helper.to_array(initializers[decode.packed]) for decode in decoders]
+        arrays = []
+        for decode in decoders:  # each packed tensor's bytes dropped from the proto once copied out
+            arrays.append(numpy_helper.to_array(initializers[decode.packed]))
+            initializers[decode.packed].ClearField("raw_data")
         self.format = decoders[0].format
         self.tensor_names = [decode.output for decode in decoders]
         self.code_words: list[np.ndarray] = []
@@ -141,7 +148,7 @@ class VariantSession:
         self._values = [ort.OrtValue.ortvalue_from_numpy(buffer) for buffer in self.weights.buffers]
         for decode, value in zip(decoders, self._values, strict=True):
             options.add_initializer(decode.packed, value)
-        self.session = runtime.open_session(model, options)
+        self.session = _session_over_buffers(model, options, {decode.packed for decode in decoders})
         self.output_name = output
         self.batched = batched
         self.stored = StoredBits(self.weights)
@@ -231,6 +238,28 @@ class VariantSession:
         return self._subspaces[key]
 
 
+def _session_over_buffers(model: onnx.ModelProto, options: ort.SessionOptions, packed: set[str]
+                          ) -> ort.InferenceSession:
+    """A session of `model` whose packed tensors (emptied) are the initializers `options` adds: onnxruntime
+    needs each in the graph with its bytes, so they are zeros in a temporary data file it opens by path (never
+    read: the added ones replace them), and the model's other tensors are written there too, not serialised."""
+    with tempfile.TemporaryDirectory(prefix="oppass-campaign-") as folder:
+        path = Path(folder) / "variant.onnx"
+        tensors = [tensor for tensor in model.graph.initializer if tensor.name in packed]
+        for tensor in tensors:  # a sparse file: its zeros take no disk and no memory
+            data = Path(folder) / f"{len(tensor.external_data)}{id(tensor)}.zeros"
+            with open(data, "wb") as stream:
+                stream.truncate(math.prod(tensor.dims) * helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize)
+            point_to(tensor, {"location": data.name})
+        try:
+            onnx.save_model(model, path)
+            return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        finally:
+            for tensor in tensors:
+                del tensor.external_data[:]
+                tensor.data_location = onnx.TensorProto.DEFAULT
+
+
 def model_digest(path: str | Path) -> str:
     """SHA-256 of every byte that makes the model: its file and each external data file it uses, in order."""
     source = modelio.read_model(path, defer=True)
@@ -247,11 +276,9 @@ class WorkerCache:
 
     def __init__(self, workload: Workload) -> None:
         self.workload = workload
-        self.model = modelio.load_model(workload.model)
-        if model_digest(workload.model) != workload.model_digest:
-            raise OppassError(f"the model {workload.model} or its external data changed while the campaign ran: "
-                              "run the campaign again")
-        self.dataset: Dataset = open_dataset(workload.data, model_inputs(self.model), workload.batched)
+        self._check_unchanged()
+        self.dataset: Dataset = open_dataset(  # the model's structure only: each variant reads the file
+            workload.data, model_inputs(modelio.read_model(workload.model, defer=True).model), workload.batched)
         self.sessions: dict[Variant, VariantSession] = {}
         self.batches: dict[int, tuple[list[dict[str, np.ndarray]], np.ndarray | None]] = {}
 
@@ -259,9 +286,16 @@ class WorkerCache:
         """The session of `variant`, built on first use."""
         if variant not in self.sessions:
             code, _, word = variant.word.rpartition(":")
-            self.sessions[variant] = VariantSession(build_variant(self.model, variant), self.workload.output,
-                                                    self.workload.batched, (code, word) if code else None)
+            built = build_variant(self.workload.model, variant)
+            self._check_unchanged()  # what was read is what the campaign's identity hashed
+            self.sessions[variant] = VariantSession(built, self.workload.output, self.workload.batched,
+                                                    (code, word) if code else None)
         return self.sessions[variant]
+
+    def _check_unchanged(self) -> None:
+        if model_digest(self.workload.model) != self.workload.model_digest:
+            raise OppassError(f"the model {self.workload.model} or its external data changed while the campaign "
+                              "ran: run the campaign again")
 
     def batch(self, experiment: int) -> tuple[list[dict[str, np.ndarray]], np.ndarray | None]:
         """Feeds and labels of the data batch of experiment `experiment`, made once."""
@@ -292,9 +326,9 @@ _CACHES: dict[Workload, WorkerCache] = {}
 _CACHES_LOCK = threading.Lock()
 
 
-def build_variant(model: onnx.ModelProto, variant: Variant) -> onnx.ModelProto:
-    """The model with Conv/Gemm weights stored in the variant's format, OP-protected or plain (a `CODE:W`
-    variant is plain: its session re-encodes the weights)."""
+def build_variant(model: onnx.ModelProto | str | Path, variant: Variant) -> onnx.ModelProto:
+    """The model (or the model file, read a weight at a time) with Conv/Gemm weights stored in the variant's format,
+    OP-protected or plain (a `CODE:W` variant is plain: its session re-encodes the weights)."""
     if variant.protected:
         word = variant.word if variant.word == "weight" else int(variant.word)
         return transform(model, format=variant.format, word=word, check="runtime", report_faults=True)

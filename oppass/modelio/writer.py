@@ -41,8 +41,9 @@ EXTERNAL_THRESHOLD = 1024
 EXTERNAL_ALIGNMENT = 4096
 
 
-def save_model(model: onnx.ModelProto, path: str | os.PathLike, *, source: ModelFile | None = None) -> None:
-    """Writes `model` atomically; external data if `source` used it or the model exceeds 2 GB.
+def save_model(model: onnx.ModelProto, path: str | os.PathLike, *, source: ModelFile | None = None,
+               external_data: bool = False) -> None:
+    """Writes `model` atomically; external data if asked, if `source` used it or if the model exceeds 2 GB.
 
     A model read with `defer=True` must be saved with its `source`, which supplies the
     bytes of the tensors still in the input files.
@@ -51,7 +52,7 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, *, source: Model
     check_destination(destination, source)
     reader = source if source is not None and source.deferred else None
     _refuse_tensors_without_bytes(model, reader)
-    if source is None or not source.data_files:
+    if not external_data and (source is None or not source.data_files):
         layout = _inline_layout(model, reader)
         if layout is not None and layout.size <= PROTOBUF_LIMIT:
             _publish(destination, layout, None)
