@@ -1,6 +1,7 @@
 """Measures a runtime parity check that writes no copy of the weights (issue 10, item 3).
 
     python tools/inplace_check_study.py latency [--models mobilenet_v2,resnet50] [--batches 1,8] [--rounds 12]
+                                                [--runs 5] [--variants]
     python tools/inplace_check_study.py soundness [--models mobilenet_v2,resnet50]
 
 The design studied: the consumer (NchwcConv, FusedConv, Conv, Gemm) reads its weight
@@ -16,8 +17,11 @@ the weight) with prepacking off (a prepacked consumer reads a private copy the c
 
 - `latency`: per model and batch size, 2 threads, spinning off, sessions created once and timed
   in interleaved turns: unprotected (plain session), today's runtime mode
-  (`oppass.load_session`), the no-copy check, and its floors: the same graph unprotected, with
-  prepacking on and off. Prints the medians and per-round ratios against unprotected.
+  (`oppass.load_session`), the no-copy check, and its floor (the same graph unprotected,
+  prepacking off); with `--variants` also the check ordered by its bias alone (onnxruntime then
+  runs every check first) and the optimised graph with prepacking. Prints the medians and
+  per-round ratios against unprotected and against runtime mode; first, per model, the checks
+  alone and runtime mode's decode alone (each in a session of its own).
 - `soundness`: on each model, one stored word flipped in the largest Gemm weight and in a
   convolution weight: the first run's output against the numpy codec's decode of the flipped
   weights (masked word zeroed), with prepacking off and on; the order in which the session runs
@@ -49,7 +53,7 @@ sys.path.insert(0, str(REPO / "tests"))  # model_zoo: cached exports of the pape
 
 import model_zoo  # noqa: E402
 
-from oppass import codec, protect, runtime  # noqa: E402
+from oppass import codec, protect, runtime, schema  # noqa: E402
 
 SOURCE = Path(__file__).with_suffix(".c")
 LIBRARY = REPO / "build" / "study" / "libinplace_check_study.so"
@@ -158,12 +162,20 @@ def latency(args: argparse.Namespace) -> None:
             "runtime (load_session)": runtime.load_session(protect.transform(model, ops=INFERENCE_OPS),
                                                            threads=THREADS, config=NO_SPINNING),
             "no-copy check": session(checked, options(library=True, optimize=False, prepacking=False)),
-            "no-copy check, bias dependency only": session(early, options(library=True, optimize=False,
-                                                                           prepacking=False)),
-            "optimized graph": session(optimized, options(library=False, optimize=False)),
-            "optimized graph, prepacking off": session(optimized, options(library=False, optimize=False,
-                                                                          prepacking=False)),
+            "floor: optimised graph, prepacking off": session(optimized, options(library=False, optimize=False,
+                                                                                 prepacking=False)),
         }
+        if args.variants:
+            sessions["no-copy check, bias dependency only"] = session(
+                with_checks(optimized, after_input=False)[0], options(library=True, optimize=False, prepacking=False))
+            sessions["optimised graph"] = session(optimized, options(library=False, optimize=False))
+        alone = {"checks alone": session(checks_alone(checked), options(library=True, optimize=False)),
+                 "decode alone (runtime mode's decode)": ort.InferenceSession(
+                     decode_alone(protect.transform(optimized, ops=INFERENCE_OPS)).SerializeToString(),
+                     runtime.session_options(THREADS, NO_SPINNING))}
+        alone_times, _ = interleaved(alone, {}, args.rounds, args.runs)
+        print(f"\n{name}: " + ", ".join(f"{key} {np.median(t) * 1e3:.2f} ms" for key, t in alone_times.items()),
+              flush=True)
         for batch in (int(b) for b in args.batches.split(",")):
             x = np.random.default_rng(0).standard_normal((batch, 3, 224, 224), np.float32)
             feeds = {model.graph.input[0].name: ort.OrtValue.ortvalue_from_numpy(x)}
@@ -174,8 +186,31 @@ def latency(args: argparse.Namespace) -> None:
             for key, samples in times.items():
                 ratio = float(np.median(np.array(samples) / base))
                 cpu_ratio = float(np.median(np.array(cpu[key]) / cpu_base))
-                print(f"  {key:36s} {np.median(samples) * 1e3:7.2f} ms  {ratio:.3f}x unprotected  "
+                print(f"  {key:40s} {np.median(samples) * 1e3:7.2f} ms  {ratio:.3f}x unprotected  "
                       f"(CPU time {cpu_ratio:.3f}x)", flush=True)
+            versus = float(np.median(np.array(times["no-copy check"]) / np.array(times["runtime (load_session)"])))
+            print(f"  no-copy check / runtime mode, same rounds: {versus:.3f}x", flush=True)
+
+
+def checks_alone(checked: onnx.ModelProto) -> onnx.ModelProto:
+    """The check nodes of `checked` alone (without their activation input), with their initializers."""
+    nodes = [helper.make_node(n.op_type, list(n.input[:2]), list(n.output), domain=n.domain, name=n.name,
+                              word_bits=WORD) for n in checked.graph.node if n.domain == DOMAIN]
+    return alone_graph(checked, nodes)
+
+
+def decode_alone(protected: onnx.ModelProto) -> onnx.ModelProto:
+    """The ParityCheckUnpack nodes of a runtime-mode model alone, with their packed initializers."""
+    return alone_graph(protected, [n for n in protected.graph.node if n.domain == schema.DOMAIN])
+
+
+def alone_graph(model: onnx.ModelProto, nodes: list[onnx.NodeProto]) -> onnx.ModelProto:
+    """A model of `nodes` alone: no inputs, their first outputs as outputs, the initializers they read."""
+    read = {name for n in nodes for name in n.input}
+    return helper.make_model(
+        helper.make_graph(nodes, "alone", [], [helper.make_empty_tensor_value_info(n.output[0]) for n in nodes],
+                          [t for t in model.graph.initializer if t.name in read]),
+        opset_imports=list(model.opset_import), ir_version=model.ir_version)
 
 
 def interleaved(sessions: dict[str, ort.InferenceSession], feeds: dict, rounds: int, runs: int
@@ -325,6 +360,8 @@ def main() -> None:
             sub.add_argument("--batches", default="1,8")
             sub.add_argument("--rounds", type=int, default=12)
             sub.add_argument("--runs", type=int, default=5)
+            sub.add_argument("--variants", action="store_true",
+                             help="also the check ordered by its bias alone, and the optimised graph with prepacking")
     args = parser.parse_args()
     build_library()
     latency(args) if args.command == "latency" else soundness(args)
