@@ -26,8 +26,9 @@ the weight) with prepacking off (a prepacked consumer reads a private copy the c
   convolution weight: the first run's output against the numpy codec's decode of the flipped
   weights (masked word zeroed), with prepacking off and on; the order in which the session runs
   the checks (onnxruntime's profile); whether onnxruntime's NCHWc rewrite still reads the checked
-  initializer when the check is added before optimisation; and whether kernel creation accepts the
-  model saved with external data and opened by path (a read-only mapping is refused).
+  initializer when the check is added before optimisation; and, for the Gemm flip, the model saved
+  with external data and opened by path: kernel creation accepts it (a read-only mapping is
+  refused), the word is masked, how the data file is mapped, and that the file is not written.
 
 This is a study script (not part of the package): it prints what it measured.
 """
@@ -252,7 +253,7 @@ def soundness(args: argparse.Namespace) -> None:
         print(f"  weights flipped: {gemm.domain or 'ai.onnx'}.{gemm.op_type} {gemm.input[1]}, "
               f"{conv.domain or 'ai.onnx'}.{conv.op_type} {conv.input[1]}")
         clean = session(checked, options(library=True, optimize=False, prepacking=False)).run(None, feeds)[0]
-        for weight in (gemm.input[1], conv.input[1]):
+        for index, weight in enumerate((gemm.input[1], conv.input[1])):
             faulty, reference = flipped(checked, weight)
             expected = session(reference, options(library=False, optimize=False, prepacking=False)).run(None, feeds)[0]
             for prepacking in (False, True):
@@ -261,10 +262,11 @@ def soundness(args: argparse.Namespace) -> None:
                       f"{'equals' if np.array_equal(got, expected) else 'DIFFERS FROM'} the codec-masked model "
                       f"(max |diff| {np.abs(got - expected).max():.3g}; the flip moved the output by "
                       f"{np.abs(expected - clean).max():.3g})")
-        order(checked)
-        order(with_checks(optimized, after_input=False)[0])
+            if index == 0:
+                external_data(faulty, expected, feeds)
+        order(checked, "after the activation")
+        order(with_checks(optimized, after_input=False)[0], "bias dependency only")
         nchwc_rewrite(model)
-        external_data(checked, feeds)
 
 
 def flipped(model: onnx.ModelProto, weight: str) -> tuple[onnx.ModelProto, onnx.ModelProto]:
@@ -293,7 +295,7 @@ def flipped(model: onnx.ModelProto, weight: str) -> tuple[onnx.ModelProto, onnx.
     return faulty, reference
 
 
-def order(checked: onnx.ModelProto) -> None:
+def order(checked: onnx.ModelProto, label: str) -> None:
     """Whether each check runs right before its consumer in one profiled run, and the checks' share of it."""
     with tempfile.TemporaryDirectory() as folder:
         s = session(checked, options(library=True, optimize=False, prepacking=False, profile=f"{folder}/p"))
@@ -309,7 +311,7 @@ def order(checked: onnx.ModelProto) -> None:
     adjacent = sum(1 for a, b in zip(sequence, sequence[1:], strict=False) if checks.get(a) == b)
     check_us = sum(e["dur"] for e in last_run if e["name"][: -len("_kernel_time")] in checks)
     total_us = sum(e["dur"] for e in last_run)
-    print(f"  order: {adjacent} of {len(checks)} checks run right before their consumer; checks "
+    print(f"  order ({label}): {adjacent} of {len(checks)} checks run right before their consumer; checks "
           f"{check_us / 1e3:.2f} ms of {total_us / 1e3:.2f} ms kernel time (batch 1, profiled run)")
 
 
@@ -328,22 +330,26 @@ def nchwc_rewrite(model: onnx.ModelProto) -> None:
           f"{len(names)} checked initializers still read by a consumer")
 
 
-def external_data(checked: onnx.ModelProto, feeds: dict) -> None:
-    """Whether the model saved with external data and opened by path gets its checks (refused in read-only
-    memory), and how this process maps the data file while the session lives."""
+def external_data(faulty: onnx.ModelProto, expected: np.ndarray, feeds: dict) -> None:
+    """Whether the model with a flipped word, saved with external data and opened by path, gets its checks
+    (refused in read-only memory) and masks the word, how this process maps the data file while the session
+    lives, and whether the file stays as written."""
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "model.onnx"
-        onnx.save(checked, path, save_as_external_data=True, all_tensors_to_one_file=True, location="model.data",
+        onnx.save(faulty, path, save_as_external_data=True, all_tensors_to_one_file=True, location="model.data",
                   size_threshold=0)
+        written = (Path(folder) / "model.data").read_bytes()
         for settings, label in ((options(library=True, optimize=False, prepacking=False), "graph as stored"),
                                 (options(library=True, prepacking=False), "graph optimised")):
             try:
                 s = ort.InferenceSession(str(path), settings)
                 maps = [line.split()[1] for line in Path("/proc/self/maps").read_text().splitlines()
                         if line.endswith("model.data")]
-                s.run(None, feeds)
-                print(f"  external data, opened by path ({label}): checks run; model.data mapped "
-                      f"{len(maps)} time(s) while the session lives ({', '.join(sorted(set(maps))) or 'not mapped'})")
+                got = s.run(None, feeds)[0]
+                print(f"  external data, opened by path ({label}): checks run, first run "
+                      f"{'equals' if np.array_equal(got, expected) else 'DIFFERS FROM'} the codec-masked model; "
+                      f"model.data mapped {len(maps)} time(s) ({', '.join(sorted(set(maps))) or 'not mapped'}); "
+                      f"file {'unchanged' if (Path(folder) / 'model.data').read_bytes() == written else 'CHANGED'}")
                 del s
             except Exception as error:  # onnxruntime's exception types
                 print(f"  external data, opened by path ({label}): refused: {str(error).splitlines()[0][:200]}")
