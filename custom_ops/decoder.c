@@ -890,3 +890,7 @@ DecodeCounts decode_words(const DecodePlan *plan, const uint8_t *stream, uint8_t
   }
   return decode_range(plan, stream, out, first_word, end_word);
 }
+
+size_t mask_words_in_place(const DecodePlan *plan, uint8_t *words, size_t first_word, size_t end_word) {
+  return mask_odd_words(plan, words, words, first_word, end_word);
+}

@@ -178,4 +178,9 @@ typedef struct {
 DecodeCounts decode_words(const DecodePlan *plan, const uint8_t *stream, uint8_t *out, size_t first_word,
                           size_t end_word);
 
+/* Zeroes, in `words` itself, the odd-parity words among [first_word, end_word) of a parity plan
+ * whose output elements are the stored weights (output_type = the format's own type, no range
+ * check); returns how many it zeroed. A clean word is read, never written. */
+size_t mask_words_in_place(const DecodePlan *plan, uint8_t *words, size_t first_word, size_t end_word);
+
 #endif

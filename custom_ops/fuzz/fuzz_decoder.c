@@ -7,7 +7,10 @@
  * into ranges decoded in any order. Every range goes through decode_words into one exactly sized
  * output, which must equal reference_decode's bit for bit, with the same masked and corrected
  * counts. The attribute rules (format names, word sizes, output types, shapes, where SEC-DED fits,
- * range_max values) are checked against the reference too. A mismatch aborts.
+ * range_max values) are checked against the reference too. Parity plans that output the stored
+ * weights as they are (no widening, no range check) are also scanned in place
+ * (mask_words_in_place) on a copy of the stream, which must end up equal to the decode, a stream
+ * with no odd word in read-only memory. A mismatch aborts.
  *
  * Build and run: custom_ops/fuzz/build.sh, then build/fuzz/fuzz_decoder (see README.md).
  */
@@ -16,6 +19,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
+#include <unistd.h>
 
 #include "../decoder.h"
 #include "reference.h"
@@ -192,6 +197,30 @@ static int compare_words(const void *a, const void *b) {
   return (x > y) - (x < y);
 }
 
+/* mask_words_in_place over the same ranges, on a page-aligned copy of the stream: its weights must
+ * equal the decode's, with the same masked count; a stream with no odd word is scanned read-only
+ * (PROT_READ), so that a write to a clean word faults. */
+static void check_in_place(const DecodePlan *plan, const uint8_t *stream, size_t stream_bytes, const uint8_t *expected,
+                           size_t out_bytes, size_t wanted_masked, const size_t *cuts, size_t n_cuts, bool backwards) {
+  size_t page = (size_t)sysconf(_SC_PAGESIZE);
+  size_t mapped = (stream_bytes + page - 1) / page * page + page;
+  uint8_t *words = mmap(NULL, mapped, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  REQUIRE(words != MAP_FAILED, "mmap of %zu bytes", mapped);
+  if (stream_bytes != 0) {
+    memcpy(words, stream, stream_bytes);
+  }
+  bool read_only = wanted_masked == 0;
+  REQUIRE(!read_only || mprotect(words, mapped, PROT_READ) == 0, "mprotect");
+  size_t masked = 0;
+  for (size_t i = 0; i <= n_cuts; i++) {
+    size_t part = backwards ? n_cuts - i : i;
+    masked += mask_words_in_place(plan, words, cuts[part], cuts[part + 1]);
+  }
+  REQUIRE(masked == wanted_masked, "in place: masked %zu, expected %zu", masked, wanted_masked);
+  REQUIRE(out_bytes == 0 || memcmp(words, expected, out_bytes) == 0, "in place: the weights differ from the decode");
+  munmap(words, mapped);
+}
+
 static void check_decoding(Bytes *bytes) {
   const WeightFormat *format = &WEIGHT_FORMATS[take(bytes) % WEIGHT_FORMAT_COUNT];
   unsigned allowed[8];
@@ -256,6 +285,9 @@ static void check_decoding(Bytes *bytes) {
   for (size_t i = 0; i < out_bytes; i++) {
     REQUIRE(out[i] == expected[i], "output byte %zu (%s, W=%u, widen %d, check %d, secded %d, range %d <= %g)", i,
             format->name, word_bits, widen, check, secded, range, (double)range_max);
+  }
+  if (check && !secded && !range && !widen) {
+    check_in_place(&plan, stream, stream_bytes, expected, out_bytes, wanted.masked, cuts, n_cuts, backwards);
   }
   free(stream);
   free(out);
