@@ -44,6 +44,10 @@ BROKEN_PIPE_STATUS = 141  # 128 + SIGPIPE, as a shell reports it
 SIGNAL_STATUS = 128  # plus the signal's number, as a shell reports a process killed by it
 INTERRUPTING_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 DRIFT_SEED = 0
+# Sizes the drift check gives a model's dynamic dims after each input's first (its batch, kept at 1), tried in
+# turn while the original model fails on them (a reflect Pad, a convolution or a pooling window needs more than
+# one sample or pixel).
+DYNAMIC_DIM_SIZES = (1, 32, 256, 512)
 # onnxruntime's log severity for the drift check's sessions: fatal only. Its warnings (unused initializers) are
 # noise, and its errors are raised too: the summary reports them in its one line.
 ORT_QUIET = 4
@@ -259,6 +263,8 @@ class Drift:
 def output_drift(original: ModelSource, protected: ModelSource) -> Drift:
     """The drift between the outputs of both models (protos or files) on one seeded random input.
 
+    The input is the first the original model runs on (`_first_run`).
+
     One session at a time: the plain model's outputs are computed and its session freed
     before the protected model is loaded.
     """
@@ -271,9 +277,8 @@ def output_drift(original: ModelSource, protected: ModelSource) -> Drift:
     quiet = ort.SessionOptions()
     quiet.log_severity_level = ORT_QUIET
     plain = ort.InferenceSession(_session_input(original), quiet)
-    feeds = _random_feeds(plain.get_inputs(), np.random.default_rng(DRIFT_SEED))
     names = [output.name for output in plain.get_outputs()]
-    expected = plain.run(names, feeds)
+    feeds, expected = _first_run(plain, names)
     del plain
     if isinstance(protected, onnx.ModelProto):  # the file's own decode nodes, not a re-protection for this CPU
         guarded = runtime.load_session(protected, optimize_runtime_checks=False)
@@ -305,8 +310,32 @@ def _session_input(model: ModelSource) -> bytes | str:
     return str(model) if modelio.is_protobuf_file(model) else modelio.load_model(model).SerializeToString()
 
 
-def _random_feeds(inputs: list[ort.NodeArg], rng: np.random.Generator) -> dict[str, np.ndarray]:
-    """One random tensor per model input: dynamic dims are 1, floats normal, integers zero."""
+def _first_run(session: ort.InferenceSession, names: list[str]) -> tuple[dict[str, np.ndarray], list[np.ndarray]]:
+    """Seeded random feeds the session runs on, and its outputs: each of DYNAMIC_DIM_SIZES in turn for dynamic dims.
+
+    The last size's error is raised when every size fails.
+    """
+    import numpy as np
+    from onnxruntime.capi.onnxruntime_pybind11_state import Fail, InvalidArgument, RuntimeException
+
+    inputs = session.get_inputs()
+    dynamic = any(not (isinstance(dim, int) and dim > 0) for node_arg in inputs for dim in node_arg.shape)
+    sizes = DYNAMIC_DIM_SIZES if dynamic else DYNAMIC_DIM_SIZES[:1]
+    for size in sizes[:-1]:
+        feeds = _random_feeds(inputs, np.random.default_rng(DRIFT_SEED), size)
+        try:
+            return feeds, session.run(names, feeds)
+        except (Fail, InvalidArgument, RuntimeException):
+            continue
+    feeds = _random_feeds(inputs, np.random.default_rng(DRIFT_SEED), sizes[-1])
+    return feeds, session.run(names, feeds)
+
+
+def _random_feeds(inputs: list[ort.NodeArg], rng: np.random.Generator, dynamic_size: int) -> dict[str, np.ndarray]:
+    """One random tensor per model input, floats normal, integers zero.
+
+    An input's first dynamic dim (its batch, by convention) is 1, its other dynamic dims `dynamic_size`.
+    """
     import numpy as np
     from onnx import TensorProto, helper
 
@@ -325,7 +354,10 @@ def _random_feeds(inputs: list[ort.NodeArg], rng: np.random.Generator) -> dict[s
         element_type = element_types.get(node_arg.type)
         if element_type is None:
             raise OppassError(f"input {node_arg.name!r} has unsupported type {node_arg.type}")
-        shape = [dim if isinstance(dim, int) and dim > 0 else 1 for dim in node_arg.shape]
+        fixed = [isinstance(dim, int) and dim > 0 for dim in node_arg.shape]
+        batch_axis = fixed.index(False) if False in fixed else -1
+        shape = [dim if is_fixed else 1 if axis == batch_axis else dynamic_size
+                 for axis, (dim, is_fixed) in enumerate(zip(node_arg.shape, fixed, strict=True))]
         dtype = helper.tensor_dtype_to_np_dtype(element_type)
         feeds[node_arg.name] = rng.standard_normal(shape).astype(dtype) if dtype.kind == "f" \
             else np.zeros(shape, dtype=dtype)

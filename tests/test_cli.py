@@ -175,6 +175,27 @@ def test_drift_check_failing_in_onnxruntime_is_one_line_without_its_logs(
     assert "onnxruntime" not in captured.err, captured.err
 
 
+def test_drift_check_gives_longer_dynamic_axes_to_a_model_that_needs_them(
+    tmp_path: Path, custom_op_library: str, capsys: pytest.CaptureFixture
+) -> None:
+    """A reflect Pad of 4 needs at least 5 samples (speech models pad their audio so): the batch stays 1, the
+    time axis gets the first of DYNAMIC_DIM_SIZES the model runs on, and the drift is measured."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    weight = np.random.default_rng(0).standard_normal([2, 1, 3]).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Pad", ["x", "pads"], ["padded"], mode="reflect"),
+         helper.make_node("Conv", ["padded", "w"], ["y"])],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 1, "time"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 2, "frames"])],
+        [numpy_helper.from_array(weight, "w"), numpy_helper.from_array(np.array([0, 0, 4, 0, 0, 4], np.int64), "pads")])
+    source = tmp_path / "padded.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), source)
+    assert cli.main(["transform", str(source), str(tmp_path / "out.onnx")]) == 0
+    drift = summary(capsys.readouterr().out)["fault-free output drift"]
+    assert drift.endswith("(max abs, one random input)") and np.isfinite(float(drift.split()[0])), drift
+
+
 def test_inspect_lists_the_protected_tensors(protected_file: Path, capsys: pytest.CaptureFixture) -> None:
     assert cli.main(["inspect", str(protected_file)]) == 0
     lines = capsys.readouterr().out.splitlines()
@@ -245,10 +266,11 @@ def test_unknown_choices_are_rejected_by_argparse(model_file: Path, tmp_path: Pa
     assert not (tmp_path / "out.onnx").exists()
 
 
-def test_command_line_errors_print_no_traceback(tmp_path: Path) -> None:
+@pytest.mark.parametrize("module", ["oppass", "oppass.cli"])
+def test_command_line_errors_print_no_traceback(module: str, tmp_path: Path) -> None:
     garbage = tmp_path / "garbage.onnx"
     garbage.write_bytes(b"garbage")
-    command = [sys.executable, "-m", "oppass.cli", "transform", str(garbage), str(tmp_path / "out.onnx")]
+    command = [sys.executable, "-m", module, "transform", str(garbage), str(tmp_path / "out.onnx")]
     result = subprocess.run(command, capture_output=True, text=True, cwd=REPO_ROOT, check=False)
     assert result.returncode == 2
     assert result.stderr.startswith("oppass: error: ") and result.stderr.count("\n") == 1
