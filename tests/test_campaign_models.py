@@ -14,7 +14,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from oppass import faults
 from oppass.campaign import CampaignConfig, run_campaign
-from oppass.campaign.data import ModelInput, open_dataset
+from oppass.campaign.data import ModelInput, model_inputs, open_dataset
 from oppass.campaign.metrics import NO_FAULT, NONFINITE, SDC, Metric
 from oppass.campaign.runner import make_plan
 from oppass.campaign.worker import even_flip_words
@@ -237,6 +237,35 @@ def test_newcomer_cases_give_one_line_errors_or_notes(tmp_path: Path) -> None:
         make_plan(config(tmp_path, detector(), tmp_path / "d.npz", output="boxes"))
     with pytest.raises(OppassError, match="has no class axis"):
         make_plan(config(tmp_path, detector(), tmp_path / "d.npz", output="side", class_axis=0))
+
+
+def voice_activity(tmp_path: Path) -> tuple[onnx.ModelProto, Path]:
+    """A model shaped like a voice-activity detector (silero-vad): `audio` [1, 8] and a scalar `rate` per run, one
+    probability `speech` [1, 1] out; and data for 5 runs, each entry along axis 0 a whole input."""
+    weight = np.random.default_rng(0).standard_normal((8, 1)).astype(np.float32)
+    nodes = [helper.make_node("Gemm", ["audio", "w"], ["logit"]), helper.make_node("Cast", ["rate"], ["r"], to=1),
+             helper.make_node("Mul", ["r", "zero"], ["nothing"]), helper.make_node("Add", ["logit", "nothing"], ["z"]),
+             helper.make_node("Sigmoid", ["z"], ["speech"])]
+    graph = helper.make_graph(
+        nodes, "vad", [helper.make_tensor_value_info("audio", TensorProto.FLOAT, [1, 8]),
+                       helper.make_tensor_value_info("rate", TensorProto.INT64, [])],
+        [helper.make_tensor_value_info("speech", TensorProto.FLOAT, [1, 1])],
+        [numpy_helper.from_array(weight, "w"), numpy_helper.from_array(np.zeros((), np.float32), "zero")])
+    data = tmp_path / "vad.npz"
+    np.savez(data, audio=np.random.default_rng(1).standard_normal((5, 1, 8)).astype(np.float32),
+             rate=np.full(5, 16000, np.int64))
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), data
+
+
+def test_a_scalar_input_per_run_is_fed_as_a_0d_array_and_a_one_class_output_needs_allclose(tmp_path: Path) -> None:
+    model, data = voice_activity(tmp_path)
+    with pytest.raises(OppassError, match=r"output 'speech' \[1, 1\] per sample has 1 class along axis -1, so its "
+                                          "top-1 can never change: use --metric allclose"):
+        make_plan(config(tmp_path, model, data))
+    result = run_campaign(config(tmp_path, model, data, metric="allclose", batch_size=5, experiments=2), log=None)
+    assert result.trials_run == 2 * 2 * 3
+    runs = open_dataset(str(data), model_inputs(model)).feeds(np.arange(2))
+    assert [type(run["rate"]) for run in runs] == [np.ndarray] * 2 and runs[0]["rate"].shape == ()
 
 
 @pytest.mark.slow

@@ -125,7 +125,7 @@ class ArrayDataset:
         """One feed for the batch (batched) or one per sample, shared arrays in each."""
         if self.batched:
             return [{**self.shared, **{name: values[indices] for name, values in self.samples.items()}}]
-        return [{**self.shared, **{name: values[index] for name, values in self.samples.items()}}
+        return [{**self.shared, **{name: values[index, ...] for name, values in self.samples.items()}}
                 for index in indices]
 
 

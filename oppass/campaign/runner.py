@@ -233,6 +233,10 @@ def _metric(config: CampaignConfig, output: str, probe: np.ndarray, dataset: Dat
             raise OppassError(f"output {output!r} {list(probe.shape[1:])} per sample has no class axis "
                               f"{config.class_axis}: use --metric allclose, a user metric or another --class-axis")
         classes = probe.shape[class_axis]
+        if classes == 1:
+            raise OppassError(f"output {output!r} {list(probe.shape[1:])} per sample has 1 class along axis "
+                              f"{config.class_axis}, so its top-1 can never change: use --metric allclose, a user "
+                              "metric or another --class-axis")
         if name == TOP5 and classes <= TOP5_CLASSES:
             notes.append(f"output {output!r} has {classes} classes, so top-5 would always be right: metric top1 "
                          "used instead")
