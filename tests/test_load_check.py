@@ -77,6 +77,32 @@ def test_onnxruntime_folds_every_chain_away_at_session_creation(tmp_path: Path) 
     assert not [t.name for t in optimized.graph.initializer if t.name.endswith("::op_packed")]
 
 
+@pytest.mark.parametrize("fmt", ["int8", "fp16"])  # largest step: the lane split, or the widened weights
+def test_the_transform_warns_exactly_when_onnxruntime_would_leave_the_chain_unfolded(
+        fmt: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(protect, "FOLDING_LIMIT", 1)
+    with pytest.warns(UserWarning, match=r"\(([\d,]+) bytes in one step") as caught:
+        protected = protect.transform(one_gemm(64), check="load", format=fmt)
+    largest = int(str(caught[0].message).split("(")[1].split(" bytes")[0].replace(",", ""))
+    for limit, decode_nodes_left in ((largest, False), (largest - 1, True)):
+        options = ort.SessionOptions()
+        options.optimized_model_filepath = str(tmp_path / f"{limit}.onnx")
+        options.add_session_config_entry("optimization.constant_folding_max_output_size_in_bytes", str(limit))
+        ort.InferenceSession(protected.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        optimized = onnx.load(tmp_path / f"{limit}.onnx")
+        assert any("::op_decode" in node.name for node in optimized.graph.node) == decode_nodes_left
+
+
+def one_gemm(side: int) -> onnx.ModelProto:
+    """A model computing Gemm(x, w) with one side x side fp32 weight w."""
+    weight = np.random.default_rng(1).standard_normal((side, side), dtype=np.float32)
+    graph = helper.make_graph([helper.make_node("Gemm", ["x", "w"], ["y"])], "one",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, side])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, side])],
+                              [numpy_helper.from_array(weight, "w")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
 def optimized_graph(model: onnx.ModelProto, folder: Path, tag: str) -> tuple[list[tuple[str, str]], list[bytes]]:
     """The node types and the initializers' bytes (sorted) of the model as onnxruntime optimises it."""
     options = ort.SessionOptions()
