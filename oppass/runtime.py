@@ -36,8 +36,11 @@ from oppass.schema import (
     FORMAT_OF_ONNX_TYPE,
     MASKED_WORDS_OUTPUT,
     DecodeNode,
+    StandardDecodes,
     is_decode_node,
+    make_decode_node,
     read_decode_nodes,
+    read_standard_decodes,
 )
 
 __all__ = ["DOMAIN", "LIBRARY_ENV", "LIBRARY_NAME", "RUN_ERRORS", "custom_op_library", "has_custom_ops",
@@ -88,11 +91,16 @@ def load_session(
 ) -> ort.InferenceSession:
     """An onnxruntime session for a (protected or plain) model.
 
-    With `fold_load_checks`, decode nodes in `check=load` mode are run once here by the
-    C kernel, which checks the words (parity or SEC-DED, and the range check), masks corrupted
-    words and corrects single flips (SEC-DED), and their results replace
-    them as constant initializers: the consumers then get onnxruntime's weight
-    prepacking exactly as in the unprotected model. Runtime-mode nodes are left alone.
+    With `fold_load_checks`, decode nodes in `check=load` mode and standard-op load checks
+    (`check="load"`) are run once here by the C kernel, which checks the words (parity or
+    SEC-DED, and the range check), masks corrupted words and corrects single flips (SEC-DED),
+    and their results replace them as constant initializers: the consumers then get
+    onnxruntime's weight prepacking exactly as in the unprotected model. A standard-op chain
+    runs as the ParityCheckUnpack node of its record, which computes the same weights bit for
+    bit (docs/FORMAT.md), one weight at a time: onnxruntime's own folding of the chains keeps
+    every intermediate of every chain until it ends (about 14x the packed bytes for fp32) and
+    leaves a chain above its folding limit to run on every inference. Runtime-mode nodes are
+    left alone.
     With `optimize_runtime_checks`, a model whose decode nodes are all runtime-mode is
     re-protected for this CPU: its words are checked and decoded once (faulty words masked,
     with a warning), the plain model is optimised by onnxruntime for this machine
@@ -113,9 +121,8 @@ def load_session(
     optimised graph does not read under its name through an op the pass protects (onnxruntime
     folded it or fused its consumer into an operator such as QLinearConv), or a renamed fp32
     weight that matches no weight of the file in a model with several fp32 layouts.
-    Standard-op load checks need nothing: onnxruntime folds them itself, and the library is
-    registered only for a model with ParityCheckUnpack nodes. `threads` and `config` are as in
-    `session_options`.
+    The session's library is registered only for a model still holding ParityCheckUnpack nodes.
+    `threads` and `config` are as in `session_options`.
     The models it builds (folded, re-protected) are written to a temporary folder with external data and
     opened by path: onnxruntime maps their weights from the files, and each weight is decoded on its own
     (its packed words and its decoded values in memory, not the model's), so the peak memory is a few
@@ -130,8 +137,10 @@ def load_session(
         decodes = read_decode_nodes(source.model)  # refuses what the kernel would refuse, in one line
         path = _with_runtime_checks_for_this_cpu(source, decodes, threads, folder) if optimize_runtime_checks \
             else None
-        if path is None and fold_load_checks and any(decode.check == "load" for decode in decodes):
-            path = _Fold(source, decodes, threads, lambda decode: decode.check == "load").save(folder / "folded.onnx")
+        standard = read_standard_decodes(source.model) if fold_load_checks else StandardDecodes()
+        if path is None and fold_load_checks and (standard.decodes or any(d.check == "load" for d in decodes)):
+            path = _Fold(source, decodes, threads, lambda decode: decode.check == "load", standard).save(
+                folder / "folded.onnx")
         opened = source if path is None else read_model(path, defer=True)
         options = session_options(threads, config, library=has_custom_ops(opened.model))
         return session_from_file(opened.path, options)  # onnxruntime maps the data files: they may go after
@@ -319,9 +328,9 @@ def _layout(decode: DecodeNode) -> WeightLayout:
 
 
 class _Fold:
-    """A model whose decode nodes for which `fold` holds are replaced by initializers of their outputs, each
-    decoded by the C kernel when the model is saved (`save`): the consumers then get onnxruntime's weight
-    prepacking exactly as in the unprotected model.
+    """A model whose decode nodes for which `fold` holds, and the standard-op chains `standard`, are replaced by
+    initializers of their outputs, each decoded by the C kernel when the model is saved (`save`): the consumers
+    then get onnxruntime's weight prepacking exactly as in the unprotected model.
 
     `source` is read with `defer=True`. Decode nodes reading the same packed tensor with the same
     attributes give the same weights: one of them runs, and the consumers of the others read its
@@ -331,25 +340,30 @@ class _Fold:
     """
 
     def __init__(self, source: modelio.ModelFile, decodes: list[DecodeNode], threads: int | None,
-                 fold: Callable[[DecodeNode], bool]) -> None:
+                 fold: Callable[[DecodeNode], bool], standard: StandardDecodes | None = None) -> None:
         proto = source.model
+        standard = standard or StandardDecodes()
         positions = [i for i, node in enumerate(proto.graph.node) if node.domain == DOMAIN]  # where `decodes` are
         folding = [(i, decode) for i, decode in zip(positions, decodes, strict=True) if fold(decode)]
+        # A standard-op chain runs as the ParityCheckUnpack node of the same attributes (FORMAT.md: the same words)
+        kernel_nodes = [(proto.graph.node[i], decode) for i, decode in folding] + [
+            (make_decode_node(dataclasses.replace(decode, standard_ops=False)), decode) for decode in standard.decodes]
         packed = {tensor.name: tensor for tensor in proto.graph.initializer}
         runs: dict[tuple, _Decoding] = {}
-        for i, decode in folding:
+        for node, decode in kernel_nodes:
             if _decoding(decode) not in runs:
-                runs[_decoding(decode)] = _Decoding(source, proto.graph.node[i], decode, packed[decode.packed],
-                                                    threads)
+                runs[_decoding(decode)] = _Decoding(source, node, decode, packed[decode.packed], threads)
         self.source, self.runs = source, list(runs.values())
         self.model = edit.copy_model(proto)  # a skeleton: its large tensors are still in the files
         graph = self.model.graph
         for i, _ in reversed(folding):
             del graph.node[i]
+        edit.remove_nodes(graph, lambda node: node.name in standard.nodes)
+        edit.remove_initializers(graph, standard.constants)
         graph_outputs = {output.name for output in graph.output}
         produced: dict[str, _Decoded | _Dequantized] = {}
         renamed = {}  # output of a decode node that did not run: the same output of the one that did
-        for _, decode in folding:
+        for _, decode in kernel_nodes:
             run = runs[_decoding(decode)]
             for index, (name, same) in enumerate(zip(_outputs(decode), _outputs(run.decode), strict=True)):
                 if name is None or same is None:
@@ -365,7 +379,7 @@ class _Fold:
                     if name in renamed:
                         node.input[index] = renamed[name]
         still_used = {name for subgraph in graphs for node in subgraph.node for name in node.input}
-        edit.remove_initializers(graph, {decode.packed for _, decode in folding} - still_used)
+        edit.remove_initializers(graph, {decode.packed for _, decode in kernel_nodes} - still_used)
         for name, producer in produced.items():
             modelio.add_placeholder(graph, name, producer.data_type, producer.dims)
         self.produced = produced
