@@ -342,7 +342,7 @@ class _Fold:
     def __init__(self, source: modelio.ModelFile, decodes: list[DecodeNode], threads: int | None,
                  fold: Callable[[DecodeNode], bool], standard: StandardDecodes | None = None) -> None:
         proto = source.model
-        standard = standard or StandardDecodes()
+        standard = StandardDecodes() if standard is None else standard
         positions = [i for i, node in enumerate(proto.graph.node) if node.domain == DOMAIN]  # where `decodes` are
         folding = [(i, decode) for i, decode in zip(positions, decodes, strict=True) if fold(decode)]
         # A standard-op chain runs as the ParityCheckUnpack node of the same attributes (FORMAT.md: the same words)

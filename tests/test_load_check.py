@@ -22,7 +22,7 @@ from conftest import cnn, weights
 from onnx import TensorProto, helper, numpy_helper
 from references import adjusted_reference, plain_options
 
-from oppass import cli, codec, modelio, protect, protected_models, schema
+from oppass import cli, codec, modelio, protect, protected_models, runtime, schema
 from oppass.errors import OppassError
 from oppass.standard_decode import IR_VERSION, OPSET
 
@@ -91,6 +91,27 @@ def test_the_transform_warns_exactly_when_onnxruntime_would_leave_the_chain_unfo
         ort.InferenceSession(protected.SerializeToString(), options, providers=["CPUExecutionProvider"])
         optimized = onnx.load(tmp_path / f"{limit}.onnx")
         assert any("::op_decode" in node.name for node in optimized.graph.node) == decode_nodes_left
+
+
+@pytest.mark.parametrize(("fmt", "word"), [("keep", "64"), ("fp16", "weight"), ("bf16", "256"), ("int8", "32")])
+def test_load_session_folds_standard_op_checks_with_the_kernel_whatever_the_folding_limit(
+        fmt: str, word: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The chains run once as their ParityCheckUnpack node (one weight at a time), not through onnxruntime's
+    folding, which holds every intermediate and leaves chains above its limit (here 1 byte) to every run."""
+    protected = protect.transform(cnn(), format=fmt, word=word, check="load", report_faults=True)
+    faulty = with_flipped_bit(protected, "conv2.w", 8 * 5 + 6)
+    names = ["y", schema.MASKED_WORDS_OUTPUT]
+    expected = ort.InferenceSession(faulty.SerializeToString()).run(names, feeds())  # onnxruntime folds the chains
+    assert int(expected[1]) == 1
+    opened: list[onnx.GraphProto] = []  # the graph of the model the session opens (its folder goes after)
+    monkeypatch.setattr(runtime, "session_from_file", lambda path, options: opened.append(
+        onnx.load(path, load_external_data=False).graph) or ort.InferenceSession(str(path), options))
+    limit = {"optimization.constant_folding_max_output_size_in_bytes": "1"}
+    with pytest.warns(UserWarning, match="1 corrupted weight words were masked at load"):
+        actual = runtime.load_session(faulty, config=limit).run(names, feeds())
+    assert [a.tobytes() for a in actual] == [e.tobytes() for e in expected]
+    assert not [node.name for node in opened[0].node if "::op_decode" in node.name or node.domain]
+    assert not [t.name for t in opened[0].initializer if t.name.endswith("::op_packed")]
 
 
 def one_gemm(side: int) -> onnx.ModelProto:

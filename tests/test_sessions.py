@@ -19,7 +19,7 @@ import pytest
 from conftest import cnn, make_model, weights
 from onnx import helper, numpy_helper
 
-from oppass import modelio, protect, protected_models, runtime, schema
+from oppass import modelio, protect, protected_models, runtime
 
 
 @pytest.fixture(autouse=True)
@@ -200,35 +200,3 @@ def test_a_model_beyond_the_protobuf_limit_opens_by_path(check: str, given: str,
     assert [a.tobytes() for a in session.run(None, {"x": x})] == [e.tobytes() for e in expected]
     assert all(size <= limit for size in serialised), f"a model over the limit was serialised whole: {serialised}"
 
-
-def flipped(model: onnx.ModelProto, weight: str, bit: int) -> onnx.ModelProto:
-    """A copy of `model` with bit `bit` of the packed tensor of `weight` flipped."""
-    faulty = onnx.ModelProto()
-    faulty.CopyFrom(model)
-    tensor = next(t for t in faulty.graph.initializer if t.name == protect.packed_name(weight))
-    raw = bytearray(tensor.raw_data)
-    raw[bit // 8] ^= 1 << bit % 8
-    tensor.raw_data = bytes(raw)
-    return faulty
-
-
-@pytest.mark.parametrize(("fmt", "word"), [("keep", "64"), ("fp16", "weight"), ("bf16", "256"), ("int8", "32")])
-def test_load_session_folds_standard_op_checks_with_the_kernel_whatever_the_folding_limit(
-        fmt: str, word: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The chains run once as their ParityCheckUnpack node (one weight at a time), not through onnxruntime's
-    folding, which holds every intermediate and leaves chains above its limit (here 1 byte) to every run."""
-    protected = protect.transform(cnn(), format=fmt, word=word, check="load", report_faults=True)
-    faulty = flipped(protected, "conv2.w", 8 * 5 + 6)
-    x = {"x": np.random.default_rng(3).standard_normal([2, 3, 6, 6]).astype(np.float32)}
-    names = ["y", schema.MASKED_WORDS_OUTPUT]
-    expected = ort.InferenceSession(faulty.SerializeToString()).run(names, x)  # onnxruntime folds the chains
-    assert int(expected[1]) == 1
-    opened: list[onnx.GraphProto] = []  # the graph of the model the session opens (its folder goes after)
-    monkeypatch.setattr(runtime, "session_from_file", lambda path, options: opened.append(
-        onnx.load(path, load_external_data=False).graph) or ort.InferenceSession(str(path), options))
-    limit = {"optimization.constant_folding_max_output_size_in_bytes": "1"}
-    with pytest.warns(UserWarning, match="1 corrupted weight words were masked at load"):
-        actual = runtime.load_session(faulty, config=limit).run(names, x)
-    assert [a.tobytes() for a in actual] == [e.tobytes() for e in expected]
-    assert not [node.name for node in opened[0].node if "::op_decode" in node.name or node.domain]
-    assert not [t.name for t in opened[0].initializer if t.name.endswith("::op_packed")]
