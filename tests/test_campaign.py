@@ -216,7 +216,7 @@ def sample_buffers() -> list[np.ndarray]:
 
 def test_packed_weights_hold_the_arrays_on_8_byte_boundaries() -> None:
     arrays = sample_buffers()
-    weights = PackedWeights(arrays)
+    weights = PackedWeights.of(arrays)
     assert [b.ctypes.data - weights.block.ctypes.data for b in weights.buffers] == [0, 40, 56]
     assert all(np.array_equal(b, a) and b.dtype == a.dtype for b, a in zip(weights.buffers, arrays, strict=True))
     assert weights.block.size == 88 and weights.words.size == 11
@@ -229,7 +229,7 @@ def test_stored_bits_flips_exactly_the_drawn_bits_and_restores(ber: float, dense
     # ... always dense with the mask added byte by byte, always dense with a boolean mask packed
     monkeypatch.setattr(injector, "DENSE_BITS", dense_bits)
     monkeypatch.setattr(injector, "PACKED_BITS", packed_bits)
-    weights = PackedWeights(sample_buffers())
+    weights = PackedWeights.of(sample_buffers())
     target = StoredBits(weights)
     before = stream_bits(weights.buffers)
     positions = faults.draw_flip_positions(np.random.default_rng(0), target.n_bits, ber, sort=False)
@@ -337,7 +337,7 @@ def test_the_choice_sampler_is_numpys_choice() -> None:
 
 
 def test_restoration_check_catches_a_changed_byte() -> None:
-    weights = PackedWeights(sample_buffers())
+    weights = PackedWeights.of(sample_buffers())
     target = StoredBits(weights)
     injection = target.prepare(faults.draw_flip_positions(np.random.default_rng(0), target.n_bits, 0.01))
     target.inject(injection)
@@ -349,7 +349,7 @@ def test_restoration_check_catches_a_changed_byte() -> None:
 
 
 def test_bit_position_target_hits_only_that_bit_of_each_weight() -> None:
-    weights = PackedWeights([np.zeros((100, 1), dtype=np.uint16)])
+    weights = PackedWeights.of([np.zeros((100, 1), dtype=np.uint16)])
     target = BitPosition(StoredBits(weights), 16, 14)
     injection = target.prepare(faults.draw_flip_positions(np.random.default_rng(1), target.n_bits, 0.3))
     target.inject(injection)
@@ -359,7 +359,7 @@ def test_bit_position_target_hits_only_that_bit_of_each_weight() -> None:
 
 
 def test_ecc_target_corrects_single_and_masks_double_errors() -> None:
-    weights = PackedWeights([np.arange(1, 21, dtype=np.uint8).reshape(20, 1)])  # 3 codewords, the last one padded
+    weights = PackedWeights.of([np.arange(1, 21, dtype=np.uint8).reshape(20, 1)])  # 3 codewords, the last one padded
     buffer, pristine = weights.buffers[0], weights.buffers[0].copy()
     target = EccProtected(weights)
     assert target.n_bits == 3 * ecc.CODEWORD_BITS
@@ -378,12 +378,12 @@ def test_ecc_target_corrects_single_and_masks_double_errors() -> None:
 @pytest.mark.parametrize("target_type", [StoredBits, EccProtected])
 def test_dense_and_sparse_injection_agree(target_type: type, monkeypatch: pytest.MonkeyPatch) -> None:
     arrays = [random_words(300, 6), np.arange(13, dtype=np.uint8), random_words(50, 7).view(np.uint32)]
-    n_bits = target_type(PackedWeights(arrays)).n_bits
+    n_bits = target_type(PackedWeights.of(arrays)).n_bits
     positions = faults.draw_flip_positions(np.random.default_rng(2), n_bits, 0.01, sort=False)
     blocks, masked = [], []
     for dense_bits in (0, 10**9):  # never dense, always dense
         monkeypatch.setattr(injector, "DENSE_BITS", dense_bits)
-        weights = PackedWeights(arrays)
+        weights = PackedWeights.of(arrays)
         target = target_type(weights)
         injection = target.prepare(positions)
         assert (injection.index is None) == (dense_bits > 0 and target_type is StoredBits)
@@ -501,7 +501,7 @@ def test_the_word_mask_holds_the_positions_drawn_alike(n: int, ber: float) -> No
 
 def test_a_mask_injection_is_the_dense_injection_of_its_positions() -> None:
     rng = np.random.default_rng(4)
-    weights = PackedWeights([rng.integers(0, 2**32, size=size, dtype=np.uint32) for size in (96, 1000, 8)])
+    weights = PackedWeights.of([rng.integers(0, 2**32, size=size, dtype=np.uint32) for size in (96, 1000, 8)])
     target = StoredBits(weights)
     assert target.takes_masks
     mask = faults.draw_flip_mask(np.random.default_rng(2), target.n_bits, 0.2)
@@ -513,8 +513,8 @@ def test_a_mask_injection_is_the_dense_injection_of_its_positions() -> None:
     assert np.array_equal(np.flatnonzero(np.unpackbits(weights.block ^ weights.pristine, bitorder="little")), positions)
     target.restore(from_mask)
     weights.verify()
-    assert StoredBits(PackedWeights([np.zeros(3, dtype=np.uint32)])).takes_masks  # padded at the end only
-    assert not StoredBits(PackedWeights([np.zeros(3, dtype=np.uint32)] * 2)).takes_masks  # the second one shifted
+    assert StoredBits(PackedWeights.of([np.zeros(3, dtype=np.uint32)])).takes_masks  # padded at the end only
+    assert not StoredBits(PackedWeights.of([np.zeros(3, dtype=np.uint32)] * 2)).takes_masks  # the second one shifted
 
 
 MEMORY_CHILD = """

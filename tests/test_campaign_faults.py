@@ -10,14 +10,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from onnx import numpy_helper
 
 from oppass import codec, faults
 from oppass.campaign import CampaignConfig, faultmodels, protection, run_campaign, worker
 from oppass.campaign import cli as campaign_cli
 from oppass.campaign.config import Condition, Variant, conditions, protection_label, protection_order
-from oppass.campaign.injector import EccProtected, NumpyDecoded, PackedWeights, StoredBits, Subspace
+from oppass.campaign.injector import CodeWords, EccProtected, NumpyDecoded, PackedWeights, StoredBits, Subspace
 from oppass.campaign.runner import make_plan
 from oppass.campaign.store import Store
+from oppass.encoder import CHUNK_WEIGHTS
 from oppass.errors import OppassError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -159,7 +161,7 @@ def test_range_check_zeroes_weights_beyond_the_fault_free_maximum(tmp_path: Path
 
 def space(seed: int = 0) -> StoredBits:
     rng = np.random.default_rng(seed)
-    return StoredBits(PackedWeights([rng.integers(0, 2**32, size=(5000, 1), dtype=np.uint32),
+    return StoredBits(PackedWeights.of([rng.integers(0, 2**32, size=(5000, 1), dtype=np.uint32),
                                      rng.integers(0, 256, size=(333, 1), dtype=np.uint8)]))
 
 
@@ -192,7 +194,7 @@ def test_stuck_cells_read_their_value_and_persist_across_a_trials_batches(value:
     reads = []
     for _batch in range(3):  # every inference of the trial reads the same stuck cells
         target.inject(injection)
-        reads.append(StoredBits(PackedWeights([target.weights.block.copy()])).bits(cells))
+        reads.append(StoredBits(PackedWeights.of([target.weights.block.copy()])).bits(cells))
         target.restore(injection)
     assert all((read == value).all() for read in reads)
     again = fault.positions(np.random.default_rng(3), target, 0.01, None, faults.SAMPLER_GAPS)
@@ -206,7 +208,7 @@ def test_stuck_cells_read_their_value_and_persist_across_a_trials_batches(value:
 @pytest.mark.parametrize(("width", "row"), [(2, 64), (3, 64), (4, 72)])
 def test_multi_bit_upsets_are_adjacent_bits_of_one_row(width: int, row: int) -> None:
     if row == 72:
-        target: object = EccProtected(PackedWeights([np.arange(4000, dtype=np.uint64).reshape(-1, 1)]))
+        target: object = EccProtected(PackedWeights.of([np.arange(4000, dtype=np.uint64).reshape(-1, 1)]))
     else:
         target = space()
     n_bits = target.n_bits  # type: ignore[attr-defined]
@@ -238,7 +240,7 @@ def test_asymmetric_flips_have_their_two_rates() -> None:
 def test_asymmetric_draws_are_uniform_among_the_bits_of_their_value() -> None:
     block = np.zeros((64, 1), dtype=np.uint8)
     block[:8] = 0xFF  # 64 ones, 448 zeros
-    target = StoredBits(PackedWeights([block]))
+    target = StoredBits(PackedWeights.of([block]))
     hits = np.zeros(target.n_bits)
     for positions in draws("asym:1", target, 0.05, trials=2000):
         hits[positions] += 1
@@ -251,14 +253,14 @@ def test_asymmetric_draws_are_uniform_among_the_bits_of_their_value() -> None:
 def test_faults_restricted_to_chosen_layers_land_only_there(kind: str) -> None:
     rng = np.random.default_rng(5)
     arrays = [rng.integers(0, 2**32, size=(n, 1), dtype=np.uint32) for n in (300, 77, 500)]
-    weights = PackedWeights(arrays)
+    weights = PackedWeights.of(arrays)
     if kind == "stored":
         target: object = StoredBits(weights)
     elif kind == "ecc":
         target = EccProtected(weights)
     else:
-        target = NumpyDecoded(weights, "fp32", 64, codec.PARITY, [codec.pack(a.reshape(-1).view(np.float32), 64)
-                                                                  for a in arrays], None)
+        target = NumpyDecoded(weights, "fp32", 64, codec.PARITY,
+                              CodeWords.of([codec.pack(a.reshape(-1).view(np.float32), 64) for a in arrays]), None)
     sub = Subspace(target, [1, 2])  # type: ignore[arg-type]
     segments = target.segments([1, 2])  # type: ignore[attr-defined]
     assert sub.n_bits == int((segments[:, 1] - segments[:, 0]).sum())
@@ -329,11 +331,11 @@ def test_command_line_options_of_protections_and_faults(tmp_path: Path) -> None:
 def test_each_target_reads_its_stored_bits() -> None:
     rng = np.random.default_rng(9)
     arrays = [rng.integers(0, 2**32, size=(n, 1), dtype=np.uint32) for n in (31, 8)]
-    weights = PackedWeights(arrays)
+    weights = PackedWeights.of(arrays)
     stream = np.concatenate([np.unpackbits(a.view(np.uint8).reshape(-1), bitorder="little") for a in arrays])
     stored = StoredBits(weights)
     words = [codec.pack(a.reshape(-1).view(np.float32), 128) for a in arrays]
-    decoded = NumpyDecoded(weights, "fp32", 128, codec.PARITY, words, None)
+    decoded = NumpyDecoded(weights, "fp32", 128, codec.PARITY, CodeWords.of(words), None)
     padded = np.concatenate([np.unpackbits(w.view(np.uint8).reshape(-1), bitorder="little") for w in words])
     target = EccProtected(weights)
     data = np.unpackbits(weights.pristine.view(np.uint8), bitorder="little").reshape(-1, 64)
@@ -374,3 +376,19 @@ def test_gap_draws_at_rates_whose_gaps_overflow_int64_end(ber: float) -> None:
     assert positions.size <= 1 and ((positions >= 0) & (positions < 10**12)).all()
     again = faults.draw_flip_positions(np.random.default_rng(0), 10**12, ber)
     assert np.array_equal(positions, again)
+
+
+@pytest.mark.parametrize(("code", "word"), [(codec.SECDED, "64"), (codec.PARITY, "64"), (codec.SECDED, "128")])
+def test_campaign_encodes_a_tensor_in_chunks_exactly_as_the_codec_does_whole(code: str, word: str) -> None:
+    rng = np.random.default_rng(11)
+    tensors = [rng.standard_normal(size, dtype=np.float32) for size in (CHUNK_WEIGHTS * 2 + 37, 5)]
+    packed = [numpy_helper.from_array(tensor, f"w{index}") for index, tensor in enumerate(tensors)]
+    words, fill = worker.coded_fill(packed, "fp32", code, word)
+    weights = PackedWeights([(tensor.shape, tensor.dtype) for tensor in tensors], fill)
+    width = codec.word_bits("fp32", int(word), code)
+    whole = [codec.encode(tensor, width, code=code) for tensor in tensors]
+    assert np.array_equal(words.lanes, np.concatenate([encoded.packed for encoded in whole]))
+    assert words.counts.tolist() == [encoded.packed.shape[0] for encoded in whole]
+    for buffer, encoded in zip(weights.buffers, whole, strict=True):
+        assert np.array_equal(buffer.view(np.uint32), encoded.adjusted.view(np.uint32))
+    assert all(not tensor.raw_data for tensor in packed)  # moved out of the protos

@@ -15,7 +15,8 @@ way no Python loop runs over weights or bits.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -103,23 +104,36 @@ def _bit_mask(positions: np.ndarray, n_bits: int) -> np.ndarray:
 class PackedWeights:
     """Packed weight arrays in one block; `buffers` are its views, to hand to the session."""
 
-    def __init__(self, arrays: Sequence[np.ndarray]) -> None:
-        self.sizes = np.array([array.nbytes for array in arrays], dtype=np.int64)
+    def __init__(self, layouts: Sequence[tuple[tuple[int, ...], np.dtype]],
+                 fill: Callable[[int, np.ndarray], None]) -> None:
+        """The buffers of `layouts` (shape, dtype), buffer i written by `fill(i, buffer)` in turn, so that a caller
+        holds one source tensor at a time; the pristine copy is taken after the last."""
+        dtypes = [np.dtype(dtype) for _, dtype in layouts]
+        self.sizes = np.array([math.prod(shape) * dtype.itemsize for (shape, _), dtype in zip(layouts, dtypes,
+                                                                                            strict=True)],
+                              dtype=np.int64)
         padded = -(-self.sizes // 8) * 8
         self.starts = np.cumsum(padded) - padded
         self.block = np.zeros(int(padded.sum()), dtype=np.uint8)
         self.buffers = [
-            self.block[start : start + array.nbytes].view(array.dtype).reshape(array.shape)
-            for array, start in zip(arrays, self.starts, strict=True)
+            self.block[start : start + size].view(dtype).reshape(shape)
+            for (shape, _), dtype, start, size in zip(layouts, dtypes, self.starts, self.sizes, strict=True)
         ]
-        for buffer, array in zip(self.buffers, arrays, strict=True):
-            buffer[...] = array
+        for index, buffer in enumerate(self.buffers):
+            fill(index, buffer)
         self.pristine = self.block.copy()
         self.words = self.block.view("<u8")
 
+    @classmethod
+    def of(cls, arrays: Sequence[np.ndarray]) -> PackedWeights:
+        """The block holding copies of `arrays`."""
+        def copy(index: int, buffer: np.ndarray) -> None:
+            buffer[...] = arrays[index]
+        return cls([(array.shape, array.dtype) for array in arrays], copy)
+
     def verify(self) -> None:
         """Raises RestorationError unless the block equals its pristine copy."""
-        if not np.array_equal(self.block, self.pristine):
+        if not np.array_equal(self.words, self.pristine.view("<u8")):  # word by word: 1/8 of the temporaries
             raise RestorationError("the weight buffers differ from their pristine copy after the trials were undone")
 
 
@@ -306,23 +320,37 @@ class EccProtected:
         return words, data_errors, check_errors
 
 
+@dataclass(frozen=True)
+class CodeWords:
+    """The words a code stores for each of a block's buffers, back to back: `lanes` [n_words, L] of all buffers,
+    `counts` the words of each."""
+
+    lanes: np.ndarray
+    counts: np.ndarray
+
+    @classmethod
+    def of(cls, words: Sequence[np.ndarray]) -> CodeWords:
+        """The words of each buffer's [n_words, L] packed array, copied into one."""
+        return cls(np.concatenate(words), np.array([w.shape[0] for w in words], dtype=np.int64))
+
+
 class NumpyDecoded:
     """Plain stored weights holding a code's fault-free decode, the code's words kept aside: a fault flips bits
     of those words, and each touched word is decoded in numpy (`codec.decode`: parity zeroes an odd word,
     SEC-DED corrects one flip and zeroes a word of two) and then, with `range_max`, every decoded weight w
     with not |w| <= its tensor's range_max (binary32) is zeroed; the result goes to the touched weights.
 
-    `words` holds each buffer's [n_words, L] packed words (all of one format and W), `code` is None for
-    plain words (no code: only the range check), `range_max` each buffer's bound (inf: no check) or is None.
+    `words` holds each buffer's packed words (all of one format and W; read, never written), `code` is None
+    for plain words (no code: only the range check), `range_max` each buffer's bound (inf: no check) or is None.
     """
 
-    def __init__(self, weights: PackedWeights, fmt: str, word_bits: int, code: str | None, words: Sequence[np.ndarray],
+    def __init__(self, weights: PackedWeights, fmt: str, word_bits: int, code: str | None, words: CodeWords,
                  range_max: Sequence[float] | None) -> None:
         self.fmt, self.word_bits, self.code = fmt, word_bits, code
         self.per_word = word_bits // FORMATS[fmt].bits
-        self.lanes = np.concatenate(words)
+        self.lanes = words.lanes
         self.lane_bits = min(word_bits, LANE_BITS)
-        counts = np.array([w.shape[0] for w in words], dtype=np.int64)
+        counts = words.counts
         self.word_ends = np.cumsum(counts)
         self.word_starts = self.word_ends - counts
         code_dtype = FORMATS[fmt].code_dtype

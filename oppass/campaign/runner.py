@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import TextIO
 
 import numpy as np
-import onnx
 import onnxruntime as ort
 
 from oppass import files, modelio, runtime
@@ -138,31 +137,27 @@ def _check_out(out: Path) -> None:
 def make_plan(config: CampaignConfig) -> Plan:
     """Checks model and data, fits data, output, metric and formats to them, and lists the conditions."""
     files.check_input(config.model, "model file")  # missing, or a FIFO, device, folder: said so
-    model = modelio.load_model(config.model)
+    model = modelio.read_model(config.model, defer=True).model  # its structure: weights are read where needed
     if read_decode_nodes(model):
         raise OppassError(f"{config.model} is already protected by oppass: give the unprotected model (or "
                           "`oppass strip` it first)")
     inputs = model_inputs(model)
     dataset = open_dataset(config.data, inputs)
     notes = list(dataset.notes)
-    options = ort.SessionOptions()
-    options.log_severity_level = ORT_ERRORS_ONLY
-    session = runtime.session_from_file(config.model, options)  # by path: onnxruntime maps the weights
-    output = _output_name(config.output, [o.name for o in session.get_outputs()])
-    probe, dataset = _probe(session, output, dataset, config.data, inputs, notes)
+    output, probe, dataset = _probe(config, dataset, inputs, notes)
     batch_size = config.batch_size
     if dataset.size < batch_size:
         batch_size = dataset.size
         notes.append(f"the data has {dataset.size} samples, fewer than --batch {config.batch_size}: "
                      f"each experiment uses all {dataset.size} (in a seeded order)")
     metric = _metric(config, output, probe, dataset, notes)
-    formats = _usable_formats(model, config.formats, notes)
+    formats = _usable_formats(config.model, config.formats, notes)
     batch_study = metric.name not in (GOLDEN, ALLCLOSE) and dataset.labels is not None
     if config.batch_study and not batch_study:
         notes.append(f"the batch-size study needs labels and a metric that uses them ({metric.name} does not): "
                      "skipped")
     digest = model_digest(config.model)  # the model file and its external data
-    layers = _layer_names(model, formats[0]) if config.layers else []
+    layers = _layer_names(config.model, formats[0]) if config.layers else []
     missing = [name for name in config.layers if name not in layers]
     if missing:
         raise OppassError(f"no protected weight tensor named {missing[0]!r} (--layers): choose from "
@@ -194,18 +189,23 @@ def _output_name(wanted: str | None, names: list[str]) -> str:
     return wanted
 
 
-def _probe(session: ort.InferenceSession, output: str, dataset: Dataset, source: str, inputs: list[ModelInput],
-           notes: list[str]) -> tuple[np.ndarray, Dataset]:
-    """The fault-free output of the first samples, sample axis first; one run per sample if the model's
-    output does not carry the batch along its first axis."""
+def _probe(config: CampaignConfig, dataset: Dataset, inputs: list[ModelInput], notes: list[str]
+           ) -> tuple[str, np.ndarray, Dataset]:
+    """The output the campaign scores and its fault-free values on the first samples, sample axis first (one
+    run per sample if the model's output does not carry the batch along its first axis), from a session
+    closed before the campaign's own are made."""
+    options = ort.SessionOptions()
+    options.log_severity_level = ORT_ERRORS_ONLY
+    session = runtime.session_from_file(config.model, options)  # by path: onnxruntime maps the weights
+    output = _output_name(config.output, [o.name for o in session.get_outputs()])
     count = min(PROBE_SAMPLES, dataset.size)
     outputs = _run(session, output, dataset.feeds(np.arange(count)), dataset.batched)
     if dataset.batched and (outputs.ndim == 0 or outputs.shape[0] != count):
         notes.append(f"output {output!r} {list(outputs.shape)} does not have the batch of {count} along its first "
                      "axis: one run per sample")
-        dataset = open_dataset(source, inputs, batched=False)
+        dataset = open_dataset(config.data, inputs, batched=False)
         outputs = _run(session, output, dataset.feeds(np.arange(count)), False)
-    return outputs, dataset
+    return output, outputs, dataset
 
 
 def _run(session: ort.InferenceSession, output: str, feeds: list[dict[str, np.ndarray]], batched: bool) -> np.ndarray:
@@ -268,8 +268,8 @@ def _class_axis(axis: int, rank: int, batched: bool) -> int | None:
     return negative
 
 
-def _usable_formats(model: onnx.ModelProto, wanted: tuple[str, ...], notes: list[str]) -> tuple[str, ...]:
-    """The formats the model can be stored in; the others skipped with a note."""
+def _usable_formats(model: str | Path, wanted: tuple[str, ...], notes: list[str]) -> tuple[str, ...]:
+    """The formats the model file can be stored in (each built, a weight at a time); the others skipped with a note."""
     usable, reasons = [], []
     for fmt in wanted:
         try:
@@ -289,7 +289,7 @@ def _usable_formats(model: onnx.ModelProto, wanted: tuple[str, ...], notes: list
     return tuple(usable)
 
 
-def _layer_names(model: onnx.ModelProto, fmt: str) -> list[str]:
+def _layer_names(model: str | Path, fmt: str) -> list[str]:
     """The weight tensors faults can be restricted to (`--layers`): those oppass protects."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

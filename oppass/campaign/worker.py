@@ -25,7 +25,7 @@ import os
 import tempfile
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -40,6 +40,7 @@ from oppass.campaign.config import BIT_STUDY, Condition, Variant
 from oppass.campaign.data import Dataset, model_inputs, open_dataset
 from oppass.campaign.injector import (
     BitPosition,
+    CodeWords,
     EccProtected,
     FaultTarget,
     Injection,
@@ -52,6 +53,7 @@ from oppass.campaign.metrics import CLASSIFYING, Metric, top1
 from oppass.campaign.records import TrialRecord
 from oppass.campaign.seeds import TrialStreams, batch_indices
 from oppass.campaign.store import FORMAT_VERSION
+from oppass.encoder import CHUNK_WEIGHTS
 from oppass.errors import OppassError
 from oppass.formats import FORMATS, SECDED
 from oppass.modelio.fields import point_to
@@ -130,16 +132,16 @@ class VariantSession:
         if not decoders:
             raise OppassError("the model has no Conv/Gemm weight initializers to inject faults into")
         initializers = {tensor.name: tensor for tensor in model.graph.initializer}
-        arrays = []
-        for decode in decoders:  # each packed tensor's bytes dropped from the proto once copied out
-            arrays.append(numpy_helper.to_array(initializers[decode.packed]))
-            initializers[decode.packed].ClearField("raw_data")
+        packed = [initializers[decode.packed] for decode in decoders]
         self.format = decoders[0].format
         self.tensor_names = [decode.output for decode in decoders]
-        self.code_words: list[np.ndarray] = []
-        if stored_code is not None:
-            arrays = self._encode(arrays, *stored_code)
-        self.weights = PackedWeights(arrays)
+        layouts = [(tuple(tensor.dims), helper.tensor_dtype_to_np_dtype(tensor.data_type)) for tensor in packed]
+        self.code_words: CodeWords | None = None
+        if stored_code is None:
+            fill: Callable[[int, np.ndarray], None] = functools.partial(_move_into, packed)
+        else:
+            self.code_words, fill = coded_fill(packed, self.format, *stored_code)
+        self.weights = PackedWeights(layouts, fill)
         self.weight_bits = decoders[0].weight_format.bits
         self.word_bytes = decoders[0].word_bits // 8
         options = runtime.session_options(threads=SESSION_THREADS)
@@ -156,19 +158,6 @@ class VariantSession:
         self.experiments: dict[int, Experiment] = {}
         self._decoders: dict[str, NumpyDecoded] = {}
         self._subspaces: dict[str, Subspace] = {}
-
-    def _encode(self, arrays: list[np.ndarray], code: str, word: str) -> list[np.ndarray]:
-        """Plain weight arrays re-encoded with `code` over `word`: their fault-free decode (`code_words` keeps
-        the stored words)."""
-        fmt_dtype = FORMATS[self.format].dtype
-        width = codec.word_bits(self.format, word if word == "weight" else int(word), code)
-        decoded = []
-        for array in arrays:
-            encoded = codec.encode(array.reshape(-1).view(fmt_dtype), width, code=code)
-            self.code_words.append(encoded.packed)
-            assert encoded.adjusted is not None
-            decoded.append(encoded.adjusted.view(array.dtype).reshape(array.shape))
-        return decoded
 
     @functools.cached_property
     def ecc(self) -> EccProtected:
@@ -193,8 +182,10 @@ class VariantSession:
             if chosen.code == protection.PLAIN:  # plain storage: the words are the weights, no code
                 fmt_dtype = FORMATS[self.format].dtype
                 code = None
-                words = [codec.pack(array.reshape(-1).view(fmt_dtype), width) for array in self.weights.buffers]
+                words = CodeWords.of([codec.pack(array.reshape(-1).view(fmt_dtype), width)
+                                      for array in self.weights.buffers])
             else:
+                assert self.code_words is not None, "a session of coded words encodes them when it is made"
                 code, words = chosen.code, self.code_words
             bounds = None
             if chosen.range_check:
@@ -236,6 +227,42 @@ class VariantSession:
                                   f"{', '.join(self.tensor_names)}")
             self._subspaces[key] = Subspace(target, [self.tensor_names.index(name) for name in condition.layers])
         return self._subspaces[key]
+
+
+def coded_fill(packed: list[onnx.TensorProto], fmt: str, code: str, word: str
+               ) -> tuple[CodeWords, Callable[[int, np.ndarray], None]]:
+    """The words `code` over `word` stores for the plain weight tensors `packed`, and the fill of a buffer with
+    its tensor's fault-free decode that writes them (a tensor encoded a chunk at a time as it is moved out)."""
+    fmt_dtype = FORMATS[fmt].dtype
+    width = codec.word_bits(fmt, word if word == "weight" else int(word), code)
+    shapes = [codec.packed_shape(math.prod(tensor.dims), fmt, width) for tensor in packed]
+    counts = np.array([rows for rows, _ in shapes], dtype=np.int64)
+    words = CodeWords(np.empty((int(counts.sum()), shapes[0][1]), codec.storage_dtype(width)), counts)
+    starts = np.cumsum(counts) - counts
+    per_word = width // FORMATS[fmt].bits  # CHUNK_WEIGHTS is a multiple: chunks start on word bounds
+
+    def fill(index: int, buffer: np.ndarray) -> None:
+        plain = _moved_out(packed[index]).reshape(-1).view(fmt_dtype)
+        decoded = buffer.reshape(-1).view(fmt_dtype)
+        lanes = words.lanes[starts[index] : starts[index] + counts[index]]
+        for start in range(0, plain.size, CHUNK_WEIGHTS):
+            encoded = codec.encode(plain[start : start + CHUNK_WEIGHTS], width, code=code)
+            assert encoded.adjusted is not None
+            lanes[start // per_word : start // per_word + encoded.packed.shape[0]] = encoded.packed
+            decoded[start : start + CHUNK_WEIGHTS] = encoded.adjusted
+    return words, fill
+
+
+def _moved_out(tensor: onnx.TensorProto) -> np.ndarray:
+    """The values of `tensor`, its bytes then dropped from the proto (it keeps its dims)."""
+    values = numpy_helper.to_array(tensor)
+    tensor.ClearField("raw_data")
+    return values
+
+
+def _move_into(tensors: list[onnx.TensorProto], index: int, buffer: np.ndarray) -> None:
+    """Moves the values of `tensors[index]` into `buffer`."""
+    buffer[...] = _moved_out(tensors[index])
 
 
 def _session_over_buffers(model: onnx.ModelProto, options: ort.SessionOptions, packed: set[str]
