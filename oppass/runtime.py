@@ -98,7 +98,7 @@ def load_session(
     onnxruntime's weight prepacking exactly as in the unprotected model. A standard-op chain
     runs as the ParityCheckUnpack node of its record, which computes the same weights bit for
     bit (docs/FORMAT.md), one weight at a time: onnxruntime's own folding of the chains keeps
-    every intermediate of every chain until it ends (about 14x the packed bytes for fp32) and
+    every intermediate of every chain until it ends (1034 MiB for one 64 MiB fp32 weight) and
     leaves a chain above its folding limit to run on every inference. Runtime-mode nodes are
     left alone.
     With `optimize_runtime_checks`, a model whose decode nodes are all runtime-mode is

@@ -199,4 +199,3 @@ def test_a_model_beyond_the_protobuf_limit_opens_by_path(check: str, given: str,
     session = runtime.load_session(protected if given == "proto" else path)
     assert [a.tobytes() for a in session.run(None, {"x": x})] == [e.tobytes() for e in expected]
     assert all(size <= limit for size in serialised), f"a model over the limit was serialised whole: {serialised}"
-
