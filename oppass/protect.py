@@ -322,6 +322,35 @@ def transform_with_report(
     return result, _report(packed_weights)
 
 
+def transform_to_placeholders(
+    model: str | os.PathLike,
+    *,
+    format: str = KEEP_FORMAT,
+    word: str | int = "64",
+    flip: str | None = None,
+    ops: Sequence[str] = ("Conv", "Gemm"),
+    check: str = "runtime",
+    report_faults: bool = False,
+    code: str = PARITY,
+    range_check: bool = False,
+) -> tuple[onnx.ModelProto, dict[str, modelio.Producer]]:
+    """The model file `model` protected (options as in `transform`) with each packed initializer left a
+    placeholder (`modelio.is_placeholder`, its dims and type set), and the producer of each by its name: the
+    caller has each weight encoded where it wants it, one at a time, from the file (which must stay as it is
+    until then). The model's other tensors are loaded."""
+    options = _validated_options(format, word, flip, ops, check, report_faults, code, range_check)
+    read = modelio.read_model(model, defer=True)
+    packed_weights = _protect_in_place(read.model, options, read, False)
+    for tensor in modelio.all_tensors(read.model):
+        if external_data_helper.uses_external_data(tensor) and not modelio.is_placeholder(tensor):
+            read.load_stored(tensor)
+    producers: dict[str, modelio.Producer] = {}
+    for packed in packed_weights:
+        assert packed.placeholder is not None
+        producers[packed.placeholder.name] = packed
+    return read.model, producers
+
+
 def transform_file(
     model: modelio.ModelFile | str | os.PathLike,
     output: str | os.PathLike,

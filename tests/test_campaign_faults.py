@@ -7,10 +7,10 @@ import argparse
 import math
 from collections import defaultdict
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import pytest
-from onnx import numpy_helper
 
 from oppass import codec, faults
 from oppass.campaign import CampaignConfig, faultmodels, protection, run_campaign, worker
@@ -338,7 +338,7 @@ def test_each_target_reads_its_stored_bits() -> None:
     decoded = NumpyDecoded(weights, "fp32", 128, codec.PARITY, CodeWords.of(words), None)
     padded = np.concatenate([np.unpackbits(w.view(np.uint8).reshape(-1), bitorder="little") for w in words])
     target = EccProtected(weights)
-    data = np.unpackbits(weights.pristine.view(np.uint8), bitorder="little").reshape(-1, 64)
+    data = np.unpackbits(weights.block, bitorder="little").reshape(-1, 64)
     check = np.unpackbits(target.check[:, None], axis=1, bitorder="little")
     codewords = np.concatenate([data, check], axis=1).reshape(-1)
     for space_, expected in ((stored, stream), (decoded, padded), (target, codewords)):
@@ -378,17 +378,29 @@ def test_gap_draws_at_rates_whose_gaps_overflow_int64_end(ber: float) -> None:
     assert np.array_equal(positions, again)
 
 
+class _SlicedProducer:
+    """Writes an array's bytes in slices of an odd size, as a packed weight's producer does in its own."""
+
+    def __init__(self, array: np.ndarray) -> None:
+        self.data = array.tobytes()
+        self.nbytes = len(self.data)
+
+    def write(self, stream: BinaryIO) -> None:
+        view = memoryview(self.data)
+        for start in range(0, self.nbytes, 1_000_003):
+            stream.write(view[start : start + 1_000_003])
+
+
 @pytest.mark.parametrize(("code", "word"), [(codec.SECDED, "64"), (codec.PARITY, "64"), (codec.SECDED, "128")])
 def test_campaign_encodes_a_tensor_in_chunks_exactly_as_the_codec_does_whole(code: str, word: str) -> None:
     rng = np.random.default_rng(11)
     tensors = [rng.standard_normal(size, dtype=np.float32) for size in (CHUNK_WEIGHTS * 2 + 37, 5)]
-    packed = [numpy_helper.from_array(tensor, f"w{index}") for index, tensor in enumerate(tensors)]
-    words, fill = worker.coded_fill(packed, "fp32", code, word)
-    weights = PackedWeights([(tensor.shape, tensor.dtype) for tensor in tensors], fill)
+    layouts = [(tensor.shape, tensor.dtype) for tensor in tensors]
+    words, fill = worker.coded_fill([_SlicedProducer(tensor) for tensor in tensors], layouts, "fp32", code, word)
+    weights = PackedWeights(layouts, fill)
     width = codec.word_bits("fp32", int(word), code)
     whole = [codec.encode(tensor, width, code=code) for tensor in tensors]
     assert np.array_equal(words.lanes, np.concatenate([encoded.packed for encoded in whole]))
     assert words.counts.tolist() == [encoded.packed.shape[0] for encoded in whole]
     for buffer, encoded in zip(weights.buffers, whole, strict=True):
         assert np.array_equal(buffer.view(np.uint32), encoded.adjusted.view(np.uint32))
-    assert all(not tensor.raw_data for tensor in packed)  # moved out of the protos

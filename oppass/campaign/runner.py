@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import sqlite3
 import sys
 import warnings
@@ -275,7 +276,10 @@ def _usable_formats(model: str | Path, wanted: tuple[str, ...], notes: list[str]
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # "no weight found" is an error here, raised below
-                variant = build_variant(model, Variant(fmt, UNPROTECTED))
+                variant, producers = build_variant(model, Variant(fmt, UNPROTECTED))
+                with open(os.devnull, "wb") as sink:  # each weight encoded (and dropped): what fails, fails here
+                    for producer in producers.values():
+                        producer.write(sink)
         except OppassError as error:
             reasons.append(f"{fmt}: {error}")
             notes.append(f"weight format {fmt} skipped: {error}")
@@ -293,7 +297,7 @@ def _layer_names(model: str | Path, fmt: str) -> list[str]:
     """The weight tensors faults can be restricted to (`--layers`): those oppass protects."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return [decode.output for decode in read_decode_nodes(build_variant(model, Variant(fmt, UNPROTECTED)))]
+        return [decode.output for decode in read_decode_nodes(build_variant(model, Variant(fmt, UNPROTECTED))[0])]
 
 
 def _run_batch_study(store: Store, workload: Workload, formats: tuple[str, ...]) -> None:

@@ -25,14 +25,15 @@ import os
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import BinaryIO, cast
 
 import numpy as np
 import onnx
 import onnxruntime as ort
-from onnx import helper, numpy_helper
+from onnx import helper
 
 from oppass import codec, faults, modelio, runtime
 from oppass.campaign import faultmodels, protection
@@ -56,13 +57,15 @@ from oppass.campaign.store import FORMAT_VERSION
 from oppass.encoder import CHUNK_WEIGHTS
 from oppass.errors import OppassError
 from oppass.formats import FORMATS, SECDED
+from oppass.modelio import Producer
 from oppass.modelio.fields import point_to
-from oppass.protect import transform
+from oppass.protect import transform_to_placeholders
 from oppass.schema import MASKED_WORDS_OUTPUT, read_decode_nodes
 
 # Sessions run on one intra-op thread everywhere, so outputs do not depend on the scheduler.
 SESSION_THREADS = 1
 ORT_ERRORS_ONLY = 3
+ARENA_GROWS_AS_ASKED = 1  # onnxruntime's kSameAsRequested
 # Words whose flips are counted from a dense mask, by size in bits.
 _WORD_DTYPES: dict[int, np.dtype] = {8: np.dtype("u1"), 16: np.dtype("<u2"), 32: np.dtype("<u4"), 64: np.dtype("<u8")}
 # Memory for the prepared flips and outputs of the trials of a burst (estimated: 24 bytes per expected flip).
@@ -125,9 +128,9 @@ class VariantSession:
     buffers then hold the code's fault-free decode and `code_words` the words the code stores.
     """
 
-    def __init__(self, model: onnx.ModelProto, output: str, batched: bool,
+    def __init__(self, model: onnx.ModelProto, producers: Mapping[str, Producer], output: str, batched: bool,
                  stored_code: tuple[str, str] | None = None) -> None:
-        """`model`'s packed tensors are moved into the buffers (the proto keeps their dims, not their bytes)."""
+        """`model`'s packed tensors are placeholders whose `producers` (by name) write them into the buffers."""
         decoders = read_decode_nodes(model)
         if not decoders:
             raise OppassError("the model has no Conv/Gemm weight initializers to inject faults into")
@@ -136,15 +139,17 @@ class VariantSession:
         self.format = decoders[0].format
         self.tensor_names = [decode.output for decode in decoders]
         layouts = [(tuple(tensor.dims), helper.tensor_dtype_to_np_dtype(tensor.data_type)) for tensor in packed]
+        ordered = [producers[decode.packed] for decode in decoders]
         self.code_words: CodeWords | None = None
         if stored_code is None:
-            fill: Callable[[int, np.ndarray], None] = functools.partial(_move_into, packed)
+            fill: Callable[[int, np.ndarray], None] = functools.partial(_produce_into, ordered)
         else:
-            self.code_words, fill = coded_fill(packed, self.format, *stored_code)
+            self.code_words, fill = coded_fill(ordered, layouts, self.format, *stored_code)
         self.weights = PackedWeights(layouts, fill)
         self.weight_bits = decoders[0].weight_format.bits
         self.word_bytes = decoders[0].word_bits // 8
-        options = runtime.session_options(threads=SESSION_THREADS)
+        _share_one_arena()
+        options = runtime.session_options(threads=SESSION_THREADS, config={"session.use_env_allocators": "1"})
         options.log_severity_level = ORT_ERRORS_ONLY  # a model's shape annotations may disagree with its outputs
         # The OrtValues must outlive the session: onnxruntime reads the numpy memory directly.
         self._values = [ort.OrtValue.ortvalue_from_numpy(buffer) for buffer in self.weights.buffers]
@@ -190,8 +195,7 @@ class VariantSession:
             bounds = None
             if chosen.range_check:
                 fmt_dtype = FORMATS[self.format].dtype
-                maxima = [codec.max_magnitude(array.reshape(-1).view(fmt_dtype)) for array in self.weights.buffers]
-                bounds = [np.inf if bound is None else bound for bound in maxima]
+                bounds = [_range_bound(array.reshape(-1).view(fmt_dtype)) for array in self.weights.buffers]
             self._decoders[key] = NumpyDecoded(self.weights, self.format, width, code, words, bounds)
         return self._decoders[key]
 
@@ -229,40 +233,71 @@ class VariantSession:
         return self._subspaces[key]
 
 
-def coded_fill(packed: list[onnx.TensorProto], fmt: str, code: str, word: str
-               ) -> tuple[CodeWords, Callable[[int, np.ndarray], None]]:
-    """The words `code` over `word` stores for the plain weight tensors `packed`, and the fill of a buffer with
-    its tensor's fault-free decode that writes them (a tensor encoded a chunk at a time as it is moved out)."""
+def _range_bound(weights: np.ndarray) -> float:
+    """The range check's bound of a tensor's weights (inf, no check, when one is not finite: as the pass does),
+    found a chunk at a time so that its float32 temporaries stay small."""
+    maxima = [codec.max_magnitude(weights[start : start + CHUNK_WEIGHTS])
+              for start in range(0, weights.size, CHUNK_WEIGHTS)]
+    finite = [largest for largest in maxima if largest is not None]
+    return max(finite, default=0.0) if len(finite) == len(maxima) else math.inf
+
+
+def coded_fill(producers: Sequence[Producer], layouts: Sequence[tuple[tuple[int, ...], np.dtype]], fmt: str,
+               code: str, word: str) -> tuple[CodeWords, Callable[[int, np.ndarray], None]]:
+    """The words `code` over `word` stores for the plain weight tensors `producers` write (shapes and dtypes
+    `layouts`), and the fill of a buffer with its tensor's fault-free decode that writes them (the tensor
+    written into the buffer, then encoded from it a chunk at a time)."""
     fmt_dtype = FORMATS[fmt].dtype
     width = codec.word_bits(fmt, word if word == "weight" else int(word), code)
-    shapes = [codec.packed_shape(math.prod(tensor.dims), fmt, width) for tensor in packed]
+    shapes = [codec.packed_shape(math.prod(shape), fmt, width) for shape, _ in layouts]
     counts = np.array([rows for rows, _ in shapes], dtype=np.int64)
     words = CodeWords(np.empty((int(counts.sum()), shapes[0][1]), codec.storage_dtype(width)), counts)
     starts = np.cumsum(counts) - counts
     per_word = width // FORMATS[fmt].bits  # CHUNK_WEIGHTS is a multiple: chunks start on word bounds
 
     def fill(index: int, buffer: np.ndarray) -> None:
-        plain = _moved_out(packed[index]).reshape(-1).view(fmt_dtype)
-        decoded = buffer.reshape(-1).view(fmt_dtype)
+        _produce_into(producers, index, buffer)
+        weights = buffer.reshape(-1).view(fmt_dtype)
         lanes = words.lanes[starts[index] : starts[index] + counts[index]]
-        for start in range(0, plain.size, CHUNK_WEIGHTS):
-            encoded = codec.encode(plain[start : start + CHUNK_WEIGHTS], width, code=code)
+        for start in range(0, weights.size, CHUNK_WEIGHTS):  # each chunk read, then its decode written back
+            encoded = codec.encode(weights[start : start + CHUNK_WEIGHTS], width, code=code)
             assert encoded.adjusted is not None
             lanes[start // per_word : start // per_word + encoded.packed.shape[0]] = encoded.packed
-            decoded[start : start + CHUNK_WEIGHTS] = encoded.adjusted
+            weights[start : start + CHUNK_WEIGHTS] = encoded.adjusted
     return words, fill
 
 
-def _moved_out(tensor: onnx.TensorProto) -> np.ndarray:
-    """The values of `tensor`, its bytes then dropped from the proto (it keeps its dims)."""
-    values = numpy_helper.to_array(tensor)
-    tensor.ClearField("raw_data")
-    return values
+class _BufferStream:
+    """A binary stream whose writes fill a numpy buffer's bytes in order."""
+
+    def __init__(self, buffer: np.ndarray) -> None:
+        self.bytes = buffer.reshape(-1).view(np.uint8)
+        self.written = 0
+
+    def write(self, data: bytes | memoryview) -> int:
+        chunk = np.frombuffer(data, dtype=np.uint8)
+        if self.written + chunk.size > self.bytes.size:
+            raise OppassError(f"a packed weight was written with more than its {self.bytes.size} bytes")
+        self.bytes[self.written : self.written + chunk.size] = chunk
+        self.written += chunk.size
+        return chunk.size
 
 
-def _move_into(tensors: list[onnx.TensorProto], index: int, buffer: np.ndarray) -> None:
-    """Moves the values of `tensors[index]` into `buffer`."""
-    buffer[...] = _moved_out(tensors[index])
+def _produce_into(producers: Sequence[Producer], index: int, buffer: np.ndarray) -> None:
+    """Has `producers[index]` write its packed weight into `buffer`, which it must fill exactly."""
+    stream = _BufferStream(buffer)
+    producers[index].write(cast(BinaryIO, stream))
+    if stream.written != stream.bytes.size:
+        raise OppassError(f"a packed weight was written with {stream.written} bytes, expected {stream.bytes.size}")
+
+
+@functools.cache
+def _share_one_arena() -> None:
+    """Registers, once per process, the CPU memory arena every campaign session uses: one arena for all
+    variants' sessions, grown by what is asked. A session's own arena doubles its last region instead: after
+    the 64 MiB decode of a 64 MiB weight, a 16 KiB request took another 64 MiB (onnxruntime 1.32)."""
+    cpu = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
+    ort.create_and_register_allocator(cpu, ort.OrtArenaCfg({"arena_extend_strategy": ARENA_GROWS_AS_ASKED}))
 
 
 def _session_over_buffers(model: onnx.ModelProto, options: ort.SessionOptions, packed: set[str]
@@ -313,10 +348,10 @@ class WorkerCache:
         """The session of `variant`, built on first use."""
         if variant not in self.sessions:
             code, _, word = variant.word.rpartition(":")
-            built = build_variant(self.workload.model, variant)
-            self._check_unchanged()  # what was read is what the campaign's identity hashed
-            self.sessions[variant] = VariantSession(built, self.workload.output, self.workload.batched,
-                                                    (code, word) if code else None)
+            session = VariantSession(*build_variant(self.workload.model, variant), self.workload.output,
+                                     self.workload.batched, (code, word) if code else None)
+            self._check_unchanged()  # what was read (weights are read as the session is made) is what was hashed
+            self.sessions[variant] = session
         return self.sessions[variant]
 
     def _check_unchanged(self) -> None:
@@ -353,13 +388,15 @@ _CACHES: dict[Workload, WorkerCache] = {}
 _CACHES_LOCK = threading.Lock()
 
 
-def build_variant(model: onnx.ModelProto | str | Path, variant: Variant) -> onnx.ModelProto:
-    """The model (or the model file, read a weight at a time) with Conv/Gemm weights stored in the variant's format,
-    OP-protected or plain (a `CODE:W` variant is plain: its session re-encodes the weights)."""
+def build_variant(model: str | Path, variant: Variant) -> tuple[onnx.ModelProto, dict[str, Producer]]:
+    """The model file with Conv/Gemm weights stored in the variant's format, OP-protected or plain (a `CODE:W`
+    variant is plain: its session re-encodes the weights), each packed weight a placeholder, and the producers
+    that encode them from the file (`protect.transform_to_placeholders`)."""
     if variant.protected:
         word = variant.word if variant.word == "weight" else int(variant.word)
-        return transform(model, format=variant.format, word=word, check="runtime", report_faults=True)
-    return transform(model, format=variant.format, word="weight", check="none", report_faults=True)
+        return transform_to_placeholders(model, format=variant.format, word=word, check="runtime",
+                                         report_faults=True)
+    return transform_to_placeholders(model, format=variant.format, word="weight", check="none", report_faults=True)
 
 
 def worker_cache(workload: Workload) -> WorkerCache:
