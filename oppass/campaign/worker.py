@@ -151,6 +151,10 @@ class VariantSession:
         _share_one_arena()
         options = runtime.session_options(threads=SESSION_THREADS, config={"session.use_env_allocators": "1"})
         options.log_severity_level = ORT_ERRORS_ONLY  # a model's shape annotations may disagree with its outputs
+        # A memory pattern allocates every planned tensor of a run as one block, from the second run on: a block
+        # that the first run's separate chunks cannot hold (an int8 weight's 16 MiB decode and 64 MiB dequantized
+        # copy took 80 MiB more).
+        options.enable_mem_pattern = False
         # The OrtValues must outlive the session: onnxruntime reads the numpy memory directly.
         self._values = [ort.OrtValue.ortvalue_from_numpy(buffer) for buffer in self.weights.buffers]
         for decode, value in zip(decoders, self._values, strict=True):
