@@ -16,11 +16,12 @@ from oppass import codec, faults
 from oppass.campaign import CampaignConfig, faultmodels, protection, run_campaign, worker
 from oppass.campaign import cli as campaign_cli
 from oppass.campaign.config import Condition, Variant, conditions, protection_label, protection_order
-from oppass.campaign.injector import CodeWords, EccProtected, NumpyDecoded, PackedWeights, StoredBits, Subspace
+from oppass.campaign.injector import EccProtected, NumpyDecoded, PackedWeights, StoredBits, StoredWords, Subspace
 from oppass.campaign.runner import make_plan
 from oppass.campaign.store import Store
 from oppass.encoder import CHUNK_WEIGHTS
 from oppass.errors import OppassError
+from oppass.formats import FORMATS
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DIGITS_MODEL = REPO_ROOT / "oppass" / "examples" / "digits_cnn.onnx"
@@ -260,7 +261,7 @@ def test_faults_restricted_to_chosen_layers_land_only_there(kind: str) -> None:
         target = EccProtected(weights)
     else:
         target = NumpyDecoded(weights, "fp32", 64, codec.PARITY,
-                              CodeWords.of([codec.pack(a.reshape(-1).view(np.float32), 64) for a in arrays]), None)
+                              StoredWords.of([codec.pack(a.reshape(-1).view(np.float32), 64) for a in arrays]), None)
     sub = Subspace(target, [1, 2])  # type: ignore[arg-type]
     segments = target.segments([1, 2])  # type: ignore[attr-defined]
     assert sub.n_bits == int((segments[:, 1] - segments[:, 0]).sum())
@@ -335,13 +336,18 @@ def test_each_target_reads_its_stored_bits() -> None:
     stream = np.concatenate([np.unpackbits(a.view(np.uint8).reshape(-1), bitorder="little") for a in arrays])
     stored = StoredBits(weights)
     words = [codec.pack(a.reshape(-1).view(np.float32), 128) for a in arrays]
-    decoded = NumpyDecoded(weights, "fp32", 128, codec.PARITY, CodeWords.of(words), None)
+    decoded = NumpyDecoded(weights, "fp32", 128, codec.PARITY, StoredWords.of(words), None)
     padded = np.concatenate([np.unpackbits(w.view(np.uint8).reshape(-1), bitorder="little") for w in words])
+    encoded = [codec.encode(a.reshape(-1).view(np.float32), 64, code=codec.SECDED) for a in arrays]
+    secded = NumpyDecoded(PackedWeights.of([e.adjusted for e in encoded]), "fp32", 64, codec.SECDED,
+                          StoredWords.of([e.packed for e in encoded]), None)
+    secded_words = np.concatenate([np.unpackbits(e.packed.view(np.uint8).reshape(-1), bitorder="little")
+                                   for e in encoded])
     target = EccProtected(weights)
     data = np.unpackbits(weights.block, bitorder="little").reshape(-1, 64)
     check = np.unpackbits(target.check[:, None], axis=1, bitorder="little")
     codewords = np.concatenate([data, check], axis=1).reshape(-1)
-    for space_, expected in ((stored, stream), (decoded, padded), (target, codewords)):
+    for space_, expected in ((stored, stream), (decoded, padded), (secded, secded_words), (target, codewords)):
         everything = np.arange(space_.n_bits)
         assert np.array_equal(space_.bits(everything), expected)
         assert space_.ones() == int(expected.sum())
@@ -400,7 +406,42 @@ def test_campaign_encodes_a_tensor_in_chunks_exactly_as_the_codec_does_whole(cod
     weights = PackedWeights(layouts, fill)
     width = codec.word_bits("fp32", int(word), code)
     whole = [codec.encode(tensor, width, code=code) for tensor in tensors]
-    assert np.array_equal(words.lanes, np.concatenate([encoded.packed for encoded in whole]))
     assert words.counts.tolist() == [encoded.packed.shape[0] for encoded in whole]
+    assert words.ones.tolist() == [int(np.bitwise_count(encoded.packed).sum()) for encoded in whole]
     for buffer, encoded in zip(weights.buffers, whole, strict=True):
         assert np.array_equal(buffer.view(np.uint32), encoded.adjusted.view(np.uint32))
+    decoded = NumpyDecoded(weights, "fp32", width, code, words, None)  # the words encoded again from the block
+    lanes = np.concatenate([encoded.packed for encoded in whole])
+    positions = np.sort(rng.choice(decoded.n_bits, 200_000, replace=False))
+    word, bit = np.divmod(positions, width)
+    lane, shift = np.divmod(bit, min(width, 64))
+    expected = ((lanes[word, lane] >> shift.astype(lanes.dtype)) & 1).astype(np.uint8)
+    assert np.array_equal(decoded.bits(positions), expected) and decoded.ones() == int(np.bitwise_count(lanes).sum())
+
+
+@pytest.mark.parametrize("fmt", ["fp32", "bf16", "fp16", "int8"])
+@pytest.mark.parametrize("code", [codec.PARITY, codec.SECDED])
+@pytest.mark.parametrize("word", [16, 32, 64, 128, 512])
+def test_a_codes_words_are_the_encoding_of_their_fault_free_decode(fmt: str, code: str, word: int) -> None:
+    """What lets the campaign keep no copy of a code's words (`StoredWords`): encoding the decode of the encoded
+    weights gives the same words, with zeros of both signs, infinities and NaNs of every payload among them."""
+    try:
+        width = codec.word_bits(fmt, word, code)
+    except OppassError:
+        pytest.skip(f"{code} has no {word}-bit words of {fmt}")
+    rng = np.random.default_rng(word)
+    weight = FORMATS[fmt]
+    codes = rng.integers(0, 2**weight.bits, size=4099, dtype=np.uint64).astype(weight.code_dtype)
+    if fmt != "int8":
+        codes[:64] = 0
+        codes[64:128] = 1 << (weight.bits - 1)  # -0.0
+    weights = codes.view(weight.dtype)
+    try:
+        encoded = codec.encode(weights, width, code=code)
+    except OppassError:  # a parity word of infinities only cannot be made even
+        encoded = codec.encode(np.where(np.isinf(weights.astype(np.float32)), 0, weights).astype(weight.dtype),
+                               width, code=code)
+    again = codec.encode(encoded.adjusted, width, code=code)
+    assert np.array_equal(again.packed, encoded.packed)
+    decoded = codec.decode(encoded.packed, fmt, width, weights.shape, code=code).weights
+    assert np.array_equal(decoded.view(weight.code_dtype), encoded.adjusted.view(weight.code_dtype))

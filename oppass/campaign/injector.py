@@ -8,8 +8,8 @@ applies it to the block and `restore` undoes it, so preparation can run ahead of
 inferences and the in-trial work is a few numpy calls. The block holds its fault-free values
 whenever no injection is live: targets read them from it (no second copy of the weights), so
 `bits`, `ones` and `prepare` are called only between a `restore` and the next `inject`.
-`NumpyDecoded` keeps a code's stored words aside and writes their numpy decode (SEC-DED,
-parity, then the range check) into plain weights.
+`NumpyDecoded` writes the numpy decode of a code's stored words (SEC-DED, parity, then the
+range check) into plain weights; it encodes the words it needs again from the block.
 Flips go to their bytes (words for ECC), or through a dense bit mask of the whole block
 when there is more than one per DENSE_BITS bits (the cheaper way there, measured): either
 way no Python loop runs over weights or bits.
@@ -37,6 +37,8 @@ PACKED_BITS = 16
 _BIT_MASKS = np.left_shift(1, np.arange(8)).astype(np.uint8)
 _NOTHING = np.empty(0, dtype=np.uint8)
 ROW_BITS = 64  # the memory word of plain and OP storage, for multi-bit upsets
+# Flips a numpy decoder prepares at once (about 150 bytes of temporaries each, SEC-DED's encode and decode).
+PREPARED_FLIPS = 2**16
 
 
 class RestorationError(RuntimeError):
@@ -326,38 +328,43 @@ class EccProtected:
 
 
 @dataclass(frozen=True)
-class CodeWords:
-    """The words a code stores for each of a block's buffers, back to back: `lanes` [n_words, L] of all buffers,
-    `counts` the words of each."""
+class StoredWords:
+    """What a code stores for each of a block's buffers, in figures: `counts` its words, `ones` their set bits.
 
-    lanes: np.ndarray
+    The words themselves are not kept: each is the encoding of its fault-free decode, which the
+    block holds, and the codec's encode of that decode gives the same word again (for every
+    format, word size and code: tests/test_campaign_faults.py), so they are encoded again when read.
+    """
+
     counts: np.ndarray
+    ones: np.ndarray
 
     @classmethod
-    def of(cls, words: Sequence[np.ndarray]) -> CodeWords:
-        """The words of each buffer's [n_words, L] packed array, copied into one."""
-        return cls(np.concatenate(words), np.array([w.shape[0] for w in words], dtype=np.int64))
+    def of(cls, words: Sequence[np.ndarray]) -> StoredWords:
+        """The figures of each buffer's [n_words, L] packed words."""
+        return cls(np.array([w.shape[0] for w in words], dtype=np.int64),
+                   np.array([int(np.bitwise_count(w).sum()) for w in words], dtype=np.int64))
 
 
 class NumpyDecoded:
-    """Plain stored weights holding a code's fault-free decode, the code's words kept aside: a fault flips bits
-    of those words, and each touched word is decoded in numpy (`codec.decode`: parity zeroes an odd word,
-    SEC-DED corrects one flip and zeroes a word of two) and then, with `range_max`, every decoded weight w
-    with not |w| <= its tensor's range_max (binary32) is zeroed; the result goes to the touched weights.
+    """Plain stored weights holding a code's fault-free decode, the code's words encoded again from it when read:
+    a fault flips bits of those words, and each touched word is decoded in numpy (`codec.decode`: parity zeroes
+    an odd word, SEC-DED corrects one flip and zeroes a word of two) and then, with `range_max`, every decoded
+    weight w with not |w| <= its tensor's range_max (binary32) is zeroed; the result goes to the touched weights.
 
-    `words` holds each buffer's packed words (all of one format and W; read, never written), `code` is None
-    for plain words (no code: only the range check), `range_max` each buffer's bound (inf: no check) or is None.
+    `words` gives each buffer's stored words in figures (all of one format and W), `code` is None for plain
+    words (no code: only the range check), `range_max` each buffer's bound (inf: no check) or is None.
     """
 
-    def __init__(self, weights: PackedWeights, fmt: str, word_bits: int, code: str | None, words: CodeWords,
+    def __init__(self, weights: PackedWeights, fmt: str, word_bits: int, code: str | None, words: StoredWords,
                  range_max: Sequence[float] | None) -> None:
         self.fmt, self.word_bits, self.code = fmt, word_bits, code
         self.per_word = word_bits // FORMATS[fmt].bits
-        self.lanes = words.lanes
         self.lane_bits = min(word_bits, LANE_BITS)
         counts = words.counts
         self.word_ends = np.cumsum(counts)
         self.word_starts = self.word_ends - counts
+        self.set_bits = int(words.ones.sum())
         code_dtype = FORMATS[fmt].code_dtype
         self.codes = weights.block.view(code_dtype)
         self.code_starts = weights.starts // code_dtype.itemsize
@@ -368,14 +375,16 @@ class NumpyDecoded:
 
     def bits(self, positions: np.ndarray) -> np.ndarray:
         """The fault-free values of stored word bits `positions`."""
-        words, bit = np.divmod(positions, self.word_bits)
+        word, bit = np.divmod(positions, self.word_bits)
+        touched, slot = faults.group(word)
+        _, index, real = self._places(touched)
         lane, shift = np.divmod(bit, self.lane_bits)
-        values = self.lanes[words, lane] >> shift.astype(self.lanes.dtype)
-        return (values & 1).astype(np.uint8)
+        lanes = self._stored(index, real)
+        return ((lanes[slot, lane] >> shift.astype(lanes.dtype)) & 1).astype(np.uint8)
 
     def ones(self) -> int:
         """Set bits of every stored word."""
-        return int(np.bitwise_count(self.lanes).sum())
+        return self.set_bits
 
     def segments(self, tensors: Sequence[int]) -> np.ndarray:
         """The stored word bits of each buffer in `tensors`."""
@@ -383,11 +392,26 @@ class NumpyDecoded:
         return np.stack([self.word_starts[chosen], self.word_ends[chosen]], axis=1) * self.word_bits
 
     def prepare(self, positions: np.ndarray) -> Injection:
-        """The injection writing the decode of the touched words (distinct bits `positions` flipped)."""
+        """The injection writing the decode of the touched words (distinct bits `positions` flipped): prepared
+        PREPARED_FLIPS flips at a time (whole words each), so that the codec's temporaries stay small."""
+        if positions.size <= PREPARED_FLIPS:
+            return self._prepare(positions)
+        positions = np.sort(positions)
+        word = positions // self.word_bits
+        cuts = np.unique(np.searchsorted(word, word[::PREPARED_FLIPS], side="left"))
+        pieces = [self._prepare(part) for part in np.split(positions, cuts[1:])]
+        corrected = None if self.code != SECDED else sum(piece.corrected or 0 for piece in pieces)
+        return Injection(positions.size, sum(piece.masked for piece in pieces),
+                         np.concatenate([piece.index for piece in pieces if piece.index is not None]),
+                         np.concatenate([piece.change for piece in pieces]),
+                         np.concatenate([piece.clean for piece in pieces]), corrected)
+
+    def _prepare(self, positions: np.ndarray) -> Injection:
         word, bit = np.divmod(positions, self.word_bits)
         touched, slot = faults.group(word)
+        tensor, index, real = self._places(touched)
+        received = self._stored(index, real)
         lane, shift = np.divmod(bit, self.lane_bits)
-        received = self.lanes[touched]
         np.bitwise_xor.at(received, (slot, lane), np.left_shift(1, shift).astype(received.dtype))
         shape = (touched.size * self.per_word,)
         corrected = None
@@ -399,14 +423,11 @@ class NumpyDecoded:
             if self.code == SECDED:
                 corrected = decoded.corrected_words
         values = weights.reshape(touched.size, self.per_word)
-        tensor = np.searchsorted(self.word_ends, touched, side="right")
         if self.range_max is not None:
             with np.errstate(invalid="ignore"):  # NaNs compare false: zeroed
                 outside = ~(np.abs(values.astype(np.float32)) <= self.range_max[tensor][:, None])
             values.view(self.codes.dtype)[outside] = 0
-        weight = (touched - self.word_starts[tensor])[:, None] * self.per_word + np.arange(self.per_word)
-        real = weight < self.weight_counts[tensor][:, None]  # the last word's padding has no weight
-        index = (self.code_starts[tensor][:, None] + weight)[real]
+        index = index[real]
         change = values.view(self.codes.dtype)[real]
         return Injection(positions.size, masked, index, change, self.codes[index], corrected)
 
@@ -417,6 +438,23 @@ class NumpyDecoded:
     def restore(self, injection: Injection) -> None:
         """Writes the fault-free weights back."""
         self.codes[injection.index] = injection.clean
+
+    def _places(self, touched: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """For the distinct words `touched`: their buffers, the block index of each of their weights
+        [n, per_word], and which of those are weights (the last word of a buffer may end in padding)."""
+        tensor = np.searchsorted(self.word_ends, touched, side="right")
+        weight = (touched - self.word_starts[tensor])[:, None] * self.per_word + np.arange(self.per_word)
+        return tensor, self.code_starts[tensor][:, None] + weight, weight < self.weight_counts[tensor][:, None]
+
+    def _stored(self, index: np.ndarray, real: np.ndarray) -> np.ndarray:
+        """The stored words [n, L] whose fault-free decodes are at block `index` where `real` (zero padding
+        elsewhere): encoded again from them."""
+        codes = np.zeros(index.shape, dtype=self.codes.dtype)
+        codes[real] = self.codes[index[real]]
+        weights = codes.reshape(-1).view(FORMATS[self.fmt].dtype)
+        if self.code == SECDED:
+            return codec.encode(weights, self.word_bits, code=SECDED, adjusted=False).packed
+        return codec.pack(weights, self.word_bits)  # parity: the decode of an even word is that word
 
 
 class Subspace:

@@ -41,13 +41,13 @@ from oppass.campaign.config import BIT_STUDY, Condition, Variant
 from oppass.campaign.data import Dataset, model_inputs, open_dataset
 from oppass.campaign.injector import (
     BitPosition,
-    CodeWords,
     EccProtected,
     FaultTarget,
     Injection,
     NumpyDecoded,
     PackedWeights,
     StoredBits,
+    StoredWords,
     Subspace,
 )
 from oppass.campaign.metrics import CLASSIFYING, Metric, top1
@@ -125,7 +125,7 @@ class VariantSession:
     """One protected (or plain) build of the model with its packed weights in live numpy buffers.
 
     With `stored_code` (CODE, W) the model is plain and its weights are re-encoded with that code: the
-    buffers then hold the code's fault-free decode and `code_words` the words the code stores.
+    buffers then hold the code's fault-free decode and `code_words` the figures of the words the code stores.
     """
 
     def __init__(self, model: onnx.ModelProto, producers: Mapping[str, Producer], output: str, batched: bool,
@@ -140,7 +140,7 @@ class VariantSession:
         self.tensor_names = [decode.output for decode in decoders]
         layouts = [(tuple(tensor.dims), helper.tensor_dtype_to_np_dtype(tensor.data_type)) for tensor in packed]
         ordered = [producers[decode.packed] for decode in decoders]
-        self.code_words: CodeWords | None = None
+        self.code_words: StoredWords | None = None
         if stored_code is None:
             fill: Callable[[int, np.ndarray], None] = functools.partial(_produce_into, ordered)
         else:
@@ -188,11 +188,12 @@ class VariantSession:
         key = chosen.name
         if key not in self._decoders:
             width = chosen.word_bits(self.format)
-            if chosen.code == protection.PLAIN:  # plain storage: the words are the weights, no code
-                fmt_dtype = FORMATS[self.format].dtype
+            if chosen.code == protection.PLAIN:  # plain storage: the words are the weights (zero-padded), no code
                 code = None
-                words = CodeWords.of([codec.pack(array.reshape(-1).view(fmt_dtype), width)
-                                      for array in self.weights.buffers])
+                counts = [codec.packed_shape(array.nbytes * 8 // self.weight_bits, self.format, width)[0]
+                          for array in self.weights.buffers]
+                ones = [int(np.bitwise_count(array.reshape(-1).view(np.uint8)).sum()) for array in self.weights.buffers]
+                words = StoredWords(np.array(counts, dtype=np.int64), np.array(ones, dtype=np.int64))
             else:
                 assert self.code_words is not None, "a session of coded words encodes them when it is made"
                 code, words = chosen.code, self.code_words
@@ -247,26 +248,22 @@ def _range_bound(weights: np.ndarray) -> float:
 
 
 def coded_fill(producers: Sequence[Producer], layouts: Sequence[tuple[tuple[int, ...], np.dtype]], fmt: str,
-               code: str, word: str) -> tuple[CodeWords, Callable[[int, np.ndarray], None]]:
-    """The words `code` over `word` stores for the plain weight tensors `producers` write (shapes and dtypes
-    `layouts`), and the fill of a buffer with its tensor's fault-free decode that writes them (the tensor
-    written into the buffer, then encoded from it a chunk at a time)."""
+               code: str, word: str) -> tuple[StoredWords, Callable[[int, np.ndarray], None]]:
+    """The figures of the words `code` over `word` stores for the plain weight tensors `producers` write (shapes
+    and dtypes `layouts`), and the fill of a buffer with its tensor's fault-free decode that counts them (the
+    tensor written into the buffer, then encoded from it a chunk at a time; the words are not kept)."""
     fmt_dtype = FORMATS[fmt].dtype
     width = codec.word_bits(fmt, word if word == "weight" else int(word), code)
     shapes = [codec.packed_shape(math.prod(shape), fmt, width) for shape, _ in layouts]
-    counts = np.array([rows for rows, _ in shapes], dtype=np.int64)
-    words = CodeWords(np.empty((int(counts.sum()), shapes[0][1]), codec.storage_dtype(width)), counts)
-    starts = np.cumsum(counts) - counts
-    per_word = width // FORMATS[fmt].bits  # CHUNK_WEIGHTS is a multiple: chunks start on word bounds
+    words = StoredWords(np.array([rows for rows, _ in shapes], dtype=np.int64), np.zeros(len(shapes), np.int64))
 
     def fill(index: int, buffer: np.ndarray) -> None:
         _produce_into(producers, index, buffer)
         weights = buffer.reshape(-1).view(fmt_dtype)
-        lanes = words.lanes[starts[index] : starts[index] + counts[index]]
         for start in range(0, weights.size, CHUNK_WEIGHTS):  # each chunk read, then its decode written back
             encoded = codec.encode(weights[start : start + CHUNK_WEIGHTS], width, code=code)
             assert encoded.adjusted is not None
-            lanes[start // per_word : start // per_word + encoded.packed.shape[0]] = encoded.packed
+            words.ones[index] += int(np.bitwise_count(encoded.packed).sum())
             weights[start : start + CHUNK_WEIGHTS] = encoded.adjusted
     return words, fill
 
