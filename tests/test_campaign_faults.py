@@ -16,7 +16,15 @@ from oppass import codec, faults
 from oppass.campaign import CampaignConfig, faultmodels, protection, run_campaign, worker
 from oppass.campaign import cli as campaign_cli
 from oppass.campaign.config import Condition, Variant, conditions, protection_label, protection_order
-from oppass.campaign.injector import EccProtected, NumpyDecoded, PackedWeights, StoredBits, StoredWords, Subspace
+from oppass.campaign.injector import (
+    BitPosition,
+    EccProtected,
+    NumpyDecoded,
+    PackedWeights,
+    StoredBits,
+    StoredWords,
+    Subspace,
+)
 from oppass.campaign.runner import make_plan
 from oppass.campaign.store import Store
 from oppass.encoder import CHUNK_WEIGHTS
@@ -445,3 +453,21 @@ def test_a_codes_words_are_the_encoding_of_their_fault_free_decode(fmt: str, cod
     assert np.array_equal(again.packed, encoded.packed)
     decoded = codec.decode(encoded.packed, fmt, width, weights.shape, code=code).weights
     assert np.array_equal(decoded.view(weight.code_dtype), encoded.adjusted.view(weight.code_dtype))
+
+
+def test_whole_space_scans_count_and_list_bits_a_scan_at_a_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Counting a space's ones and listing the bits that hold a value read it in scans of SCAN_BITS positions
+    (no position array of the whole space): the same counts and bits as reading it at once."""
+    monkeypatch.setattr(faultmodels, "SCAN_BITS", 1000)
+    rng = np.random.default_rng(12)
+    arrays = [np.zeros(n, dtype=np.uint32) for n in (300, 77, 500)]
+    for array in arrays:  # few ones: listing them is the draw's way for bits of a rare value
+        array[rng.choice(array.size, 5, replace=False)] = rng.integers(1, 2**32, 5, dtype=np.uint32)
+    stored = StoredBits(PackedWeights.of(arrays))
+    sub = Subspace(stored, [0, 2])
+    sign = BitPosition(stored, 32, 31)
+    assert sub.ones() == int(sum(np.bitwise_count(arrays[i]).sum() for i in (0, 2)))
+    assert sign.ones() == int(sum(np.count_nonzero(array >> 31) for array in arrays))
+    assert stored.ones() == int(sum(np.bitwise_count(array).sum() for array in arrays))
+    chosen = faultmodels._holding(np.random.default_rng(1), sub, 1, sub.ones(), 20)
+    assert chosen.size == 20 == np.unique(chosen).size and (sub.bits(chosen) == 1).all()

@@ -19,6 +19,7 @@ values `bits(positions)` returns. Drawing costs time and memory in the number of
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -31,6 +32,8 @@ FLIP, STUCK, MBU, ASYMMETRIC = "flip", "stuck", "mbu", "asym"
 KINDS = (FLIP, STUCK, MBU, ASYMMETRIC)
 # Above this share of drawn positions holding the wrong value, asymmetric draws list the bits of the right value.
 _REJECTION_LIMIT = 1 / 64
+# Positions a scan over a whole fault space reads at once (8 bytes each, and their reads' temporaries).
+SCAN_BITS = 2**22
 
 
 class FaultSpace(Protocol):
@@ -131,9 +134,8 @@ def _holding(rng: np.random.Generator, space: FaultSpace, value: int, available:
     uniform draws kept when they hold `value`, in the order first drawn (so any set is equally likely)."""
     if count == 0:
         return np.empty(0, dtype=np.int64)
-    if available < space.n_bits * _REJECTION_LIMIT:
-        everything = np.arange(space.n_bits, dtype=np.int64)
-        candidates = everything[space.bits(everything) == value]
+    if available < space.n_bits * _REJECTION_LIMIT:  # the bits holding `value`, listed a scan at a time
+        candidates = np.concatenate([scan[space.bits(scan) == value] for scan in _scans(space)])
         return np.sort(candidates[faults.distinct_positions(rng, candidates.size, count)])
     chosen = np.empty(0, dtype=np.int64)
     while chosen.size < count:
@@ -142,3 +144,14 @@ def _holding(rng: np.random.Generator, space: FaultSpace, value: int, available:
         merged = np.concatenate([chosen, drawn[space.bits(drawn) == value]])
         chosen = merged[faults.first_occurrences(merged)]
     return np.sort(chosen[:count])
+
+
+def count_ones(space: FaultSpace) -> int:
+    """How many bits of `space` are 1 fault-free, counted a scan at a time."""
+    return sum(int(space.bits(scan).sum()) for scan in _scans(space))
+
+
+def _scans(space: FaultSpace) -> Iterator[np.ndarray]:
+    """The positions of `space`, SCAN_BITS at a time, each made when the last is done with."""
+    for start in range(0, space.n_bits, SCAN_BITS):
+        yield np.arange(start, min(start + SCAN_BITS, space.n_bits), dtype=np.int64)

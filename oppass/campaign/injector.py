@@ -27,6 +27,7 @@ import numpy as np
 
 from oppass import codec, faults
 from oppass.campaign import ecc
+from oppass.campaign.faultmodels import count_ones
 from oppass.formats import FORMATS, LANE_BITS, SECDED
 
 # A dense mask costs ~0.05 ns per stored bit, sparse flips ~30 ns each (sorting included): dense above 1 in 512.
@@ -239,7 +240,7 @@ class BitPosition:
 
     def ones(self) -> int:
         """Weights whose bit `bit` is 1 fault-free."""
-        return int(self.bits(np.arange(self.n_bits, dtype=np.int64)).sum())
+        return count_ones(self)
 
     def segments(self, tensors: Sequence[int]) -> np.ndarray:
         """The weights of each buffer in `tensors`."""
@@ -482,5 +483,5 @@ class Subspace:
     def ones(self) -> int:
         """Set bits of the chosen tensors (counted once)."""
         if self._ones is None:
-            self._ones = int(self.bits(np.arange(self.n_bits, dtype=np.int64)).sum())
+            self._ones = count_ones(self)
         return self._ones
