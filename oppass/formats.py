@@ -100,6 +100,8 @@ WORD_SIZES: tuple[str | int, ...] = (WEIGHT_WORD, *WORD_BITS)
 LANE_BITS = 64
 
 FLIP_STRATEGIES = ("word-lsb", "largest", "min-error")
+# The op types whose weight inputs the pass protects unless told otherwise.
+DEFAULT_OPS = ("Conv", "Gemm")
 
 # Codes: opportunistic parity (detects odd flip counts) and SEC-DED (corrects one flip, detects two) per word.
 PARITY = "parity"

@@ -55,7 +55,7 @@ from onnx import TensorProto, external_data_helper, helper, numpy_helper
 from oppass import codec, edit, modelio, tensorio
 from oppass.encoder import CHUNK_WEIGHTS, Figures, ReferenceNeeded, TensorEncoder
 from oppass.errors import OppassError
-from oppass.formats import CODES, FLIP_STRATEGIES, FORMATS, PARITY, SECDED
+from oppass.formats import CODES, DEFAULT_OPS, FLIP_STRATEGIES, FORMATS, PARITY, SECDED
 from oppass.reports import TensorReport, TransformReport
 from oppass.schema import (
     CHECK_MODES,
@@ -254,7 +254,7 @@ def transform(
     format: str = KEEP_FORMAT,
     word: str | int = "64",
     flip: str | None = None,
-    ops: Sequence[str] = ("Conv", "Gemm"),
+    ops: Sequence[str] = DEFAULT_OPS,
     check: str = "runtime",
     report_faults: bool = False,
     inplace: bool = False,
@@ -293,7 +293,7 @@ def transform_with_report(
     format: str = KEEP_FORMAT,
     word: str | int = "64",
     flip: str | None = None,
-    ops: Sequence[str] = ("Conv", "Gemm"),
+    ops: Sequence[str] = DEFAULT_OPS,
     check: str = "runtime",
     report_faults: bool = False,
     inplace: bool = False,
@@ -328,19 +328,20 @@ def transform_to_placeholders(
     format: str = KEEP_FORMAT,
     word: str | int = "64",
     flip: str | None = None,
-    ops: Sequence[str] = ("Conv", "Gemm"),
+    ops: Sequence[str] = DEFAULT_OPS,
     check: str = "runtime",
     report_faults: bool = False,
     code: str = PARITY,
     range_check: bool = False,
+    allow_unprotected: bool = False,
 ) -> tuple[onnx.ModelProto, dict[str, modelio.Producer]]:
     """The model file `model` protected (options as in `transform`) with each packed initializer left a
     placeholder (`modelio.is_placeholder`, its dims and type set), and the producer of each by its name: the
     caller has each weight encoded where it wants it, one at a time, from the file (which must stay as it is
-    until then). The model's other tensors are loaded."""
+    until then). The model's other tensors are loaded. `allow_unprotected` as in `transform`."""
     options = _validated_options(format, word, flip, ops, check, report_faults, code, range_check)
     read = modelio.read_model(model, defer=True)
-    packed_weights = _protect_in_place(read.model, options, read, False)
+    packed_weights = _protect_in_place(read.model, options, read, allow_unprotected)
     for tensor in modelio.all_tensors(read.model):
         if external_data_helper.uses_external_data(tensor) and not modelio.is_placeholder(tensor):
             read.load_stored(tensor)
@@ -358,7 +359,7 @@ def transform_file(
     format: str = KEEP_FORMAT,
     word: str | int = "64",
     flip: str | None = None,
-    ops: Sequence[str] = ("Conv", "Gemm"),
+    ops: Sequence[str] = DEFAULT_OPS,
     check: str = "runtime",
     report_faults: bool = False,
     code: str = PARITY,

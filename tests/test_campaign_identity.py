@@ -7,6 +7,7 @@ other weights or images; workers refuse a model that changed after the plan was 
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from pathlib import Path
 
@@ -14,11 +15,12 @@ import numpy as np
 import onnx
 import pytest
 
-from oppass.campaign import CampaignConfig, worker
+from oppass.campaign import CampaignConfig, run_campaign, worker
 from oppass.campaign.data import ModelInput, open_dataset
 from oppass.campaign.runner import make_plan
 from oppass.campaign.store import Store
 from oppass.errors import OppassError
+from oppass.formats import DEFAULT_OPS
 
 DIGITS_MODEL = Path(__file__).resolve().parent.parent / "oppass" / "examples" / "digits_cnn.onnx"
 
@@ -125,3 +127,37 @@ def test_any_change_to_an_image_folder_changes_its_identity(change: str, tmp_pat
     assert open_dataset(str(root), inputs).identity == before
     IMAGE_CHANGES[change](root)
     assert open_dataset(str(root), inputs).identity != before
+
+
+def matmul_model(folder: Path) -> Path:
+    """A model with a MatMul weight and no Conv or Gemm: x [N, 8] @ w [8, 4]."""
+    weight = np.random.default_rng(4).standard_normal((8, 4)).astype(np.float32)
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("MatMul", ["x", "w"], ["y"])], "matmul",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 8])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", 4])],
+        [onnx.numpy_helper.from_array(weight, "w")])
+    path = folder / "matmul.onnx"
+    onnx.save_model(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)]), path)
+    np.savez(folder / "inputs.npz", inputs=np.random.default_rng(5).standard_normal((20, 8)).astype(np.float32))
+    return path
+
+
+def test_a_campaign_protects_and_corrupts_the_weights_of_the_ops_it_names(tmp_path: Path) -> None:
+    model = matmul_model(tmp_path)
+    cfg = CampaignConfig(model=model, data=str(tmp_path / "inputs.npz"), out=tmp_path / "out", formats=("fp32",),
+                         protections=("none", "64", "secded:64"), ber_min=1e-2, ber_max=1e-2, points_per_decade=1,
+                         experiments=3, batch_size=10, metric="golden", scheduler="serial", ops=("MatMul",))
+    with pytest.raises(OppassError, match="no weight initializers of Conv, Gemm .* --ops"):
+        make_plan(dataclasses.replace(cfg, ops=DEFAULT_OPS))
+    plan = make_plan(cfg)
+    assert plan.identity["ops"] == ["MatMul"] and "ops" not in make_plan(config(external_digits(tmp_path),
+                                                                              tmp_path / "digits")).identity
+    run_campaign(cfg, log=None)
+    store = Store(cfg.out, plan.identity)
+    trials = store.trials()
+    store.close()
+    assert len(trials) == 9 and {trial.n_bits for trial in trials} == {8 * 4 * 32}  # the MatMul weight's bits
+    assert sum(trial.flips for trial in trials) > 0
+    with pytest.raises(OppassError, match="ops"):
+        Store(cfg.out, make_plan(dataclasses.replace(cfg, ops=("MatMul", "Gemm"))).identity)

@@ -13,6 +13,7 @@ from oppass.campaign import check_extra
 from oppass.campaign.config import CampaignConfig
 from oppass.campaign.metrics import BUILTIN, DEFAULT_ATOL, DEFAULT_RTOL
 from oppass.errors import OppassError
+from oppass.formats import DEFAULT_OPS
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -39,6 +40,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "(K adjacent bits), asym:R (1->0 rate = R x BER, 0->1 rate = BER)")
     parser.add_argument("--flips", help="fault counts per trial, e.g. 1,2,5, instead of the --ber grid")
     parser.add_argument("--layers", help="inject only into these weight tensors (names, comma-separated)")
+    parser.add_argument("--ops", default=",".join(DEFAULT_OPS),
+                        help="op types whose weights are protected and corrupted, as transform's --ops "
+                             f"(default: {','.join(DEFAULT_OPS)})")
     parser.add_argument("--ber", default="1e-9:1e-1", help="BER range MIN:MAX (default: 1e-9:1e-1)")
     parser.add_argument("--points-per-decade", type=int, default=9, help="9: 1..9 x 10^k as in the paper")
     parser.add_argument("--exps", type=int, default=20, help="experiments (batches) per condition")
@@ -128,6 +132,7 @@ def config_from_args(args: argparse.Namespace) -> CampaignConfig:
         fault=args.fault,
         flip_counts=_counts(args.flips),
         layers=_names(args.layers or ""),
+        ops=_names(args.ops),
     )
 
 

@@ -14,6 +14,7 @@ from oppass.campaign import faultmodels, protection
 from oppass.campaign.metrics import BUILTIN, DEFAULT_ATOL, DEFAULT_RTOL
 from oppass.campaign.protection import ECC, UNPROTECTED
 from oppass.errors import OppassError
+from oppass.formats import DEFAULT_OPS
 
 BER_STUDY = "ber"
 BIT_STUDY = "bit"
@@ -49,6 +50,7 @@ class CampaignConfig:
     fault: str = faultmodels.FLIP
     flip_counts: tuple[int, ...] = ()
     layers: tuple[str, ...] = ()
+    ops: tuple[str, ...] = DEFAULT_OPS  # the op types whose weights are protected and corrupted
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "protections", tuple(protection.canonical(name) for name in self.protections))

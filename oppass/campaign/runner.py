@@ -27,6 +27,7 @@ from oppass.campaign.store import Store
 from oppass.campaign.summary import BerzadRow, ConditionSummary, berzad_rows, summarize, table2
 from oppass.campaign.worker import ORT_ERRORS_ONLY, Workload, build_variant, model_digest
 from oppass.errors import OppassError
+from oppass.formats import DEFAULT_OPS
 from oppass.schema import read_decode_nodes
 
 PROBE_SAMPLES = 2
@@ -152,19 +153,19 @@ def make_plan(config: CampaignConfig) -> Plan:
         notes.append(f"the data has {dataset.size} samples, fewer than --batch {config.batch_size}: "
                      f"each experiment uses all {dataset.size} (in a seeded order)")
     metric = _metric(config, output, probe, dataset, notes)
-    formats = _usable_formats(config.model, config.formats, notes)
+    formats = _usable_formats(config.model, config.formats, config.ops, notes)
     batch_study = metric.name not in (GOLDEN, ALLCLOSE) and dataset.labels is not None
     if config.batch_study and not batch_study:
         notes.append(f"the batch-size study needs labels and a metric that uses them ({metric.name} does not): "
                      "skipped")
     digest = model_digest(config.model)  # the model file and its external data
-    layers = _layer_names(config.model, formats[0]) if config.layers else []
+    layers = _layer_names(config.model, formats[0], config.ops) if config.layers else []
     missing = [name for name in config.layers if name not in layers]
     if missing:
         raise OppassError(f"no protected weight tensor named {missing[0]!r} (--layers): choose from "
                           f"{', '.join(layers)}")
     workload = Workload(str(Path(config.model).resolve()), digest, config.data, config.seed, batch_size, metric,
-                        output, dataset.batched)
+                        output, dataset.batched, ops=config.ops)
     identity = {
         "model_sha256": digest,
         "data": dataset.identity,
@@ -176,6 +177,8 @@ def make_plan(config: CampaignConfig) -> Plan:
     }
     if metric.name == ALLCLOSE:
         identity |= {"rtol": metric.rtol, "atol": metric.atol}
+    if set(config.ops) != set(DEFAULT_OPS):  # other weights: a store of Conv and Gemm weights keeps its identity
+        identity["ops"] = sorted(set(config.ops))
     # The fault model, flip counts and layers are in each condition's key (and its draws' key), like the BERs:
     # a campaign is extended with other ones in place.
     return Plan(workload, conditions(config, formats), config.experiments, notes, identity, formats, dataset.size,
@@ -269,14 +272,15 @@ def _class_axis(axis: int, rank: int, batched: bool) -> int | None:
     return negative
 
 
-def _usable_formats(model: str | Path, wanted: tuple[str, ...], notes: list[str]) -> tuple[str, ...]:
+def _usable_formats(model: str | Path, wanted: tuple[str, ...], ops: tuple[str, ...], notes: list[str]
+                    ) -> tuple[str, ...]:
     """The formats the model file can be stored in (each built, a weight at a time); the others skipped with a note."""
     usable, reasons = [], []
     for fmt in wanted:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # "no weight found" is an error here, raised below
-                variant, producers = build_variant(model, Variant(fmt, UNPROTECTED))
+                variant, producers = build_variant(model, Variant(fmt, UNPROTECTED), ops)
                 with open(os.devnull, "wb") as sink:  # each weight encoded (and dropped): what fails, fails here
                     for producer in producers.values():
                         producer.write(sink)
@@ -285,19 +289,21 @@ def _usable_formats(model: str | Path, wanted: tuple[str, ...], notes: list[str]
             notes.append(f"weight format {fmt} skipped: {error}")
             continue
         if not read_decode_nodes(variant):
-            raise OppassError("the model has no weights that oppass protects (Conv/Gemm weight initializers): "
-                              "there is nothing to inject faults into")
+            raise OppassError(f"the model has no weight initializers of {', '.join(ops)} that oppass protects: "
+                              "there is nothing to inject faults into (name other op types with --ops, e.g. "
+                              f"--ops {','.join(sorted(set(ops) | {'MatMul'}))})")
         usable.append(fmt)
     if not usable:
         raise OppassError(f"the model cannot be stored in any of the formats asked for ({'; '.join(reasons)})")
     return tuple(usable)
 
 
-def _layer_names(model: str | Path, fmt: str) -> list[str]:
+def _layer_names(model: str | Path, fmt: str, ops: tuple[str, ...]) -> list[str]:
     """The weight tensors faults can be restricted to (`--layers`): those oppass protects."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return [decode.output for decode in read_decode_nodes(build_variant(model, Variant(fmt, UNPROTECTED))[0])]
+        return [decode.output for decode in read_decode_nodes(build_variant(model, Variant(fmt, UNPROTECTED),
+                                                                            ops)[0])]
 
 
 def _run_batch_study(store: Store, workload: Workload, formats: tuple[str, ...]) -> None:

@@ -56,7 +56,7 @@ from oppass.campaign.seeds import TrialStreams, batch_indices
 from oppass.campaign.store import FORMAT_VERSION
 from oppass.encoder import CHUNK_WEIGHTS
 from oppass.errors import OppassError
-from oppass.formats import FORMATS, SECDED
+from oppass.formats import DEFAULT_OPS, FORMATS, SECDED
 from oppass.modelio import Producer
 from oppass.modelio.fields import point_to
 from oppass.protect import transform_to_placeholders
@@ -86,6 +86,7 @@ class Workload:
     output: str
     batched: bool
     store_format: int = FORMAT_VERSION
+    ops: tuple[str, ...] = DEFAULT_OPS
 
     @property
     def sampler(self) -> int:
@@ -133,7 +134,7 @@ class VariantSession:
         """`model`'s packed tensors are placeholders whose `producers` (by name) write them into the buffers."""
         decoders = read_decode_nodes(model)
         if not decoders:
-            raise OppassError("the model has no Conv/Gemm weight initializers to inject faults into")
+            raise OppassError("the model has no weights of the --ops types to inject faults into")
         initializers = {tensor.name: tensor for tensor in model.graph.initializer}
         packed = [initializers[decode.packed] for decode in decoders]
         self.format = decoders[0].format
@@ -349,7 +350,8 @@ class WorkerCache:
         """The session of `variant`, built on first use."""
         if variant not in self.sessions:
             code, _, word = variant.word.rpartition(":")
-            session = VariantSession(*build_variant(self.workload.model, variant), self.workload.output,
+            session = VariantSession(*build_variant(self.workload.model, variant, self.workload.ops),
+                                     self.workload.output,
                                      self.workload.batched, (code, word) if code else None)
             self._check_unchanged()  # what was read (weights are read as the session is made) is what was hashed
             self.sessions[variant] = session
@@ -389,15 +391,18 @@ _CACHES: dict[Workload, WorkerCache] = {}
 _CACHES_LOCK = threading.Lock()
 
 
-def build_variant(model: str | Path, variant: Variant) -> tuple[onnx.ModelProto, dict[str, Producer]]:
-    """The model file with Conv/Gemm weights stored in the variant's format, OP-protected or plain (a `CODE:W`
+def build_variant(model: str | Path, variant: Variant, ops: Sequence[str] = DEFAULT_OPS
+                  ) -> tuple[onnx.ModelProto, dict[str, Producer]]:
+    """The model file with the weights of `ops` stored in the variant's format, OP-protected or plain (a `CODE:W`
     variant is plain: its session re-encodes the weights), each packed weight a placeholder, and the producers
-    that encode them from the file (`protect.transform_to_placeholders`)."""
-    if variant.protected:
-        word = variant.word if variant.word == "weight" else int(variant.word)
-        return transform_to_placeholders(model, format=variant.format, word=word, check="runtime",
-                                         report_faults=True)
-    return transform_to_placeholders(model, format=variant.format, word="weight", check="none", report_faults=True)
+    that encode them from the file (`protect.transform_to_placeholders`); a model with no such weight comes
+    back without decode nodes (a warning)."""
+    word: str | int = "weight"
+    if variant.protected and variant.word != "weight":
+        word = int(variant.word)
+    return transform_to_placeholders(model, format=variant.format, word=word, ops=tuple(ops),
+                                     check="runtime" if variant.protected else "none", report_faults=True,
+                                     allow_unprotected=True)
 
 
 def worker_cache(workload: Workload) -> WorkerCache:
