@@ -222,3 +222,16 @@ def _summary_without_timing(directory: Path) -> list[list[str]]:
     lines = [line.split(",") for line in (directory / "summary.csv").read_text().splitlines()]
     keep = [i for i, name in enumerate(lines[0]) if name not in TIMING_FIELDS]
     return [[line[i] for i in keep] for line in lines]
+
+
+def test_a_process_over_its_session_budget_holds_one_variant_and_runs_the_same_trials(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    config = small_config(tmp_path / "kept", formats=("fp32", "bf16"), protections=("none", "64", "secded:64"))
+    worker._CACHES.clear()
+    kept = run_campaign(config, log=None)
+    assert max(len(cache.sessions) for cache in worker._CACHES.values()) == 6
+    monkeypatch.setattr(worker, "SESSION_CACHE_BYTES", 0)
+    worker._CACHES.clear()
+    dropped = run_campaign(dataclasses.replace(config, out=tmp_path / "dropped"), log=None)
+    assert [len(cache.sessions) for cache in worker._CACHES.values()] == [1]
+    assert results(dropped.summaries) == results(kept.summaries) and dropped.trials_run == kept.trials_run > 0

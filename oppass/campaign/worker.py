@@ -68,6 +68,9 @@ ORT_ERRORS_ONLY = 3
 ARENA_GROWS_AS_ASKED = 1  # onnxruntime's kSameAsRequested
 # Words whose flips are counted from a dense mask, by size in bits.
 _WORD_DTYPES: dict[int, np.dtype] = {8: np.dtype("u1"), 16: np.dtype("<u2"), 32: np.dtype("<u4"), 64: np.dtype("<u8")}
+# Above this many bytes of weight blocks, a process drops its other variants' sessions before making one: the
+# variants run one after another, so a big model's campaign holds one variant at a time (a small one's are kept).
+SESSION_CACHE_BYTES = 512 * 2**20
 # Memory for the prepared flips and outputs of the trials of a burst (estimated: 24 bytes per expected flip).
 BURST_BYTES = 64 * 2**20
 _FLIP_BYTES = 24
@@ -349,6 +352,8 @@ class WorkerCache:
     def session(self, variant: Variant) -> VariantSession:
         """The session of `variant`, built on first use."""
         if variant not in self.sessions:
+            if sum(session.weights.block.nbytes for session in self.sessions.values()) > SESSION_CACHE_BYTES:
+                self.sessions.clear()  # a task still running on one keeps it until it ends
             code, _, word = variant.word.rpartition(":")
             session = VariantSession(*build_variant(self.workload.model, variant, self.workload.ops),
                                      self.workload.output,
