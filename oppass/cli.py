@@ -65,10 +65,10 @@ class Command:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `oppass` command; returns the exit status."""
     arguments_given = sys.argv[1:] if argv is None else list(argv)
-    arguments = build_parser(arguments_given).parse_args(arguments_given)
     with warnings.catch_warnings(), _signals_interrupt():
         warnings.showwarning = _print_warning
         try:
+            arguments = build_parser(arguments_given).parse_args(arguments_given)
             status = arguments.run(arguments)
         except OppassError as error:
             print(f"oppass: error: {error}", file=sys.stderr)
@@ -76,8 +76,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         except BrokenPipeError:  # the reader (`| head`) stopped early: not an error of ours
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             return BROKEN_PIPE_STATUS
-        except (Interrupted, KeyboardInterrupt) as stop:
-            signum = stop.signum if isinstance(stop, Interrupted) else signal.SIGINT
+        except (Interrupted, KeyboardInterrupt, ImportError) as stop:
+            if isinstance(stop, ImportError) and files.received_signal() is None:
+                raise
+            # A signal during an import of onnxruntime's extension surfaces as its ImportError.
+            signum = stop.signum if isinstance(stop, Interrupted) else files.received_signal() or signal.SIGINT
             print(f"oppass: error: stopped by {signal.Signals(signum).name} (no partly written file is left)",
                   file=sys.stderr)
             return SIGNAL_STATUS + signum

@@ -224,10 +224,17 @@ def publish(folder: int, renames: list[tuple[Path, Path]], obsolete: tuple[Path,
 
 _held_signals: list[int] = []
 _renaming = False
+_received_signals: list[int] = []
+
+
+def received_signal() -> int | None:
+    """The first signal `raise_interrupted` received in this process, if any."""
+    return _received_signals[0] if _received_signals else None
 
 
 def raise_interrupted(signum: int, frame: object) -> None:
     """Signal handler (installed by the CLI): raises Interrupted, or holds the signal during renames."""
+    _received_signals.append(signum)
     if _renaming:
         _held_signals.append(signum)
         return

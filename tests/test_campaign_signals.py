@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import signal
 import sqlite3
 import subprocess
@@ -126,3 +127,29 @@ def _wait_for_rows(path: Path, rows: int, process: subprocess.Popen, seconds: fl
         time.sleep(0.02)
     process.kill()
     raise AssertionError(f"the campaign stored no {rows} trials in time: {process.communicate()[1]}")
+
+
+def _wait_until_mapped(pid: int, library: str) -> None:
+    """Waits until process `pid` has mapped a file whose name holds `library` (it is importing that module)."""
+    deadline = time.monotonic() + 60
+    while library not in Path(f"/proc/{pid}/maps").read_text() and time.monotonic() < deadline:
+        time.sleep(0.001)
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads /proc/PID/maps")
+@pytest.mark.parametrize("delay", [0.0, 0.05, 0.15, 0.3, 0.6, 1.0, 1.5])
+def test_ctrl_c_while_the_command_starts_ends_with_one_line(tmp_path: Path, delay: float) -> None:
+    """A Ctrl-C while oppass loads (numpy, onnx and onnxruntime: about a second, where an interrupt inside a C
+    extension's import becomes its ImportError) ends like one later: 130, one line. Timed from numpy's
+    extension being mapped: oppass's own code is running (before it, the interpreter starting is not ours)."""
+    command = [sys.executable, "-m", "oppass", *campaign_command(tmp_path / "out")[3:]]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO_ROOT)
+    _wait_until_mapped(process.pid, "_multiarray_umath")
+    time.sleep(delay)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=300)
+    said = [line for line in stderr.splitlines() if not line.startswith("campaign: ")]
+    assert process.returncode == 130 and "Traceback" not in stderr, stderr
+    assert len(said) == 1 and (said[0] in ("oppass: error: stopped by SIGINT while starting (nothing was written)",
+                                           "interrupted before any trial ran")
+                               or re.fullmatch(RESUME_LINE, said[0])), stderr

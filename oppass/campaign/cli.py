@@ -12,7 +12,7 @@ from pathlib import Path
 from oppass.campaign import check_extra
 from oppass.campaign.config import CampaignConfig
 from oppass.campaign.metrics import BUILTIN, DEFAULT_ATOL, DEFAULT_RTOL
-from oppass.errors import OppassError
+from oppass.errors import CampaignInterrupted, OppassError
 from oppass.formats import DEFAULT_OPS
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -84,10 +84,13 @@ def run(args: argparse.Namespace) -> int:
     in_main = threading.current_thread() is threading.main_thread()
     previous = {signum: signal.signal(signum, interrupt) for signum in SIGNALS} if in_main else {}
     try:
-        from oppass.campaign.runner import CampaignInterrupted, run_campaign
+        from oppass.campaign.runner import run_campaign
 
         result = run_campaign(config)
-    except KeyboardInterrupt as stop:
+    except (KeyboardInterrupt, ImportError) as stop:
+        if isinstance(stop, ImportError) and not received:
+            raise
+        # A signal during an import of onnxruntime's extension surfaces as its ImportError.
         status = 128 + (received[0] if received else signal.SIGINT)
         if isinstance(stop, CampaignInterrupted):
             print(stop, file=sys.stderr)

@@ -26,7 +26,7 @@ from oppass.campaign.scheduler import execute, tasks
 from oppass.campaign.store import Store
 from oppass.campaign.summary import BerzadRow, ConditionSummary, berzad_rows, summarize, table2
 from oppass.campaign.worker import ORT_ERRORS_ONLY, Workload, build_variant, model_digest
-from oppass.errors import OppassError
+from oppass.errors import CampaignInterrupted, OppassError
 from oppass.formats import DEFAULT_OPS
 from oppass.schema import read_decode_nodes
 
@@ -46,15 +46,6 @@ class Plan:
     samples: int
     data_description: str
     batch_study: bool
-
-
-class CampaignInterrupted(KeyboardInterrupt):
-    """The campaign stopped on KeyboardInterrupt with `stored` of its `total` trials in its store."""
-
-    def __init__(self, stored: int, total: int) -> None:
-        super().__init__(f"interrupted: {stored} of {total} trials stored; run the same command to resume")
-        self.stored = stored
-        self.total = total
 
 
 @dataclass(frozen=True)
