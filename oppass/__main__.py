@@ -10,6 +10,7 @@ INTERRUPTED_STATUS = 128 + signal.SIGINT
 def run() -> int:
     """Imports the command line and runs it; returns the exit status."""
     holds = hasattr(signal, "pthread_sigmask")  # POSIX
+    interrupted = False
     if holds:
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
     try:
@@ -21,7 +22,7 @@ def run() -> int:
                 signal.signal(signal.SIGINT, signal.SIG_IGN)  # the held signal is dropped when released
             signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
     try:
-        if holds and interrupted:
+        if interrupted:
             raise KeyboardInterrupt
         return main()
     except KeyboardInterrupt:  # held during the imports, or come before `main` put up its handlers
