@@ -15,7 +15,7 @@ from onnx import TensorProto, helper, numpy_helper
 from oppass import faults
 from oppass.campaign import CampaignConfig, run_campaign
 from oppass.campaign.data import ModelInput, model_inputs, open_dataset
-from oppass.campaign.metrics import NO_FAULT, NONFINITE, SDC, Metric
+from oppass.campaign.metrics import MASKED, NO_FAULT, NONFINITE, SDC, TOLERATED, Metric
 from oppass.campaign.runner import make_plan
 from oppass.campaign.worker import even_flip_words
 from oppass.errors import OppassError
@@ -144,6 +144,35 @@ def test_a_nan_output_is_never_correct_even_when_the_fault_free_class_is_0() -> 
     changed = reference.copy()
     changed[0, 1, 3] = 5.0
     assert Metric("golden").score(changed, reference, None, np.ones((1, 4), bool), np.array([1])).outcomes == [SDC]
+
+
+@pytest.mark.parametrize("class_axis", [-1, -2, -3])
+def test_scores_taking_top1_only_where_outputs_changed_equal_those_of_every_top1(class_axis: int) -> None:
+    """A faulty run's top-1 is taken only along the class vectors that differ from the fault-free ones: the
+    scores equal those of a top-1 of every vector, with ties, NaNs, -0.0 against 0.0, and few or most changed."""
+    rng = np.random.default_rng(-class_axis)
+    shape = (6, 5, 4, 3, 7)  # [runs, samples, ...]: the class axis is one of the last three
+    reference = rng.integers(-3, 4, size=shape).astype(np.float32)  # small integers: ties
+    expected = reference.argmax(axis=class_axis)
+    labels = rng.integers(0, shape[class_axis], size=expected.shape)
+    flips = np.arange(6) % 2
+    for changed_share in (0.0, 0.01, 0.1, 0.5, 1.0):
+        faulty = reference.copy()
+        hit = rng.random(shape) < changed_share
+        faulty[hit] = rng.choice(np.array([np.nan, -0.0, 0.0, 9.0, -9.0, 1.0], dtype=np.float32), size=hit.sum())
+        predicted = faulty.argmax(axis=class_axis)  # every class vector's top-1
+        finite = np.isfinite(faulty).reshape(6, 5, -1).all(axis=2)
+        agree = (predicted == expected).reshape(6, 5, -1).all(axis=2)
+        right = (predicted == labels).reshape(6, 5, -1).all(axis=2)
+        for name, verdicts, given in (("golden", agree, None), ("top1", right, labels)):
+            scores = Metric(name, class_axis=class_axis).score(faulty, reference, given, np.ones((6, 5), dtype=bool),
+                                                               flips, reference_top1=expected)
+            assert scores.correct.tolist() == np.count_nonzero(verdicts & finite, axis=1).tolist(), name
+            assert scores.sdc.tolist() == np.count_nonzero(~agree & finite, axis=1).tolist(), name
+            equal = (faulty == reference).reshape(6, -1).all(axis=1)
+            outcomes = np.where(flips == 0, NO_FAULT, np.where((~finite).any(axis=1), NONFINITE, np.where(
+                (~agree & finite).any(axis=1), SDC, np.where(equal, MASKED, TOLERATED))))
+            assert scores.outcomes == outcomes.tolist(), name
 
 
 def test_even_flip_words_counts_words_hit_an_even_number_of_times() -> None:
