@@ -246,7 +246,7 @@ def test_trial_streams_give_each_trial_the_generator_trial_rng_seeds() -> None:
     streams = TrialStreams()
     for seed in (0, 7, 2**32 - 1, 2**32, 2**70 + 3):
         for key in ("ber/fp32/W=32/ber=1e-06", "bit/bf16/none/ber=0.1/bit=3"):
-            for trial in (0, 1, 19, 2**31, 2**32, 2**40 + 1):
+            for trial in (0, 1, 19, 2**31, 2**32, 2**40 + 1, 2**64 + 5):
                 expected = trial_rng(seed, key, trial)
                 rng = streams.rng(seed, key, trial)
                 assert rng.bit_generator.state == expected.bit_generator.state

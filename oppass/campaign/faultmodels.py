@@ -19,6 +19,7 @@ values `bits(positions)` returns. Drawing costs time and memory in the number of
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Protocol
@@ -93,6 +94,7 @@ class FaultModel:
         return np.sort(np.concatenate([_holding(rng, space, 0, n - ones, rises), _holding(rng, space, 1, ones, falls)]))
 
 
+@functools.lru_cache(maxsize=256)
 def parse(text: str) -> FaultModel:
     """The fault model named `text`; a bad name is refused in one line."""
     kind, _, value = text.strip().partition(":")

@@ -68,9 +68,10 @@ ORT_ERRORS_ONLY = 3
 ARENA_GROWS_AS_ASKED = 1  # onnxruntime's kSameAsRequested
 # Words whose flips are counted from a dense mask, by size in bits.
 _WORD_DTYPES: dict[int, np.dtype] = {8: np.dtype("u1"), 16: np.dtype("<u2"), 32: np.dtype("<u4"), 64: np.dtype("<u8")}
-# Above this many bytes of weight blocks, a process drops its other variants' sessions before making one: the
-# variants run one after another, so a big model's campaign holds one variant at a time (a small one's are kept).
-SESSION_CACHE_BYTES = 512 * 2**20
+# A process keeps the sessions of the variants it made while their weight blocks, with one more of the largest,
+# fit in this many bytes; else it drops them before making the next. The variants run one after another, so a
+# model whose weights take more than half of it is held one variant at a time; a small model's are all kept.
+SESSION_CACHE_BYTES = 64 * 2**20
 # Memory for the prepared flips and outputs of the trials of a burst (estimated: 24 bytes per expected flip).
 BURST_BYTES = 64 * 2**20
 _FLIP_BYTES = 24
@@ -352,7 +353,8 @@ class WorkerCache:
     def session(self, variant: Variant) -> VariantSession:
         """The session of `variant`, built on first use."""
         if variant not in self.sessions:
-            if sum(session.weights.block.nbytes for session in self.sessions.values()) > SESSION_CACHE_BYTES:
+            blocks = [session.weights.block.nbytes for session in self.sessions.values()]
+            if blocks and sum(blocks) + max(blocks) > SESSION_CACHE_BYTES:
                 self.sessions.clear()  # a task still running on one keeps it until it ends
             code, _, word = variant.word.rpartition(":")
             session = VariantSession(*build_variant(self.workload.model, variant, self.workload.ops),
@@ -446,13 +448,12 @@ def run_trials(workload: Workload, pairs: Sequence[tuple[Condition, int]]) -> li
 
 def _draw(workload: Workload, session: VariantSession, streams: TrialStreams, condition: Condition, trial: int,
           target: FaultTarget) -> tuple[Injection, int | None]:
-    """Trial `trial` of `condition`: its faults drawn from its own stream (store format 1: one stream per
-    condition; 2 and 3: one per draw key, shared by protections over the same stored bits) and prepared, with the
+    """Trial `trial` of `condition`: its faults drawn from its own stream (`_stream_key`) and prepared, with the
     words they hit an even number of times (None for ECC). Flips drawn as a mask are injected from it, when
     the target takes masks, with the same result as from their positions."""
-    key = condition.key if workload.store_format == 1 else condition.draw_key
     space = session.space(condition, target)
-    model, rng = faultmodels.parse(condition.fault), streams.rng(workload.seed, key, trial)
+    model, rng = faultmodels.parse(condition.fault), streams.rng(workload.seed, _stream_key(workload, condition),
+                                                                   trial)
     word_bits = session.word_bits_of(target)
     if (isinstance(space, StoredBits) and space.takes_masks and word_bits is not None
             and _counted_from_mask(word_bits, space.n_bits // 8)
@@ -471,6 +472,12 @@ def _draw(workload: Workload, session: VariantSession, streams: TrialStreams, co
         return injection, None
     mask = target.stream_mask(injection) if isinstance(target, StoredBits) else None
     return injection, even_flip_words(positions, word_bits, mask)
+
+
+def _stream_key(workload: Workload, condition: Condition) -> str:
+    """The name of the random stream a trial of `condition` draws from, with the campaign seed and the trial: store
+    format 1 has one stream per condition; 2 and 3 one per draw key, shared by protections over the same bits."""
+    return condition.key if workload.store_format == 1 else condition.draw_key
 
 
 def _run_burst(
