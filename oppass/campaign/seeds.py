@@ -28,7 +28,7 @@ def trial_rng(campaign_seed: int, condition_key: str, trial: int) -> np.random.G
 
 
 class TrialStreams:
-    """The generators of many trials, each in the state `trial_rng` gives it, at a fifth of its cost: one
+    """The generators of many trials, each in the state `trial_rng` gives it, at a third of its cost: one
     Generator reseeded per trial (valid until the next one is asked for), SeedSequence's mixing of the words
     before the trial's cached per condition, and the hash constants of the rest (they do not depend on the
     words), numpy's algorithm in Python integers."""
@@ -46,8 +46,8 @@ class TrialStreams:
                 value = (word ^ before) * after & _MASK32
                 mixed = (_MIX_MULT_L * pool[i] - _MIX_MULT_R * (value ^ value >> _XSHIFT)) & _MASK32
                 pool[i] = mixed ^ mixed >> _XSHIFT
-        w = []
-        for i, (before, after) in enumerate(_GENERATE_CONSTANTS):  # generate_state(4, uint64)
+        w = []  # generate_state(4, uint64): eight 32-bit words
+        for i, (before, after) in enumerate(_GENERATE_CONSTANTS):
             value = (pool[i % _POOL_SIZE] ^ before) * after & _MASK32
             w.append(value ^ value >> _XSHIFT)
         # Four uint64 (two words each, low first): PCG64 takes (high, low) pairs as its seed and its sequence,
