@@ -166,7 +166,7 @@ def _top1_of_changed(outputs: np.ndarray, differs: np.ndarray, reference_top1: n
     """`top1(outputs, class_axis)`, taken only along the class vectors where `differs` (outputs != reference) is
     set somewhere; elsewhere the reference's top-1, which is the same (argmax only compares values)."""
     changed = np.flatnonzero(differs)
-    if changed.size * CHANGED_SHARE > outputs.size:  # most vectors changed: one argmax of them all is cheaper
+    if changed.size * CHANGED_SHARE > outputs.size:  # many outputs changed: one argmax of every vector is cheaper
         return top1(outputs, class_axis)
     predicted = np.array(reference_top1, copy=True)
     if changed.size:
