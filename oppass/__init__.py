@@ -6,11 +6,10 @@ The public API is imported on first use (PEP 562), so that `import oppass` and t
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING
-
 from oppass.errors import OppassError
 
+# Not typing's: `python -m oppass` holds SIGINT only once this package has loaded, so it loads little.
+TYPE_CHECKING = False
 if TYPE_CHECKING:
     from oppass.protect import WeightLayout, transform, transform_file, transform_with_report
     from oppass.protected_models import inject, inspect, strip
@@ -51,7 +50,9 @@ def __getattr__(name: str) -> object:
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
+    from importlib import import_module
+
+    value = getattr(import_module(module), name)
     globals()[name] = value  # found directly from now on
     return value
 

@@ -49,6 +49,18 @@ def test_the_store_and_the_summaries_import_no_onnx_runtime() -> None:
     assert "onnx" not in loaded["heavy"] and "onnxruntime" not in loaded["heavy"]
 
 
+def test_the_entry_point_loads_little_before_it_holds_sigint() -> None:
+    """`python -m oppass` and the `oppass` script hold SIGINT in `oppass.__main__.run`: what loads before it
+    (the package and `__main__`) is a window where Ctrl-C prints a traceback, so it imports neither typing
+    (15 ms) nor numpy. An editable install's finder imports importlib.util, which is not ours."""
+    script = ("import sys\nbefore = set(sys.modules)\nimport oppass.__main__\n"
+              "print(' '.join(sorted(set(sys.modules) - before)))")
+    result = subprocess.run([sys.executable, "-P", "-c", script], capture_output=True, text=True, check=True)
+    loaded = set(result.stdout.split())
+    assert {"oppass", "oppass.errors", "oppass.__main__"} <= loaded
+    assert not loaded & {"typing", "numpy", "oppass.cli"}, sorted(loaded)
+
+
 def test_each_command_imports_what_it_needs_only() -> None:
     inspect = loaded_after("from oppass import cli\ntry:\n    cli.main(['inspect', '/nonexistent.onnx'])\n"
                            "except SystemExit:\n    pass")
