@@ -28,7 +28,7 @@ from oppass.errors import OppassError
 from oppass.formats import FLIP_STRATEGIES, FORMATS, PARITY, SECDED
 
 # Weights per chunk: a multiple of every N = W / b (at most 64), so chunks start on word boundaries.
-CHUNK_WEIGHTS = 2**20
+CHUNK_WEIGHTS = 2**18
 # Elements per float64 slice when the codec path measures a conversion error.
 STATISTIC_SLICE = 2**20
 
