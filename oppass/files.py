@@ -224,17 +224,19 @@ def publish(folder: int, renames: list[tuple[Path, Path]], obsolete: tuple[Path,
 
 _held_signals: list[int] = []
 _renaming = False
-_received_signals: list[int] = []
+_first_signal: int | None = None
 
 
 def received_signal() -> int | None:
     """The first signal `raise_interrupted` received in this process, if any."""
-    return _received_signals[0] if _received_signals else None
+    return _first_signal
 
 
 def raise_interrupted(signum: int, frame: object) -> None:
     """Signal handler (installed by the CLI): raises Interrupted, or holds the signal during renames."""
-    _received_signals.append(signum)
+    global _first_signal
+    if _first_signal is None:
+        _first_signal = signum
     if _renaming:
         _held_signals.append(signum)
         return
