@@ -405,16 +405,21 @@ def _protect_in_place(
         _lift_to_standard_decode_opset(model)
     _refuse_duplicate_initializers(model)
     per_site = dict(site_options or {})
-    sites = _find_sites(model, options, per_site)
+    skipped: list[str] = []
+    sites = _find_sites(model, options, per_site, skipped)
     unknown = sorted(set(per_site) - {site.name for site in sites})
     if unknown:
         raise OppassError(f"layouts name weights the pass does not protect: {', '.join(map(repr, unknown[:3]))}")
-    if not sites:
+    if not sites and not allow_unprotected:  # one line: the first weight skipped, if any, says why
         found = f"no weight of {', '.join(options.ops)} was found to protect"
-        if not allow_unprotected:
-            raise OppassError(f"{found}: nothing written (use --ops to name other op types, or --allow-unprotected "
-                              "to write the model unprotected)")
-        warnings.warn(f"{found}: the model is written unprotected", stacklevel=3)
+        why = f" ({skipped[0]}{f'; {len(skipped) - 1} more' if len(skipped) > 1 else ''})" if skipped else ""
+        raise OppassError(f"{found}{why}: nothing written (use --ops to name other op types, or --allow-unprotected "
+                          "to write the model unprotected)")
+    for message in skipped:
+        warnings.warn(message, stacklevel=3)
+    if not sites:
+        warnings.warn(f"no weight of {', '.join(options.ops)} was found to protect: the model is written unprotected",
+                      stacklevel=3)
     return _replace_sites(model, sites, options, source, per_site)
 
 
@@ -521,9 +526,10 @@ def _definitions(model: onnx.ModelProto) -> dict[str, list[_Definition]]:
     return table
 
 
-def _find_sites(model: onnx.ModelProto, options: _Options, site_options: Mapping[str, _Options]) -> list[_Site]:
+def _find_sites(model: onnx.ModelProto, options: _Options, site_options: Mapping[str, _Options],
+                skipped: list[str]) -> list[_Site]:
     """The weights to protect, each once however many nodes read it, in graph order (`site_options`: the
-    options of the weights they name)."""
+    options of the weights they name); each weight left unprotected adds a line to `skipped`."""
     definitions = _definitions(model)
     opset = _default_opset(model)
     sites: dict[str, _Site] = {}
@@ -533,12 +539,13 @@ def _find_sites(model: onnx.ModelProto, options: _Options, site_options: Mapping
             weight_input = WEIGHT_INPUT.get(op) if op in options.ops else None
             if weight_input is None or len(node.input) <= weight_input:
                 continue
-            found = _site_for(node.input[weight_input], definitions, sites)
+            found = _site_for(node.input[weight_input], definitions, sites, skipped)
             if found is not None:
                 site, permutation = found
                 axis = _output_channel_axis(node, site)  # of the weight input, so of the transposed weight if one
                 site.axes.add(axis if permutation is None else permutation[axis])
-    usable = [site for site in sites.values() if _usable(site, site_options.get(site.name, options), opset)]
+    usable = [site for site in sites.values()
+              if _usable(site, site_options.get(site.name, options), opset, skipped)]
     return usable
 
 
@@ -569,7 +576,7 @@ def _standard_op(node: onnx.NodeProto) -> str | None:
 
 
 def _site_for(
-    name: str, definitions: dict[str, list[_Definition]], sites: dict[str, _Site]
+    name: str, definitions: dict[str, list[_Definition]], sites: dict[str, _Site], skipped: list[str]
 ) -> tuple[_Site, list[int] | None] | None:
     """The site of a weight input; None if not constant.
 
@@ -577,7 +584,7 @@ def _site_for(
     (exporters write a Linear layer as MatMul of a Transpose of its weight): then also gives the
     Transpose's permutation, which maps the weight input's axes to the site's.
     """
-    definition = _single_definition(name, definitions)
+    definition = _single_definition(name, definitions, skipped)
     if definition is None:
         return None
     producer = definition.node
@@ -585,12 +592,12 @@ def _site_for(
     transposed = _is_standard(producer, "Transpose")
     if producer is not None and (quantized or transposed) and producer.input:
         name = producer.input[0]
-        definition = _single_definition(name, definitions)
+        definition = _single_definition(name, definitions, skipped)
         if definition is None:
             return None
     site = sites.get(name)
     if site is None:
-        tensor = _constant_tensor(definition, name)
+        tensor = _constant_tensor(definition, name, skipped)
         if tensor is None:
             return None
         site = _Site(name, definition.graph, tensor, definition.node, quantized)
@@ -616,27 +623,28 @@ def _permutation(transpose: onnx.NodeProto | None, rank: int) -> list[int] | Non
     return permutation if valid else None
 
 
-def _single_definition(name: str, definitions: dict[str, list[_Definition]]) -> _Definition | None:
+def _single_definition(name: str, definitions: dict[str, list[_Definition]], skipped: list[str]
+                       ) -> _Definition | None:
     found = definitions.get(name, [])
     if len(found) > 1 and any(d.initializer is not None or _is_constant_node(d.node) for d in found):
-        _skip(name, "it is defined in several graph scopes")
+        skipped.append(_left_unprotected(name, "it is defined in several graph scopes"))
         return None
     return found[0] if len(found) == 1 else None
 
 
-def _skip(name: str, reason: str) -> None:
-    warnings.warn(f"weight {name!r} left unprotected: {reason}", stacklevel=2)
+def _left_unprotected(name: str, reason: str) -> str:
+    return f"weight {name!r} left unprotected: {reason}"
 
 
 def _is_constant_node(node: onnx.NodeProto | None) -> bool:
     return node is not None and node.op_type == "Constant" and node.domain in ("", "ai.onnx")
 
 
-def _constant_tensor(definition: _Definition, name: str) -> TensorProto | None:
+def _constant_tensor(definition: _Definition, name: str, skipped: list[str]) -> TensorProto | None:
     """The tensor behind an initializer or a Constant node's `value`; None for anything computed."""
     if definition.initializer is not None:
         if definition.is_graph_input:
-            _skip(name, "it is also a graph input, which may override it")
+            skipped.append(_left_unprotected(name, "it is also a graph input, which may override it"))
             return None
         return definition.initializer
     if definition.node is not None and _is_constant_node(definition.node):
@@ -659,15 +667,16 @@ def _output_channel_axis(node: onnx.NodeProto, site: _Site) -> int:
     return 0
 
 
-def _usable(site: _Site, options: _Options, opset: int) -> bool:
-    """Whether to protect the site; raises when the user's explicit format cannot apply to it."""
+def _usable(site: _Site, options: _Options, opset: int, skipped: list[str]) -> bool:
+    """Whether to protect the site (a line added to `skipped` when not); raises when the user's explicit format
+    cannot apply to it."""
     if 0 in site.tensor.dims:
         return False
     source = FORMAT_OF_ONNX_TYPE.get(site.tensor.data_type)
     target = _target_format(site, options)
     if source is None and options.format == KEEP_FORMAT:
         type_name = tensor_type_name(site.tensor.data_type)
-        _skip(site.name, f"its type {type_name} has no weight format")
+        skipped.append(_left_unprotected(site.name, f"its type {type_name} has no weight format"))
         return False
     if source != target and source != "fp32":
         type_name = tensor_type_name(site.tensor.data_type)

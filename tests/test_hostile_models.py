@@ -271,6 +271,39 @@ def test_a_model_with_nothing_to_protect_is_an_error(make: Callable[[], onnx.Mod
                       capsys, f"no weight of {ops.replace(',', ', ')} was found to protect: nothing written")
 
 
+def _weight_also_an_input() -> onnx.ModelProto:
+    model = conv_model(17)
+    model.graph.input.append(helper.make_tensor_value_info("w", TensorProto.FLOAT, [2, 3, 3, 3]))
+    return model
+
+
+def _weight_of_no_format() -> onnx.ModelProto:
+    model = conv_model(17)
+    model.graph.initializer[0].CopyFrom(numpy_helper.from_array(np.ones((2, 3, 3, 3), np.uint16), "w"))
+    return model
+
+
+def _two_weights_of_no_format() -> onnx.ModelProto:
+    model = _weight_of_no_format()
+    model.graph.node.append(helper.make_node("Conv", ["y", "v"], ["z"], pads=[1, 1, 1, 1]))
+    model.graph.initializer.append(numpy_helper.from_array(np.ones((2, 2, 3, 3), np.uint16), "v"))
+    model.graph.output[0].name = "z"
+    return model
+
+
+@pytest.mark.parametrize(("make", "why"), [
+    (_weight_also_an_input, "(weight 'w' left unprotected: it is also a graph input, which may override it)"),
+    (_weight_of_no_format, "(weight 'w' left unprotected: its type UINT16 has no weight format)"),
+    (_two_weights_of_no_format, "(weight 'w' left unprotected: its type UINT16 has no weight format; 1 more)"),
+])
+def test_nothing_to_protect_says_why_in_its_one_line(make: Callable[[], onnx.ModelProto], why: str, tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture) -> None:
+    """The weights skipped are named in the error, not warned of on lines of their own before it."""
+    model = write(make(), tmp_path / "model.onnx")
+    assert_user_error(["transform", str(model), str(tmp_path / "out.onnx"), "--ops", "Conv", "--no-verify"],
+                      tmp_path, capsys, f"no weight of Conv was found to protect {why}: nothing written")
+
+
 def test_the_api_refuses_a_model_with_nothing_to_protect() -> None:
     model = conv_model(17)
     with pytest.raises(oppass.OppassError, match="--allow-unprotected"):

@@ -394,18 +394,26 @@ class NumpyDecoded:
 
     def prepare(self, positions: np.ndarray) -> Injection:
         """The injection writing the decode of the touched words (distinct bits `positions` flipped): prepared
-        PREPARED_FLIPS flips at a time (whole words each), so that the codec's temporaries stay small."""
+        PREPARED_FLIPS flips at a time (whole words each), so that the codec's temporaries stay small, each piece
+        written into the injection's arrays as it is made (one piece held at a time)."""
         if positions.size <= PREPARED_FLIPS:
             return self._prepare(positions)
         positions = np.sort(positions)
         word = positions // self.word_bits
         cuts = np.unique(np.searchsorted(word, word[::PREPARED_FLIPS], side="left"))
-        pieces = [self._prepare(part) for part in np.split(positions, cuts[1:])]
-        corrected = None if self.code != SECDED else sum(piece.corrected or 0 for piece in pieces)
-        return Injection(positions.size, sum(piece.masked for piece in pieces),
-                         np.concatenate([piece.index for piece in pieces if piece.index is not None]),
-                         np.concatenate([piece.change for piece in pieces]),
-                         np.concatenate([piece.clean for piece in pieces]), corrected)
+        room = (1 + int(np.count_nonzero(word[1:] != word[:-1]))) * self.per_word  # padding weights are dropped
+        del word
+        index = np.empty(room, dtype=np.int64)
+        change, clean = np.empty(room, dtype=self.codes.dtype), np.empty(room, dtype=self.codes.dtype)
+        filled = masked = corrected = 0
+        for part in np.split(positions, cuts[1:]):
+            piece = self._prepare(part)
+            assert piece.index is not None  # words are always written by index
+            end = filled + piece.index.size
+            index[filled:end], change[filled:end], clean[filled:end] = piece.index, piece.change, piece.clean
+            masked, corrected, filled = masked + piece.masked, corrected + (piece.corrected or 0), end
+        return Injection(positions.size, masked, index[:filled], change[:filled], clean[:filled],
+                         corrected if self.code == SECDED else None)
 
     def _prepare(self, positions: np.ndarray) -> Injection:
         word, bit = np.divmod(positions, self.word_bits)
