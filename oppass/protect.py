@@ -407,6 +407,7 @@ def _protect_in_place(
     per_site = dict(site_options or {})
     skipped: list[str] = []
     sites = _find_sites(model, options, per_site, skipped)
+    skipped = list(dict.fromkeys(skipped))  # a weight read by several nodes is named once
     unknown = sorted(set(per_site) - {site.name for site in sites})
     if unknown:
         raise OppassError(f"layouts name weights the pass does not protect: {', '.join(map(repr, unknown[:3]))}")
@@ -668,8 +669,8 @@ def _output_channel_axis(node: onnx.NodeProto, site: _Site) -> int:
 
 
 def _usable(site: _Site, options: _Options, opset: int, skipped: list[str]) -> bool:
-    """Whether to protect the site (a line added to `skipped` when not); raises when the user's explicit format
-    cannot apply to it."""
+    """Whether to protect the site (a weight whose type has no format adds a line to `skipped`); raises when the
+    user's explicit format cannot apply to it."""
     if 0 in site.tensor.dims:
         return False
     source = FORMAT_OF_ONNX_TYPE.get(site.tensor.data_type)
