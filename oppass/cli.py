@@ -79,6 +79,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         except (Interrupted, KeyboardInterrupt, ImportError) as stop:
             if isinstance(stop, ImportError) and files.received_signal() is None:
                 raise
+            files.forget_interrupt_exit()
             # A signal during an import of onnxruntime's extension surfaces as its ImportError.
             signum = stop.signum if isinstance(stop, Interrupted) else files.received_signal() or signal.SIGINT
             print(f"oppass: error: stopped by {signal.Signals(signum).name} (no partly written file is left)",

@@ -232,6 +232,14 @@ def received_signal() -> int | None:
     return _first_signal
 
 
+def forget_interrupt_exit() -> None:
+    """Clears CPython's note that a KeyboardInterrupt left an `exec` of a string (dataclasses and namedtuple make
+    their methods that way, so a Ctrl-C during an import can land in one). While it is set, the interpreter ends
+    by SIGINT at exit, not with the status returned, even after the interrupt was caught. Call it where the
+    interrupt is caught. Each `exec` of a string clears the note as it starts."""
+    exec("pass", {})  # a constant string: the only way Python code can clear the note
+
+
 def raise_interrupted(signum: int, frame: object) -> None:
     """Signal handler (installed by the CLI): raises Interrupted, or holds the signal during renames."""
     global _first_signal

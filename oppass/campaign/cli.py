@@ -9,6 +9,7 @@ import sys
 import threading
 from pathlib import Path
 
+from oppass import files
 from oppass.campaign import check_extra
 from oppass.campaign.config import CampaignConfig
 from oppass.campaign.metrics import BUILTIN, DEFAULT_ATOL, DEFAULT_RTOL
@@ -90,6 +91,7 @@ def run(args: argparse.Namespace) -> int:
     except (KeyboardInterrupt, ImportError) as stop:
         if isinstance(stop, ImportError) and not received:
             raise
+        files.forget_interrupt_exit()
         # A signal during an import of onnxruntime's extension surfaces as its ImportError.
         status = 128 + (received[0] if received else signal.SIGINT)
         if isinstance(stop, CampaignInterrupted):
